@@ -1,0 +1,423 @@
+"""Per-user chronological sequences (`SeqData`), the leave-one-out split of SASRec / TiSASRec (last item -> test,
+second last -> validation, the rest -> training), and the Hydra factories used as `_target_` in
+`conf/dataset/*.yaml`: `synthetic`, `from_file` and `prepared`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from seqrec.data import readers
+from seqrec.errors import DataError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("valid", "test")
+
+
+@dataclass(frozen=True, eq=False)
+class SeqData:
+    """Per-user chronological sequences after the leave-one-out split.
+
+    Users are 0..U-1, items 1..I (0 is padding). Training sequences are stored CSR-style: user u's training items
+    are `train_items[train_ptr[u]:train_ptr[u + 1]]`, oldest first.
+    """
+
+    name: str
+    num_users: int  # internal user index 0..U-1
+    num_items: int  # items are 1..I, 0 is padding
+    train_ptr: np.ndarray  # (U+1,) int64 CSR offsets into train_items / train_times
+    train_items: np.ndarray  # (N,) int64, each user's training items in time order
+    train_times: np.ndarray | None  # (N,) int64 unix seconds, None if the source has no timestamps
+    valid_item: np.ndarray  # (U,) int64: validation target (second last), 0 = user not evaluated
+    valid_time: np.ndarray | None  # (U,) int64
+    test_item: np.ndarray  # (U,) int64: test target (last), 0 = user not evaluated
+    test_time: np.ndarray | None  # (U,) int64
+    user_ids: np.ndarray  # (U,) original user ids
+    item_ids: np.ndarray  # (I+1,) original item ids, [0] is a placeholder for padding
+    item_titles: np.ndarray | None = None  # (I+1,) str titles, "" where unknown; None if the dataset has none
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __repr__(self) -> str:
+        return f"SeqData({self.summary()})"
+
+    @property
+    def has_time(self) -> bool:
+        """Whether the source had timestamps (TiSASRec needs them)."""
+        return self.train_times is not None
+
+    @property
+    def train_lengths(self) -> np.ndarray:
+        """(U,) int64 number of training items per user."""
+        return np.diff(self.train_ptr)
+
+    @property
+    def num_interactions(self) -> int:
+        """All interactions: training items plus validation and test targets."""
+        return int(
+            len(self.train_items) + np.count_nonzero(self.valid_item) + np.count_nonzero(self.test_item)
+        )
+
+    def _target(self, split: str) -> np.ndarray:
+        if split == "valid":
+            return self.valid_item
+        if split == "test":
+            return self.test_item
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+    def eval_users(self, split: str) -> np.ndarray:
+        """int64 array of the users that have a target in `split` ("valid" or "test"), ascending."""
+        return np.flatnonzero(self._target(split) > 0).astype(np.int64)
+
+    def user_history(self, u: int) -> np.ndarray:
+        """Training items of user u, oldest first (a view into `train_items`)."""
+        return self.train_items[self.train_ptr[u] : self.train_ptr[u + 1]]
+
+    def history_pairs(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """Every (user, item) the model sees as input when evaluating `split`, to mask seen items in full ranking.
+
+        Returns:
+            (rows, items): (M,) int64 each, grouped by user in ascending order and chronological within a user:
+            the training items for "valid"; training items plus the validation item for "test".
+        """
+        self._target(split)  # validates split
+        key = f"history_pairs/{split}"
+        if key not in self._cache:
+            lengths = self.train_lengths
+            rows = np.repeat(np.arange(self.num_users, dtype=np.int64), lengths)
+            if split == "valid":
+                items = self.train_items.copy()
+            else:
+                has_valid = self.valid_item > 0
+                lengths2 = lengths + has_valid
+                ptr2 = np.zeros(self.num_users + 1, dtype=np.int64)
+                np.cumsum(lengths2, out=ptr2[1:])
+                items = np.empty(int(ptr2[-1]), dtype=np.int64)
+                # train item k of user u moves from train_ptr[u] + j to ptr2[u] + j
+                items[np.arange(len(rows)) + (ptr2[:-1] - self.train_ptr[:-1])[rows]] = self.train_items
+                items[ptr2[1:][has_valid] - 1] = self.valid_item[has_valid]
+                rows = np.repeat(np.arange(self.num_users, dtype=np.int64), lengths2)
+            rows.setflags(write=False)
+            items.setflags(write=False)
+            self._cache[key] = (rows, items)
+        return self._cache[key]
+
+    def all_item_sets_sorted_keys(self) -> np.ndarray:
+        """Sorted unique int64 keys `user * (num_items + 1) + item` over ALL of each user's items (train, valid
+        and test), to sample evaluation negatives: `item` is in u's set iff the key is found by searchsorted."""
+        if "all_keys" not in self._cache:
+            stride = self.num_items + 1
+            rows = np.repeat(np.arange(self.num_users, dtype=np.int64), self.train_lengths)
+            users = np.arange(self.num_users, dtype=np.int64)
+            keys = np.concatenate(
+                [
+                    rows * stride + self.train_items,
+                    (users * stride + self.valid_item)[self.valid_item > 0],
+                    (users * stride + self.test_item)[self.test_item > 0],
+                ]
+            )
+            keys = np.unique(keys)
+            keys.setflags(write=False)
+            self._cache["all_keys"] = keys
+        return self._cache["all_keys"]
+
+    def summary(self) -> str:
+        """One line: users, items, interactions, average sequence length, timestamps yes/no."""
+        n = self.num_interactions
+        avg = n / max(self.num_users, 1)
+        return (
+            f"{self.name}: {self.num_users:,} users, {self.num_items:,} items, {n:,} interactions, "
+            f"avg length {avg:.1f}, timestamps {'yes' if self.has_time else 'no'}"
+        )
+
+
+def split_leave_one_out(
+    name: str,
+    user_index: np.ndarray,
+    item_index: np.ndarray,
+    times: np.ndarray | None,
+    user_ids: np.ndarray,
+    item_ids: np.ndarray,
+    item_titles: np.ndarray | None = None,
+) -> SeqData:
+    """Leave-one-out split: per user with >= 3 interactions, last -> test, second last -> valid, rest -> train.
+
+    Users with fewer than 3 interactions keep everything in training and get no targets (valid/test = 0).
+
+    Args:
+        name: dataset name for logs.
+        user_index: (N,) int internal users 0..U-1, grouped by user and chronological within a user (if the groups
+            are not in ascending user order they are reordered stably).
+        item_index: (N,) int items 1..I.
+        times: (N,) int unix seconds, or None.
+        user_ids: (U,) original user ids; U = len(user_ids).
+        item_ids: (I+1,) original item ids with a placeholder at [0]; I = len(item_ids) - 1.
+        item_titles: (I+1,) titles or None.
+
+    Returns:
+        The SeqData.
+    """
+    user_index = np.asarray(user_index, dtype=np.int64)
+    item_index = np.asarray(item_index, dtype=np.int64)
+    num_users, num_items = len(user_ids), len(item_ids) - 1
+    n = len(user_index)
+    if len(item_index) != n or (times is not None and len(times) != n):
+        raise ValueError("user_index, item_index and times must have the same length")
+    if n and (user_index.min() < 0 or user_index.max() >= num_users):
+        raise ValueError(f"user_index must lie in 0..{num_users - 1}")
+    if n and (item_index.min() < 1 or item_index.max() > num_items):
+        raise ValueError(f"item_index must lie in 1..{num_items}")
+    if item_titles is not None and len(item_titles) != num_items + 1:
+        raise ValueError("item_titles must have num_items + 1 entries")
+    if times is not None:
+        times = np.asarray(times, dtype=np.int64)
+    if n > 1 and np.any(user_index[1:] < user_index[:-1]):
+        order = np.argsort(user_index, kind="stable")
+        user_index, item_index = user_index[order], item_index[order]
+        times = None if times is None else times[order]
+
+    counts = np.bincount(user_index, minlength=num_users)
+    end = np.cumsum(counts)  # one past each user's last interaction
+    evaluated = counts >= 3
+    last, second = end[evaluated] - 1, end[evaluated] - 2
+
+    valid_item = np.zeros(num_users, dtype=np.int64)
+    test_item = np.zeros(num_users, dtype=np.int64)
+    valid_item[evaluated], test_item[evaluated] = item_index[second], item_index[last]
+    keep = np.ones(n, dtype=bool)
+    keep[last] = keep[second] = False
+    train_ptr = np.zeros(num_users + 1, dtype=np.int64)
+    np.cumsum(counts - 2 * evaluated, out=train_ptr[1:])
+
+    valid_time = test_time = train_times = None
+    if times is not None:
+        valid_time = np.zeros(num_users, dtype=np.int64)
+        test_time = np.zeros(num_users, dtype=np.int64)
+        valid_time[evaluated], test_time[evaluated] = times[second], times[last]
+        train_times = np.ascontiguousarray(times[keep])
+
+    return SeqData(
+        name=name,
+        num_users=num_users,
+        num_items=num_items,
+        train_ptr=train_ptr,
+        train_items=np.ascontiguousarray(item_index[keep]),
+        train_times=train_times,
+        valid_item=valid_item,
+        valid_time=valid_time,
+        test_item=test_item,
+        test_time=test_time,
+        user_ids=np.asarray(user_ids),
+        item_ids=np.asarray(item_ids),
+        item_titles=None if item_titles is None else np.asarray(item_titles),
+    )
+
+
+def build(
+    name: str,
+    users: np.ndarray,
+    items: np.ndarray,
+    times: np.ndarray | None,
+    *,
+    min_item_interactions: int = 0,
+    min_user_interactions: int = 0,
+    titles: dict | None = None,
+    source: str = "",
+) -> SeqData:
+    """Raw interactions in file order -> SeqData: sort per user by time (stable), filter, remap ids, split.
+
+    Users are ordered by raw id; each user's interactions by timestamp, with file order breaking ties (file order
+    alone when there are no timestamps). Items with fewer than `min_item_interactions` are dropped in one pass
+    (counts on the raw data, as SASRec's preprocessing), then users with fewer than `min_user_interactions` of
+    the remaining interactions. Items are renumbered 1..I in order of first appearance and users 0..U-1, so a
+    file already in SASRec's form (like ml-1m.txt) keeps its item ids.
+    """
+    source = source or name
+    for key, value in (
+        ("min_item_interactions", min_item_interactions),
+        ("min_user_interactions", min_user_interactions),
+    ):
+        if int(value) < 0:
+            raise DataError(f"{source}: {key} must be >= 0, got {value}")
+    # np.lexsort is stable, so file order breaks timestamp ties
+    order = np.argsort(users, kind="stable") if times is None else np.lexsort((times, users))
+    users, items = users[order], items[order]
+    times = None if times is None else times[order]
+
+    if min_item_interactions > 1:
+        _, inverse, counts = np.unique(items, return_inverse=True, return_counts=True)
+        keep = counts[inverse] >= min_item_interactions
+        users, items = users[keep], items[keep]
+        times = None if times is None else times[keep]
+    if min_user_interactions > 1:
+        _, inverse, counts = np.unique(users, return_inverse=True, return_counts=True)
+        keep = counts[inverse] >= min_user_interactions
+        users, items = users[keep], items[keep]
+        times = None if times is None else times[keep]
+    if len(users) == 0:
+        raise DataError(
+            f"{source}: no interactions left after filtering (min_item_interactions={min_item_interactions}, "
+            f"min_user_interactions={min_user_interactions})"
+        )
+
+    user_ids, user_index = _first_appearance(users)
+    item_raw, item_index = _first_appearance(items)
+    item_index += 1
+    item_ids = np.concatenate([np.zeros(1, dtype=item_raw.dtype), item_raw])
+    item_titles = None
+    if titles is not None:
+        item_titles = np.array([""] + [titles.get(_plain(i), "") for i in item_raw], dtype=str)
+        missing = int(np.count_nonzero(item_titles[1:] == ""))
+        if missing:
+            log.warning("%s: %d of %d items have no title", source, missing, len(item_raw))
+    data = split_leave_one_out(name, user_index, item_index, times, user_ids, item_ids, item_titles)
+    short = int(np.count_nonzero(data.valid_item == 0))
+    if short:
+        log.info("%s: %d users with < 3 interactions are used for training only", source, short)
+    return data
+
+
+def _first_appearance(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct values in order of first appearance, (N,) int64 index of each value into them)."""
+    uniq, first, inverse = np.unique(values, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")
+    rank = np.empty(len(uniq), dtype=np.int64)
+    rank[order] = np.arange(len(uniq), dtype=np.int64)
+    return uniq[order], rank[inverse.reshape(-1)]
+
+
+def _plain(x):
+    return x.item() if isinstance(x, np.generic) else x
+
+
+# --------------------------------------------------------------------------- Hydra factories (conf/dataset/*.yaml)
+
+
+def synthetic(
+    *,
+    num_users: int = 2000,
+    num_items: int = 1000,
+    seed: int = 0,
+    mean_length: float = 50.0,
+    min_length: int = 5,
+    max_length: int = 200,
+    zipf_exponent: float = 1.0,
+    p_pattern: float = 0.75,
+    p_short: float = 0.5,
+    short_gap_minutes: float = 10.0,
+    long_gap_days: float = 2.0,
+    num_topics: int = 20,
+    topic_strength: float = 0.5,
+) -> SeqData:
+    """The bundled default dataset: generated in well under a second, no download (see `seqrec.data.synthetic`).
+
+    Args:
+        num_users: users U.
+        num_items: items I (ids 1..I, all of them valid ranking candidates).
+        seed: the data's own seed (independent of the run's seed): same seed, same data.
+        mean_length: mean sequence length before clipping (lognormal).
+        min_length: shortest sequence.
+        max_length: longest sequence.
+        zipf_exponent: item popularity ~ 1 / rank ** zipf_exponent.
+        p_pattern: probability that the next item follows the successor map chosen by the last gap.
+        p_short: probability that a gap is short.
+        short_gap_minutes: mean of the short (exponential) gaps.
+        long_gap_days: mean of the long (exponential) gaps.
+        num_topics: topics for the per-user preference of the non-pattern draws.
+        topic_strength: probability that a non-pattern draw comes from the user's topic.
+
+    Returns:
+        SeqData named "synthetic", with timestamps.
+    """
+    from seqrec.data import synthetic as gen
+
+    s = gen.generate(
+        num_users=num_users,
+        num_items=num_items,
+        seed=seed,
+        mean_length=mean_length,
+        min_length=min_length,
+        max_length=max_length,
+        zipf_exponent=zipf_exponent,
+        p_pattern=p_pattern,
+        p_short=p_short,
+        short_gap_minutes=short_gap_minutes,
+        long_gap_days=long_gap_days,
+        num_topics=num_topics,
+        topic_strength=topic_strength,
+    )
+    return split_leave_one_out(
+        "synthetic",
+        s.users,
+        s.items,
+        s.times,
+        user_ids=np.arange(num_users, dtype=np.int64),
+        item_ids=np.arange(num_items + 1, dtype=np.int64),
+    )
+
+
+def from_file(
+    *,
+    path: str,
+    format: str = "auto",
+    min_item_interactions: int = 0,
+    min_user_interactions: int = 0,
+    titles_path: str | None = None,
+) -> SeqData:
+    """Any interaction file: SASRec `user item`, MovieLens u.data / ratings.csv / ratings.dat, or a generic
+    `user item [timestamp]` file (whitespace, comma or tab separated, optional header).
+
+    Args:
+        path: the interaction file, relative to the current directory.
+        format: auto | sasrec | udata | csv | dat | generic.
+        min_item_interactions: drop items with fewer interactions (one pass; SASRec's ML-1M uses 5).
+        min_user_interactions: then drop users with fewer interactions.
+        titles_path: optional movies.dat / u.item / movies.csv / titles.tsv for item titles.
+
+    Returns:
+        SeqData named after the file.
+    """
+    users, items, times = readers.read_interactions(path, format)
+    titles = readers.read_titles(titles_path) if titles_path else None
+    data = build(
+        Path(path).stem,
+        users,
+        items,
+        times,
+        min_item_interactions=int(min_item_interactions),
+        min_user_interactions=int(min_user_interactions),
+        titles=titles,
+        source=str(path),
+    )
+    log.info("%s", data.summary())
+    return data
+
+
+def prepared(*, name: str = "ml-1m", root: str = "data") -> SeqData:
+    """A dataset written by `python -m seqrec.data.prepare NAME --root ROOT` (`ROOT/NAME/interactions.tsv`, plus
+    `titles.tsv` when available).
+
+    Args:
+        name: the dataset folder under root (e.g. "ml-1m").
+        root: the data folder, relative to the current directory.
+
+    Returns:
+        SeqData named `name`.
+    """
+    folder = Path(root) / name
+    path = folder / "interactions.tsv"
+    if not path.is_file():
+        raise DataError(
+            f"{path}: not found; prepare the dataset first with `python -m seqrec.data.prepare {name} --root {root}` "
+            f"(add --source PATH/TO/{name}.zip when offline)"
+        )
+    users, items, times = readers.read_interactions(path, "generic")
+    titles_file = folder / "titles.tsv"
+    titles = readers.read_titles(titles_file) if titles_file.is_file() else None
+    data = build(name, users, items, times, titles=titles, source=str(path))
+    log.info("%s", data.summary())
+    return data

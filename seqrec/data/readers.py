@@ -1,0 +1,372 @@
+"""Readers for interaction files (SASRec `user item`, MovieLens u.data / ratings.csv / ratings.dat, generic
+`user item [timestamp]`) and item-title files (movies.dat, u.item, movies.csv, titles.tsv).
+
+Interaction files are parsed in bulk with numpy; only when that fails is the file scanned line by line, so the
+error names the first bad line. Every problem with the input raises `DataError` with one line naming the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from seqrec.errors import DataError
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("auto", "sasrec", "udata", "csv", "dat", "generic")
+
+_WHITESPACE = np.zeros(256, dtype=bool)
+_WHITESPACE[[9, 10, 11, 12, 13, 32]] = True  # exactly the bytes that bytes.split() splits on
+_ID_NAMES = {
+    "user": ("user", "userid", "user_id", "uid", "users", "visitorid", "customer_id"),
+    "item": ("item", "itemid", "item_id", "iid", "items", "movieid", "movie_id", "product_id", "productid"),
+    "time": ("timestamp", "time", "ts", "unix_timestamp", "datetime", "date"),
+}
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How to cut a file into columns."""
+
+    format: str
+    sep: str  # "ws" (any whitespace), ",", "\t" or "::"
+    ncols: int
+    user_col: int
+    item_col: int
+    time_col: int | None
+    header: bool  # the first non-empty line is a header
+    expected: str  # the line shape, for error messages
+
+
+def read_interactions(
+    path: str | Path, format: str = "auto"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Read an interaction file in file order.
+
+    Args:
+        path: the file: `sasrec` (`user item`), `udata` (`user<TAB>item<TAB>rating<TAB>ts`), `csv`
+            (`userId,movieId,rating,timestamp` with a header), `dat` (`UserID::MovieID::Rating::Timestamp`) or
+            `generic` (`user item [timestamp]` separated by whitespace, commas or tabs, optional header).
+        format: one of `FORMATS`; `auto` detects it from the first non-empty lines.
+
+    Returns:
+        (users, items, times): (N,) int64 raw ids in file order, and (N,) int64 unix seconds or None when the
+        format has no timestamps.
+
+    Raises:
+        DataError: missing or empty file, wrong field count, non-integer ids or non-numeric timestamps.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(
+            f"{path}: file not found (expected an interaction file: 'user item [timestamp]' lines)"
+        )
+    if not path.is_file():
+        raise DataError(
+            f"{path}: is a directory, expected an interaction file ('user item [timestamp]' lines)"
+        )
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
+    return parse_interactions(data, str(path), format)
+
+
+def parse_interactions(
+    data: bytes, source: str, format: str = "auto"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """`read_interactions` on bytes already in memory (e.g. a zip member); `source` names it in errors."""
+    if format not in FORMATS:
+        raise DataError(f"{source}: unknown format {format!r}, expected one of {', '.join(FORMATS)}")
+    if data.startswith(b"\xef\xbb\xbf"):  # UTF-8 BOM (Excel exports)
+        data = b"   " + data[3:]
+    first = _first_lines(data, 1)
+    if not first:
+        raise DataError(f"{source}: empty file, expected at least one 'user item [timestamp]' line")
+    layout = _detect(first, source, format)
+
+    # Normalise the separators to whitespace (same byte length, so offsets and line numbers are kept).
+    buf = data
+    if layout.sep == "::":
+        buf = buf.replace(b"::", b"  ")
+    elif layout.sep == ",":
+        buf = buf.replace(b",", b" ").replace(b'"', b" ")  # quoted ids: "1","2"
+
+    # Fields per physical line, vectorised: a field starts at a non-whitespace byte after whitespace.
+    a = np.frombuffer(buf, dtype=np.uint8)
+    ws = _WHITESPACE[a]
+    starts = ~ws
+    starts[1:] &= ws[:-1]
+    newlines = np.flatnonzero(a == 10)
+    line_of_field = np.searchsorted(newlines, np.flatnonzero(starts))
+    counts = np.bincount(line_of_field, minlength=len(newlines) + 1)
+    body_start = 0
+    if layout.header:
+        header_line = int(line_of_field[0])
+        counts[header_line] = 0
+        body_start = int(newlines[header_line]) + 1 if header_line < len(newlines) else len(buf)
+    bad = np.flatnonzero((counts != 0) & (counts != layout.ncols))
+    if len(bad):
+        lineno = int(bad[0]) + 1
+        got = int(counts[bad[0]])
+        raise DataError(
+            f"{source}:{lineno}: expected {layout.ncols} fields {layout.expected}, got {got}: "
+            f"{_line_text(data, newlines, lineno)!r}"
+        )
+    n = int(np.count_nonzero(counts))
+    if n == 0:
+        raise DataError(
+            f"{source}: no interactions (only a header line), expected 'user item [timestamp]' lines"
+        )
+
+    fields = buf[body_start:].split()
+    del a, ws, starts, line_of_field
+    users = _to_int(fields[layout.user_col :: layout.ncols])
+    items = _to_int(fields[layout.item_col :: layout.ncols])
+    if users is None or items is None:
+        cols = (layout.user_col, layout.item_col)
+        lineno, line = _first_bad_line(buf, data, layout, cols, _is_int)
+        raise DataError(f"{source}:{lineno}: expected {layout.expected} with integer ids, got {line!r}")
+    times = None
+    if layout.time_col is not None:
+        times = _to_time(fields[layout.time_col :: layout.ncols])
+        if times is None:
+            lineno, line = _first_bad_line(buf, data, layout, (layout.time_col,), _is_time)
+            raise DataError(
+                f"{source}:{lineno}: expected {layout.expected} with a numeric timestamp, got {line!r}"
+            )
+    return users, items, times
+
+
+def read_titles(path: str | Path) -> dict:
+    """Read item titles: ML-1M `movies.dat` (latin-1, `::`), ML-100K `u.item` (latin-1, `|`), ML-latest
+    `movies.csv` (quoted CSV with a header) or `titles.tsv` (`item<TAB>title`, as written by `prepare`).
+
+    Returns:
+        {raw item id (int when integer): title}.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(
+            f"{path}: titles file not found (expected movies.dat, u.item, movies.csv or titles.tsv)"
+        )
+    return parse_titles(path.read_bytes(), str(path))
+
+
+def parse_titles(data: bytes, source: str) -> dict:
+    """`read_titles` on bytes already in memory (e.g. a zip member); `source` names it in errors."""
+    first = _first_lines(data, 1)
+    if not first:
+        raise DataError(f"{source}: empty titles file, expected 'item<sep>title' lines")
+    line0 = first[0][1]
+    titles: dict = {}
+    if b"::" in line0 or (b"|" in line0 and b"\t" not in line0 and _is_int(line0.split(b"|")[0])):
+        sep = "::" if b"::" in line0 else "|"
+        for lineno, line in enumerate(data.decode("latin-1").splitlines(), 1):
+            if not line.strip():
+                continue
+            parts = line.split(sep)
+            if len(parts) < 2:
+                raise DataError(f"{source}:{lineno}: expected 'item{sep}title{sep}...', got {line[:80]!r}")
+            titles[_int_or_str(parts[0])] = parts[1].strip()
+    else:
+        delimiter = "\t" if b"\t" in line0 else ","
+        rows = csv.reader(io.StringIO(_decode(data), newline=""), delimiter=delimiter)
+        shown = "<TAB>" if delimiter == "\t" else delimiter
+        for row in rows:
+            lineno = rows.line_num
+            if not row or not "".join(row).strip():
+                continue
+            if len(row) < 2:
+                raise DataError(
+                    f"{source}:{lineno}: expected 'item{shown}title', got {delimiter.join(row)[:80]!r}"
+                )
+            key = _int_or_str(row[0])
+            if not titles and isinstance(key, str) and lineno == 1:
+                continue  # header
+            titles[key] = row[1].strip()
+    if not titles:
+        raise DataError(f"{source}: no titles found, expected 'item<sep>title' lines")
+    return titles
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _first_lines(data: bytes, k: int) -> list[tuple[int, bytes]]:
+    """The first k non-empty lines as (1-based line number, stripped bytes)."""
+    out = []
+    start = 0
+    lineno = 0
+    while len(out) < k and start < len(data):
+        end = data.find(b"\n", start)
+        end = len(data) if end < 0 else end
+        lineno += 1
+        line = data[start:end].strip()
+        if line:
+            out.append((lineno, line))
+        start = end + 1
+    return out
+
+
+def _split(line: bytes, sep: str) -> list[bytes]:
+    if sep == "ws":
+        return line.split()
+    return [f.strip() for f in line.split(sep.encode())]
+
+
+def _detect(first: list[tuple[int, bytes]], source: str, format: str) -> _Layout:
+    """Choose the column layout from the first non-empty line (or check the forced `format`)."""
+    line0 = first[0][1]
+    if format == "auto":
+        if b"::" in line0:
+            format = "dat"
+        else:
+            sep = "," if b"," in line0 else "\t" if b"\t" in line0 else "ws"
+            ncols = len(_split(line0, sep))
+            header = not _is_int(_split(line0, sep)[0].strip(b'\x27"'))
+            if sep == "," and ncols == 4:
+                format = "csv"
+            elif sep != "," and ncols == 4 and not header:
+                format = "udata"
+            elif sep == "ws" and ncols == 2 and not header:
+                format = "sasrec"
+            else:
+                format = "generic"
+
+    if format == "sasrec":
+        return _Layout("sasrec", "ws", 2, 0, 1, None, False, "'user item'")
+    if format == "udata":
+        return _Layout("udata", "ws", 4, 0, 1, 3, False, "'user<TAB>item<TAB>rating<TAB>timestamp'")
+    if format == "dat":
+        return _Layout("dat", "::", 4, 0, 1, 3, False, "'UserID::MovieID::Rating::Timestamp'")
+
+    sep = "::" if b"::" in line0 else "," if b"," in line0 else "\t" if b"\t" in line0 else "ws"
+    if format == "csv":
+        sep = ","
+    names = [f.decode("utf-8", "replace").strip().strip('"').lower() for f in _split(line0, sep)]
+    ncols = len(names)
+    header = not _is_int(_split(line0, sep)[0].strip(b'\x27"'))
+    if header:
+        cols = {}
+        for role, aliases in _ID_NAMES.items():
+            found = [i for i, name in enumerate(names) if name in aliases]
+            if found:
+                cols[role] = found[0]
+        if "user" in cols and "item" in cols:
+            user_col, item_col, time_col = cols["user"], cols["item"], cols.get("time")
+        else:
+            user_col, item_col, time_col = _positional(ncols)
+    else:
+        user_col, item_col, time_col = _positional(ncols)
+    shown = {"ws": " ", "\t": "<TAB>", ",": ",", "::": "::"}[sep]
+    if format == "csv":
+        if ncols < 2 or user_col is None:
+            raise DataError(
+                f"{source}:{first[0][0]}: expected 'userId,movieId,rating,timestamp' (or named user/item/timestamp "
+                f"columns), got {_show(line0)!r}"
+            )
+        expected = (
+            "'userId,movieId,rating,timestamp'" if (ncols, time_col) == (4, 3) else f"{ncols} CSV columns"
+        )
+        return _Layout("csv", ",", ncols, user_col, item_col, time_col, header, expected)
+    if ncols < 2 or user_col is None:
+        raise DataError(
+            f"{source}:{first[0][0]}: expected 'user item [timestamp]' (whitespace, comma or tab separated), "
+            f"got {_show(line0)!r}"
+        )
+    expected = {2: "'user item'", 3: "'user item timestamp'", 4: "'user item rating timestamp'"}.get(ncols)
+    expected = "'" + shown.join(expected.strip("'").split(" ")) + "'" if expected else f"{ncols} columns"
+    return _Layout("generic", sep, ncols, user_col, item_col, time_col, header, expected)
+
+
+def _positional(ncols: int) -> tuple[int | None, int | None, int | None]:
+    """Column roles by position: user item [timestamp] or user item rating timestamp."""
+    if ncols == 2:
+        return 0, 1, None
+    if ncols == 3:
+        return 0, 1, 2
+    if ncols == 4:
+        return 0, 1, 3
+    return None, None, None
+
+
+def _to_int(col: list[bytes]) -> np.ndarray | None:
+    try:
+        return np.array(col, dtype=np.int64)
+    except (ValueError, OverflowError):
+        return None
+
+
+def _to_time(col: list[bytes]) -> np.ndarray | None:
+    out = _to_int(col)
+    if out is not None:
+        return out
+    try:
+        f = np.array(col, dtype=np.float64)
+    except ValueError:
+        return None
+    if not np.isfinite(f).all():
+        return None
+    return np.floor(f).astype(np.int64)  # fractional unix seconds
+
+
+def _is_int(s: bytes) -> bool:
+    try:
+        return -(2**63) <= int(s) < 2**63
+    except ValueError:
+        return False
+
+
+def _is_time(s: bytes) -> bool:
+    try:
+        return bool(np.isfinite(float(s)))
+    except ValueError:
+        return False
+
+
+def _first_bad_line(buf: bytes, data: bytes, layout: _Layout, cols: tuple, ok) -> tuple[int, str]:
+    """Line scan (only after the bulk parse failed): the first line whose `cols` fail `ok`."""
+    skip_header = layout.header
+    for lineno, line in enumerate(buf.split(b"\n"), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        if skip_header:
+            skip_header = False
+            continue
+        if not all(ok(fields[c]) for c in cols):
+            return lineno, _show(data.split(b"\n", lineno)[lineno - 1])
+    return 0, ""  # unreachable: the bulk parse failed on some line
+
+
+def _line_text(data: bytes, newlines: np.ndarray, lineno: int) -> str:
+    start = int(newlines[lineno - 2]) + 1 if lineno >= 2 else 0
+    end = int(newlines[lineno - 1]) if lineno - 1 < len(newlines) else len(data)
+    return _show(data[start:end])
+
+
+def _show(line: bytes, limit: int = 80) -> str:
+    text = line.decode("utf-8", "replace").strip()
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _decode(data: bytes) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
+def _int_or_str(s: str):
+    s = s.strip()
+    try:
+        return int(s)
+    except ValueError:
+        return s
