@@ -1,0 +1,160 @@
+"""Leave-one-out evaluation under the full-ranking and the sampled protocol (models.md section 5).
+
+Full: the target is ranked against every item; items the user has already seen as input are excluded
+(except the target itself, should it be a repeat). Sampled: against `num_negatives` items the user never
+interacted with, drawn once per (seed, split) and cached, so every epoch and every model faces the same
+candidates. Users are processed in length-sorted, trimmed batches and sharded across ranks; the metric sums
+are all-reduced, so a sharded evaluation gives exactly the single-process numbers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from seqrec.data.negatives import pair_keys, sample_excluding
+from seqrec.data.windows import eval_windows, user_time_scale
+from seqrec.eval.metrics import metric_sums, rank_of_target
+
+SPLITS = ("valid", "test")
+KEY_PREFIX = {"valid": "val", "test": "test"}  # metric keys: val/ndcg@10, test/hr@10, val_sampled/ndcg@10
+
+
+class Evaluator:
+    """Computes NDCG / HR / MRR at `ks` for the validation or test targets.
+
+    Args:
+        data: a `SeqData`.
+        protocol: "full" or "sampled".
+        num_negatives: negatives per user for the sampled protocol.
+        ks: cut-offs.
+        also_sampled: with protocol=full, also report sampled metrics (under `<split>_sampled/`).
+        filter_seen: exclude already-seen items from the full ranking.
+        batch_size: users per forward pass.
+        maxlen: the model's window length.
+        seed: fixes the sampled negatives.
+        rank, world_size: shard of users for this process.
+    """
+
+    def __init__(
+        self,
+        data,
+        *,
+        protocol: str = "full",
+        num_negatives: int = 100,
+        ks: list[int] = (5, 10, 20),
+        also_sampled: bool = False,
+        filter_seen: bool = True,
+        batch_size: int = 512,
+        maxlen: int = 200,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.data, self.protocol, self.num_negatives, self.ks = data, protocol, num_negatives, list(ks)
+        self.also_sampled, self.filter_seen = also_sampled, filter_seen
+        self.batch_size, self.maxlen, self.seed = batch_size, maxlen, seed
+        self.rank, self.world_size = rank, world_size
+        self.time_scale = user_time_scale(data)
+        self._negatives: dict[str, np.ndarray] = {}
+        owners = np.repeat(np.arange(data.num_users), np.diff(data.train_ptr))
+        self._train_keys = pair_keys(owners, data.train_items, data.num_items)
+
+    @property
+    def needs_sampled(self) -> bool:
+        return self.protocol == "sampled" or self.also_sampled
+
+    def users(self, split: str) -> np.ndarray:
+        """Evaluated users of `split`, length-sorted so batches trim well."""
+        target = self.data.valid_item if split == "valid" else self.data.test_item
+        users = np.flatnonzero(target > 0)
+        return users[np.argsort(np.diff(self.data.train_ptr)[users], kind="stable")]
+
+    def negatives(self, split: str) -> np.ndarray:
+        """(U, num_negatives) sampled-protocol negatives for every user (0 rows for unevaluated users)."""
+        if split not in self._negatives:
+            d = self.data
+            rng = np.random.default_rng([self.seed, SPLITS.index(split), 7])
+            users = np.arange(d.num_users)
+            every_item = np.concatenate([self._train_keys, users * (d.num_items + 1) + d.valid_item,
+                                         users * (d.num_items + 1) + d.test_item])
+            excluded = np.unique(every_item)  # train ∪ valid ∪ test (TiSASRec's rule)
+            self._negatives[split] = sample_excluding(rng, users, (d.num_users, self.num_negatives),
+                                                      d.num_items, excluded)
+        return self._negatives[split]
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, split: str, device: torch.device | str = "cpu") -> dict[str, float]:
+        """Means over evaluated users, keyed "val/ndcg@10" (primary protocol) and "val_sampled/ndcg@10" (also_sampled)."""
+        was_training = model.training
+        model.eval()
+        users = self.users(split)[self.rank :: self.world_size]
+        target = torch.from_numpy(self.data.valid_item if split == "valid" else self.data.test_item)
+        sums: dict[str, Tensor] = {}
+        for start in range(0, len(users), self.batch_size):
+            u = users[start : start + self.batch_size]
+            h = self._last_hidden(model, u, split, device)  # (b, D)
+            tgt = target[u].to(device)
+            for prefix, ranks in zip(self._prefixes(split), self._ranks(model, h, u, tgt, split)):
+                for name, value in metric_sums(ranks, self.ks).items():
+                    key = prefix + name
+                    sums[key] = sums.get(key, 0) + value.cpu()
+        names = [prefix + n for prefix in self._prefixes(split) for k in self.ks for n in (f"ndcg@{k}", f"hr@{k}", f"mrr@{k}")]
+        totals = torch.tensor([float(sums.get(n, 0.0)) for n in names] + [float(len(users))], dtype=torch.float64)
+        if self.world_size > 1 and dist.is_initialized():
+            totals = totals.to(device)
+            dist.all_reduce(totals)
+            totals = totals.cpu()
+        model.train(was_training)
+        count = max(totals[-1].item(), 1.0)
+        return {n: totals[i].item() / count for i, n in enumerate(names)}
+
+    def _prefixes(self, split: str) -> list[str]:
+        key = KEY_PREFIX[split]
+        if self.protocol == "sampled" or not self.also_sampled:
+            return [key + "/"]
+        return [key + "/", key + "_sampled/"]
+
+    def _last_hidden(self, model, users: np.ndarray, split: str, device) -> Tensor:
+        w = eval_windows(self.data, users, split, self.maxlen)
+        seq = torch.from_numpy(w.seq).to(device)
+        times = torch.from_numpy(w.times).to(device) if w.times is not None else None
+        scale = torch.from_numpy(self.time_scale[users]).to(device) if self.time_scale is not None else None
+        return model(seq, times, scale)[:, -1].float()  # (b, D): the prediction after the last input
+
+    def _ranks(self, model, h: Tensor, users: np.ndarray, target: Tensor, split: str) -> list[Tensor]:
+        """Pessimistic 0-based target ranks, one (b,) tensor per protocol in `_prefixes` order."""
+        out = []
+        weight = model.item_weight.float()
+        target_scores = (h * weight[target]).sum(-1)  # (b,)
+        if self.protocol == "full":
+            scores = h @ weight[1:].T  # (b, I)
+            rows = torch.arange(len(users), device=h.device)
+            scores[rows, target - 1] = -torch.inf  # the target is not its own competitor
+            if self.filter_seen:
+                r, items = self._seen(users, split)
+                scores[r.to(h.device), items.to(h.device) - 1] = -torch.inf
+            out.append(rank_of_target(scores, target_scores))
+        if self.needs_sampled:
+            cand = torch.from_numpy(self.negatives(split)[users]).to(h.device)  # (b, n)
+            neg_scores = torch.einsum("bd,bnd->bn", h, weight[cand])
+            out.append(rank_of_target(neg_scores, target_scores))
+        return out
+
+    def _seen(self, users: np.ndarray, split: str) -> tuple[Tensor, Tensor]:
+        """Row/item pairs the batch's users have seen as input (train items, + the valid item for test)."""
+        d = self.data
+        starts, ends = d.train_ptr[users], d.train_ptr[users + 1]
+        lengths = ends - starts
+        rows = np.repeat(np.arange(len(users)), lengths)
+        idx = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths) + np.repeat(starts, lengths)
+        items = d.train_items[idx]
+        if split == "test":
+            rows = np.concatenate([rows, np.arange(len(users))])
+            items = np.concatenate([items, d.valid_item[users]])
+        target = (d.valid_item if split == "valid" else d.test_item)[users]
+        keep = items != target[rows]  # a repeated target stays rankable
+        return torch.from_numpy(rows[keep]), torch.from_numpy(items[keep])
+

@@ -1,0 +1,61 @@
+"""One run: check the config, build data, model, sampler, evaluator, logger and trainer, fit, test, close.
+
+`run(cfg)` is plain Python (testable without Hydra's entry point); `main(cfg)` adds the user-facing error
+handling that `train.py` needs: a SeqrecError becomes one clear line on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from seqrec.errors import ConfigError, SeqrecError
+from seqrec.utils.config import check_config
+from seqrec.utils.seed import seed_everything
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig, rank: int = 0, world_size: int = 1) -> dict:
+    """Train and test one configuration; returns results.json's content."""
+    check_config(cfg)
+    seed_everything(cfg.seed)  # identical initial weights on every rank
+    data = instantiate(cfg.dataset)
+    log.info("data: %s", data.summary())
+    model = instantiate(cfg.model, num_items=data.num_items)
+    if getattr(model, "requires_time", False) and not data.has_time:
+        raise ConfigError(f"model={model.__class__.__name__} needs timestamps, but dataset '{data.name}' has none: "
+                          "use model=sasrec or a dataset with a timestamp column")
+    log.info("model: %s with %s residual, %d parameters", type(model).__name__, cfg.residual._target_.split(".")[-1],
+             sum(p.numel() for p in model.parameters()))
+    loss = instantiate(cfg.loss)
+    sampler = instantiate(cfg.sampler, data=data, num_negatives=loss.num_negatives,
+                          shared_negatives=loss.shared_negatives, rank=rank, world_size=world_size)
+    evaluator = instantiate(cfg.eval, data=data, rank=rank, world_size=world_size)
+    logger = instantiate(cfg.logger, rank=rank)
+    seed_everything(cfg.seed, rank)  # per-rank dropout streams
+    try:
+        trainer = instantiate(cfg.trainer, _recursive_=False, model=model, sampler=sampler, evaluator=evaluator, loss=loss,
+                              logger=logger, run_config=OmegaConf.to_container(cfg, resolve=True))
+        trainer.fit()
+        return trainer.test()
+    finally:
+        logger.close()
+
+
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point body: run, report user errors in one line, return the optimised metric for sweepers."""
+    try:
+        results = run(cfg)
+    except SeqrecError as e:
+        log.error("%s", e)
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # let the sweep record this job as failed and go on
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    return results.get(cfg.optimized_metric)

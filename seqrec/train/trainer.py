@@ -1,0 +1,314 @@
+"""The training loop: Adam with warm-up and step decay, evaluation, early stopping and resumable checkpoints.
+
+Research hygiene: the best checkpoint is chosen on validation only and the test split is evaluated once, on
+that checkpoint. Every epoch ends with an atomic `last.pt` holding everything needed to continue exactly
+(model, optimizer, scheduler, scaler, RNG, early-stopping state), so `resume=auto` after a kill reaches the
+same result as an unbroken run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from seqrec.errors import CheckpointError, ConfigError, TrainingError
+from seqrec.train.checkpoint import load_checkpoint, save_checkpoint, write_json
+from seqrec.train.sampler import prefetch
+
+log = logging.getLogger(__name__)
+
+AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={device}: torch sees no CUDA device; use hardware=cpu")
+    return torch.device(device)
+
+
+class Trainer:
+    """Fits a model with a sampler and a loss, evaluates with an Evaluator, logs to a MetricLogger.
+
+    Args (the keys of the `trainer:` config node):
+        output_dir: run directory; checkpoints go to `<output_dir>/checkpoints/`.
+        num_epochs: epoch budget.
+        batch_size: global batch size (the sampler does the batching; kept here for the record).
+        lr, betas: Adam.
+        lr_decay_step, lr_decay_rate: lr *= rate every `lr_decay_step` epochs.
+        warmup_steps: linear warm-up over the first steps.
+        l2_emb: l2_emb * Σ w² over every embedding table.
+        grad_clip: max global gradient norm (0 = off).
+        eval_every: validate every N epochs (and after the last).
+        patience: stop after N validations without improvement of `monitor` (0 = never).
+        monitor: validation metric key, e.g. "val/ndcg@10" (higher is better).
+        resume: "auto" (continue from <output_dir>/checkpoints/last.pt if present), "never", or a path.
+        num_workers: 0 = build batches inline, >= 1 = in a background thread.
+        devices: number of processes (handled by the launcher; the trainer reads rank/world from torch.distributed).
+        device: "auto" | "cpu" | "cuda".
+        amp, amp_dtype: autocast with bfloat16 or float16 (+ GradScaler).
+        log_every_steps: train-loss logging interval.
+        progress: tqdm progress bars.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sampler,
+        evaluator,
+        loss,
+        logger,
+        *,
+        output_dir: str,
+        num_epochs: int = 1000,
+        batch_size: int = 128,
+        lr: float = 0.001,
+        betas: list[float] = (0.9, 0.98),
+        lr_decay_step: int = 1000,
+        lr_decay_rate: float = 0.95,
+        warmup_steps: int = 100,
+        l2_emb: float = 0.0,
+        grad_clip: float = 0.0,
+        eval_every: int = 5,
+        patience: int = 10,
+        monitor: str = "val/ndcg@10",
+        resume: str = "auto",
+        num_workers: int = 1,
+        devices: int = 1,
+        device: str = "auto",
+        amp: bool = False,
+        amp_dtype: str = "bfloat16",
+        log_every_steps: int = 100,
+        progress: bool = True,
+        run_config: dict | None = None,
+    ):
+        self.sampler, self.evaluator, self.loss, self.logger = sampler, evaluator, loss, logger
+        self.output_dir = Path(output_dir)
+        self.ckpt_dir = self.output_dir / "checkpoints"
+        self.num_epochs, self.lr_decay_step, self.lr_decay_rate = num_epochs, lr_decay_step, lr_decay_rate
+        self.warmup_steps, self.l2_emb, self.grad_clip = warmup_steps, l2_emb, grad_clip
+        self.eval_every, self.patience, self.monitor, self.resume = eval_every, patience, monitor, str(resume)
+        self.num_workers, self.log_every_steps, self.progress = num_workers, log_every_steps, progress
+        self.run_config = run_config or {}
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.device = resolve_device(device)
+        self.raw_model = model.to(self.device)
+        self.model = self._wrap_ddp(self.raw_model)
+        self.amp_dtype = AMP_DTYPES[amp_dtype] if amp else None
+        self.optimizer = torch.optim.Adam(self.raw_model.parameters(), lr=lr, betas=tuple(betas))
+        self.steps_per_epoch = len(sampler)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.embedding_tables = [m.weight for m in self.raw_model.modules() if isinstance(m, nn.Embedding)]
+        # state that checkpoints carry
+        self.epoch = 0  # completed epochs
+        self.step = 0
+        self.best_value = -math.inf
+        self.best_epoch = 0
+        self.best_metrics: dict = {}
+        self.bad_evals = 0
+        self.stopped_early = False
+        self.train_seconds = 0.0
+        self.eval_seconds = 0.0
+        self.wandb_id = None
+
+    # --- setup ---------------------------------------------------------------------------------------
+    def _wrap_ddp(self, model: nn.Module) -> nn.Module:
+        if self.world_size == 1:
+            return model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def _lr_factor(self, step: int) -> float:
+        warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps > 0 else 1.0
+        epoch = step // max(self.steps_per_epoch, 1)
+        return warm * self.lr_decay_rate ** (epoch // self.lr_decay_step)
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    # --- checkpoints ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "model": self.raw_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "best_value": self.best_value,
+            "best_epoch": self.best_epoch,
+            "best_metrics": self.best_metrics,
+            "bad_evals": self.bad_evals,
+            "stopped_early": self.stopped_early,
+            "train_seconds": self.train_seconds,
+            "eval_seconds": self.eval_seconds,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "wandb_id": self.wandb_id,
+            "config": self.run_config,
+        }
+
+    def load_state_dict(self, state: dict, path: Path) -> None:
+        try:
+            self.raw_model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{path}: does not fit this model/config ({str(e).splitlines()[0][:160]})") from None
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        for key in ("epoch", "step", "best_value", "best_epoch", "best_metrics", "bad_evals", "stopped_early",
+                    "train_seconds", "eval_seconds", "wandb_id"):
+            setattr(self, key, state[key])
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+    def _save(self, name: str) -> None:
+        if self.rank == 0:
+            save_checkpoint(self.state_dict(), self.ckpt_dir / name)
+        if self.world_size > 1:
+            dist.barrier()
+
+    def resume_path(self) -> Path | None:
+        """The checkpoint to continue from, per `resume`; refuses to silently overwrite an earlier run."""
+        last = self.ckpt_dir / "last.pt"
+        if self.resume == "auto":
+            return last if last.exists() else None
+        if self.resume in ("never", "none", "None", ""):
+            if last.exists():
+                raise CheckpointError(
+                    f"{self.output_dir} already holds a run (checkpoints/last.pt); use trainer.resume=auto to continue "
+                    "it or another hydra.run.dir; refusing to overwrite it"
+                )
+            return None
+        path = Path(self.resume)
+        return path / "checkpoints" / "last.pt" if path.is_dir() else path
+
+    def maybe_resume(self) -> None:
+        path = self.resume_path()
+        if path is None:
+            return
+        state = load_checkpoint(path)
+        self.load_state_dict(state, path)
+        self.logger.truncate_after(self.epoch)
+        log.info("resumed from %s at epoch %d (best %s=%.4f at epoch %d)", path, self.epoch, self.monitor,
+                 self.best_value, self.best_epoch)
+
+    # --- training ------------------------------------------------------------------------------------
+    @property
+    def finished(self) -> bool:
+        return self.stopped_early or self.epoch >= self.num_epochs
+
+    def fit(self) -> dict:
+        """Train until the epoch budget or early stopping; returns the best validation metrics."""
+        self.maybe_resume()
+        if self.finished:
+            log.info("training already finished (epoch %d); nothing to do", self.epoch)
+        while not self.finished:
+            loss = self.train_epoch()
+            self.epoch += 1
+            record = {"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0], "train/seconds": self.train_seconds}
+            if self.epoch % self.eval_every == 0 or self.epoch == self.num_epochs:
+                record.update(self.validate())
+            self.logger.log(record, epoch=self.epoch, step=self.step)
+            self._save("last.pt")
+        return self.best_metrics
+
+    def train_epoch(self) -> float:
+        self.model.train()
+        start = time.perf_counter()
+        batches = self.sampler.epoch(self.epoch)
+        if self.num_workers > 0:
+            batches = prefetch(batches)
+        bar = tqdm(batches, total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}", leave=False,
+                   disable=not self.progress or self.rank != 0)
+        total = torch.zeros((), device=self.device)
+        for i, batch in enumerate(bar):
+            loss = self.train_step(batch.to(self.device))
+            total += loss
+            if (i + 1) % self.log_every_steps == 0:
+                bar.set_postfix(loss=f"{total.item() / (i + 1):.4f}")
+        mean = (total / max(self.steps_per_epoch, 1)).item()
+        self.train_seconds += time.perf_counter() - start
+        if not math.isfinite(mean):
+            raise TrainingError(
+                f"loss became {mean} in epoch {self.epoch + 1}; stopped, the last good checkpoint is "
+                f"{self.ckpt_dir / 'last.pt'} (epoch {self.epoch}); try a lower trainer.lr (e.g. 0.0005) or trainer.grad_clip=1.0"
+            )
+        return mean
+
+    def train_step(self, batch) -> torch.Tensor:
+        with self._autocast():
+            h = self.model(batch.seq, batch.times, batch.time_scale)
+            loss = self.loss(h, self.raw_model.item_weight, batch.pos, batch.neg)
+            if self.l2_emb > 0:
+                loss = loss + self.l2_emb * sum(w.pow(2).sum() for w in self.embedding_tables)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        return loss.detach().float()
+
+    def validate(self) -> dict:
+        start = time.perf_counter()
+        metrics = self.evaluator.evaluate(self.raw_model, "valid", self.device)
+        self.eval_seconds += time.perf_counter() - start
+        if self.monitor not in metrics:
+            raise ConfigError(f"trainer.monitor={self.monitor} is not a validation metric; choose one of {sorted(metrics)}")
+        value = metrics[self.monitor]
+        if value > self.best_value:
+            self.best_value, self.best_epoch, self.best_metrics, self.bad_evals = value, self.epoch, metrics, 0
+            self._save("best.pt")
+        else:
+            self.bad_evals += 1
+            if self.patience and self.bad_evals >= self.patience:
+                self.stopped_early = True
+                log.info("early stop at epoch %d: no %s improvement in %d evaluations", self.epoch, self.monitor,
+                         self.bad_evals)
+        log.info("epoch %d  %s  (best %.4f at epoch %d)", self.epoch,
+                 "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "@10" in k), self.best_value, self.best_epoch)
+        return metrics
+
+    def test(self) -> dict:
+        """Evaluate the test split once, on the best (validation-selected) checkpoint; write results.json."""
+        best = self.ckpt_dir / "best.pt"
+        if best.exists():
+            self.raw_model.load_state_dict(load_checkpoint(best)["model"])
+        start = time.perf_counter()
+        test_metrics = self.evaluator.evaluate(self.raw_model, "test", self.device)
+        self.eval_seconds += time.perf_counter() - start
+        results = {
+            "best_epoch": self.best_epoch,
+            "epochs_run": self.epoch,
+            "stopped_early": self.stopped_early,
+            "train_seconds": round(self.train_seconds, 3),
+            "eval_seconds": round(self.eval_seconds, 3),
+            "monitor": self.monitor,
+            "steps": self.step,
+            **self.best_metrics,
+            **test_metrics,
+        }
+        if self.rank == 0:
+            write_json(results, self.output_dir / "results.json")
+        self.logger.summary(results)
+        log.info("test (best epoch %d): %s", self.best_epoch,
+                 "  ".join(f"{k}={v:.4f}" for k, v in test_metrics.items() if "@10" in k))
+        return results
