@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from seqrec.data.negatives import pair_keys, sample_excluding
+from seqrec.data.negatives import sample_excluding
 from seqrec.data.windows import eval_windows, user_time_scale
 from seqrec.eval.metrics import metric_sums, rank_of_target
 
@@ -59,8 +59,6 @@ class Evaluator:
         self.rank, self.world_size = rank, world_size
         self.time_scale = user_time_scale(data)
         self._negatives: dict[str, np.ndarray] = {}
-        owners = np.repeat(np.arange(data.num_users), np.diff(data.train_ptr))
-        self._train_keys = pair_keys(owners, data.train_items, data.num_items)
 
     @property
     def needs_sampled(self) -> bool:
@@ -77,11 +75,8 @@ class Evaluator:
         if split not in self._negatives:
             d = self.data
             rng = np.random.default_rng([self.seed, SPLITS.index(split), 7])
-            users = np.arange(d.num_users)
-            every_item = np.concatenate([self._train_keys, users * (d.num_items + 1) + d.valid_item,
-                                         users * (d.num_items + 1) + d.test_item])
-            excluded = np.unique(every_item)  # train ∪ valid ∪ test (TiSASRec's rule)
-            self._negatives[split] = sample_excluding(rng, users, (d.num_users, self.num_negatives),
+            excluded = d.all_item_sets_sorted_keys()  # train ∪ valid ∪ test (TiSASRec's rule)
+            self._negatives[split] = sample_excluding(rng, np.arange(d.num_users), (d.num_users, self.num_negatives),
                                                       d.num_items, excluded)
         return self._negatives[split]
 

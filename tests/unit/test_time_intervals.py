@@ -82,7 +82,7 @@ def test_validity_comes_from_the_mask_not_from_time_zero():
 def test_batch_shape_dtype_and_unknown_unit():
     times = torch.arange(1, 25, dtype=torch.int64).view(2, 12) * 1000
     R = interval_buckets(times, times != 0, "minute", 10)
-    assert R.shape == (2, 12, 12) and R.dtype == torch.int32
+    assert R.shape == (2, 12, 12) and R.dtype == torch.int64
     with pytest.raises(ValueError, match="time_unit"):
         interval_buckets(times, times != 0, "week", 10)
     with pytest.raises(ValueError, match="time_scale"):

@@ -1,0 +1,85 @@
+"""Every config group combination composes, passes the pre-flight check and builds its objects; bad values
+are all reported at once with their config paths."""
+
+import itertools
+import subprocess
+import sys
+
+import pytest
+from hydra.utils import instantiate
+
+from seqrec.data.dataset import synthetic
+from seqrec.errors import ConfigError
+from seqrec.utils.config import check_config
+from tests.conftest import CONF, REPO, TINY, compose_config
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+DATA = synthetic(num_users=50, num_items=40, seed=0)
+
+
+@pytest.mark.parametrize(
+    "model,residual,loss",
+    list(itertools.product(options("model"), options("residual"), options("loss"))),
+)
+def test_model_residual_loss_combinations_compose_check_and_build(model, residual, loss, tmp_path):
+    cfg = compose_config(TINY + [f"model={model}", f"residual={residual}", f"loss={loss}"], tmp_path)
+    check_config(cfg)
+    built = instantiate(cfg.model, num_items=DATA.num_items)
+    assert type(built).__name__.lower() == model.replace("_", "")
+    instantiate(cfg.loss)
+
+
+@pytest.mark.parametrize("hardware", options("hardware"))
+@pytest.mark.parametrize("dataset", options("dataset"))
+def test_hardware_and_dataset_options_compose_and_check(hardware, dataset, tmp_path):
+    extra = ["dataset.path=x.txt"] if dataset == "file" else []
+    cfg = compose_config([f"hardware={hardware}", f"dataset={dataset}"] + extra, tmp_path)
+    check_config(cfg)
+
+
+def test_all_bad_values_are_reported_together_with_their_paths(tmp_path):
+    cfg = compose_config(
+        ["trainer.lr=-0.1", "model.maxlen=0", "model.num_heads=3", "+model.dmodel=64", "trainer.patience=abc"],
+        tmp_path,
+    )
+    with pytest.raises(ConfigError) as err:
+        check_config(cfg)
+    msg = str(err.value)
+    assert "5 problems" in msg
+    for needle in ("trainer.lr=-0.1: must be > 0", "model.maxlen=0: must be > 0",
+                   "model.hidden_units=50: must be divisible by model.num_heads=3",
+                   "model.dmodel: unknown key for seqrec.models.sasrec.SASRec",
+                   "trainer.patience='abc': expected int"):
+        assert needle in msg
+
+
+def test_missing_required_value_is_reported(tmp_path):
+    cfg = compose_config(["dataset=file"], tmp_path)
+    with pytest.raises(ConfigError, match=r"dataset.path: required value is missing"):
+        check_config(cfg)
+
+
+def run_cli(*overrides: str, cwd=REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train.py", *overrides], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (["model.num_heads=3"], "must be divisible by model.num_heads=3"),
+        (["trainer.lr=-1"], "trainer.lr=-1: must be > 0"),
+        (["model=transformerxl"], "Could not find 'model/transformerxl'"),
+        (["model.not_a_key=1"], "Key 'not_a_key' is not in struct"),
+        (["dataset=file", "dataset.path=/nonexistent/ratings.txt"], "/nonexistent/ratings.txt"),
+    ],
+)
+def test_cli_reports_user_errors_without_a_traceback(overrides, needle, tmp_path):
+    proc = run_cli(*overrides, f"hydra.run.dir={tmp_path}/run")
+    assert proc.returncode != 0
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr
