@@ -15,6 +15,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from seqrec.errors import ConfigError, SeqrecError
+from seqrec.launch import launch, run_distributed, should_launch
+from seqrec.train.checkpoint import load_checkpoint
 from seqrec.utils.config import check_config
 from seqrec.utils.seed import seed_everything
 
@@ -40,18 +42,27 @@ def run(cfg: DictConfig, rank: int = 0, world_size: int = 1) -> dict:
     logger = instantiate(cfg.logger, rank=rank)
     seed_everything(cfg.seed, rank)  # per-rank dropout streams
     try:
-        trainer = instantiate(cfg.trainer, _recursive_=False, model=model, sampler=sampler, evaluator=evaluator, loss=loss,
+        trainer = instantiate(cfg.trainer, _recursive_=False, _convert_="all", model=model, sampler=sampler, evaluator=evaluator, loss=loss,
                               logger=logger, run_config=OmegaConf.to_container(cfg, resolve=True))
+        resolved = OmegaConf.to_container(cfg, resolve=True)  # plain dicts for W&B (instantiate hands the trainer a DictConfig)
+        trainer.wandb_id = logger.start(resolved, _saved_wandb_id(trainer) if logger.use_wandb else None)
         trainer.fit()
         return trainer.test()
     finally:
         logger.close()
 
 
+def _saved_wandb_id(trainer) -> str | None:
+    """The W&B run id stored in the checkpoint the trainer will resume from, so a requeue continues that W&B run."""
+    path = trainer.resume_path()
+    return load_checkpoint(path).get("wandb_id") if path is not None and path.exists() else None
+
+
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point body: run, report user errors in one line, return the optimised metric for sweepers."""
     try:
-        results = run(cfg)
+        # trainer.devices > 1 and no launcher around: start the DDP workers here (one Hydra process, one run dir)
+        results = launch(cfg) if should_launch(cfg) else run_distributed(cfg, run)
     except SeqrecError as e:
         log.error("%s", e)
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from seqrec.errors import CheckpointError, ConfigError, TrainingError
 from seqrec.train.checkpoint import load_checkpoint, save_checkpoint, write_json
+from seqrec.train.distributed import assert_replicas_equal
 from seqrec.train.sampler import prefetch
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,24 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"trainer.device={device}: torch sees no CUDA device; use hardware=cpu")
     return torch.device(device)
+
+
+RESUME_MUST_MATCH = ("model", "residual", "loss", "dataset", "seed")  # what a resumed run may not change
+
+
+def _flatten(node, prefix: str = "") -> dict:
+    if isinstance(node, dict):
+        return {k: v for key, sub in node.items() for k, v in _flatten(sub, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): node}
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """'path: old -> new' for every setting in RESUME_MUST_MATCH that differs (empty when either is unknown)."""
+    if not saved or not current:
+        return []
+    old = _flatten({k: saved.get(k) for k in RESUME_MUST_MATCH})
+    new = _flatten({k: current.get(k) for k in RESUME_MUST_MATCH})
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
 class Trainer:
@@ -58,6 +77,8 @@ class Trainer:
         amp, amp_dtype: autocast with bfloat16 or float16 (+ GradScaler).
         log_every_steps: train-loss logging interval.
         progress: tqdm progress bars.
+        deterministic: use torch's deterministic kernels (bitwise-reproducible runs and resumes; on the CPU
+            the cost is small, on GPUs it can be large).
     """
 
     def __init__(
@@ -89,6 +110,7 @@ class Trainer:
         amp_dtype: str = "bfloat16",
         log_every_steps: int = 100,
         progress: bool = True,
+        deterministic: bool = True,
         run_config: dict | None = None,
     ):
         self.sampler, self.evaluator, self.loss, self.logger = sampler, evaluator, loss, logger
@@ -99,6 +121,8 @@ class Trainer:
         self.eval_every, self.patience, self.monitor, self.resume = eval_every, patience, monitor, str(resume)
         self.num_workers, self.log_every_steps, self.progress = num_workers, log_every_steps, progress
         self.run_config = run_config or {}
+        # some CPU kernels (e.g. the embedding backward's scatter-add) otherwise sum in thread-dependent order
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.device = resolve_device(device)
@@ -202,6 +226,12 @@ class Trainer:
         if path is None:
             return
         state = load_checkpoint(path)
+        changed = config_differences(state.get("config") or {}, self.run_config)
+        if changed:
+            raise CheckpointError(
+                f"{path} was trained with a different setup ({'; '.join(changed[:5])}); "
+                "resume it with its own settings or start a new run directory"
+            )
         self.load_state_dict(state, path)
         self.logger.truncate_after(self.epoch)
         log.info("resumed from %s at epoch %d (best %s=%.4f at epoch %d)", path, self.epoch, self.monitor,
@@ -225,6 +255,7 @@ class Trainer:
                 record.update(self.validate())
             self.logger.log(record, epoch=self.epoch, step=self.step)
             self._save("last.pt")
+        assert_replicas_equal(self.raw_model)  # DDP keeps ranks identical; a difference is a bug, not noise
         return self.best_metrics
 
     def train_epoch(self) -> float:

@@ -1,0 +1,159 @@
+"""End-to-end training on the bundled data: it learns, it resumes exactly, and it fails safely."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from seqrec.errors import CheckpointError, DataError, TrainingError
+from seqrec.eval.baselines import Popularity
+import seqrec.launch  # noqa: F401  (registers config resolvers)
+from seqrec.run import run
+from seqrec.train import losses
+from tests.conftest import REPO, TINY, compose_config
+
+LEARN = ["dataset.num_users=600", "dataset.num_items=300", "model.maxlen=50", "trainer.num_epochs=15",
+         "trainer.eval_every=5", "trainer.warmup_steps=0", "trainer.progress=false", "trainer.device=cpu",
+         "trainer.lr=0.005", "trainer.batch_size=64"]
+
+
+def test_smoke_run_beats_popularity_and_writes_the_run_directory(tmp_path):
+    cfg = compose_config(LEARN, tmp_path)
+    results = run(cfg)
+    data = instantiate(cfg.dataset)
+    popularity = instantiate(cfg.eval, data=data).evaluate(Popularity(data), "valid")["val/ndcg@10"]
+    assert results["val/ndcg@10"] > popularity + 0.1, (results["val/ndcg@10"], popularity)
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    for key in ("best_epoch", "epochs_run", "train_seconds", "eval_seconds", "test/ndcg@10", "test/hr@10",
+                "val/mrr@20", "test/ndcg@5"):
+        assert key in on_disk
+    assert (tmp_path / "checkpoints" / "last.pt").exists() and (tmp_path / "checkpoints" / "best.pt").exists()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == list(range(1, 16))
+    assert lines[-1]["train/loss"] < lines[0]["train/loss"]
+
+
+def test_best_checkpoint_is_chosen_on_validation_and_test_runs_once_on_it(tmp_path):
+    cfg = compose_config(LEARN[:3] + ["trainer.num_epochs=6", "trainer.eval_every=2", "trainer.progress=false",
+                                      "trainer.device=cpu", "trainer.lr=0.005"], tmp_path)
+    results = run(cfg)
+    val = {x["epoch"]: x["val/ndcg@10"] for x in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+           if "val/ndcg@10" in x}
+    assert results["best_epoch"] == max(val, key=val.get)
+    best = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=False)
+    assert best["epoch"] == results["best_epoch"]
+    assert not any(k.startswith("test/") for k in best["best_metrics"])
+
+
+def final_state(tmp_path, extra):
+    run(compose_config(TINY + ["trainer.num_epochs=4"] + extra, tmp_path))
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)
+    return state, json.loads((tmp_path / "results.json").read_text())
+
+
+def test_resume_reaches_the_same_result_as_an_unbroken_run(tmp_path):
+    unbroken, unbroken_results = final_state(tmp_path / "a", [])
+    run(compose_config(TINY + ["trainer.num_epochs=2"], tmp_path / "b"))  # "killed" after 2 epochs
+    resumed, resumed_results = final_state(tmp_path / "b", [])  # same dir, resume=auto
+    for name, tensor in unbroken["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+    for key in ("val/ndcg@10", "test/ndcg@10", "test/hr@10", "best_epoch", "epochs_run"):
+        assert unbroken_results[key] == resumed_results[key]
+    epochs = [json.loads(x)["epoch"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_a_killed_process_resumes_from_its_last_checkpoint(tmp_path):
+    args = [sys.executable, "train.py", *TINY, "dataset.num_users=1500", "trainer.num_epochs=6",
+            f"hydra.run.dir={tmp_path}/killed"]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "killed" / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "results.json").exists()
+    subprocess.run(args, cwd=REPO, check=True, capture_output=True, timeout=300)
+    subprocess.run(args[:-1] + [f"hydra.run.dir={tmp_path}/whole"], cwd=REPO, check=True, capture_output=True,
+                   timeout=300)
+    killed = json.loads((tmp_path / "killed" / "results.json").read_text())
+    whole = json.loads((tmp_path / "whole" / "results.json").read_text())
+    assert {k: v for k, v in killed.items() if "/" in k} == {k: v for k, v in whole.items() if "/" in k}
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = losses.BCE.__call__
+
+    def poisoned(self, *args):
+        calls["n"] += 1
+        value = original(self, *args)
+        return value * float("nan") if calls["n"] > 3 else value
+
+    cfg = compose_config(TINY + ["trainer.num_epochs=3", "trainer.batch_size=128"], tmp_path)
+    monkeypatch.setattr(losses.BCE, "__call__", poisoned)
+    with pytest.raises(TrainingError, match=r"loss became nan in epoch 2.*last.pt \(epoch 1\)"):
+        run(cfg)
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_checkpoint_on_resume_is_a_clear_error_and_destroys_nothing(tmp_path, damage):
+    cfg = compose_config(TINY, tmp_path)
+    run(cfg)
+    last = tmp_path / "checkpoints" / "last.pt"
+    if damage == "garbage":
+        last.write_bytes(b"not a checkpoint at all")
+    else:
+        last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    before = {p.name: p.read_bytes() for p in [last, tmp_path / "checkpoints" / "best.pt", tmp_path / "results.json"]}
+    with pytest.raises(CheckpointError, match=r"last.pt: cannot read checkpoint .* corrupt or truncated"):
+        run(compose_config(TINY + ["trainer.num_epochs=3"], tmp_path))
+    after = {p.name: p.read_bytes() for p in [last, tmp_path / "checkpoints" / "best.pt", tmp_path / "results.json"]}
+    assert before == after
+
+
+def test_resume_never_refuses_to_overwrite_an_existing_run(tmp_path):
+    run(compose_config(TINY, tmp_path))
+    before = (tmp_path / "checkpoints" / "last.pt").read_bytes()
+    with pytest.raises(CheckpointError, match="refusing to overwrite"):
+        run(compose_config(TINY + ["trainer.resume=never"], tmp_path))
+    assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_resume_with_a_different_model_is_refused(tmp_path):
+    run(compose_config(TINY, tmp_path))
+    with pytest.raises(CheckpointError, match="model.hidden_units"):
+        run(compose_config(TINY + ["model.hidden_units=16", "trainer.num_epochs=3"], tmp_path))
+
+
+def test_users_with_fewer_than_three_interactions_train_but_are_not_evaluated(tmp_path):
+    rng = np.random.default_rng(0)
+    lines = []
+    for user in range(60):
+        n = [1, 2][user] if user < 2 else int(rng.integers(3, 12))
+        lines += [f"{user} {item} {1000 + t}" for t, item in enumerate(rng.integers(1, 40, size=n))]
+    path = tmp_path / "few.txt"
+    path.write_text("\n".join(lines) + "\n")
+    results = run(compose_config(TINY + ["dataset=file", f"dataset.path={path}"], tmp_path / "run"))
+    assert 0 <= results["test/ndcg@10"] <= 1
+
+
+@pytest.mark.parametrize("content,needle", [("", "no interactions"), ("1 2\n3 x\n", "line 2")])
+def test_bad_data_files_fail_before_any_output(tmp_path, content, needle):
+    path = tmp_path / "bad.txt"
+    path.write_text(content)
+    with pytest.raises(DataError, match=needle):
+        run(compose_config(TINY + ["dataset=file", f"dataset.path={path}"], tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
