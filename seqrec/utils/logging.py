@@ -1,39 +1,147 @@
-"""The one metrics sink: stdout/train.log, `metrics.jsonl` and optionally Weights & Biases (rank 0 only)."""
+"""The one metrics sink: stdout/train.log, `metrics.jsonl` and optionally Weights & Biases (rank 0 only).
+
+W&B never decides whether a run succeeds: it is offline unless the user chose online, an online start that fails
+(no key, no network) falls back to offline, and any W&B error after the start turns W&B off with one warning.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+import os
+import sys
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+WANDB_MODES = ("online", "offline", "disabled")
+
 
 class MetricLogger:
-    """Writes one JSON object per call to `<output_dir>/metrics.jsonl`; W&B support plugs in here.
+    """Writes one JSON object per call to `<output_dir>/metrics.jsonl` and, with `wandb=true`, to a W&B run.
 
     Args:
-        output_dir: the run directory.
+        output_dir: the run directory; W&B files go to `<output_dir>/wandb/`.
         wandb: also log to Weights & Biases.
         rank: only rank 0 writes.
+        project, entity: the W&B project and entity (None: the account's default entity).
+        mode: "offline" (default: files only, `wandb sync` uploads later), "online" or "disabled".
+        group: W&B group; the jobs of one sweep share it (`${sweep_name}`).
+        name: W&B display name (`${hydra:job.override_dirname}`: the overrides); "" lets W&B pick one.
+        tags: W&B tags.
+        init_timeout: seconds an online start may take before falling back to offline.
     """
 
-    def __init__(self, *, output_dir: str, wandb: bool = False, rank: int = 0, **wandb_options):
-        self.path = Path(output_dir) / "metrics.jsonl"
+    def __init__(
+        self,
+        *,
+        output_dir: str,
+        wandb: bool = False,
+        rank: int = 0,
+        project: str = "seqrec",
+        entity: str | None = None,
+        mode: str = "offline",
+        group: str | None = None,
+        name: str | None = None,
+        tags: list[str] | None = None,
+        init_timeout: float = 60.0,
+    ):
+        self.output_dir = Path(output_dir)
+        self.path = self.output_dir / "metrics.jsonl"
         self.rank = rank
-        self.use_wandb = wandb
-        self.wandb_options = wandb_options
+        self.use_wandb = bool(wandb)
+        self.project, self.entity, self.group, self.name = project, entity, group or None, name or None
+        self.tags = list(tags or [])
+        self.mode = (mode or "offline").strip().lower()  # WANDB_MODE="" means the default, not an error
+        self.init_timeout = float(init_timeout)
         self.wandb_run = None
 
     @property
     def active(self) -> bool:
         return self.rank == 0
 
+    # --- lifecycle -----------------------------------------------------------------------------------
     def start(self, config: dict | None = None, run_id: str | None = None) -> str | None:
-        """Open the sinks; returns the W&B run id to store in checkpoints (None without W&B)."""
-        return None
+        """Open the sinks; returns the W&B run id to store in checkpoints (None without W&B).
 
+        Args:
+            config: the resolved run config, shown as the W&B run's config.
+            run_id: the id saved in the checkpoint being resumed: the same W&B run continues (`resume="allow"`).
+        """
+        if not (self.active and self.use_wandb) or self.wandb_run is not None:
+            return self.wandb_run.id if self.wandb_run is not None else None
+        if self.mode not in WANDB_MODES:
+            log.warning("logger.mode=%s is not one of %s; logging to W&B offline", self.mode, "/".join(WANDB_MODES))
+            self.mode = "offline"
+        if self.mode == "disabled":
+            return run_id
+        try:
+            import wandb
+        except ImportError:
+            log.warning("logger=wandb but the wandb package is not installed (pip install wandb); metrics go to "
+                        "metrics.jsonl only")
+            return run_id
+        from wandb.sdk.lib.runid import generate_id
+
+        run_id = run_id or generate_id()
+        mode = self.mode
+        if mode == "online" and not _has_api_key(wandb):
+            log.warning("logger.mode=online but no W&B API key is configured (wandb login, or WANDB_API_KEY): "
+                        "logging offline instead")
+            mode = "offline"
+        self.wandb_run = self._init(wandb, config, run_id, mode)
+        if self.wandb_run is None and mode == "online":
+            log.warning("W&B online start failed (no network?); logging offline instead")
+            mode = "offline"
+            self.wandb_run = self._init(wandb, config, run_id, mode)
+        if self.wandb_run is None:
+            return run_id
+        try:
+            self.wandb_run.define_metric("epoch")
+            self.wandb_run.define_metric("*", step_metric="epoch")  # x-axis = epoch, so a resume may re-log an epoch
+        except Exception as e:  # noqa: BLE001 - cosmetic, never fatal
+            log.debug("wandb define_metric failed: %s", e)
+        if mode == "offline":
+            log.info("W&B offline run %s (group %s); upload it later with: wandb sync %s", run_id, self.group,
+                     Path(self.wandb_run.dir).parent)
+        else:
+            log.info("W&B run %s: %s", run_id, getattr(self.wandb_run, "url", ""))
+        return run_id
+
+    def _init(self, wandb, config, run_id: str, mode: str):
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            return wandb.init(
+                project=self.project,
+                entity=self.entity,
+                group=self.group,
+                name=self.name,
+                tags=self.tags or None,
+                config=config,
+                id=run_id,
+                resume="allow",
+                dir=str(self.output_dir),
+                mode=mode,
+                settings=wandb.Settings(init_timeout=self.init_timeout, finish_timeout=self.init_timeout),
+            )
+        except Exception as e:  # noqa: BLE001 - W&B must never end the run
+            log.warning("wandb.init (%s) failed: %s", mode, str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+            return None
+
+    def close(self) -> None:
+        """Flush and close every sink (`wandb.finish`, with exit code 1 while an exception is propagating);
+        safe to call more than once."""
+        run, self.wandb_run = self.wandb_run, None
+        if run is None:
+            return
+        failed = sys.exc_info()[0] is not None  # called from run()'s `finally`
+        try:
+            run.finish(exit_code=1 if failed else 0)
+        except Exception as e:  # noqa: BLE001
+            log.warning("wandb.finish failed: %s", e)
+
+    # --- metrics -------------------------------------------------------------------------------------
     def truncate_after(self, epoch: int) -> None:
         """Drop lines of epochs after `epoch` (written by a killed run after its last checkpoint)."""
         if not self.active or not self.path.exists():
@@ -50,12 +158,37 @@ class MetricLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        self._wandb_call("log", {k: v for k, v in record.items() if v is not None})
 
     def summary(self, results: dict) -> None:
-        """Final results (best checkpoint's validation and test metrics)."""
+        """Final results (best checkpoint's validation and test metrics) and the best checkpoint's path."""
+        if not self.active or self.wandb_run is None:
+            return
+        best = self.output_dir / "checkpoints" / "best.pt"
+        extra = {"best_checkpoint": str(best.resolve()) if best.exists() else None, "run_dir": str(self.output_dir.resolve())}
+        self._wandb_call("summary", {**{k: _clean(v) for k, v in results.items()}, **extra})
 
-    def close(self) -> None:
-        """Flush and close every sink; safe to call more than once."""
+    def _wandb_call(self, what: str, payload: dict) -> None:
+        if self.wandb_run is None:
+            return
+        try:
+            if what == "log":
+                self.wandb_run.log(payload)
+            else:
+                self.wandb_run.summary.update(payload)
+        except Exception as e:  # noqa: BLE001 - W&B must never end the run
+            log.warning("W&B %s failed (%s); W&B logging is off for the rest of this run, metrics.jsonl continues",
+                        what, e)
+            self.close()
+
+
+def _has_api_key(wandb) -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return bool(wandb.login(prompt=False, verify=False))
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def _clean(v):

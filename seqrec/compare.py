@@ -1,0 +1,354 @@
+"""Compare runs from their directories alone (no W&B): a table sorted by a metric, plus PNG plots.
+
+    python -m seqrec.compare outputs/sweeps/stage2_2025-01-01_10-00-00 [more sweep or run dirs ...]
+        [--metric val/ndcg@10] [--format md|csv] [--out DIR] [--no-plots]
+
+A run directory is one that holds `.hydra/overrides.yaml` and `metrics.jsonl` or `results.json`; sweep
+directories are searched for them. Columns: the overrides that differ between runs, the best validation and the
+test metrics (from `results.json`; a run still going shows its best validation epoch so far from `metrics.jsonl`),
+epochs and time. Plots go to `--out` (default `<dir>/compare/` for one directory, else `./compare/`):
+`learning_curves.png` (train/loss and the metric per epoch, one line per run) and `<metric>_vs_<param>.png` for
+each swept parameter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RUN_MARKERS = ("results.json", "metrics.jsonl")
+# overrides that do not change the experiment (as hydra.job.config.override_dirname.exclude_keys in conf/train.yaml)
+IGNORED_OVERRIDES = {"logger", "trainer.progress", "trainer.num_workers", "trainer.resume", "trainer.log_every_steps",
+                     "sweep_name"}
+
+
+class CompareError(Exception):
+    """A user error: reported as one line, exit status 1."""
+
+
+@dataclass
+class Run:
+    path: Path
+    overrides: dict[str, str]
+    results: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.results)
+
+    def metrics(self, metric: str) -> dict:
+        """results.json if the run finished, else the epoch of metrics.jsonl with the best `metric` so far."""
+        return self.results if self.results else self.best_record(metric)
+
+    def best_record(self, metric: str) -> dict:
+        """The metrics.jsonl record with the best `metric` (validation metrics only appear on eval epochs)."""
+        evaluated = [r for r in self.history if _num(r.get(metric)) is not None]
+        return max(evaluated, key=lambda r: r[metric]) if evaluated else {}
+
+
+# --------------------------------------------------------------------------------------------- discovery
+def is_run_dir(path: Path) -> bool:
+    return (path / ".hydra" / "overrides.yaml").is_file() and any((path / m).is_file() for m in RUN_MARKERS)
+
+
+def find_runs(paths: list[str]) -> list[Run]:
+    """Every run directory given or under the given directories, each read once (sorted by path)."""
+    found: dict[Path, None] = {}
+    for p in paths:
+        path = Path(p)
+        if not path.exists():
+            raise CompareError(f"{p}: no such directory")
+        if not path.is_dir():
+            raise CompareError(f"{p}: not a directory (give a run or sweep directory)")
+        if is_run_dir(path):
+            found[path.resolve()] = None
+            continue
+        runs = sorted({h.parent.parent for h in path.rglob(".hydra/overrides.yaml") if is_run_dir(h.parent.parent)})
+        if not runs:
+            raise CompareError(f"{p}: no run directories found (a run directory holds .hydra/overrides.yaml and "
+                               "metrics.jsonl or results.json)")
+        found.update((r.resolve(), None) for r in runs)
+    return [read_run(p) for p in found]
+
+
+def read_run(path: Path) -> Run:
+    overrides = {}
+    for line in _read_overrides(path / ".hydra" / "overrides.yaml"):
+        key, _, value = line.partition("=")
+        key = key.lstrip("+~")
+        if key not in IGNORED_OVERRIDES and not key.startswith("hydra"):
+            overrides[key] = value
+    results = {}
+    if (path / "results.json").is_file():
+        try:
+            results = json.loads((path / "results.json").read_text())
+        except json.JSONDecodeError as e:
+            raise CompareError(f"{path / 'results.json'}: not valid JSON ({e})") from None
+    history = []
+    if (path / "metrics.jsonl").is_file():
+        for i, line in enumerate((path / "metrics.jsonl").read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    history.append(json.loads(line))
+                except json.JSONDecodeError:
+                    if i < len((path / "metrics.jsonl").read_text().splitlines()):  # a half-written last line is fine
+                        raise CompareError(f"{path / 'metrics.jsonl'}:{i}: not valid JSON") from None
+    return Run(path, overrides, results, history)
+
+
+def _read_overrides(path: Path) -> list[str]:
+    """`.hydra/overrides.yaml` is a YAML list of strings; read it without a YAML dependency when it is simple."""
+    try:
+        from omegaconf import OmegaConf
+
+        return [str(x) for x in OmegaConf.to_container(OmegaConf.load(path))]
+    except Exception:  # noqa: BLE001 - fall back to the plain "- item" form
+        return [ln[2:].strip().strip("'\"") for ln in path.read_text().splitlines() if ln.startswith("- ")]
+
+
+# --------------------------------------------------------------------------------------------- table
+def swept_keys(runs: list[Run]) -> tuple[list[str], dict[str, str]]:
+    """(override keys whose value differs between runs, {key: value} of overrides shared by all runs)."""
+    keys = sorted({k for r in runs for k in r.overrides})
+    varying = [k for k in keys if len({r.overrides.get(k) for r in runs}) > 1]
+    common = {k: runs[0].overrides[k] for k in keys if k not in varying and k in runs[0].overrides}
+    if len(runs) == 1:
+        return keys, {}
+    return varying, common
+
+
+def metric_columns(metric: str) -> list[str]:
+    """The chosen metric, then NDCG and HR at its cut-off on validation and test (e.g. val/ndcg@10 ... test/hr@10)."""
+    m = re.fullmatch(r"(\w+)/(\w+)@(\d+)", metric)
+    if not m:
+        return [metric]
+    k = m.group(3)
+    cols = [metric]
+    for split in ("val", "test"):
+        for name in (m.group(2), "ndcg", "hr"):
+            key = f"{split}/{name}@{k}"
+            if key not in cols:
+                cols.append(key)
+    return cols
+
+
+def build_table(runs: list[Run], metric: str, all_overrides: bool = False
+                ) -> tuple[list[str], list[list], dict[str, str], list[Run]]:
+    """(header, rows sorted by `metric` best first, common overrides, runs in row order); the override columns are
+    the swept keys, plus the common ones with `all_overrides`."""
+    if not any(_num(r.metrics(metric).get(metric)) is not None for r in runs):
+        known = sorted({k for r in runs for k in list(r.results) + [k for h in r.history for k in h]
+                        if "/" in k and "@" in k})
+        raise CompareError(f"--metric {metric}: no run has it; available: {', '.join(known) or 'none (no evaluation yet)'}")
+    keys, common = swept_keys(runs)
+    if all_overrides:
+        keys, common = keys + sorted(common), {}
+    metrics = metric_columns(metric)
+    runs = sorted(runs, key=lambda r: (_num(r.metrics(metric).get(metric)) is None,
+                                       -(_num(r.metrics(metric).get(metric)) or 0.0), str(r.path)))
+    root = _common_parent([r.path for r in runs])
+    header = ["#", *keys, *metrics, "best_epoch", "epochs", "minutes", "status", "dir"]
+    rows = []
+    for i, r in enumerate(runs, 1):
+        values = r.metrics(metric)
+        epochs = r.results.get("epochs_run", r.history[-1].get("epoch") if r.history else None)
+        seconds = (r.results.get("train_seconds", 0) + r.results.get("eval_seconds", 0)) if r.finished else \
+            (r.history[-1].get("train/seconds") if r.history else None)
+        minutes = round(seconds / 60, 2) if _num(seconds) is not None else None
+        status = "done" if r.finished else ("running/failed" if r.history else "no epochs")
+        rel = str(r.path.relative_to(root)) if root and r.path != root else r.path.name
+        rows.append([i, *[r.overrides.get(k, "") for k in keys], *[values.get(m) for m in metrics],
+                     values.get("best_epoch", values.get("epoch")), epochs, minutes, status, rel])
+    return header, rows, common, runs
+
+
+def _common_parent(paths: list[Path]) -> Path | None:
+    parts = [p.parts for p in paths]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    return Path(*common) if common else None
+
+
+def format_table(header: list[str], rows: list[list], fmt: str) -> str:
+    cells = [[_fmt(v) for v in row] for row in rows]
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(cells)
+        return buf.getvalue()
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
+    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)]) + "\n"
+
+
+# --------------------------------------------------------------------------------------------- plots
+def plot_learning_curves(runs: list[Run], metric: str, labels: dict[Path, str], out: Path) -> Path:
+    plt = _pyplot()
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in runs:
+        label = labels[r.path]
+        loss = [(h["epoch"], h["train/loss"]) for h in r.history if _num(h.get("train/loss")) is not None]
+        val = [(h["epoch"], h[metric]) for h in r.history if _num(h.get(metric)) is not None]
+        if loss:
+            ax_loss.plot(*zip(*loss), label=label)
+        if val:
+            ax_metric.plot(*zip(*val), marker="o", markersize=3, label=label)
+    ax_loss.set(title="train/loss", xlabel="epoch", ylabel="loss")
+    ax_metric.set(title=metric, xlabel="epoch", ylabel=metric)
+    for ax in (ax_loss, ax_metric):
+        ax.grid(alpha=0.3)
+    handles, names = ax_loss.get_legend_handles_labels()
+    if not handles:
+        handles, names = ax_metric.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, names, loc="lower center", ncol=min(3, len(names)), fontsize=8, frameon=False)
+        fig.subplots_adjust(bottom=0.12 + 0.05 * math.ceil(len(names) / 3), wspace=0.25)
+    path = out / "learning_curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_metric_vs_params(runs: list[Run], metric: str, keys: list[str], out: Path) -> list[Path]:
+    """One PNG per swept parameter: the metric against its values, one line per combination of the others."""
+    plt = _pyplot()
+    paths = []
+    for key in keys:
+        others = [k for k in keys if k != key]
+        values = [r.overrides.get(key, "") for r in runs]
+        numeric = all(_num(_parse(v)) is not None for v in values)
+        order = sorted(set(values), key=lambda v: (_num(_parse(v)) if numeric else v))
+        fig, ax = plt.subplots(figsize=(6, 4))
+        groups: dict[str, list[Run]] = {}
+        for r in runs:
+            groups.setdefault(", ".join(f"{k}={r.overrides.get(k, '')}" for k in others), []).append(r)
+        for name, members in sorted(groups.items()):
+            pts = sorted(((_parse(r.overrides.get(key, "")) if numeric else order.index(r.overrides.get(key, "")),
+                           _num(r.metrics(metric).get(metric))) for r in members if _num(r.metrics(metric).get(metric)) is not None),
+                         key=lambda p: p[0])
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=name or None)
+        if not numeric:
+            ax.set_xticks(range(len(order)), order, rotation=20)
+        elif len(order) > 2 and all(_num(_parse(v)) > 0 for v in order) and \
+                max(_num(_parse(v)) for v in order) / min(_num(_parse(v)) for v in order) >= 8:
+            ax.set_xscale("log")
+            ax.set_xticks([_num(_parse(v)) for v in order], order)
+        ax.set(xlabel=key, ylabel=metric, title=f"{metric} vs {key}")
+        ax.grid(alpha=0.3)
+        if any(groups) and len(groups) > 1:
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / f"{_safe(metric)}_vs_{_safe(key)}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise CompareError("plots need matplotlib (pip install matplotlib, or pip install -e '.[plots]'); "
+                           "use --no-plots for the table only") from None
+    return plt
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _num(v):
+    if isinstance(v, bool) or v is None:
+        return None
+    if isinstance(v, (int, float)):
+        return float(v) if math.isfinite(v) else None
+    return None
+
+
+def _parse(v: str):
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            return v
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
+
+
+def _safe(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.@=-]+", "_", s).replace("/", "_")
+
+
+def compare(paths: list[str], metric: str = "val/ndcg@10", fmt: str = "md", out: str | None = None,
+            plots: bool = True) -> tuple[str, str, list[Path]]:
+    """Build the table (also written to `<out>/runs.<md|csv>`) and the plots.
+
+    Returns:
+        (table text, one line naming the best run and its swept overrides, files written).
+    """
+    runs = find_runs(paths)
+    header, rows, common, runs = build_table(runs, metric, all_overrides=fmt == "csv")
+    text = format_table(header, rows, fmt)
+    if common and fmt == "md":
+        text = "common overrides: " + " ".join(f"{k}={v}" for k, v in common.items()) + "\n\n" + text
+    out_dir = Path(out) if out else (Path(paths[0]) / "compare" if len(paths) == 1 and not is_run_dir(Path(paths[0]))
+                                     else Path("compare"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table_path = out_dir / f"runs.{fmt}"
+    table_path.write_text(text)
+    written = [table_path]
+    keys, _ = swept_keys(runs)
+    keys = keys if len(runs) > 1 else []
+    if plots:
+        labels = {r.path: (",".join(f"{k}={r.overrides.get(k, '')}" for k in keys) or r.path.name) for r in runs}
+        written.append(plot_learning_curves(runs, metric, labels, out_dir))
+        written.extend(plot_metric_vs_params(runs, metric, keys, out_dir))
+    best = runs[0]
+    chosen = " ".join(f"{k}={best.overrides.get(k, '')}" for k in keys) or "(no swept overrides)"
+    best_line = f"best by {metric}: {chosen}  ({metric}={_fmt(best.metrics(metric).get(metric))}, {best.path})"
+    return text, best_line, written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m seqrec.compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="+", help="sweep directories (outputs/sweeps/...) and/or run directories")
+    parser.add_argument("--metric", default="val/ndcg@10", help="sort key, a results.json key (default: val/ndcg@10)")
+    parser.add_argument("--format", choices=("md", "csv"), default="md", help="table format (default: md)")
+    parser.add_argument("--out", help="folder for runs.md/runs.csv and the PNGs (default: <dir>/compare or ./compare)")
+    parser.add_argument("--no-plots", action="store_true", help="table only")
+    args = parser.parse_args(argv)
+    try:
+        text, best, written = compare(args.paths, args.metric, args.format, args.out, plots=not args.no_plots)
+        print(text, end="", flush=True)
+        print(best, file=sys.stderr)
+        print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
+    except CompareError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

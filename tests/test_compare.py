@@ -1,0 +1,128 @@
+"""`python -m seqrec.compare` on hand-made run directories (no training): discovery, table, sorting, CSV, plots,
+unfinished runs, and one-line errors for empty or non-run directories."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from seqrec.compare import compare, main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fake_run(path: Path, overrides: list[str], ndcg: list[float], test_ndcg: float | None = 0.1) -> Path:
+    """A run directory as train.py writes it: .hydra/overrides.yaml, metrics.jsonl, results.json (if finished)."""
+    (path / ".hydra").mkdir(parents=True)
+    (path / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides) or "[]\n")
+    (path / ".hydra" / "config.yaml").write_text("seed: 42\n")
+    with open(path / "metrics.jsonl", "w") as f:
+        for epoch, value in enumerate(ndcg, 1):
+            f.write(json.dumps({"epoch": epoch, "step": 10 * epoch, "train/loss": 1.0 / epoch, "train/lr": 0.001,
+                                "train/seconds": 2.0 * epoch, "val/ndcg@10": value, "val/hr@10": 2 * value}) + "\n")
+    if test_ndcg is not None:
+        best = max(range(len(ndcg)), key=ndcg.__getitem__)
+        (path / "results.json").write_text(json.dumps({
+            "best_epoch": best + 1, "epochs_run": len(ndcg), "train_seconds": 60.0, "eval_seconds": 6.0,
+            "val/ndcg@10": ndcg[best], "val/hr@10": 2 * ndcg[best], "test/ndcg@10": test_ndcg, "test/hr@10": 0.3}))
+    return path
+
+
+@pytest.fixture
+def sweep(tmp_path) -> Path:
+    root = tmp_path / "stage2"
+    for h, b, curve in [(50, 2, [0.1, 0.2]), (128, 2, [0.2, 0.4]), (50, 3, [0.15, 0.25]), (128, 3, [0.3, 0.35])]:
+        fake_run(root / f"model.hidden_units={h},model.num_blocks={b}",
+                 ["tuning=stage2", f"model.hidden_units={h}", f"model.num_blocks={b}", "trainer.progress=false"], curve)
+    (root / "multirun.yaml").write_text("hydra: {}\n")
+    return root
+
+
+def table_rows(text: str) -> list[list[str]]:
+    lines = [ln for ln in text.splitlines() if ln.startswith("|") and not ln.startswith("|-")]
+    return [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
+
+
+def test_table_has_swept_overrides_as_columns_and_is_sorted_by_the_metric(sweep, tmp_path):
+    text, best, written = compare([str(sweep)], out=str(tmp_path / "out"))
+    header, *rows = table_rows(text)
+    assert header[:3] == ["#", "model.hidden_units", "model.num_blocks"]
+    assert {"val/ndcg@10", "val/hr@10", "test/ndcg@10", "test/hr@10", "best_epoch", "epochs", "minutes"} <= set(header)
+    assert "trainer.progress" not in header and "tuning" not in header  # constant or not part of the experiment
+    assert "common overrides: tuning=stage2" in text
+    ndcg = [float(r[header.index("val/ndcg@10")]) for r in rows]
+    assert ndcg == [0.4, 0.35, 0.25, 0.2]
+    assert rows[0][1:3] == ["128", "2"] and rows[0][header.index("best_epoch")] == "2"
+    assert rows[0][header.index("minutes")] == "1.1000"  # (train + eval seconds) / 60
+    assert best.startswith("best by val/ndcg@10: model.hidden_units=128 model.num_blocks=2")
+    names = sorted(p.name for p in written)
+    assert names == ["learning_curves.png", "runs.md", "val_ndcg@10_vs_model.hidden_units.png",
+                     "val_ndcg@10_vs_model.num_blocks.png"]
+
+
+def test_other_metric_and_csv(sweep, tmp_path):
+    text, _, written = compare([str(sweep)], metric="test/ndcg@10", fmt="csv", out=str(tmp_path), plots=False)
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert len(rows) == 4 and rows[0]["tuning"] == "stage2"  # CSV keeps every override
+    assert [p.name for p in written] == ["runs.csv"]
+
+
+def test_unfinished_run_shows_its_best_epoch_so_far(sweep, tmp_path):
+    fake_run(sweep / "model.hidden_units=256,model.num_blocks=2",
+             ["tuning=stage2", "model.hidden_units=256", "model.num_blocks=2"], [0.5, 0.45], test_ndcg=None)
+    text, _, _ = compare([str(sweep)], out=str(tmp_path), plots=False)
+    header, *rows = table_rows(text)
+    assert rows[0][1] == "256" and rows[0][header.index("val/ndcg@10")] == "0.5000"
+    assert rows[0][header.index("test/ndcg@10")] == "" and rows[0][header.index("status")] == "running/failed"
+
+
+def test_run_dirs_and_several_sweeps_together(sweep, tmp_path):
+    single = fake_run(tmp_path / "runs" / "10-00-00", ["model.hidden_units=256"], [0.05])
+    text, _, _ = compare([str(sweep), str(single)], out=str(tmp_path / "o"), plots=False)
+    assert len(table_rows(text)) == 1 + 5
+
+
+def test_default_output_folder_is_inside_the_sweep(sweep):
+    _, _, written = compare([str(sweep)])
+    assert all(p.parent == sweep / "compare" for p in written)
+    text, _, _ = compare([str(sweep)], plots=False)  # the compare/ folder is not mistaken for a run
+    assert len(table_rows(text)) == 1 + 4
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "no such directory"),
+    ("empty", "no run directories found"),
+    ("not_a_run", "no run directories found"),
+    ("file", "not a directory"),
+])
+def test_clear_one_line_errors(tmp_path, capsys, case, message):
+    target = tmp_path / case
+    if case in ("empty", "not_a_run"):
+        target.mkdir()
+    if case == "not_a_run":
+        (target / "notes.txt").write_text("hello")
+        (target / ".hydra").mkdir()  # half a run: no overrides, no metrics
+    if case == "file":
+        target.write_text("x")
+    assert main([str(target)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_unknown_metric_lists_the_available_ones(sweep, capsys):
+    assert main([str(sweep), "--metric", "val/ndcg@7", "--no-plots"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "val/ndcg@7" in err and "val/ndcg@10" in err and "\n" not in err
+
+
+def test_cli_entry_point(sweep):
+    proc = subprocess.run([sys.executable, "-m", "seqrec.compare", str(sweep), "--no-plots"], capture_output=True,
+                          text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "| #" in proc.stdout and "best by val/ndcg@10" in proc.stderr
