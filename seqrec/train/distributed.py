@@ -1,0 +1,216 @@
+"""Process-group plumbing for DDP: where rank and world size come from, init/destroy, rendezvous ports.
+
+Rank/world come from the environment only: torchrun and torch's elastic launcher set RANK/WORLD_SIZE/LOCAL_RANK;
+a multi-task SLURM job started by submitit exports them from SLURM's variables. One process is the same code
+with world_size=1. `launch_time()` gives every rank of one launch the same timestamp, so they agree on one run dir.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+            "TORCHELASTIC_RUN_ID")
+SLURM_KEYS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_PARTITION", "SLURM_NNODES",
+              "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_JOB_NODELIST",
+              "SLURM_CPUS_PER_TASK", "SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS", "SLURM_RESTART_COUNT",
+              "SUBMITIT_EXECUTOR", "CUDA_VISIBLE_DEVICES")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in the job: `source` is single | env (torchrun / elastic) | submitit."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    source: str = "single"
+
+
+def in_submitit_task() -> bool:
+    return os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and "SLURM_JOB_ID" in os.environ
+
+
+def export_submitit_env() -> bool:
+    """In a multi-task SLURM job started by submitit, export RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT for env://.
+
+    The port derives from the job id (jobs sharing a node do not collide) unless MASTER_PORT is already set.
+    Returns True when it exported.
+    """
+    if "RANK" in os.environ or not in_submitit_task() or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return False
+    from submitit.helpers import TorchDistributedEnvironment  # the `slurm` extra
+
+    # keep CUDA_VISIBLE_DEVICES: SLURM's device list is indexed by local rank (see init_distributed)
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    return True
+
+
+def detect() -> DistEnv:
+    """Rank/world of this process from the environment (after `export_submitit_env`)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        source = "submitit" if in_submitit_task() else "env"
+        return DistEnv(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+                       int(os.environ.get("LOCAL_RANK", 0)), source)
+    return DistEnv()
+
+
+def in_distributed_env() -> bool:
+    """True when some launcher already started this process as one of several ranks."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return True
+    return in_submitit_task() and int(os.environ.get("SLURM_NTASKS", "1")) > 1
+
+
+def resolve_device_type(device: str) -> str:
+    """'cuda' or 'cpu' for a trainer.device value (auto = cuda when torch sees a GPU)."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if device.startswith("cuda") else "cpu"
+
+
+def resolve_backend(backend: str, device: str = "auto") -> str:
+    """nccl for CUDA tensors, gloo for CPU tensors (backend=auto), or the backend asked for."""
+    if backend != "auto":
+        return backend
+    return "nccl" if resolve_device_type(device) == "cuda" and dist.is_nccl_available() else "gloo"
+
+
+def init_distributed(backend: str = "auto", device: str = "auto", timeout_s: int = 1800) -> DistEnv:
+    """Join the process group described by the environment (a no-op for one process); returns this rank's place.
+
+    Under CUDA every rank binds to GPU `local_rank` first, so `torch.device("cuda")` is its own GPU.
+    """
+    export_submitit_env()
+    env = detect()
+    if env.world_size == 1 or dist.is_initialized():
+        return env
+    backend = resolve_backend(backend, device)
+    if resolve_device_type(device) == "cuda" and torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    log.info("rank %d/%d joined the %s process group (%s, master %s:%s)", env.rank, env.world_size, backend,
+             env.source, os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"))
+    return env
+
+
+def destroy_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def rendezvous_port(preferred: int) -> int:
+    """`preferred` if it is free, else a free port (logged): for workers that this process starts itself."""
+    if preferred and port_is_free(preferred):
+        return preferred
+    port = free_port()
+    log.warning("rendezvous port %s is busy; using free port %d", preferred, port)
+    return port
+
+
+def _process_start_time(pid: int) -> float:
+    """Wall-clock start time of `pid` from /proc (Linux), to 1/CLK_TCK s."""
+    with open(f"/proc/{pid}/stat") as f:
+        ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime, clock ticks since boot
+    with open("/proc/stat") as f:
+        btime = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+    return btime + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def launch_time() -> float:
+    """When this run was launched, identical on every rank of one launch.
+
+    A rank started by torchrun (or srun with several tasks) takes its launcher's start time, which its sibling
+    ranks share (the parent process); a lone process takes the current time, like Hydra's `${now:}`.
+    """
+    started_by_launcher = "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1
+    if started_by_launcher:
+        try:
+            return _process_start_time(os.getppid())
+        except (OSError, ValueError, IndexError, StopIteration):
+            pass
+    return time.time()
+
+
+def bf16_supported() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def best_amp_dtype() -> str:
+    """bfloat16 where the GPU supports it (Ampere+), else float16 (with a GradScaler); bfloat16 on CPU."""
+    if torch.cuda.is_available():
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "bfloat16"
+
+
+def describe_device(device: str) -> str:
+    """One line for the log: which device `trainer.device` resolves to here and why."""
+    if resolve_device_type(device) == "cuda" and torch.cuda.is_available():
+        i = torch.cuda.current_device()
+        return (f"cuda:{i} ({torch.cuda.get_device_name(i)}, {torch.cuda.device_count()} visible, "
+                f"bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'})")
+    why = "asked for" if device == "cpu" else "torch sees no CUDA device"
+    return f"cpu ({why}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def allreduce_smoke(backend: str = "gloo") -> float:
+    """Worker body of the doctor's smoke test: all-reduce rank+1 and check the sum; returns the sum."""
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=60))
+    try:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        device = torch.device("cpu")
+        if backend == "nccl":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        x = torch.full((4,), float(rank + 1), device=device)
+        dist.all_reduce(x)
+        expected = world * (world + 1) / 2
+        if not torch.allclose(x.cpu(), torch.full((4,), expected)):
+            raise RuntimeError(f"all_reduce gave {x.tolist()}, expected {expected}")
+        return float(x[0])
+    finally:
+        dist.destroy_process_group()
+
+
+def assert_replicas_equal(model: torch.nn.Module) -> int:
+    """Check that every rank holds exactly rank 0's parameters (DDP's invariant); returns the number compared.
+
+    Raises RuntimeError on every rank if any replica differs: that is a bug (e.g. a rank-dependent update), not noise.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return 0
+    mine = torch.nn.utils.parameters_to_vector([p.detach() for p in model.parameters()])
+    ref = mine.clone()
+    dist.broadcast(ref, src=0)
+    diff = torch.tensor([float((mine - ref).abs().max())], device=mine.device)
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    if diff.item() != 0:
+        raise RuntimeError(f"DDP replicas differ from rank 0 (max |diff| {diff.item():.3g} over {mine.numel()} values)")
+    log.info("parameters identical on all %d ranks (%d values)", dist.get_world_size(), mine.numel())
+    return mine.numel()
