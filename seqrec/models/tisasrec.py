@@ -18,7 +18,7 @@ from seqrec.data.time import TIME_UNITS, interval_buckets
 from seqrec.errors import ConfigError
 from seqrec.models.sasrec import SASRec
 from seqrec.nn.attention import AttentionContext
-from seqrec.nn.time_attention import TimeIntervalAttention
+from seqrec.nn.time_attention import TimeIntervalAttention, relation_index
 
 
 def check_time_available(has_time: bool, dataset_name: str) -> None:
@@ -45,8 +45,8 @@ class TiSASRec(SASRec):
     def __init__(self, *, time_unit: str = "hour", time_span: int = 100, **sasrec_kwargs):
         if time_unit not in TIME_UNITS:
             raise ConfigError(f"model.time_unit must be one of {', '.join(TIME_UNITS)}; got '{time_unit}'")
-        if not 1 <= time_span < 2**31:
-            raise ConfigError(f"model.time_span must be a positive int32, got {time_span}")
+        if time_span < 1:
+            raise ConfigError(f"model.time_span must be >= 1, got {time_span}")
         self.time_unit, self.time_span = time_unit, time_span
         super().__init__(**sasrec_kwargs)
 
@@ -76,7 +76,7 @@ class TiSASRec(SASRec):
         buckets = interval_buckets(times, ctx.valid, self.time_unit, self.time_span, time_scale)  # (B, L, L)
         drop = self.table_dropout
         ctx.extras.update(
-            buckets=buckets.unsqueeze(1),  # (B, 1, L, L): broadcast over heads
+            relation_index=relation_index(buckets, ctx.attn_mask, self.time_span, self.num_heads),  # (H*B, L, L)
             pos_k=drop(self.pos_k(positions)),  # (B, L, D)
             pos_v=drop(self.pos_v(positions)),
             time_k=drop(self.time_k.weight),  # (k+1, D): one dropout mask per bucket, shared by all pairs

@@ -20,21 +20,24 @@ class NaiveTimeIntervalAttention(TimeIntervalAttention):
         B, L, D = x.shape
         H, ex = self.num_heads, ctx.extras
         q, k, v = self.qkv(x).view(B, L, 3, H, D // H).unbind(2)  # (B, L, H, Dh)
-        R = ex["buckets"][:, 0].long()  # (B, L, L)
+        R = ex["relation_index"][:B].clamp(max=self.span)  # (B, L, L); masked pairs (k+1) may use any bucket
         ek = ex["time_k"][R].view(B, L, L, H, D // H)  # (B, L, L, H, Dh): the tensor the fast path avoids
         ev = ex["time_v"][R].view(B, L, L, H, D // H)
         kp = k + ex["pos_k"].view(B, L, H, -1)
         vp = v + ex["pos_v"].view(B, L, H, -1)
-        logits = torch.einsum("bihd,bjhd->bhij", q, kp) + torch.einsum("bihd,bijhd->bhij", q, ek)
-        logits = (logits / (D // H) ** 0.5).masked_fill(~ctx.attn_mask, float("-inf"))
-        a = self.attn_dropout(logits.softmax(-1))
-        y = torch.einsum("bhij,bjhd->bihd", a, vp) + torch.einsum("bhij,bijhd->bihd", a, ev)
+        # (H, B, L, L): the fast path's layout, so that dropout draws the same mask from the same RNG state
+        logits = torch.einsum("bihd,bjhd->hbij", q, kp) + torch.einsum("bihd,bijhd->hbij", q, ek)
+        logits = (logits / (D // H) ** 0.5).masked_fill(~ctx.attn_mask[:, 0], float("-inf"))
+        a = torch.nn.functional.dropout(logits.softmax(-1), self.dropout, self.training)
+        y = torch.einsum("hbij,bjhd->bihd", a, vp) + torch.einsum("hbij,bijhd->bihd", a, ev)
         return self.out(y.reshape(B, L, D))
 
 
 class NaiveTiSASRec(TiSASRec):
     def make_attention(self):
-        return NaiveTimeIntervalAttention(self.dim, self.num_heads, self.dropout_rate)
+        attn = NaiveTimeIntervalAttention(self.dim, self.num_heads, self.dropout_rate)
+        attn.span = self.time_span
+        return attn
 
 
 def make(cls=TiSASRec, **kw):
@@ -63,7 +66,7 @@ def test_bucketed_attention_equals_naive_outputs_and_gradients(dtype, tol, norm_
     naive = make(NaiveTiSASRec, norm_first=norm_first, time_unit=unit).to(dtype).eval()
     naive.load_state_dict(fast.state_dict())
     seq, times, scale = batch()
-    assert fast.context(seq, times, scale).extras["buckets"].unique().numel() > 2  # several buckets in play
+    assert fast.context(seq, times, scale).extras["relation_index"].unique().numel() > 3  # several buckets in play
     outs = []
     for model in (fast, naive):
         h = model(seq, times, scale)
@@ -84,8 +87,12 @@ def test_dropout_placement_keeps_the_equivalence_in_train_mode():
     outs = []
     for model in (fast, naive):
         torch.manual_seed(7)
-        outs.append(model(seq, times, scale))
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-10)
+        h = model(seq, times, scale)
+        (h * torch.linspace(-1, 1, h.numel(), dtype=h.dtype).view_as(h)).sum().backward()
+        outs.append((h, [p.grad for p in model.parameters()]))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-10, atol=1e-10)
+    for g_fast, g_naive in zip(outs[0][1], outs[1][1]):
+        torch.testing.assert_close(g_fast, g_naive, rtol=1e-10, atol=1e-10)
 
 
 def test_causality_future_items_and_times_never_change_the_past():
