@@ -76,7 +76,7 @@ class TiSASRec(SASRec):
         buckets = interval_buckets(times, ctx.valid, self.time_unit, self.time_span, time_scale)  # (B, L, L)
         drop = self.table_dropout
         ctx.extras.update(
-            relation_index=relation_index(buckets, ctx.attn_mask, self.time_span, self.num_heads),  # (H*B, L, L)
+            relation_index=relation_index(buckets, ctx.attn_mask, self.time_span),  # (B, L, L)
             pos_k=drop(self.pos_k(positions)),  # (B, L, D)
             pos_v=drop(self.pos_v(positions)),
             time_k=drop(self.time_k.weight),  # (k+1, D): one dropout mask per bucket, shared by all pairs

@@ -20,7 +20,7 @@ class NaiveTimeIntervalAttention(TimeIntervalAttention):
         B, L, D = x.shape
         H, ex = self.num_heads, ctx.extras
         q, k, v = self.qkv(x).view(B, L, 3, H, D // H).unbind(2)  # (B, L, H, Dh)
-        R = ex["relation_index"][:B].clamp(max=self.span)  # (B, L, L); masked pairs (k+1) may use any bucket
+        R = ex["relation_index"].clamp(max=self.span)  # (B, L, L); masked pairs (k+1) may use any bucket
         ek = ex["time_k"][R].view(B, L, L, H, D // H)  # (B, L, L, H, Dh): the tensor the fast path avoids
         ev = ex["time_v"][R].view(B, L, L, H, D // H)
         kp = k + ex["pos_k"].view(B, L, H, -1)
