@@ -93,14 +93,14 @@ def read_run(path: Path) -> Run:
         except json.JSONDecodeError as e:
             raise CompareError(f"{path / 'results.json'}: not valid JSON ({e})") from None
     history = []
-    if (path / "metrics.jsonl").is_file():
-        for i, line in enumerate((path / "metrics.jsonl").read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    history.append(json.loads(line))
-                except json.JSONDecodeError:
-                    if i < len((path / "metrics.jsonl").read_text().splitlines()):  # a half-written last line is fine
-                        raise CompareError(f"{path / 'metrics.jsonl'}:{i}: not valid JSON") from None
+    lines = (path / "metrics.jsonl").read_text().splitlines() if (path / "metrics.jsonl").is_file() else []
+    for i, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                history.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i < len(lines):  # a half-written last line (a run killed mid-write) is skipped
+                    raise CompareError(f"{path / 'metrics.jsonl'}:{i}: not valid JSON") from None
     return Run(path, overrides, results, history)
 
 
@@ -147,7 +147,8 @@ def build_table(runs: list[Run], metric: str, all_overrides: bool = False
     if not any(_num(r.metrics(metric).get(metric)) is not None for r in runs):
         known = sorted({k for r in runs for k in list(r.results) + [k for h in r.history for k in h]
                         if "/" in k and "@" in k})
-        raise CompareError(f"--metric {metric}: no run has it; available: {', '.join(known) or 'none (no evaluation yet)'}")
+        available = ", ".join(known) or "none (no evaluation yet)"
+        raise CompareError(f"--metric {metric}: no run has it; available: {available}")
     keys, common = swept_keys(runs)
     if all_overrides:
         keys, common = keys + sorted(common), {}
@@ -173,7 +174,7 @@ def build_table(runs: list[Run], metric: str, all_overrides: bool = False
 def _common_parent(paths: list[Path]) -> Path | None:
     parts = [p.parts for p in paths]
     common = []
-    for level in zip(*parts):
+    for level in zip(*parts, strict=False):
         if len(set(level)) > 1:
             break
         common.append(level[0])
@@ -189,7 +190,7 @@ def format_table(header: list[str], rows: list[list], fmt: str) -> str:
         writer.writerows(cells)
         return buf.getvalue()
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
-    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
+    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths, strict=False)) + " |"  # noqa: E731
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)]) + "\n"
 
 
@@ -202,9 +203,9 @@ def plot_learning_curves(runs: list[Run], metric: str, labels: dict[Path, str], 
         loss = [(h["epoch"], h["train/loss"]) for h in r.history if _num(h.get("train/loss")) is not None]
         val = [(h["epoch"], h[metric]) for h in r.history if _num(h.get(metric)) is not None]
         if loss:
-            ax_loss.plot(*zip(*loss), label=label)
+            ax_loss.plot(*zip(*loss, strict=False), label=label)
         if val:
-            ax_metric.plot(*zip(*val), marker="o", markersize=3, label=label)
+            ax_metric.plot(*zip(*val, strict=False), marker="o", markersize=3, label=label)
     ax_loss.set(title="train/loss", xlabel="epoch", ylabel="loss")
     ax_metric.set(title=metric, xlabel="epoch", ylabel=metric)
     for ax in (ax_loss, ax_metric):
@@ -235,11 +236,15 @@ def plot_metric_vs_params(runs: list[Run], metric: str, keys: list[str], out: Pa
         for r in runs:
             groups.setdefault(", ".join(f"{k}={r.overrides.get(k, '')}" for k in others), []).append(r)
         for name, members in sorted(groups.items()):
-            pts = sorted(((_parse(r.overrides.get(key, "")) if numeric else order.index(r.overrides.get(key, "")),
-                           _num(r.metrics(metric).get(metric))) for r in members if _num(r.metrics(metric).get(metric)) is not None),
-                         key=lambda p: p[0])
+            pts = []
+            for r in members:
+                y = _num(r.metrics(metric).get(metric))
+                if y is not None:
+                    v = r.overrides.get(key, "")
+                    pts.append((_parse(v) if numeric else order.index(v), y))
+            pts.sort(key=lambda p: p[0])
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=name or None)
+                ax.plot(*zip(*pts, strict=False), marker="o", label=name or None)
         if not numeric:
             ax.set_xticks(range(len(order)), order, rotation=20)
         elif len(order) > 2 and all(_num(_parse(v)) > 0 for v in order) and \

@@ -149,7 +149,7 @@ def write_csv(data, users: np.ndarray, items: np.ndarray, scores: np.ndarray, ou
     writer.writerow(header)
     n = 0
     for row, u in enumerate(users):
-        for rank, (item, score) in enumerate(zip(items[row], scores[row]), 1):
+        for rank, (item, score) in enumerate(zip(items[row], scores[row], strict=False), 1):
             if not np.isfinite(score):  # fewer unseen items than k
                 continue
             line = [_plain(data.user_ids[u]), rank, _plain(data.item_ids[item]), f"{score:.4f}"]

@@ -73,7 +73,7 @@ def test_sweep_jobs_are_one_wandb_group_with_readable_names(wandb_sweep):
     assert {r["run"].run_group for r in runs} == {"stage3_test"}
     assert [r["run"].display_name for r in runs] == [job_dir_name(j) for j in JOBS]
     assert len({r["run"].run_id for r in runs}) == 2
-    for r, job in zip(runs, JOBS):
+    for r, job in zip(runs, JOBS, strict=False):
         assert r["config"]["trainer"]["lr"] == float(job.split("=")[1])  # the resolved config
         assert [h["epoch"] for h in r["history"]] == [1, 2]
         assert all("val/ndcg@10" in h and "train/loss" in h for h in r["history"])

@@ -49,7 +49,7 @@ def test_every_job_of_a_stage_passes_the_config_check(stage, tmp_path):
     outputs = [f"trainer.output_dir={tmp_path}", f"logger.output_dir={tmp_path}", "hardware=cpu"]
     params = sweep_params(compose_hydra([f"tuning={stage}"]))
     for values in itertools.product(*params.values()):
-        job = [f"{k}={v}" for k, v in zip(params, values)]
+        job = [f"{k}={v}" for k, v in zip(params, values, strict=False)]
         cfg = compose_hydra([f"tuning={stage}", *job, *outputs])
         assert cfg.model.hidden_units % cfg.model.num_heads == 0
         check_config(cfg)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,8 @@ def read_wandb_records(path: Path) -> list:
         if length == 0 and kind == 0:
             pos += left
             continue
+        if pos + 7 + length > len(data):  # still being written
+            break
         chunks += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # FULL or LAST
@@ -48,8 +51,14 @@ def offline_run(run_dir: Path) -> dict:
     one offline run under `run_dir/wandb/` (the latest if there are several)."""
     files = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
     assert files, f"no offline W&B run under {run_dir}/wandb"
+    # wandb.finish() can return before wandb-core has flushed the file (the process's exit waits for it): poll
+    deadline = time.monotonic() + 30
+    records = read_wandb_records(files[-1])
+    while not any(r.WhichOneof("record_type") == "exit" for r in records) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        records = read_wandb_records(files[-1])
     out = {"run": None, "history": [], "summary": {}, "config": {}, "exit": None, "files": files}
-    for r in read_wandb_records(files[-1]):
+    for r in records:
         kind = r.WhichOneof("record_type")
         if kind == "run":
             out["run"] = r.run
@@ -59,7 +68,8 @@ def offline_run(run_dir: Path) -> dict:
         elif kind == "history":
             out["history"].append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item})
         elif kind == "summary":
-            out["summary"].update({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.summary.update})
+            out["summary"].update({(i.key or "/".join(i.nested_key)): json.loads(i.value_json)
+                                   for i in r.summary.update})
         elif kind == "exit":
             out["exit"] = r.exit.exit_code
     return out

@@ -126,7 +126,8 @@ class MetricLogger:
                 settings=wandb.Settings(init_timeout=self.init_timeout, finish_timeout=self.init_timeout),
             )
         except Exception as e:  # noqa: BLE001 - W&B must never end the run
-            log.warning("wandb.init (%s) failed: %s", mode, str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+            reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            log.warning("wandb.init (%s) failed: %s", mode, reason)
             return None
 
     def close(self) -> None:
@@ -165,7 +166,8 @@ class MetricLogger:
         if not self.active or self.wandb_run is None:
             return
         best = self.output_dir / "checkpoints" / "best.pt"
-        extra = {"best_checkpoint": str(best.resolve()) if best.exists() else None, "run_dir": str(self.output_dir.resolve())}
+        extra = {"best_checkpoint": str(best.resolve()) if best.exists() else None,
+                 "run_dir": str(self.output_dir.resolve())}
         self._wandb_call("summary", {**{k: _clean(v) for k, v in results.items()}, **extra})
 
     def _wandb_call(self, what: str, payload: dict) -> None:
