@@ -23,28 +23,37 @@ from seqrec.utils.seed import seed_everything
 log = logging.getLogger(__name__)
 
 
+def build(node: DictConfig, **runtime):
+    """Instantiate a `_target_` node, passing runtime objects (data, model, ...) through untouched.
+
+    `instantiate(node, data=data)` would merge `data` into the config and turn a dataclass into a DictConfig;
+    binding the YAML values first (`_partial_`) and calling with the objects avoids that.
+    """
+    return instantiate(node, _partial_=True)(**runtime)
+
+
 def run(cfg: DictConfig, rank: int = 0, world_size: int = 1) -> dict:
     """Train and test one configuration; returns results.json's content."""
     check_config(cfg)
     seed_everything(cfg.seed)  # identical initial weights on every rank
     data = instantiate(cfg.dataset)
     log.info("data: %s", data.summary())
-    model = instantiate(cfg.model, num_items=data.num_items)
+    model = build(cfg.model, num_items=data.num_items)
     if getattr(model, "requires_time", False) and not data.has_time:
         raise ConfigError(f"model={model.__class__.__name__} needs timestamps, but dataset '{data.name}' has none: "
                           "use model=sasrec or a dataset with a timestamp column")
     log.info("model: %s with %s residual, %d parameters", type(model).__name__, cfg.residual._target_.split(".")[-1],
              sum(p.numel() for p in model.parameters()))
     loss = instantiate(cfg.loss)
-    sampler = instantiate(cfg.sampler, data=data, num_negatives=loss.num_negatives,
-                          shared_negatives=loss.shared_negatives, rank=rank, world_size=world_size)
-    evaluator = instantiate(cfg.eval, data=data, rank=rank, world_size=world_size)
-    logger = instantiate(cfg.logger, rank=rank)
+    sampler = build(cfg.sampler, data=data, num_negatives=loss.num_negatives,
+                    shared_negatives=loss.shared_negatives, rank=rank, world_size=world_size)
+    evaluator = build(cfg.eval, data=data, rank=rank, world_size=world_size)
+    logger = build(cfg.logger, rank=rank)
     seed_everything(cfg.seed, rank)  # per-rank dropout streams
     try:
-        trainer = instantiate(cfg.trainer, _recursive_=False, _convert_="all", model=model, sampler=sampler, evaluator=evaluator, loss=loss,
-                              logger=logger, run_config=OmegaConf.to_container(cfg, resolve=True))
-        resolved = OmegaConf.to_container(cfg, resolve=True)  # plain dicts for W&B (instantiate hands the trainer a DictConfig)
+        resolved = OmegaConf.to_container(cfg, resolve=True)  # plain dicts for checkpoints and W&B
+        trainer = build(cfg.trainer, model=model, sampler=sampler, evaluator=evaluator, loss=loss, logger=logger,
+                        run_config=resolved)
         trainer.wandb_id = logger.start(resolved, _saved_wandb_id(trainer) if logger.use_wandb else None)
         trainer.fit()
         return trainer.test()

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from seqrec.nn.attention import AttentionContext, CausalSelfAttention, causal_padding_mask
+from seqrec.nn.dropout import Dropout
 from seqrec.nn.ffn import PointwiseFFN
 from seqrec.nn.residual import LN_EPS, Plain
 
@@ -62,7 +63,7 @@ class SASRec(nn.Module):
         self.num_heads, self.dropout_rate, self.norm_first = num_heads, dropout_rate, norm_first
         self.residual = residual if residual is not None else Plain()
         self.item_emb = nn.Embedding(num_items + 1, hidden_units, padding_idx=0)
-        self.emb_dropout = nn.Dropout(dropout_rate)
+        self.emb_dropout = Dropout(dropout_rate)
         self.add_input_embeddings()
         self.blocks = nn.ModuleList(
             Block(self.make_attention(), PointwiseFFN(hidden_units, dropout_rate), self.residual, hidden_units, norm_first)

@@ -2,6 +2,8 @@
 
 from torch import Tensor, nn
 
+from seqrec.nn.dropout import Dropout
+
 
 class PointwiseFFN(nn.Module):
     """Two position-wise linear maps (the papers' kernel-size-1 Conv1d) with ReLU and two dropouts."""
@@ -9,7 +11,7 @@ class PointwiseFFN(nn.Module):
     def __init__(self, dim: int, dropout: float):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim, dim), nn.Dropout(dropout)
+            nn.Linear(dim, dim), nn.ReLU(), Dropout(dropout), nn.Linear(dim, dim), Dropout(dropout)
         )
 
     def forward(self, x: Tensor, ctx=None) -> Tensor:
