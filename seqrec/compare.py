@@ -71,7 +71,11 @@ def find_runs(paths: list[str]) -> list[Run]:
         if is_run_dir(path):
             found[path.resolve()] = None
             continue
-        runs = sorted({h.parent.parent for h in path.rglob(".hydra/overrides.yaml") if is_run_dir(h.parent.parent)})
+        candidates = {h.parent.parent for h in path.rglob(".hydra/overrides.yaml")}
+        runs = sorted(c for c in candidates if is_run_dir(c))
+        for c in sorted(candidates - set(runs)):
+            print(f"note: {c}: no metrics.jsonl or results.json (failed before its first epoch?); skipped",
+                  file=sys.stderr)
         if not runs:
             raise CompareError(f"{p}: no run directories found (a run directory holds .hydra/overrides.yaml and "
                                "metrics.jsonl or results.json)")

@@ -126,3 +126,12 @@ def test_cli_entry_point(sweep):
                           text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "| #" in proc.stdout and "best by val/ndcg@10" in proc.stderr
+
+
+def test_job_that_failed_before_its_first_epoch_is_skipped_with_a_note(sweep, tmp_path, capsys):
+    failed = sweep / "model.hidden_units=512,model.num_blocks=2"
+    (failed / ".hydra").mkdir(parents=True)
+    (failed / ".hydra" / "overrides.yaml").write_text("- model.hidden_units=512\n- model.num_blocks=2\n")
+    text, _, _ = compare([str(sweep)], out=str(tmp_path), plots=False)
+    assert len(table_rows(text)) == 1 + 4
+    assert "model.hidden_units=512" in capsys.readouterr().err
