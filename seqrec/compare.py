@@ -167,7 +167,7 @@ def build_table(runs: list[Run], metric: str, all_overrides: bool = False
         epochs = r.results.get("epochs_run", r.history[-1].get("epoch") if r.history else None)
         seconds = (r.results.get("train_seconds", 0) + r.results.get("eval_seconds", 0)) if r.finished else \
             (r.history[-1].get("train/seconds") if r.history else None)
-        minutes = round(seconds / 60, 2) if _num(seconds) is not None else None
+        minutes = f"{seconds / 60:.1f}" if _num(seconds) is not None else None
         status = "done" if r.finished else ("running/failed" if r.history else "no epochs")
         rel = str(r.path.relative_to(root)) if root and r.path != root else r.path.name
         rows.append([i, *[r.overrides.get(k, "") for k in keys], *[values.get(m) for m in metrics],
@@ -212,14 +212,17 @@ def plot_learning_curves(runs: list[Run], metric: str, labels: dict[Path, str], 
             ax_metric.plot(*zip(*val, strict=False), marker="o", markersize=3, label=label)
     ax_loss.set(title="train/loss", xlabel="epoch", ylabel="loss")
     ax_metric.set(title=metric, xlabel="epoch", ylabel=metric)
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (ax_loss, ax_metric):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     handles, names = ax_loss.get_legend_handles_labels()
     if not handles:
         handles, names = ax_metric.get_legend_handles_labels()
     if handles:
         fig.legend(handles, names, loc="lower center", ncol=min(3, len(names)), fontsize=8, frameon=False)
-        fig.subplots_adjust(bottom=0.12 + 0.05 * math.ceil(len(names) / 3), wspace=0.25)
+        fig.subplots_adjust(left=0.06, right=0.98, bottom=0.14 + 0.05 * math.ceil(len(names) / 3), wspace=0.2)
     path = out / "learning_curves.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -319,6 +322,8 @@ def compare(paths: list[str], metric: str = "val/ndcg@10", fmt: str = "md", out:
     """
     runs = find_runs(paths)
     header, rows, common, runs = build_table(runs, metric, all_overrides=fmt == "csv")
+    if fmt == "md" and len({r.path.parent for r in runs}) == 1 and len(runs) > 1:
+        header, rows = header[:-1], [row[:-1] for row in rows]  # one sweep: dir = the overrides already shown
     text = format_table(header, rows, fmt)
     if common and fmt == "md":
         text = "common overrides: " + " ".join(f"{k}={v}" for k, v in common.items()) + "\n\n" + text

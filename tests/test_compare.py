@@ -59,7 +59,7 @@ def test_table_has_swept_overrides_as_columns_and_is_sorted_by_the_metric(sweep,
     ndcg = [float(r[header.index("val/ndcg@10")]) for r in rows]
     assert ndcg == [0.4, 0.35, 0.25, 0.2]
     assert rows[0][1:3] == ["128", "2"] and rows[0][header.index("best_epoch")] == "2"
-    assert rows[0][header.index("minutes")] == "1.1000"  # (train + eval seconds) / 60
+    assert rows[0][header.index("minutes")] == "1.1"  # (train + eval seconds) / 60
     assert best.startswith("best by val/ndcg@10: model.hidden_units=128 model.num_blocks=2")
     names = sorted(p.name for p in written)
     assert names == ["learning_curves.png", "runs.md", "val_ndcg@10_vs_model.hidden_units.png",
