@@ -18,6 +18,7 @@ from seqrec.data.time import TIME_UNITS, interval_buckets
 from seqrec.errors import ConfigError
 from seqrec.models.sasrec import SASRec
 from seqrec.nn.attention import AttentionContext
+from seqrec.nn.dropout import Dropout
 from seqrec.nn.time_attention import TimeIntervalAttention, relation_index
 
 
@@ -56,7 +57,7 @@ class TiSASRec(SASRec):
         self.pos_v = nn.Embedding(self.maxlen + 1, self.dim, padding_idx=0)
         self.time_k = nn.Embedding(self.time_span + 1, self.dim)  # bucket 0 is a real interval (equal times)
         self.time_v = nn.Embedding(self.time_span + 1, self.dim)
-        self.table_dropout = nn.Dropout(self.dropout_rate)
+        self.table_dropout = Dropout(self.dropout_rate)
 
     def make_attention(self) -> nn.Module:
         return TimeIntervalAttention(self.dim, self.num_heads, self.dropout_rate)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from seqrec.nn.attention import AttentionContext
+from seqrec.nn.dropout import keep_mask
 
 
 def relation_index(buckets: Tensor, attn_mask: Tensor, span: int) -> Tensor:
@@ -40,7 +41,7 @@ def _head_forward(q, k, v, time_k, time_v, index, p: float):
     logits = per_bucket.gather(-1, index).baddbmm_(q, k.transpose(1, 2))  # (B, L, L)
     # in place: softmax kernels reduce a row before writing it, so aliasing input and output is safe
     attn = torch.ops.aten._softmax.out(logits, -1, False, out=logits)
-    kept = torch.empty_like(attn).bernoulli_(1 - p).mul_(attn) if p > 0 else attn  # dropout(A) * (1 - p)
+    kept = attn * keep_mask(attn.shape, p, attn.device) if p > 0 else attn  # dropout(A) * (1 - p)
     mass = torch.zeros_like(per_bucket).scatter_add_(-1, index, kept)  # (B, L, k+2): weight per bucket
     out = (mass @ time_v).baddbmm_(kept, v)  # (B, L, Dh), still to be divided by 1 - p
     return out, attn, kept, mass
@@ -105,7 +106,8 @@ class TimeIntervalAttention(nn.Module):
         pos_k, pos_v: (B, L, D) absolute-position key/value embeddings of each slot
         time_k, time_v: (k+1, D) interval key/value tables
 
-    Dropout is applied to the attention weights here; the tables are dropped out as a whole (one mask per bucket)
+    Dropout is applied to the attention weights here, with the cheap mask SASRec's attention uses
+    (seqrec.nn.dropout); the tables are dropped out as a whole (one mask per bucket)
     because an elementwise mask per (i, j) pair, as in the TF code, has no bucketed form (models.md 3.4).
     """
 

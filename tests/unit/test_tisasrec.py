@@ -8,6 +8,8 @@ from seqrec.errors import ConfigError
 from seqrec.models.sasrec import SASRec
 from seqrec.models.tisasrec import TiSASRec, check_time_available
 from seqrec.nn.time_attention import TimeIntervalAttention
+from seqrec.nn import residual as residual_module
+from seqrec.nn.dropout import keep_mask
 from seqrec.nn.residual import Plain
 
 T0 = 1_600_000_000
@@ -28,7 +30,9 @@ class NaiveTimeIntervalAttention(TimeIntervalAttention):
         # (H, B, L, L): the fast path's layout, so that dropout draws the same mask from the same RNG state
         logits = torch.einsum("bihd,bjhd->hbij", q, kp) + torch.einsum("bihd,bijhd->hbij", q, ek)
         logits = (logits / (D // H) ** 0.5).masked_fill(~ctx.attn_mask[:, 0], float("-inf"))
-        a = torch.nn.functional.dropout(logits.softmax(-1), self.dropout, self.training)
+        a = logits.softmax(-1)
+        if self.training:  # the fast path's cheap mask, drawn for all heads at once (the same random stream)
+            a = a * keep_mask(a.shape, self.dropout, a.device) / (1 - self.dropout)
         y = torch.einsum("hbij,bjhd->bihd", a, vp) + torch.einsum("hbij,bijhd->bihd", a, ev)
         return self.out(y.reshape(B, L, D))
 
@@ -131,6 +135,23 @@ def test_train_mode_with_dropout_is_finite_and_reaches_every_table():
     for name in ("pos_k", "pos_v", "time_k", "time_v"):
         assert getattr(model, name).weight.grad.abs().sum() > 0, name
     assert model.pos_k.weight.grad[0].abs().sum() == 0  # the padding position row stays untouched
+
+
+def test_works_behind_the_mhc_residual_and_under_bf16_autocast():
+    mhc = getattr(residual_module, "MHC", None)
+    if mhc is None:
+        pytest.skip("no MHC residual yet")
+    torch.manual_seed(0)
+    seq, times, scale = batch()
+    model = make(residual=mhc(), norm_first=True).train()
+    h = model(seq, times, scale)
+    h.pow(2).sum().backward()
+    assert torch.isfinite(h).all() and model.time_v.weight.grad.abs().sum() > 0
+    model = make().train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = model(seq, times, scale)
+    h.float().pow(2).sum().backward()
+    assert torch.isfinite(h).all() and torch.isfinite(model.time_k.weight.grad).all()
 
 
 def test_no_timestamps_is_a_config_error_naming_the_fix():
