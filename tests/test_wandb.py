@@ -173,3 +173,32 @@ def test_disabled_mode_and_other_ranks_write_no_wandb_files(tmp_path, offline):
         logger.log({"train/loss": 1.0}, epoch=1, step=1)
         logger.close()
     assert not (tmp_path / "wandb").exists()
+
+
+def test_a_resumed_training_run_continues_its_wandb_run(tmp_path, offline):
+    """Through the real entry point: the W&B id is saved in the checkpoint, and `trainer.resume=auto` (a requeue,
+    or re-running with more epochs) continues that W&B run."""
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from seqrec.run import run
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+
+    def train(epochs: int) -> None:
+        overrides = ["hardware=cpu", "logger=wandb", "logger.name=resume-test", "dataset.num_users=100",
+                     "model.maxlen=10", "model.hidden_units=16", "trainer.eval_every=1", "trainer.progress=false",
+                     f"trainer.num_epochs={epochs}", f"trainer.output_dir={tmp_path}", f"logger.output_dir={tmp_path}"]
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+            run(compose(config_name="train", overrides=overrides))
+
+    train(1)
+    run_id = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)["wandb_id"]
+    assert run_id
+    train(2)
+    assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)["wandb_id"] == run_id
+    files = sorted(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+    assert [f.name for f in files] == [f"run-{run_id}.wandb"] * 2
+    resumed = offline_run(tmp_path)
+    assert [h["epoch"] for h in resumed["history"]] == [2]  # the second part logs only the new epoch
+    assert resumed["summary"]["epochs_run"] == 2
