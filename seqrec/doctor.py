@@ -23,9 +23,16 @@ from seqrec.train.distributed import ENV_KEYS, SLURM_KEYS, allreduce_smoke, best
 def _smoke(backend: str, nproc: int = 2) -> tuple[bool, str]:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"doctor-{backend}",
-                          rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=0,
-                          start_method="spawn")
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=f"doctor-{backend}",
+        rdzv_backend="c10d",
+        rdzv_endpoint=f"127.0.0.1:{free_port()}",
+        max_restarts=0,
+        start_method="spawn",
+    )
     start = time.perf_counter()
     try:
         out = elastic_launch(config, allreduce_smoke)(backend)
@@ -51,13 +58,21 @@ def main(argv: list[str] | None = None) -> int:
     line("torch", torch.__version__)
     line("cpu cores", f"{os.cpu_count()} (torch threads {torch.get_num_threads()})")
     cuda = torch.cuda.is_available()
-    line("cuda", f"yes, {torch.cuda.device_count()} device(s), CUDA {torch.version.cuda}" if cuda
-         else f"no (torch built with CUDA {torch.version.cuda})")
+    line(
+        "cuda",
+        f"yes, {torch.cuda.device_count()} device(s), CUDA {torch.version.cuda}"
+        if cuda
+        else f"no (torch built with CUDA {torch.version.cuda})",
+    )
     for i in range(torch.cuda.device_count() if cuda else 0):
         p = torch.cuda.get_device_properties(i)
         line(f"  cuda:{i}", f"{p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}")
-    line("bf16", ("yes" if torch.cuda.is_bf16_supported() else "no (use float16 + GradScaler)") if cuda
-         else "n/a on GPU; CPU autocast supports bfloat16")
+    line(
+        "bf16",
+        ("yes" if torch.cuda.is_bf16_supported() else "no (use float16 + GradScaler)")
+        if cuda
+        else "n/a on GPU; CPU autocast supports bfloat16",
+    )
     line("amp_dtype auto ->", best_amp_dtype())
     line("distributed", "available" if dist.is_available() else "NOT available")
     line("gloo", "yes" if dist.is_gloo_available() else "no")
@@ -67,8 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     if port_is_free(args.port):
         line("rendezvous port", f"{args.port} free")
     else:
-        line("rendezvous port", f"{args.port} BUSY (train.py falls back to a free one, e.g. {free_port()}; "
-             f"for torchrun pass --master_port)")
+        line(
+            "rendezvous port",
+            f"{args.port} BUSY (train.py falls back to a free one, e.g. {free_port()}; "
+            f"for torchrun pass --master_port)",
+        )
     line("slurm", f"sinfo at {shutil.which('sinfo')}" if shutil.which("sinfo") else "no sinfo on PATH")
     for key in SLURM_KEYS + ENV_KEYS:
         if key in os.environ:

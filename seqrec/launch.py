@@ -39,8 +39,9 @@ log = logging.getLogger(__name__)
 OmegaConf.register_new_resolver("seqrec.amp_dtype", best_amp_dtype, replace=True)
 OmegaConf.register_new_resolver("seqrec.has_cuda", torch.cuda.is_available, replace=True)
 # cached like Hydra's ${now:}, so a requeued job keeps its directory
-OmegaConf.register_new_resolver("seqrec.launch_time", lambda fmt: time.strftime(fmt, time.localtime(launch_time())),
-                                use_cache=True, replace=True)
+OmegaConf.register_new_resolver(
+    "seqrec.launch_time", lambda fmt: time.strftime(fmt, time.localtime(launch_time())), use_cache=True, replace=True
+)
 
 RunFn = Callable[[DictConfig, int, int], dict]
 
@@ -56,11 +57,20 @@ def run_distributed(cfg: DictConfig, run_fn: RunFn) -> dict:
     if detect().rank != 0:
         logging.getLogger().setLevel(logging.WARNING)  # rank 0 alone reports
     env = init_distributed(cfg.distributed.backend, cfg.trainer.device, cfg.distributed.timeout_s)
-    log.info("hardware: %s; %d process%s (%s)", describe_device(cfg.trainer.device), env.world_size,
-             "es" * (env.world_size > 1), env.source)
+    log.info(
+        "hardware: %s; %d process%s (%s)",
+        describe_device(cfg.trainer.device),
+        env.world_size,
+        "es" * (env.world_size > 1),
+        env.source,
+    )
     if env.world_size > 1 and cfg.trainer.devices not in (1, env.world_size):
-        log.warning("trainer.devices=%d but the launcher started %d ranks; using %d", cfg.trainer.devices,
-                    env.world_size, env.world_size)
+        log.warning(
+            "trainer.devices=%d but the launcher started %d ranks; using %d",
+            cfg.trainer.devices,
+            env.world_size,
+            env.world_size,
+        )
     try:
         return run_fn(cfg, env.rank, env.world_size)
     finally:
@@ -75,9 +85,17 @@ def launch(cfg: DictConfig) -> dict:
     nproc = cfg.trainer.devices
     backend = resolve_backend(cfg.distributed.backend, cfg.trainer.device)
     port = rendezvous_port(cfg.distributed.master_port)
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"seqrec-{uuid.uuid4().hex[:8]}",
-                          rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{port}", max_restarts=0,
-                          monitor_interval=0.1, start_method="spawn")
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=f"seqrec-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint=f"127.0.0.1:{port}",
+        max_restarts=0,
+        monitor_interval=0.1,
+        start_method="spawn",
+    )
     log.info("starting %d %s workers (rendezvous 127.0.0.1:%d)", nproc, backend, port)
     hydra_root = HydraConfig.instance().cfg if HydraConfig.initialized() else None
     saved = os.environ.get("OMP_NUM_THREADS")

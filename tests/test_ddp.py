@@ -16,8 +16,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-TINY = ["dataset.num_users=300", "trainer.num_epochs=2", "model.maxlen=20", "trainer.progress=false",
-        "trainer.eval_every=1", "hardware=cpu"]
+TINY = [
+    "dataset.num_users=300",
+    "trainer.num_epochs=2",
+    "model.maxlen=20",
+    "trainer.progress=false",
+    "trainer.eval_every=1",
+    "hardware=cpu",
+]
 
 
 def _train(args: list[str], cwd: Path, launcher: list[str] | None = None, timeout: int = 90):
@@ -71,10 +77,17 @@ def test_external_torchrun_shares_one_run_dir(tmp_path):
     assert "parameters identical on all 2 ranks" in log
 
 
+@pytest.mark.slow
 def test_launch_failure_is_one_clear_error(tmp_path):
     """A user error inside the workers ends the whole launch with one `error:` line and status 1."""
-    cmd = [sys.executable, str(ROOT / "train.py"), *TINY, "trainer.devices=2", "trainer.resume=/nonexistent/last.pt",
-           f"hydra.run.dir={tmp_path / 'run'}"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *TINY,
+        "trainer.devices=2",
+        "trainer.resume=/nonexistent/last.pt",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "error: DDP worker rank" in proc.stderr and "checkpoint not found" in proc.stderr
@@ -82,8 +95,13 @@ def test_launch_failure_is_one_clear_error(tmp_path):
 
 # --- sharded evaluation ----------------------------------------------------------------------------
 
-EVAL_OVERRIDES = ["dataset.num_users=300", "model.maxlen=20", "hardware=cpu", "eval.also_sampled=true",
-                  "eval.batch_size=64"]
+EVAL_OVERRIDES = [
+    "dataset.num_users=300",
+    "model.maxlen=20",
+    "hardware=cpu",
+    "eval.also_sampled=true",
+    "eval.batch_size=64",
+]
 
 
 def _eval_objects(rank: int, world_size: int):
@@ -122,8 +140,16 @@ def test_sharded_evaluation_equals_single_process():
 
     model, evaluator = _eval_objects(0, 1)
     single = {split: evaluator.evaluate(model, split) for split in ("valid", "test")}
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=2, run_id="eval-test", rdzv_backend="c10d",
-                          rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=0, start_method="spawn")
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=2,
+        run_id="eval-test",
+        rdzv_backend="c10d",
+        rdzv_endpoint=f"127.0.0.1:{free_port()}",
+        max_restarts=0,
+        start_method="spawn",
+    )
     sharded = elastic_launch(config, _eval_worker)()
     assert sharded[0] == sharded[1]  # every rank gets the reduced metrics
     for split in ("valid", "test"):

@@ -19,12 +19,25 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
-ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-            "TORCHELASTIC_RUN_ID")
-SLURM_KEYS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_PARTITION", "SLURM_NNODES",
-              "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_JOB_NODELIST",
-              "SLURM_CPUS_PER_TASK", "SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS", "SLURM_RESTART_COUNT",
-              "SUBMITIT_EXECUTOR", "CUDA_VISIBLE_DEVICES")
+ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+SLURM_KEYS = (
+    "SLURM_JOB_ID",
+    "SLURM_ARRAY_JOB_ID",
+    "SLURM_ARRAY_TASK_ID",
+    "SLURM_JOB_PARTITION",
+    "SLURM_NNODES",
+    "SLURM_NTASKS",
+    "SLURM_NTASKS_PER_NODE",
+    "SLURM_PROCID",
+    "SLURM_LOCALID",
+    "SLURM_JOB_NODELIST",
+    "SLURM_CPUS_PER_TASK",
+    "SLURM_GPUS_ON_NODE",
+    "SLURM_JOB_GPUS",
+    "SLURM_RESTART_COUNT",
+    "SUBMITIT_EXECUTOR",
+    "CUDA_VISIBLE_DEVICES",
+)
 
 
 @dataclass(frozen=True)
@@ -60,8 +73,9 @@ def detect() -> DistEnv:
     """Rank/world of this process from the environment (after `export_submitit_env`)."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         source = "submitit" if in_submitit_task() else "env"
-        return DistEnv(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
-                       int(os.environ.get("LOCAL_RANK", 0)), source)
+        return DistEnv(
+            int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)), source
+        )
     return DistEnv()
 
 
@@ -99,8 +113,15 @@ def init_distributed(backend: str = "auto", device: str = "auto", timeout_s: int
     if resolve_device_type(device) == "cuda" and torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
-    log.info("rank %d/%d joined the %s process group (%s, master %s:%s)", env.rank, env.world_size, backend,
-             env.source, os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"))
+    log.info(
+        "rank %d/%d joined the %s process group (%s, master %s:%s)",
+        env.rank,
+        env.world_size,
+        backend,
+        env.source,
+        os.environ.get("MASTER_ADDR"),
+        os.environ.get("MASTER_PORT"),
+    )
     return env
 
 
@@ -173,8 +194,10 @@ def describe_device(device: str) -> str:
     """One line for the log: which device `trainer.device` resolves to here and why."""
     if resolve_device_type(device) == "cuda" and torch.cuda.is_available():
         i = torch.cuda.current_device()
-        return (f"cuda:{i} ({torch.cuda.get_device_name(i)}, {torch.cuda.device_count()} visible, "
-                f"bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'})")
+        return (
+            f"cuda:{i} ({torch.cuda.get_device_name(i)}, {torch.cuda.device_count()} visible, "
+            f"bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'})"
+        )
     why = "asked for" if device == "cpu" else "torch sees no CUDA device"
     return f"cpu ({why}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 

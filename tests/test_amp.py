@@ -1,0 +1,85 @@
+"""Mixed precision and hardware profiles: a bf16 autocast step on the CPU, and what each profile sets."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from conftest import CONF, TINY, compose_config
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+import seqrec.launch  # noqa: F401  (registers ${seqrec.amp_dtype:} and friends)
+from seqrec.train.distributed import best_amp_dtype
+
+
+def _trainer(cfg, tmp_path, **trainer_kw):
+    data = instantiate(cfg.dataset)
+    torch.manual_seed(0)
+    model = instantiate(cfg.model, num_items=data.num_items)
+    loss = instantiate(cfg.loss)
+    sampler = instantiate(cfg.sampler, _partial_=True)(
+        data=data, num_negatives=loss.num_negatives, shared_negatives=loss.shared_negatives
+    )
+    evaluator = instantiate(cfg.eval, _partial_=True)(data=data)
+    logger = instantiate(cfg.logger, output_dir=str(tmp_path))
+    kw = {k: v for k, v in cfg.trainer.items() if k != "_target_"} | {"output_dir": str(tmp_path)} | trainer_kw
+    from seqrec.train.trainer import Trainer
+
+    return Trainer(model, sampler, evaluator, loss, logger, **kw)
+
+
+def test_bf16_autocast_step_on_cpu_is_finite(tmp_path):
+    cfg = compose_config(TINY + ["hardware=cpu"], tmp_path)
+    trainer = _trainer(cfg, tmp_path, amp=True, amp_dtype="bfloat16", device="cpu")
+    assert trainer.amp_dtype is torch.bfloat16 and not trainer.scaler.is_enabled()  # no GradScaler for bf16
+    before = [p.detach().clone() for p in trainer.raw_model.parameters()]
+    for batch in itertools.islice(trainer.sampler.epoch(0), 3):
+        loss = trainer.train_step(batch)
+        assert torch.isfinite(loss), loss
+    after = list(trainer.raw_model.parameters())
+    assert all(torch.isfinite(p).all() for p in after)
+    assert all(p.dtype == torch.float32 for p in after)  # autocast keeps fp32 master weights
+    assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
+
+
+def test_hardware_profiles_set_precision_ddp_and_slurm_resources():
+    v100 = compose_config(["hardware=4xv100"])
+    t = v100.trainer
+    assert (t.devices, t.batch_size, t.lr, t.amp, t.amp_dtype, t.device) == (4, 512, 0.002, True, "float16", "cuda")
+    assert v100.distributed.backend == "nccl"
+    assert (v100.slurm.gpus_per_node, v100.slurm.tasks_per_node) == (4, 4)  # one task per GPU
+    assert v100.slurm.max_num_timeout > 0  # requeue is safe: trainer.resume=auto
+    one = compose_config(["hardware=1gpu"])
+    assert one.trainer.amp and one.trainer.amp_dtype == best_amp_dtype()  # bf16 where supported, else fp16
+    assert (one.trainer.devices, one.slurm.gpus_per_node) == (1, 1)
+    cpu = compose_config(["hardware=cpu", "trainer.devices=2"])
+    assert (cpu.trainer.amp, cpu.distributed.backend, cpu.slurm.tasks_per_node) == (False, "gloo", 2)
+    auto = compose_config(["hardware=auto"])
+    assert auto.trainer.amp == torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("hardware", ["cpu", "1gpu", "4xv100", "auto"])
+def test_slurm_launcher_takes_resources_from_the_profile(hardware):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            config_name="train",
+            overrides=[f"hardware={hardware}", "hydra/launcher=slurm", "slurm.partition=gpu"],
+            return_hydra_config=True,
+        )
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.partition == "gpu" and launcher.tasks_per_node == cfg.slurm.tasks_per_node
+    assert launcher.gpus_per_node == cfg.slurm.gpus_per_node and launcher.mem_gb == cfg.slurm.mem_gb
+    assert launcher.max_num_timeout > 0
+
+
+def test_4xv100_sends_multiruns_to_slurm_unless_told_otherwise():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        v100 = compose(config_name="train", overrides=["hardware=4xv100"], return_hydra_config=True)
+        local = compose(
+            config_name="train", overrides=["hardware=4xv100", "hydra/launcher=basic"], return_hydra_config=True
+        )
+    assert v100.hydra.launcher._target_.endswith("SlurmLauncher") and v100.hydra.launcher.gpus_per_node == 4
+    assert local.hydra.launcher._target_.endswith("BasicLauncher")
