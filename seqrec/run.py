@@ -11,12 +11,12 @@ import sys
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from seqrec.errors import ConfigError, SeqrecError
 from seqrec.launch import launch, run_distributed, should_launch
-from seqrec.train.checkpoint import load_checkpoint
 from seqrec.utils.config import check_config
 from seqrec.utils.seed import seed_everything
 
@@ -29,14 +29,19 @@ def build(node: DictConfig, **runtime):
     `instantiate(node, data=data)` would merge `data` into the config and turn a dataclass into a DictConfig;
     binding the YAML values first (`_partial_`) and calling with the objects avoids that.
     """
-    return instantiate(node, _partial_=True)(**runtime)
+    try:
+        return instantiate(node, _partial_=True)(**runtime)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, SeqrecError):  # a user error inside the target: show it, not Hydra's wrapper
+            raise e.__cause__ from None
+        raise
 
 
 def run(cfg: DictConfig, rank: int = 0, world_size: int = 1) -> dict:
     """Train and test one configuration; returns results.json's content."""
     check_config(cfg)
     seed_everything(cfg.seed)  # identical initial weights on every rank
-    data = instantiate(cfg.dataset)
+    data = build(cfg.dataset)
     log.info("data: %s", data.summary())
     model = build(cfg.model, num_items=data.num_items)
     if getattr(model, "requires_time", False) and not data.has_time:
@@ -44,7 +49,7 @@ def run(cfg: DictConfig, rank: int = 0, world_size: int = 1) -> dict:
                           "use model=sasrec or a dataset with a timestamp column")
     log.info("model: %s with %s residual, %d parameters", type(model).__name__, cfg.residual._target_.split(".")[-1],
              sum(p.numel() for p in model.parameters()))
-    loss = instantiate(cfg.loss)
+    loss = build(cfg.loss)
     sampler = build(cfg.sampler, data=data, num_negatives=loss.num_negatives,
                     shared_negatives=loss.shared_negatives, rank=rank, world_size=world_size)
     evaluator = build(cfg.eval, data=data, rank=rank, world_size=world_size)
@@ -54,17 +59,10 @@ def run(cfg: DictConfig, rank: int = 0, world_size: int = 1) -> dict:
         resolved = OmegaConf.to_container(cfg, resolve=True)  # plain dicts for checkpoints and W&B
         trainer = build(cfg.trainer, model=model, sampler=sampler, evaluator=evaluator, loss=loss, logger=logger,
                         run_config=resolved)
-        trainer.wandb_id = logger.start(resolved, _saved_wandb_id(trainer) if logger.use_wandb else None)
         trainer.fit()
         return trainer.test()
     finally:
         logger.close()
-
-
-def _saved_wandb_id(trainer) -> str | None:
-    """The W&B run id stored in the checkpoint the trainer will resume from, so a requeue continues that W&B run."""
-    path = trainer.resume_path()
-    return load_checkpoint(path).get("wandb_id") if path is not None and path.exists() else None
 
 
 def main(cfg: DictConfig) -> float | None:

@@ -8,6 +8,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+import seqrec.launch  # noqa: F401  (registers the ${seqrec.*:} config resolvers, as train.py does)
+
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 SHARED_DATA = REPO.parent / "shared" / "data"

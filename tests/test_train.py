@@ -19,6 +19,7 @@ from seqrec.run import run
 from seqrec.train import losses
 from tests.conftest import REPO, TINY, compose_config
 
+TINY_FILE = [o for o in TINY if not o.startswith("dataset.")]  # for dataset=file, which has no generator knobs
 LEARN = ["dataset.num_users=600", "dataset.num_items=300", "model.maxlen=50", "trainer.num_epochs=15",
          "trainer.eval_every=5", "trainer.warmup_steps=0", "trainer.progress=false", "trainer.device=cpu",
          "trainer.lr=0.005", "trainer.batch_size=64"]
@@ -146,14 +147,14 @@ def test_users_with_fewer_than_three_interactions_train_but_are_not_evaluated(tm
         lines += [f"{user} {item} {1000 + t}" for t, item in enumerate(rng.integers(1, 40, size=n))]
     path = tmp_path / "few.txt"
     path.write_text("\n".join(lines) + "\n")
-    results = run(compose_config(TINY + ["dataset=file", f"dataset.path={path}"], tmp_path / "run"))
+    results = run(compose_config(TINY_FILE + ["dataset=file", f"dataset.path={path}"], tmp_path / "run"))
     assert 0 <= results["test/ndcg@10"] <= 1
 
 
-@pytest.mark.parametrize("content,needle", [("", "no interactions"), ("1 2\n3 x\n", "line 2")])
+@pytest.mark.parametrize("content,needle", [("", "empty file"), ("1 2\n3 x\n", "bad.txt:2")])
 def test_bad_data_files_fail_before_any_output(tmp_path, content, needle):
     path = tmp_path / "bad.txt"
     path.write_text(content)
     with pytest.raises(DataError, match=needle):
-        run(compose_config(TINY + ["dataset=file", f"dataset.path={path}"], tmp_path / "run"))
+        run(compose_config(TINY_FILE + ["dataset=file", f"dataset.path={path}"], tmp_path / "run"))
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -246,6 +246,8 @@ class Trainer:
     def fit(self) -> dict:
         """Train until the epoch budget or early stopping; returns the best validation metrics."""
         self.maybe_resume()
+        # after resuming, so a requeued job continues the W&B run whose id its checkpoint saved
+        self.wandb_id = self.logger.start(self.run_config, self.wandb_id) or self.wandb_id
         if self.finished:
             log.info("training already finished (epoch %d); nothing to do", self.epoch)
         while not self.finished:
