@@ -165,7 +165,19 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     # --- checkpoints ---------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def _rng_states(self) -> list[dict]:
+        """Every rank's RNG state (dropout streams differ per rank), gathered so rank 0 can save them all."""
+        mine = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+        if self.world_size == 1:
+            return [mine]
+        states = [None] * self.world_size
+        dist.all_gather_object(states, mine)
+        return states
+
+    def state_dict(self, rng_states: list[dict] | None = None) -> dict:
         return {
             "model": self.raw_model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -180,8 +192,7 @@ class Trainer:
             "stopped_early": self.stopped_early,
             "train_seconds": self.train_seconds,
             "eval_seconds": self.eval_seconds,
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "rng": rng_states if rng_states is not None else self._rng_states(),
             "wandb_id": self.wandb_id,
             "config": self.run_config,
         }
@@ -197,13 +208,15 @@ class Trainer:
         for key in ("epoch", "step", "best_value", "best_epoch", "best_metrics", "bad_evals", "stopped_early",
                     "train_seconds", "eval_seconds", "wandb_id"):
             setattr(self, key, state[key])
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        rng = state["rng"][self.rank] if self.rank < len(state["rng"]) else state["rng"][0]
+        torch.set_rng_state(rng["torch"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
 
     def _save(self, name: str) -> None:
+        rng_states = self._rng_states()  # a collective: every rank takes part
         if self.rank == 0:
-            save_checkpoint(self.state_dict(), self.ckpt_dir / name)
+            save_checkpoint(self.state_dict(rng_states), self.ckpt_dir / name)
         if self.world_size > 1:
             dist.barrier()
 
