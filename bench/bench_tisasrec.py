@@ -1,7 +1,7 @@
 """Epoch time and peak RSS of TiSASRec vs SASRec on data of ML-1M's shape (issue 3).
 
     python bench/bench_tisasrec.py                      # SASRec + TiSASRec at time_span 100, 256, 512
-    python bench/bench_tisasrec.py --spans 100 --trim   # bucket users by length and trim padding (the sampler's default)
+    python bench/bench_tisasrec.py --spans 100 --trim   # bucket users by length, trim padding (the sampler's way)
     python bench/bench_tisasrec.py --profile            # also print a torch.profiler table of one step per model
 
 The item sequences and their lengths are ML-1M's (../shared/data/ml-1m.txt, 6,040 users, 3,416 items, training
@@ -181,7 +181,8 @@ def main() -> None:
     print(f"sasrec peak RSS {rows[0]['peak_rss_gib']:.2f} GiB")
     setting = {k: getattr(args, k) for k in ("maxlen", "hidden", "blocks", "heads", "batch_size", "time_unit", "trim")}
     setting["load_average_after"] = os.getloadavg()
-    setting.update(torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.processor() or platform.machine())
+    setting.update(torch=torch.__version__, threads=torch.get_num_threads(),
+                   machine=platform.processor() or platform.machine())
     OUT.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(OUT.read_text()) if OUT.exists() else {}
     results["trim" if args.trim else "full_window"] = dict(setting=setting, rows=rows)

@@ -7,12 +7,21 @@ from omegaconf import OmegaConf
 from seqrec.errors import ConfigError
 from seqrec.models.sasrec import SASRec
 from seqrec.models.tisasrec import TiSASRec, check_time_available
-from seqrec.nn.time_attention import TimeIntervalAttention
 from seqrec.nn import residual as residual_module
 from seqrec.nn.dropout import keep_mask
 from seqrec.nn.residual import Plain
+from seqrec.nn.time_attention import TimeIntervalAttention
 
 T0 = 1_600_000_000
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny tensors: on a busy 2-core machine OpenMP's thread hand-offs made these tests 50x slower
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class NaiveTimeIntervalAttention(TimeIntervalAttention):
@@ -184,3 +193,34 @@ def test_scores_use_the_shared_item_table():
     assert model.score_all(h).shape == (4, 30)
     cands = torch.randint(1, 31, (4, 5))
     torch.testing.assert_close(model.score_candidates(h, cands), model.score_all(h).gather(1, cands - 1))
+
+
+def gap_task(n, L=8, seed=0):
+    """Next item = 1 after a short gap (5 min), 2 after a long one (3 days); inputs are random items 3..20."""
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(3, 21, (n, L), generator=g)
+    short = torch.rand(n, L, generator=g) < 0.5
+    gaps = torch.where(short, 300, 3 * 86_400)
+    times = T0 + gaps.cumsum(1)
+    return seq, times, torch.where(short, 1, 2)  # target[t] depends on the gap between seq[t-1] and seq[t]
+
+
+@pytest.mark.parametrize("cls, expect_time_signal", [(TiSASRec, True), (SASRec, False)])
+def test_the_time_signal_reaches_the_prediction(cls, expect_time_signal):
+    torch.manual_seed(0)
+    kw = dict(num_items=20, maxlen=8, hidden_units=16, num_blocks=1, num_heads=1, dropout_rate=0.0)
+    model = cls(**kw, **({"time_span": 10} if cls is TiSASRec else {}))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    seq, times, target = gap_task(256)
+    scale = torch.ones(len(seq), dtype=torch.long)
+    for _ in range(150):
+        logits = model.score_all(model(seq, times, scale)[:, 1:].reshape(-1, 16))  # positions with a previous gap
+        loss = torch.nn.functional.cross_entropy(logits, target[:, 1:].reshape(-1) - 1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    seq, times, target = gap_task(512, seed=1)
+    with torch.no_grad():
+        pred = model.score_all(model(seq, times, scale[:1].expand(512))[:, -1]).argmax(-1) + 1
+    accuracy = (pred == target[:, -1]).float().mean().item()
+    assert accuracy > 0.95 if expect_time_signal else accuracy < 0.65, accuracy
