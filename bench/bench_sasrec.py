@@ -60,8 +60,8 @@ def use_native_dropout() -> None:
     import seqrec.nn.dropout as dropout
 
     dropout.dropout = lambda x, p, training: F.dropout(x, p, training)
-    attention.attention = lambda q, k, v, mask, p, training: F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, dropout_p=p if training else 0.0)
+    attention.attention = lambda q, k, v, ctx, p, training: F.scaled_dot_product_attention(
+        q, k, v, attn_mask=ctx.attn_mask, dropout_p=p if training else 0.0)
 
 
 def epoch_flops(sampler, dim: int, blocks: int) -> float:
