@@ -83,8 +83,14 @@ def build(variant: str, num_items: int, args):
     torch.manual_seed(0)
     residual = Plain() if variant == "plain" else MHC(expansion_rate=args.streams)
     model = SASRec(
-        num_items=num_items, maxlen=args.maxlen, hidden_units=50, num_blocks=2, num_heads=args.heads,
-        dropout_rate=0.2, norm_first=args.norm_first, residual=residual,
+        num_items=num_items,
+        maxlen=args.maxlen,
+        hidden_units=50,
+        num_blocks=2,
+        num_heads=args.heads,
+        dropout_rate=0.2,
+        norm_first=args.norm_first,
+        residual=residual,
     )
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.98))
 
@@ -111,8 +117,11 @@ def peak_rss(args) -> dict:
     rss_before = current_rss_mib()
     for batch in (batches * 3)[:3]:
         step(batch)
-    return {"peak_rss_mib": peak_rss_mib(), "rss_before_training_mib": rss_before,
-            "params": sum(p.numel() for p in model.parameters())}
+    return {
+        "peak_rss_mib": peak_rss_mib(),
+        "rss_before_training_mib": rss_before,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def interleaved_times(args) -> dict[str, list[float]]:
@@ -156,8 +165,10 @@ def main() -> None:
         out = subprocess.run(child + ["--variant", variant], capture_output=True, text=True, check=True)
         memory[variant] = json.loads(out.stdout.strip().splitlines()[-1])
     epoch = interleaved_times(args)
-    summary = {v: {"epoch_s_from_median_step": epoch[v][0], "epoch_s_from_mean_step": epoch[v][1], **memory[v]}
-               for v in ("plain", "mhc")}
+    summary = {
+        v: {"epoch_s_from_median_step": epoch[v][0], "epoch_s_from_mean_step": epoch[v][1], **memory[v]}
+        for v in ("plain", "mhc")
+    }
     plain, mhc = summary["plain"], summary["mhc"]
     ratios = {
         "epoch_time_median": mhc["epoch_s_from_median_step"] / plain["epoch_s_from_median_step"],
@@ -165,21 +176,35 @@ def main() -> None:
         "peak_rss": mhc["peak_rss_mib"] / plain["peak_rss_mib"],
     }
     steps = math.ceil(6040 / args.batch_size)
-    print(f"SASRec on ML-1M's shape: B={args.batch_size} L={args.maxlen} D=50 blocks=2 heads={args.heads} "
-          f"norm_first={args.norm_first} n={args.streams}, epoch = {steps} steps, {args.threads} thread(s), "
-          f"{args.epochs} x {args.steps or steps} interleaved steps per variant")
+    print(
+        f"SASRec on ML-1M's shape: B={args.batch_size} L={args.maxlen} D=50 blocks=2 heads={args.heads} "
+        f"norm_first={args.norm_first} n={args.streams}, epoch = {steps} steps, {args.threads} thread(s), "
+        f"{args.epochs} x {args.steps or steps} interleaved steps per variant"
+    )
     print(f"{'variant':9} {'epoch s (median step)':>22} {'epoch s (mean step)':>20} {'peak RSS MiB':>13} {'params':>8}")
     for variant, s in summary.items():
-        print(f"{variant:9} {s['epoch_s_from_median_step']:22.2f} {s['epoch_s_from_mean_step']:20.2f} "
-              f"{s['peak_rss_mib']:13.0f} {s['params']:8d}")
-    print(f"{'mhc/plain':9} {ratios['epoch_time_median']:22.3f} {ratios['epoch_time_mean']:20.3f} "
-          f"{ratios['peak_rss']:13.3f}")
+        print(
+            f"{variant:9} {s['epoch_s_from_median_step']:22.2f} {s['epoch_s_from_mean_step']:20.2f} "
+            f"{s['peak_rss_mib']:13.0f} {s['params']:8d}"
+        )
+    print(
+        f"{'mhc/plain':9} {ratios['epoch_time_median']:22.3f} {ratios['epoch_time_mean']:20.3f} "
+        f"{ratios['peak_rss']:13.3f}"
+    )
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({
-        "config": {k: v for k, v in vars(args).items() if k != "variant"},
-        "torch": torch.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),
-        "summary": summary, "ratios": ratios,
-    }, indent=2))
+    OUT.write_text(
+        json.dumps(
+            {
+                "config": {k: v for k, v in vars(args).items() if k != "variant"},
+                "torch": torch.__version__,
+                "machine": platform.machine(),
+                "cpus": os.cpu_count(),
+                "summary": summary,
+                "ratios": ratios,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {OUT}")
 
 

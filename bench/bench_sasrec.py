@@ -20,9 +20,18 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "ml-1m.txt"
-PAPER = ["model.maxlen=200", "model.hidden_units=50", "model.num_blocks=2", "model.num_heads=1",
-         "model.dropout_rate=0.2", "trainer.batch_size=128", "loss=bce", "trainer.device=cpu",
-         "trainer.progress=false", "trainer.num_workers=1"]
+PAPER = [
+    "model.maxlen=200",
+    "model.hidden_units=50",
+    "model.num_blocks=2",
+    "model.num_heads=1",
+    "model.dropout_rate=0.2",
+    "trainer.batch_size=128",
+    "loss=bce",
+    "trainer.device=cpu",
+    "trainer.progress=false",
+    "trainer.num_workers=1",
+]
 CASES = {
     # name: (extra overrides, use torch's native dropout instead of ours)
     "seqrec": ([], False),
@@ -39,13 +48,23 @@ def build(data_path: str, overrides: list[str], out_dir: str):
     from seqrec.run import build as build_node
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=PAPER + overrides + [
-            "dataset=file", f"dataset.path={data_path}", f"trainer.output_dir={out_dir}", f"logger.output_dir={out_dir}"])
+        cfg = compose(
+            "train",
+            overrides=PAPER
+            + overrides
+            + [
+                "dataset=file",
+                f"dataset.path={data_path}",
+                f"trainer.output_dir={out_dir}",
+                f"logger.output_dir={out_dir}",
+            ],
+        )
     data = instantiate(cfg.dataset)
     model = build_node(cfg.model, num_items=data.num_items)
     loss = instantiate(cfg.loss)
-    sampler = build_node(cfg.sampler, data=data, num_negatives=loss.num_negatives,
-                         shared_negatives=loss.shared_negatives)
+    sampler = build_node(
+        cfg.sampler, data=data, num_negatives=loss.num_negatives, shared_negatives=loss.shared_negatives
+    )
     evaluator = build_node(cfg.eval, data=data, also_sampled=True)
     logger = build_node(cfg.logger)
     trainer = build_node(cfg.trainer, model=model, sampler=sampler, evaluator=evaluator, loss=loss, logger=logger)
@@ -61,7 +80,8 @@ def use_native_dropout() -> None:
 
     dropout.dropout = lambda x, p, training: F.dropout(x, p, training)
     attention.attention = lambda q, k, v, ctx, p, training: F.scaled_dot_product_attention(
-        q, k, v, attn_mask=ctx.attn_mask, dropout_p=p if training else 0.0)
+        q, k, v, attn_mask=ctx.attn_mask, dropout_p=p if training else 0.0
+    )
 
 
 def epoch_flops(sampler, dim: int, blocks: int) -> float:
@@ -152,13 +172,27 @@ def main() -> None:
         return
     rows = []
     for case in args.cases:
-        cmd = [sys.executable, __file__, "--case", case, "--data", args.data, "--epochs", str(args.epochs),
-               "--quality-epochs", str(args.quality_epochs)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--case",
+            case,
+            "--data",
+            args.data,
+            "--epochs",
+            str(args.epochs),
+            "--quality-epochs",
+            str(args.quality_epochs),
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         r = rows[-1]
-        print(f"{case:32s} epoch {r['epoch_seconds_median']:6.2f} s   eval {r['eval_seconds_full_and_sampled_valid_and_test']:5.2f} s"
-              f"   RSS {r['peak_rss_gib']:.2f} GiB   {r['achieved_gflops']:5.1f} of {r['matmul_gflops']:5.1f} GFLOP/s", flush=True)
+        print(
+            f"{case:32s} epoch {r['epoch_seconds_median']:6.2f} s"
+            f"   eval {r['eval_seconds_full_and_sampled_valid_and_test']:5.2f} s"
+            f"   RSS {r['peak_rss_gib']:.2f} GiB   {r['achieved_gflops']:5.1f} of {r['matmul_gflops']:5.1f} GFLOP/s",
+            flush=True,
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -80,8 +80,14 @@ def make_batches(seqs, times, num_items, maxlen, batch_size, trim, seed=0):
 
 
 def build(model: str, num_items: int, args, span: int):
-    kw = dict(num_items=num_items, maxlen=args.maxlen, hidden_units=args.hidden, num_blocks=args.blocks,
-              num_heads=args.heads, dropout_rate=0.2)
+    kw = dict(
+        num_items=num_items,
+        maxlen=args.maxlen,
+        hidden_units=args.hidden,
+        num_blocks=args.blocks,
+        num_heads=args.heads,
+        dropout_rate=0.2,
+    )
     return SASRec(**kw) if model == "sasrec" else TiSASRec(time_unit=args.time_unit, time_span=span, **kw)
 
 
@@ -159,9 +165,24 @@ def main() -> None:
     if args.one:  # child process: one model's peak RSS
         print(json.dumps(peak_rss(args.one[0], int(args.one[1]), args)))
         return
-    child = [sys.executable, __file__, "--maxlen", str(args.maxlen), "--hidden", str(args.hidden),
-             "--blocks", str(args.blocks), "--heads", str(args.heads), "--batch-size", str(args.batch_size),
-             "--time-unit", args.time_unit, "--threads", str(args.threads)] + ["--trim"] * args.trim
+    child = [
+        sys.executable,
+        __file__,
+        "--maxlen",
+        str(args.maxlen),
+        "--hidden",
+        str(args.hidden),
+        "--blocks",
+        str(args.blocks),
+        "--heads",
+        str(args.heads),
+        "--batch-size",
+        str(args.batch_size),
+        "--time-unit",
+        args.time_unit,
+        "--threads",
+        str(args.threads),
+    ] + ["--trim"] * args.trim
 
     def rss(model: str, span: int) -> float:
         out = subprocess.run(child + ["--one", model, str(span)], check=True, capture_output=True, text=True).stdout
@@ -171,18 +192,28 @@ def main() -> None:
     print(f"{'model':9s} {'span':>5s} {'SASRec s':>9s} {'TiSASRec s':>10s} {'ratio':>6s} {'RSS GiB':>8s}", flush=True)
     for span in args.spans:
         t = epoch_times(span, args)
-        row = dict(model="tisasrec", time_span=span, epoch_seconds=t["tisasrec"]["epoch_seconds"],
-                   sasrec_epoch_seconds=t["sasrec"]["epoch_seconds"], steps=t["steps"], timed_steps=t["timed_steps"],
-                   peak_rss_gib=rss("tisasrec", span))
+        row = dict(
+            model="tisasrec",
+            time_span=span,
+            epoch_seconds=t["tisasrec"]["epoch_seconds"],
+            sasrec_epoch_seconds=t["sasrec"]["epoch_seconds"],
+            steps=t["steps"],
+            timed_steps=t["timed_steps"],
+            peak_rss_gib=rss("tisasrec", span),
+        )
         row["ratio"] = row["epoch_seconds"] / row["sasrec_epoch_seconds"]
         rows.append(row)
-        print(f"{'tisasrec':9s} {span:5d} {row['sasrec_epoch_seconds']:9.1f} {row['epoch_seconds']:10.1f} "
-              f"{row['ratio']:6.2f} {row['peak_rss_gib']:8.2f}", flush=True)
+        print(
+            f"{'tisasrec':9s} {span:5d} {row['sasrec_epoch_seconds']:9.1f} {row['epoch_seconds']:10.1f} "
+            f"{row['ratio']:6.2f} {row['peak_rss_gib']:8.2f}",
+            flush=True,
+        )
     print(f"sasrec peak RSS {rows[0]['peak_rss_gib']:.2f} GiB")
     setting = {k: getattr(args, k) for k in ("maxlen", "hidden", "blocks", "heads", "batch_size", "time_unit", "trim")}
     setting["load_average_after"] = os.getloadavg()
-    setting.update(torch=torch.__version__, threads=torch.get_num_threads(),
-                   machine=platform.processor() or platform.machine())
+    setting.update(
+        torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.processor() or platform.machine()
+    )
     OUT.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(OUT.read_text()) if OUT.exists() else {}
     results["trim" if args.trim else "full_window"] = dict(setting=setting, rows=rows)

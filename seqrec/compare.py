@@ -25,8 +25,14 @@ from pathlib import Path
 
 RUN_MARKERS = ("results.json", "metrics.jsonl")
 # overrides that do not change the experiment (as hydra.job.config.override_dirname.exclude_keys in conf/train.yaml)
-IGNORED_OVERRIDES = {"logger", "trainer.progress", "trainer.num_workers", "trainer.resume", "trainer.log_every_steps",
-                     "sweep_name"}
+IGNORED_OVERRIDES = {
+    "logger",
+    "trainer.progress",
+    "trainer.num_workers",
+    "trainer.resume",
+    "trainer.log_every_steps",
+    "sweep_name",
+}
 
 
 class CompareError(Exception):
@@ -74,11 +80,15 @@ def find_runs(paths: list[str]) -> list[Run]:
         candidates = {h.parent.parent for h in path.rglob(".hydra/overrides.yaml")}
         runs = sorted(c for c in candidates if is_run_dir(c))
         for c in sorted(candidates - set(runs)):
-            print(f"note: {c}: no metrics.jsonl or results.json (failed before its first epoch?); skipped",
-                  file=sys.stderr)
+            print(
+                f"note: {c}: no metrics.jsonl or results.json (failed before its first epoch?); skipped",
+                file=sys.stderr,
+            )
         if not runs:
-            raise CompareError(f"{p}: no run directories found (a run directory holds .hydra/overrides.yaml and "
-                               "metrics.jsonl or results.json)")
+            raise CompareError(
+                f"{p}: no run directories found (a run directory holds .hydra/overrides.yaml and "
+                "metrics.jsonl or results.json)"
+            )
         found.update((r.resolve(), None) for r in runs)
     return [read_run(p) for p in found]
 
@@ -144,34 +154,55 @@ def metric_columns(metric: str) -> list[str]:
     return cols
 
 
-def build_table(runs: list[Run], metric: str, all_overrides: bool = False
-                ) -> tuple[list[str], list[list], dict[str, str], list[Run]]:
+def build_table(
+    runs: list[Run], metric: str, all_overrides: bool = False
+) -> tuple[list[str], list[list], dict[str, str], list[Run]]:
     """(header, rows sorted by `metric` best first, common overrides, runs in row order); the override columns are
     the swept keys, plus the common ones with `all_overrides`."""
     if not any(_num(r.metrics(metric).get(metric)) is not None for r in runs):
-        known = sorted({k for r in runs for k in list(r.results) + [k for h in r.history for k in h]
-                        if "/" in k and "@" in k})
+        known = sorted(
+            {k for r in runs for k in list(r.results) + [k for h in r.history for k in h] if "/" in k and "@" in k}
+        )
         available = ", ".join(known) or "none (no evaluation yet)"
         raise CompareError(f"--metric {metric}: no run has it; available: {available}")
     keys, common = swept_keys(runs)
     if all_overrides:
         keys, common = keys + sorted(common), {}
     metrics = metric_columns(metric)
-    runs = sorted(runs, key=lambda r: (_num(r.metrics(metric).get(metric)) is None,
-                                       -(_num(r.metrics(metric).get(metric)) or 0.0), str(r.path)))
+    runs = sorted(
+        runs,
+        key=lambda r: (
+            _num(r.metrics(metric).get(metric)) is None,
+            -(_num(r.metrics(metric).get(metric)) or 0.0),
+            str(r.path),
+        ),
+    )
     root = _common_parent([r.path for r in runs])
     header = ["#", *keys, *metrics, "best_epoch", "epochs", "minutes", "status", "dir"]
     rows = []
     for i, r in enumerate(runs, 1):
         values = r.metrics(metric)
         epochs = r.results.get("epochs_run", r.history[-1].get("epoch") if r.history else None)
-        seconds = (r.results.get("train_seconds", 0) + r.results.get("eval_seconds", 0)) if r.finished else \
-            (r.history[-1].get("train/seconds") if r.history else None)
+        seconds = (
+            (r.results.get("train_seconds", 0) + r.results.get("eval_seconds", 0))
+            if r.finished
+            else (r.history[-1].get("train/seconds") if r.history else None)
+        )
         minutes = f"{seconds / 60:.1f}" if _num(seconds) is not None else None
         status = "done" if r.finished else ("running/failed" if r.history else "no epochs")
         rel = str(r.path.relative_to(root)) if root and r.path != root else r.path.name
-        rows.append([i, *[r.overrides.get(k, "") for k in keys], *[values.get(m) for m in metrics],
-                     values.get("best_epoch", values.get("epoch")), epochs, minutes, status, rel])
+        rows.append(
+            [
+                i,
+                *[r.overrides.get(k, "") for k in keys],
+                *[values.get(m) for m in metrics],
+                values.get("best_epoch", values.get("epoch")),
+                epochs,
+                minutes,
+                status,
+                rel,
+            ]
+        )
     return header, rows, common, runs
 
 
@@ -237,7 +268,7 @@ def plot_metric_vs_params(runs: list[Run], metric: str, keys: list[str], out: Pa
         others = [k for k in keys if k != key]
         values = [r.overrides.get(key, "") for r in runs]
         numeric = all(_num(_parse(v)) is not None for v in values)
-        order = sorted(set(values), key=lambda v: (_num(_parse(v)) if numeric else v))
+        order = sorted(set(values), key=lambda v: _num(_parse(v)) if numeric else v)
         fig, ax = plt.subplots(figsize=(6, 4))
         groups: dict[str, list[Run]] = {}
         for r in runs:
@@ -254,8 +285,11 @@ def plot_metric_vs_params(runs: list[Run], metric: str, keys: list[str], out: Pa
                 ax.plot(*zip(*pts, strict=False), marker="o", label=name or None)
         if not numeric:
             ax.set_xticks(range(len(order)), order, rotation=20)
-        elif len(order) > 2 and all(_num(_parse(v)) > 0 for v in order) and \
-                max(_num(_parse(v)) for v in order) / min(_num(_parse(v)) for v in order) >= 8:
+        elif (
+            len(order) > 2
+            and all(_num(_parse(v)) > 0 for v in order)
+            and max(_num(_parse(v)) for v in order) / min(_num(_parse(v)) for v in order) >= 8
+        ):
             ax.set_xscale("log")
             ax.set_xticks([_num(_parse(v)) for v in order], order)
         ax.set(xlabel=key, ylabel=metric, title=f"{metric} vs {key}")
@@ -277,8 +311,10 @@ def _pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise CompareError("plots need matplotlib (pip install matplotlib, or pip install -e '.[plots]'); "
-                           "use --no-plots for the table only") from None
+        raise CompareError(
+            "plots need matplotlib (pip install matplotlib, or pip install -e '.[plots]'); "
+            "use --no-plots for the table only"
+        ) from None
     return plt
 
 
@@ -313,8 +349,9 @@ def _safe(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.@=-]+", "_", s).replace("/", "_")
 
 
-def compare(paths: list[str], metric: str = "val/ndcg@10", fmt: str = "md", out: str | None = None,
-            plots: bool = True) -> tuple[str, str, list[Path]]:
+def compare(
+    paths: list[str], metric: str = "val/ndcg@10", fmt: str = "md", out: str | None = None, plots: bool = True
+) -> tuple[str, str, list[Path]]:
     """Build the table (also written to `<out>/runs.<md|csv>`) and the plots.
 
     Returns:
@@ -327,8 +364,11 @@ def compare(paths: list[str], metric: str = "val/ndcg@10", fmt: str = "md", out:
     text = format_table(header, rows, fmt)
     if common and fmt == "md":
         text = "common overrides: " + " ".join(f"{k}={v}" for k, v in common.items()) + "\n\n" + text
-    out_dir = Path(out) if out else (Path(paths[0]) / "compare" if len(paths) == 1 and not is_run_dir(Path(paths[0]))
-                                     else Path("compare"))
+    out_dir = (
+        Path(out)
+        if out
+        else (Path(paths[0]) / "compare" if len(paths) == 1 and not is_run_dir(Path(paths[0])) else Path("compare"))
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     table_path = out_dir / f"runs.{fmt}"
     table_path.write_text(text)

@@ -58,8 +58,9 @@ def load_run(run_dir: str | Path, checkpoint: str = "best"):
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
-        raise PredictError(f"{ckpt}: does not fit the model/data of {config_path} "
-                           f"({str(e).splitlines()[0][:160]})") from None
+        raise PredictError(
+            f"{ckpt}: does not fit the model/data of {config_path} ({str(e).splitlines()[0][:160]})"
+        ) from None
     model.eval()
     return data, model, cfg
 
@@ -73,12 +74,12 @@ def full_windows(data, users: np.ndarray, maxlen: int) -> tuple[np.ndarray, np.n
     histories, time_rows = [], []
     for u in users:
         items = [data.user_history(u)]
-        times = [data.train_times[data.train_ptr[u]: data.train_ptr[u + 1]]] if data.has_time else []
+        times = [data.train_times[data.train_ptr[u] : data.train_ptr[u + 1]]] if data.has_time else []
         for item, t in ((data.valid_item, data.valid_time), (data.test_item, data.test_time)):
             if item[u] > 0:
-                items.append(item[u: u + 1])
+                items.append(item[u : u + 1])
                 if data.has_time:
-                    times.append(t[u: u + 1])
+                    times.append(t[u : u + 1])
         histories.append(np.concatenate(items))
         if data.has_time:
             time_rows.append(np.concatenate(times))
@@ -87,16 +88,17 @@ def full_windows(data, users: np.ndarray, maxlen: int) -> tuple[np.ndarray, np.n
     tim = np.zeros((len(users), width), dtype=np.int64) if data.has_time else None
     for row, h in enumerate(histories):
         tail = h[-width:]
-        seq[row, width - len(tail):] = tail
+        seq[row, width - len(tail) :] = tail
         if tim is not None:
             t = time_rows[row][-width:]
-            tim[row, width - len(t):] = t
+            tim[row, width - len(t) :] = t
     return seq, tim, histories
 
 
 @torch.no_grad()
-def recommend(data, model, users: np.ndarray, k: int = 10, maxlen: int = 200, batch_size: int = 256,
-              device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+def recommend(
+    data, model, users: np.ndarray, k: int = 10, maxlen: int = 200, batch_size: int = 256, device: str = "cpu"
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-k unseen items per user.
 
     Args:
@@ -113,7 +115,7 @@ def recommend(data, model, users: np.ndarray, k: int = 10, maxlen: int = 200, ba
     out_items = np.zeros((len(users), k), dtype=np.int64)
     out_scores = np.zeros((len(users), k), dtype=np.float32)
     for start in range(0, len(users), batch_size):
-        u = users[start: start + batch_size]
+        u = users[start : start + batch_size]
         seq, times, histories = full_windows(data, u, maxlen)
         t_seq = torch.from_numpy(seq).to(device)
         t_times = torch.from_numpy(times).to(device) if times is not None else None
@@ -124,8 +126,8 @@ def recommend(data, model, users: np.ndarray, k: int = 10, maxlen: int = 200, ba
         seen = np.concatenate(histories) - 1
         scores[torch.from_numpy(rows).to(device), torch.from_numpy(seen).to(device)] = -torch.inf
         top = torch.topk(scores, k, dim=1)
-        out_items[start: start + len(u)] = top.indices.cpu().numpy() + 1
-        out_scores[start: start + len(u)] = top.values.cpu().numpy()
+        out_items[start : start + len(u)] = top.indices.cpu().numpy() + 1
+        out_scores[start : start + len(u)] = top.values.cpu().numpy()
     return out_items, out_scores
 
 
@@ -136,9 +138,11 @@ def resolve_users(data, requested: list[str] | None) -> np.ndarray:
     index = {str(uid): i for i, uid in enumerate(data.user_ids.tolist())}
     unknown = [u for u in requested if str(u) not in index]
     if unknown:
-        raise PredictError(f"unknown user id{'s' * (len(unknown) > 1)}: {', '.join(unknown[:5])}"
-                           f"{' ...' if len(unknown) > 5 else ''} (dataset '{data.name}' has {data.num_users} users, "
-                           f"e.g. {', '.join(str(x) for x in data.user_ids[:3].tolist())})")
+        raise PredictError(
+            f"unknown user id{'s' * (len(unknown) > 1)}: {', '.join(unknown[:5])}"
+            f"{' ...' if len(unknown) > 5 else ''} (dataset '{data.name}' has {data.num_users} users, "
+            f"e.g. {', '.join(str(x) for x in data.user_ids[:3].tolist())})"
+        )
     return np.array([index[str(u)] for u in requested], dtype=np.int64)
 
 
@@ -182,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
             raise PredictError(f"--k must be >= 1, got {args.k}")
         data, model, cfg = load_run(args.run_dir, args.checkpoint)
         users = resolve_users(data, args.users)
-        items, scores = recommend(data, model, users, args.k, maxlen=int(cfg.model.maxlen),
-                                  batch_size=args.batch_size, device=args.device)
+        items, scores = recommend(
+            data, model, users, args.k, maxlen=int(cfg.model.maxlen), batch_size=args.batch_size, device=args.device
+        )
         if args.out == "-":
             write_csv(data, users, items, scores, sys.stdout)
             return 0

@@ -10,8 +10,8 @@ import logging
 import sys
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -45,20 +45,39 @@ def run(cfg: DictConfig, rank: int = 0, world_size: int = 1) -> dict:
     log.info("data: %s", data.summary())
     model = build(cfg.model, num_items=data.num_items)
     if getattr(model, "requires_time", False) and not data.has_time:
-        raise ConfigError(f"model={model.__class__.__name__} needs timestamps, but dataset '{data.name}' has none: "
-                          "use model=sasrec or a dataset with a timestamp column")
-    log.info("model: %s with %s residual, %d parameters", type(model).__name__, cfg.residual._target_.split(".")[-1],
-             sum(p.numel() for p in model.parameters()))
+        raise ConfigError(
+            f"model={model.__class__.__name__} needs timestamps, but dataset '{data.name}' has none: "
+            "use model=sasrec or a dataset with a timestamp column"
+        )
+    log.info(
+        "model: %s with %s residual, %d parameters",
+        type(model).__name__,
+        cfg.residual._target_.split(".")[-1],
+        sum(p.numel() for p in model.parameters()),
+    )
     loss = build(cfg.loss)
-    sampler = build(cfg.sampler, data=data, num_negatives=loss.num_negatives,
-                    shared_negatives=loss.shared_negatives, rank=rank, world_size=world_size)
+    sampler = build(
+        cfg.sampler,
+        data=data,
+        num_negatives=loss.num_negatives,
+        shared_negatives=loss.shared_negatives,
+        rank=rank,
+        world_size=world_size,
+    )
     evaluator = build(cfg.eval, data=data, rank=rank, world_size=world_size)
     logger = build(cfg.logger, rank=rank)
     seed_everything(cfg.seed, rank)  # per-rank dropout streams
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True)  # plain dicts for checkpoints and W&B
-        trainer = build(cfg.trainer, model=model, sampler=sampler, evaluator=evaluator, loss=loss, logger=logger,
-                        run_config=resolved)
+        trainer = build(
+            cfg.trainer,
+            model=model,
+            sampler=sampler,
+            evaluator=evaluator,
+            loss=loss,
+            logger=logger,
+            run_config=resolved,
+        )
         trainer.fit()
         return trainer.test()
     finally:

@@ -24,13 +24,36 @@ def fake_run(path: Path, overrides: list[str], ndcg: list[float], test_ndcg: flo
     (path / ".hydra" / "config.yaml").write_text("seed: 42\n")
     with open(path / "metrics.jsonl", "w") as f:
         for epoch, value in enumerate(ndcg, 1):
-            f.write(json.dumps({"epoch": epoch, "step": 10 * epoch, "train/loss": 1.0 / epoch, "train/lr": 0.001,
-                                "train/seconds": 2.0 * epoch, "val/ndcg@10": value, "val/hr@10": 2 * value}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "epoch": epoch,
+                        "step": 10 * epoch,
+                        "train/loss": 1.0 / epoch,
+                        "train/lr": 0.001,
+                        "train/seconds": 2.0 * epoch,
+                        "val/ndcg@10": value,
+                        "val/hr@10": 2 * value,
+                    }
+                )
+                + "\n"
+            )
     if test_ndcg is not None:
         best = max(range(len(ndcg)), key=ndcg.__getitem__)
-        (path / "results.json").write_text(json.dumps({
-            "best_epoch": best + 1, "epochs_run": len(ndcg), "train_seconds": 60.0, "eval_seconds": 6.0,
-            "val/ndcg@10": ndcg[best], "val/hr@10": 2 * ndcg[best], "test/ndcg@10": test_ndcg, "test/hr@10": 0.3}))
+        (path / "results.json").write_text(
+            json.dumps(
+                {
+                    "best_epoch": best + 1,
+                    "epochs_run": len(ndcg),
+                    "train_seconds": 60.0,
+                    "eval_seconds": 6.0,
+                    "val/ndcg@10": ndcg[best],
+                    "val/hr@10": 2 * ndcg[best],
+                    "test/ndcg@10": test_ndcg,
+                    "test/hr@10": 0.3,
+                }
+            )
+        )
     return path
 
 
@@ -38,8 +61,11 @@ def fake_run(path: Path, overrides: list[str], ndcg: list[float], test_ndcg: flo
 def sweep(tmp_path) -> Path:
     root = tmp_path / "stage2"
     for h, b, curve in [(50, 2, [0.1, 0.2]), (128, 2, [0.2, 0.4]), (50, 3, [0.15, 0.25]), (128, 3, [0.3, 0.35])]:
-        fake_run(root / f"model.hidden_units={h},model.num_blocks={b}",
-                 ["tuning=stage2", f"model.hidden_units={h}", f"model.num_blocks={b}", "trainer.progress=false"], curve)
+        fake_run(
+            root / f"model.hidden_units={h},model.num_blocks={b}",
+            ["tuning=stage2", f"model.hidden_units={h}", f"model.num_blocks={b}", "trainer.progress=false"],
+            curve,
+        )
     (root / "multirun.yaml").write_text("hydra: {}\n")
     return root
 
@@ -62,8 +88,12 @@ def test_table_has_swept_overrides_as_columns_and_is_sorted_by_the_metric(sweep,
     assert rows[0][header.index("minutes")] == "1.1"  # (train + eval seconds) / 60
     assert best.startswith("best by val/ndcg@10: model.hidden_units=128 model.num_blocks=2")
     names = sorted(p.name for p in written)
-    assert names == ["learning_curves.png", "runs.md", "val_ndcg@10_vs_model.hidden_units.png",
-                     "val_ndcg@10_vs_model.num_blocks.png"]
+    assert names == [
+        "learning_curves.png",
+        "runs.md",
+        "val_ndcg@10_vs_model.hidden_units.png",
+        "val_ndcg@10_vs_model.num_blocks.png",
+    ]
 
 
 def test_other_metric_and_csv(sweep, tmp_path):
@@ -74,8 +104,12 @@ def test_other_metric_and_csv(sweep, tmp_path):
 
 
 def test_unfinished_run_shows_its_best_epoch_so_far(sweep, tmp_path):
-    fake_run(sweep / "model.hidden_units=256,model.num_blocks=2",
-             ["tuning=stage2", "model.hidden_units=256", "model.num_blocks=2"], [0.5, 0.45], test_ndcg=None)
+    fake_run(
+        sweep / "model.hidden_units=256,model.num_blocks=2",
+        ["tuning=stage2", "model.hidden_units=256", "model.num_blocks=2"],
+        [0.5, 0.45],
+        test_ndcg=None,
+    )
     text, _, _ = compare([str(sweep)], out=str(tmp_path), plots=False)
     header, *rows = table_rows(text)
     assert rows[0][1] == "256" and rows[0][header.index("val/ndcg@10")] == "0.5000"
@@ -95,12 +129,15 @@ def test_default_output_folder_is_inside_the_sweep(sweep):
     assert len(table_rows(text)) == 1 + 4
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing", "no such directory"),
-    ("empty", "no run directories found"),
-    ("not_a_run", "no run directories found"),
-    ("file", "not a directory"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "no such directory"),
+        ("empty", "no run directories found"),
+        ("not_a_run", "no run directories found"),
+        ("file", "not a directory"),
+    ],
+)
 def test_clear_one_line_errors(tmp_path, capsys, case, message):
     target = tmp_path / case
     if case in ("empty", "not_a_run"):
@@ -122,8 +159,13 @@ def test_unknown_metric_lists_the_available_ones(sweep, capsys):
 
 
 def test_cli_entry_point(sweep):
-    proc = subprocess.run([sys.executable, "-m", "seqrec.compare", str(sweep), "--no-plots"], capture_output=True,
-                          text=True, cwd=REPO, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "seqrec.compare", str(sweep), "--no-plots"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "| #" in proc.stdout and "best by val/ndcg@10" in proc.stderr
 

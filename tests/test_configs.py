@@ -50,10 +50,13 @@ def test_all_bad_values_are_reported_together_with_their_paths(tmp_path):
         check_config(cfg)
     msg = str(err.value)
     assert "5 problems" in msg
-    for needle in ("trainer.lr=-0.1: must be > 0", "model.maxlen=0: must be > 0",
-                   "model.hidden_units=50: must be divisible by model.num_heads=3",
-                   "model.dmodel: unknown key for seqrec.models.sasrec.SASRec",
-                   "trainer.patience='abc': expected int"):
+    for needle in (
+        "trainer.lr=-0.1: must be > 0",
+        "model.maxlen=0: must be > 0",
+        "model.hidden_units=50: must be divisible by model.num_heads=3",
+        "model.dmodel: unknown key for seqrec.models.sasrec.SASRec",
+        "trainer.patience='abc': expected int",
+    ):
         assert needle in msg
 
 
@@ -64,8 +67,9 @@ def test_missing_required_value_is_reported(tmp_path):
 
 
 def run_cli(*overrides: str, cwd=REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", *overrides], cwd=cwd, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "train.py", *overrides], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.mark.parametrize(

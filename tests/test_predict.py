@@ -17,15 +17,25 @@ from seqrec.predict import main
 from seqrec.run import run
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-TINY = ["hardware=cpu", "model.maxlen=12", "model.hidden_units=16", "trainer.num_epochs=2", "trainer.eval_every=1",
-        "trainer.progress=false", "trainer.warmup_steps=0", "trainer.batch_size=32"]
+TINY = [
+    "hardware=cpu",
+    "model.maxlen=12",
+    "model.hidden_units=16",
+    "trainer.num_epochs=2",
+    "trainer.eval_every=1",
+    "trainer.progress=false",
+    "trainer.warmup_steps=0",
+    "trainer.batch_size=32",
+]
 
 
 def train_run(run_dir: Path, overrides: list[str]) -> Path:
     """Train in-process and write .hydra/config.yaml as Hydra would (unresolved composition)."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[*TINY, *overrides, f"trainer.output_dir={run_dir}",
-                                                      f"logger.output_dir={run_dir}"])
+        cfg = compose(
+            config_name="train",
+            overrides=[*TINY, *overrides, f"trainer.output_dir={run_dir}", f"logger.output_dir={run_dir}"],
+        )
     (run_dir / ".hydra").mkdir(parents=True)
     OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
     run(cfg)
@@ -43,8 +53,10 @@ def titled_run(tmp_path_factory) -> Path:
         lines += [f"{1000 + u} {100 + i} {1_000_000 + 3600 * t}" for t, i in enumerate(items)]
     (root / "interactions.txt").write_text("\n".join(lines) + "\n")
     (root / "titles.tsv").write_text("".join(f"{100 + i}\tMovie {i} (19{60 + i})\n" for i in range(1, 31)))
-    return train_run(root / "run", ["dataset=file", f"dataset.path={root / 'interactions.txt'}",
-                                    f"dataset.titles_path={root / 'titles.tsv'}"])
+    return train_run(
+        root / "run",
+        ["dataset=file", f"dataset.path={root / 'interactions.txt'}", f"dataset.titles_path={root / 'titles.tsv'}"],
+    )
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -98,8 +110,9 @@ def test_selected_users_match_the_models_own_ranking(titled_run, tmp_path):
     model.eval()
     u = int(np.flatnonzero(data.user_ids == 1003)[0])
     full = np.concatenate([data.user_history(u), [data.valid_item[u], data.test_item[u]]])
-    times = np.concatenate([data.train_times[data.train_ptr[u]: data.train_ptr[u + 1]],
-                            [data.valid_time[u], data.test_time[u]]])
+    times = np.concatenate(
+        [data.train_times[data.train_ptr[u] : data.train_ptr[u + 1]], [data.valid_time[u], data.test_time[u]]]
+    )
     with torch.no_grad():
         from seqrec.data.windows import user_time_scale
 
@@ -120,11 +133,14 @@ def test_dataset_without_titles_has_no_title_column(tmp_path, capsys):
     assert len(read_csv(run_dir / "predictions.csv")) == 2 * 60
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing", "no such directory"),
-    ("empty", "not a run directory"),
-    ("no_checkpoint", "checkpoint not found"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "no such directory"),
+        ("empty", "not a run directory"),
+        ("no_checkpoint", "checkpoint not found"),
+    ],
+)
 def test_clear_one_line_errors(tmp_path, capsys, case, message):
     target = tmp_path / case
     if case != "missing":

@@ -16,8 +16,15 @@ from omegaconf import OmegaConf
 from seqrec.compare import compare
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["hardware=cpu", "dataset.num_users=200", "trainer.num_epochs=2", "trainer.eval_every=1", "model.maxlen=20",
-        "trainer.progress=false", "trainer.warmup_steps=0"]
+TINY = [
+    "hardware=cpu",
+    "dataset.num_users=200",
+    "trainer.num_epochs=2",
+    "trainer.eval_every=1",
+    "model.maxlen=20",
+    "trainer.progress=false",
+    "trainer.warmup_steps=0",
+]
 # stage 3 sweeps trainer.lr over 3 values; the command line narrows it to 2 jobs
 SWEEP = ["tuning=stage3", "trainer.lr=0.001,0.002"]
 JOBS = ["trainer.lr=0.001", "trainer.lr=0.002"]
@@ -41,10 +48,18 @@ def job_dir_name(job: str) -> str:
 def assert_run_dirs(sweep_dir: Path) -> list[Path]:
     jobs = [sweep_dir / job_dir_name(j) for j in JOBS]
     assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")) == sorted(
-        p.name for p in jobs), list(sweep_dir.iterdir())
+        p.name for p in jobs
+    ), list(sweep_dir.iterdir())
     for job in jobs:
-        for f in (".hydra/config.yaml", ".hydra/overrides.yaml", "train.log", "metrics.jsonl", "results.json",
-                  "checkpoints/last.pt", "checkpoints/best.pt"):
+        for f in (
+            ".hydra/config.yaml",
+            ".hydra/overrides.yaml",
+            "train.log",
+            "metrics.jsonl",
+            "results.json",
+            "checkpoints/last.pt",
+            "checkpoints/best.pt",
+        ):
             assert (job / f).is_file(), f"{job / f} missing"
         results = json.loads((job / "results.json").read_text())
         assert results["epochs_run"] == 2 and "val/ndcg@10" in results and "test/ndcg@10" in results
@@ -100,8 +115,13 @@ def test_compare_builds_a_table_and_plots_from_the_sweep(wandb_sweep, tmp_path):
 
 
 def test_compare_cli_on_the_sweep_prints_csv(wandb_sweep, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "seqrec.compare", str(wandb_sweep), "--format", "csv", "--out",
-                           str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "seqrec.compare", str(wandb_sweep), "--format", "csv", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert lines[0].startswith("#,trainer.lr,") and len(lines) == 3
@@ -122,6 +142,12 @@ def test_stage_sweep_with_the_submitit_slurm_launcher(tmp_path):
     if not shutil.which("sbatch"):
         pytest.skip("no SLURM here (sbatch not found)")
     sweep_dir = tmp_path / "sweep"  # a one-machine cluster (.ci/run) shares the file system
-    run_sweep(sweep_dir, "hydra/launcher=submitit_slurm", "hydra.launcher.timeout_min=10",
-              "hydra.launcher.gpus_per_node=null", "hydra.launcher.mem_gb=2", timeout=600)
+    run_sweep(
+        sweep_dir,
+        "hydra/launcher=submitit_slurm",
+        "hydra.launcher.timeout_min=10",
+        "hydra.launcher.gpus_per_node=null",
+        "hydra.launcher.mem_gb=2",
+        timeout=600,
+    )
     assert_run_dirs(sweep_dir)

@@ -12,17 +12,26 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+import seqrec.launch  # noqa: F401  (registers config resolvers)
 from seqrec.errors import CheckpointError, DataError, TrainingError
 from seqrec.eval.baselines import Popularity
-import seqrec.launch  # noqa: F401  (registers config resolvers)
 from seqrec.run import run
 from seqrec.train import losses
 from tests.conftest import REPO, TINY, compose_config
 
 TINY_FILE = [o for o in TINY if not o.startswith("dataset.")]  # for dataset=file, which has no generator knobs
-LEARN = ["dataset.num_users=600", "dataset.num_items=300", "model.maxlen=50", "trainer.num_epochs=15",
-         "trainer.eval_every=5", "trainer.warmup_steps=0", "trainer.progress=false", "trainer.device=cpu",
-         "trainer.lr=0.005", "trainer.batch_size=64"]
+LEARN = [
+    "dataset.num_users=600",
+    "dataset.num_items=300",
+    "model.maxlen=50",
+    "trainer.num_epochs=15",
+    "trainer.eval_every=5",
+    "trainer.warmup_steps=0",
+    "trainer.progress=false",
+    "trainer.device=cpu",
+    "trainer.lr=0.005",
+    "trainer.batch_size=64",
+]
 
 
 def test_smoke_run_beats_popularity_and_writes_the_run_directory(tmp_path):
@@ -32,8 +41,16 @@ def test_smoke_run_beats_popularity_and_writes_the_run_directory(tmp_path):
     popularity = instantiate(cfg.eval, data=data).evaluate(Popularity(data), "valid")["val/ndcg@10"]
     assert results["val/ndcg@10"] > popularity + 0.1, (results["val/ndcg@10"], popularity)
     on_disk = json.loads((tmp_path / "results.json").read_text())
-    for key in ("best_epoch", "epochs_run", "train_seconds", "eval_seconds", "test/ndcg@10", "test/hr@10",
-                "val/mrr@20", "test/ndcg@5"):
+    for key in (
+        "best_epoch",
+        "epochs_run",
+        "train_seconds",
+        "eval_seconds",
+        "test/ndcg@10",
+        "test/hr@10",
+        "val/mrr@20",
+        "test/ndcg@5",
+    ):
         assert key in on_disk
     assert (tmp_path / "checkpoints" / "last.pt").exists() and (tmp_path / "checkpoints" / "best.pt").exists()
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -42,11 +59,23 @@ def test_smoke_run_beats_popularity_and_writes_the_run_directory(tmp_path):
 
 
 def test_best_checkpoint_is_chosen_on_validation_and_test_runs_once_on_it(tmp_path):
-    cfg = compose_config(LEARN[:3] + ["trainer.num_epochs=6", "trainer.eval_every=2", "trainer.progress=false",
-                                      "trainer.device=cpu", "trainer.lr=0.005"], tmp_path)
+    cfg = compose_config(
+        LEARN[:3]
+        + [
+            "trainer.num_epochs=6",
+            "trainer.eval_every=2",
+            "trainer.progress=false",
+            "trainer.device=cpu",
+            "trainer.lr=0.005",
+        ],
+        tmp_path,
+    )
     results = run(cfg)
-    val = {x["epoch"]: x["val/ndcg@10"] for x in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
-           if "val/ndcg@10" in x}
+    val = {
+        x["epoch"]: x["val/ndcg@10"]
+        for x in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+        if "val/ndcg@10" in x
+    }
     assert results["best_epoch"] == max(val, key=val.get)
     best = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=False)
     assert best["epoch"] == results["best_epoch"]
@@ -73,8 +102,14 @@ def test_resume_reaches_the_same_result_as_an_unbroken_run(tmp_path):
 
 @pytest.mark.slow
 def test_a_killed_process_resumes_from_its_last_checkpoint(tmp_path):
-    args = [sys.executable, "train.py", *TINY, "dataset.num_users=1500", "trainer.num_epochs=6",
-            f"hydra.run.dir={tmp_path}/killed"]
+    args = [
+        sys.executable,
+        "train.py",
+        *TINY,
+        "dataset.num_users=1500",
+        "trainer.num_epochs=6",
+        f"hydra.run.dir={tmp_path}/killed",
+    ]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = tmp_path / "killed" / "checkpoints" / "last.pt"
     deadline = time.time() + 120
@@ -84,8 +119,9 @@ def test_a_killed_process_resumes_from_its_last_checkpoint(tmp_path):
     proc.wait()
     assert not (tmp_path / "killed" / "results.json").exists()
     subprocess.run(args, cwd=REPO, check=True, capture_output=True, timeout=300)
-    subprocess.run(args[:-1] + [f"hydra.run.dir={tmp_path}/whole"], cwd=REPO, check=True, capture_output=True,
-                   timeout=300)
+    subprocess.run(
+        args[:-1] + [f"hydra.run.dir={tmp_path}/whole"], cwd=REPO, check=True, capture_output=True, timeout=300
+    )
     killed = json.loads((tmp_path / "killed" / "results.json").read_text())
     whole = json.loads((tmp_path / "whole" / "results.json").read_text())
     assert {k: v for k, v in killed.items() if "/" in k} == {k: v for k, v in whole.items() if "/" in k}

@@ -73,8 +73,16 @@ def test_winners_are_carried_forward_consistently():
 
 
 def test_job_folders_are_named_by_the_swept_overrides_only():
-    cfg = compose_hydra(["tuning=stage2", "model.hidden_units=128", "model.num_blocks=3", "logger=wandb",
-                         "trainer.progress=false", "sweep_name=x"])
+    cfg = compose_hydra(
+        [
+            "tuning=stage2",
+            "model.hidden_units=128",
+            "model.num_blocks=3",
+            "logger=wandb",
+            "trainer.progress=false",
+            "sweep_name=x",
+        ]
+    )
     assert cfg.hydra.job.override_dirname == "model.hidden_units=128,model.num_blocks=3"
     assert cfg.hydra.sweep.subdir == cfg.hydra.job.override_dirname
 
@@ -94,8 +102,10 @@ def test_every_setting_named_in_the_tuning_guide_exists(tmp_path):
     text = (CONF.parent / "docs" / "TUNING.md").read_text()
     keys = set(re.findall(r"\b((?:model|trainer|residual|logger|eval|dataset)\.[a-z_]+)=", text))
     assert len(keys) > 15
-    trees = [OmegaConf.to_container(compose_hydra(opts), resolve=False)
-             for opts in (["model=tisasrec", "residual=mhc", "logger=wandb"], ["dataset=file"])]
+    trees = [
+        OmegaConf.to_container(compose_hydra(opts), resolve=False)
+        for opts in (["model=tisasrec", "residual=mhc", "logger=wandb"], ["dataset=file"])
+    ]
 
     def exists(tree: dict, key: str) -> bool:
         for part in key.split("."):

@@ -68,8 +68,9 @@ def offline_run(run_dir: Path) -> dict:
         elif kind == "history":
             out["history"].append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item})
         elif kind == "summary":
-            out["summary"].update({(i.key or "/".join(i.nested_key)): json.loads(i.value_json)
-                                   for i in r.summary.update})
+            out["summary"].update(
+                {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.summary.update}
+            )
         elif kind == "exit":
             out["exit"] = r.exit.exit_code
     return out
@@ -83,8 +84,15 @@ def offline(monkeypatch):
 
 
 def make_logger(run_dir: Path, **kw) -> MetricLogger:
-    opts = dict(output_dir=str(run_dir), wandb=True, project="seqrec-test", mode="offline", group="sweep-a",
-                name="model.hidden_units=128", init_timeout=30)
+    opts = dict(
+        output_dir=str(run_dir),
+        wandb=True,
+        project="seqrec-test",
+        mode="offline",
+        group="sweep-a",
+        name="model.hidden_units=128",
+        init_timeout=30,
+    )
     opts.update(kw)
     return MetricLogger(**opts)
 
@@ -186,9 +194,19 @@ def test_a_resumed_training_run_continues_its_wandb_run(tmp_path, offline):
     conf = Path(__file__).resolve().parents[1] / "conf"
 
     def train(epochs: int) -> None:
-        overrides = ["hardware=cpu", "logger=wandb", "logger.name=resume-test", "dataset.num_users=100",
-                     "model.maxlen=10", "model.hidden_units=16", "trainer.eval_every=1", "trainer.progress=false",
-                     f"trainer.num_epochs={epochs}", f"trainer.output_dir={tmp_path}", f"logger.output_dir={tmp_path}"]
+        overrides = [
+            "hardware=cpu",
+            "logger=wandb",
+            "logger.name=resume-test",
+            "dataset.num_users=100",
+            "model.maxlen=10",
+            "model.hidden_units=16",
+            "trainer.eval_every=1",
+            "trainer.progress=false",
+            f"trainer.num_epochs={epochs}",
+            f"trainer.output_dir={tmp_path}",
+            f"logger.output_dir={tmp_path}",
+        ]
         with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
             run(compose(config_name="train", overrides=overrides))
 

@@ -76,13 +76,14 @@ class Evaluator:
             d = self.data
             rng = np.random.default_rng([self.seed, SPLITS.index(split), 7])
             excluded = d.all_item_sets_sorted_keys()  # train ∪ valid ∪ test (TiSASRec's rule)
-            self._negatives[split] = sample_excluding(rng, np.arange(d.num_users), (d.num_users, self.num_negatives),
-                                                      d.num_items, excluded)
+            self._negatives[split] = sample_excluding(
+                rng, np.arange(d.num_users), (d.num_users, self.num_negatives), d.num_items, excluded
+            )
         return self._negatives[split]
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, split: str, device: torch.device | str = "cpu") -> dict[str, float]:
-        """Means over evaluated users, keyed "val/ndcg@10" (primary protocol) and "val_sampled/ndcg@10" (also_sampled)."""
+        """Means over evaluated users, keyed "val/ndcg@10" (primary protocol), "val_sampled/ndcg@10" (also_sampled)."""
         was_training = model.training
         model.eval()
         users = self.users(split)[self.rank :: self.world_size]
@@ -96,7 +97,12 @@ class Evaluator:
                 for name, value in metric_sums(ranks, self.ks).items():
                     key = prefix + name
                     sums[key] = sums.get(key, 0) + value.cpu()
-        names = [prefix + n for prefix in self._prefixes(split) for k in self.ks for n in (f"ndcg@{k}", f"hr@{k}", f"mrr@{k}")]
+        names = [
+            prefix + n
+            for prefix in self._prefixes(split)
+            for k in self.ks
+            for n in (f"ndcg@{k}", f"hr@{k}", f"mrr@{k}")
+        ]
         totals = torch.tensor([float(sums.get(n, 0.0)) for n in names] + [float(len(users))], dtype=torch.float64)
         if self.world_size > 1 and dist.is_initialized():
             totals = totals.to(device)
@@ -152,4 +158,3 @@ class Evaluator:
         target = (d.valid_item if split == "valid" else d.test_item)[users]
         keep = items != target[rows]  # a repeated target stays rankable
         return torch.from_numpy(rows[keep]), torch.from_numpy(items[keep])
-

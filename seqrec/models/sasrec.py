@@ -66,7 +66,9 @@ class SASRec(nn.Module):
         self.emb_dropout = Dropout(dropout_rate)
         self.add_input_embeddings()
         self.blocks = nn.ModuleList(
-            Block(self.make_attention(), PointwiseFFN(hidden_units, dropout_rate), self.residual, hidden_units, norm_first)
+            Block(
+                self.make_attention(), PointwiseFFN(hidden_units, dropout_rate), self.residual, hidden_units, norm_first
+            )
             for _ in range(num_blocks)
         )
         self.final_norm = nn.LayerNorm(hidden_units, eps=LN_EPS)

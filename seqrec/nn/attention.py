@@ -6,9 +6,8 @@ A padded query may attend to itself only, so no softmax row is empty (no NaN); i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -57,8 +56,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext, dropout: f
     if not training or dropout == 0.0 or q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout if training else 0.0)
     logits = torch.baddbmm(  # (B·H, L, L): q kᵀ / sqrt(Dh) + bias in one kernel
-        mask.expand(-1, q.shape[1], -1, -1).reshape(-1, *mask.shape[-2:]) if mask.dtype != torch.bool
-        else torch.zeros((), dtype=q.dtype), q.flatten(0, 1), k.flatten(0, 1).transpose(-1, -2),
+        mask.expand(-1, q.shape[1], -1, -1).reshape(-1, *mask.shape[-2:])
+        if mask.dtype != torch.bool
+        else torch.zeros((), dtype=q.dtype),
+        q.flatten(0, 1),
+        k.flatten(0, 1).transpose(-1, -2),
         alpha=1.0 / math.sqrt(q.shape[-1]),
     ).view(q.shape[:2] + mask.shape[-2:])
     if mask.dtype == torch.bool:

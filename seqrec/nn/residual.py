@@ -131,14 +131,16 @@ class MHC:
             read_mix, post = module.last["read_mix"][real], module.last["post"][real]  # (N, 1 + S, S), (N, S)
             pre, res = read_mix[:, 0], read_mix[:, 1:]
             rows, cols = res.sum(dim=-1), res.sum(dim=-2)
-            stats.update({
-                f"mhc/{name}/res_row_min": rows.min().item(),
-                f"mhc/{name}/res_row_max": rows.max().item(),
-                f"mhc/{name}/res_col_min": cols.min().item(),
-                f"mhc/{name}/res_col_max": cols.max().item(),
-                f"mhc/{name}/pre_mean": pre.mean().item(),
-                f"mhc/{name}/post_mean": post.mean().item(),
-            })
+            stats.update(
+                {
+                    f"mhc/{name}/res_row_min": rows.min().item(),
+                    f"mhc/{name}/res_row_max": rows.max().item(),
+                    f"mhc/{name}/res_col_min": cols.min().item(),
+                    f"mhc/{name}/res_col_max": cols.max().item(),
+                    f"mhc/{name}/pre_mean": pre.mean().item(),
+                    f"mhc/{name}/post_mean": post.mean().item(),
+                }
+            )
             composite = res if composite is None or composite.shape != res.shape else res @ composite
         if composite is not None:
             stats["mhc/composite_fwd_gain"] = composite.abs().sum(dim=-1).max().item()

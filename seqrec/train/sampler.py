@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -22,17 +22,22 @@ from seqrec.data.windows import train_windows, user_time_scale
 
 @dataclass
 class Batch:
-    """Tensors of one step: seq/pos (B, W), neg (B, W, K) or (B, N) or None, times (B, W), time_scale (B,)."""
+    """Tensors of one step: seq/pos (B, W), neg (B, W, K) or (B, N) or None, times (B, W), time_scale (B,).
+
+    `loss_weight` rescales the batch's mean loss to a per-target weight that does not depend on the batch's
+    length mix (see TrainSampler).
+    """
 
     seq: Tensor
     pos: Tensor | None = None
     neg: Tensor | None = None
     times: Tensor | None = None
     time_scale: Tensor | None = None
+    loss_weight: float = 1.0
 
-    def to(self, device: torch.device) -> "Batch":
+    def to(self, device: torch.device) -> Batch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        return Batch(**{k: v.to(device, non_blocking=True) if v is not None else None for k, v in moved.items()})
+        return Batch(**{k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in moved.items()})
 
 
 def _tensor(a: np.ndarray | None) -> Tensor | None:
@@ -49,7 +54,10 @@ class TrainSampler:
         num_negatives: negatives per position (or per sequence when `shared_negatives`); 0 = none.
         shared_negatives: draw (B, N) negatives per sequence instead of (B, W, K) per position.
         seed: run seed.
-        bucket_by_length: group users of similar length into batches and trim the padding.
+        bucket_by_length: group users of similar length into batches and trim the padding. Each batch's mean
+            loss is then weighted by its share of the epoch's targets: without that, the targets of a batch of
+            short sequences would count ~10x more than those of a batch of long ones (random batches weigh
+            every target about equally), and validation NDCG@10 after 10 ML-1M epochs dropped 0.066 -> 0.053.
         rank, world_size: this process's shard.
     """
 
@@ -77,6 +85,8 @@ class TrainSampler:
         owners = np.repeat(np.arange(data.num_users), lengths)
         self.history_keys = pair_keys(owners, data.train_items, data.num_items)  # negatives avoid these
         self.time_scale = user_time_scale(data)
+        # mean number of targets in one rank's batch, over an epoch
+        self.mean_targets = self.lengths[self.users].sum() / max(len(self.global_batches(0)) * world_size, 1)
 
     def global_batches(self, epoch: int) -> list[np.ndarray]:
         """The epoch's global batches of user indices (identical on every rank)."""
@@ -106,7 +116,8 @@ class TrainSampler:
             if not self.shared_negatives:
                 neg *= w.pos[..., None] != 0  # no negatives at padding
         scale = self.time_scale[users] if self.time_scale is not None else None
-        return Batch(_tensor(w.seq), _tensor(w.pos), _tensor(neg), _tensor(w.times), _tensor(scale))
+        weight = float(self.lengths[users].sum() / self.mean_targets) if self.bucket_by_length else 1.0
+        return Batch(_tensor(w.seq), _tensor(w.pos), _tensor(neg), _tensor(w.times), _tensor(scale), weight)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """This rank's batches for `epoch`, in order."""

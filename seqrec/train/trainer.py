@@ -205,8 +205,18 @@ class Trainer:
             raise CheckpointError(f"{path}: does not fit this model/config ({str(e).splitlines()[0][:160]})") from None
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        for key in ("epoch", "step", "best_value", "best_epoch", "best_metrics", "bad_evals", "stopped_early",
-                    "train_seconds", "eval_seconds", "wandb_id"):
+        for key in (
+            "epoch",
+            "step",
+            "best_value",
+            "best_epoch",
+            "best_metrics",
+            "bad_evals",
+            "stopped_early",
+            "train_seconds",
+            "eval_seconds",
+            "wandb_id",
+        ):
             setattr(self, key, state[key])
         rng = state["rng"][self.rank] if self.rank < len(state["rng"]) else state["rng"][0]
         torch.set_rng_state(rng["torch"])
@@ -248,8 +258,14 @@ class Trainer:
             )
         self.load_state_dict(state, path)
         self.logger.truncate_after(self.epoch)
-        log.info("resumed from %s at epoch %d (best %s=%.4f at epoch %d)", path, self.epoch, self.monitor,
-                 self.best_value, self.best_epoch)
+        log.info(
+            "resumed from %s at epoch %d (best %s=%.4f at epoch %d)",
+            path,
+            self.epoch,
+            self.monitor,
+            self.best_value,
+            self.best_epoch,
+        )
 
     # --- training ------------------------------------------------------------------------------------
     @property
@@ -266,7 +282,11 @@ class Trainer:
         while not self.finished:
             loss = self.train_epoch()
             self.epoch += 1
-            record = {"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0], "train/seconds": self.train_seconds}
+            record = {
+                "train/loss": loss,
+                "train/lr": self.scheduler.get_last_lr()[0],
+                "train/seconds": self.train_seconds,
+            }
             if self.epoch % self.eval_every == 0 or self.epoch == self.num_epochs:
                 record.update(self.validate())
             self.logger.log(record, epoch=self.epoch, step=self.step)
@@ -280,8 +300,13 @@ class Trainer:
         batches = self.sampler.epoch(self.epoch)
         if self.num_workers > 0:
             batches = prefetch(batches)
-        bar = tqdm(batches, total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}", leave=False,
-                   disable=not self.progress or self.rank != 0)
+        bar = tqdm(
+            batches,
+            total=self.steps_per_epoch,
+            desc=f"epoch {self.epoch + 1}",
+            leave=False,
+            disable=not self.progress or self.rank != 0,
+        )
         total = torch.zeros((), device=self.device)
         for i, batch in enumerate(bar):
             loss = self.train_step(batch.to(self.device))
@@ -293,14 +318,15 @@ class Trainer:
         if not math.isfinite(mean):
             raise TrainingError(
                 f"loss became {mean} in epoch {self.epoch + 1}; stopped, the last good checkpoint is "
-                f"{self.ckpt_dir / 'last.pt'} (epoch {self.epoch}); try a lower trainer.lr (e.g. 0.0005) or trainer.grad_clip=1.0"
+                f"{self.ckpt_dir / 'last.pt'} (epoch {self.epoch}); try a lower trainer.lr (e.g. 0.0005) "
+                "or trainer.grad_clip=1.0"
             )
         return mean
 
     def train_step(self, batch) -> torch.Tensor:
         with self._autocast():
             h = self.model(batch.seq, batch.times, batch.time_scale)
-            loss = self.loss(h, self.raw_model.item_weight, batch.pos, batch.neg)
+            loss = self.loss(h, self.raw_model.item_weight, batch.pos, batch.neg) * batch.loss_weight
             if self.l2_emb > 0:
                 loss = loss + self.l2_emb * sum(w.pow(2).sum() for w in self.embedding_tables)
         self.optimizer.zero_grad(set_to_none=True)
@@ -319,7 +345,9 @@ class Trainer:
         metrics = self.evaluator.evaluate(self.raw_model, "valid", self.device)
         self.eval_seconds += time.perf_counter() - start
         if self.monitor not in metrics:
-            raise ConfigError(f"trainer.monitor={self.monitor} is not a validation metric; choose one of {sorted(metrics)}")
+            raise ConfigError(
+                f"trainer.monitor={self.monitor} is not a validation metric; choose one of {sorted(metrics)}"
+            )
         value = metrics[self.monitor]
         if value > self.best_value:
             self.best_value, self.best_epoch, self.best_metrics, self.bad_evals = value, self.epoch, metrics, 0
@@ -328,10 +356,19 @@ class Trainer:
             self.bad_evals += 1
             if self.patience and self.bad_evals >= self.patience:
                 self.stopped_early = True
-                log.info("early stop at epoch %d: no %s improvement in %d evaluations", self.epoch, self.monitor,
-                         self.bad_evals)
-        log.info("epoch %d  %s  (best %.4f at epoch %d)", self.epoch,
-                 "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "@10" in k), self.best_value, self.best_epoch)
+                log.info(
+                    "early stop at epoch %d: no %s improvement in %d evaluations",
+                    self.epoch,
+                    self.monitor,
+                    self.bad_evals,
+                )
+        log.info(
+            "epoch %d  %s  (best %.4f at epoch %d)",
+            self.epoch,
+            "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "@10" in k),
+            self.best_value,
+            self.best_epoch,
+        )
         return metrics
 
     def test(self) -> dict:
@@ -356,6 +393,9 @@ class Trainer:
         if self.rank == 0:
             write_json(results, self.output_dir / "results.json")
         self.logger.summary(results)
-        log.info("test (best epoch %d): %s", self.best_epoch,
-                 "  ".join(f"{k}={v:.4f}" for k, v in test_metrics.items() if "@10" in k))
+        log.info(
+            "test (best epoch %d): %s",
+            self.best_epoch,
+            "  ".join(f"{k}={v:.4f}" for k, v in test_metrics.items() if "@10" in k),
+        )
         return results

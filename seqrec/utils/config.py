@@ -17,25 +17,54 @@ from seqrec.errors import ConfigError
 
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 # constructor arguments that run.py passes at runtime rather than YAML
-RUNTIME_ARGS = {"data", "model", "sampler", "evaluator", "loss", "logger", "rank", "world_size", "run_config",
-                "num_items", "num_negatives", "shared_negatives"}
+RUNTIME_ARGS = {
+    "data",
+    "model",
+    "sampler",
+    "evaluator",
+    "loss",
+    "logger",
+    "rank",
+    "world_size",
+    "run_config",
+    "num_items",
+    "num_negatives",
+    "shared_negatives",
+}
 RUNTIME_NODES = ("dataset", "model", "residual", "loss", "sampler", "trainer", "eval", "logger")
 
 positive = (lambda v: v > 0, "must be > 0")
 non_negative = (lambda v: v >= 0, "must be >= 0")
 RULES = {
-    "model.maxlen": positive, "model.hidden_units": positive, "model.num_blocks": positive,
-    "model.num_heads": positive, "model.dropout_rate": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    "trainer.lr": positive, "trainer.batch_size": positive, "trainer.num_epochs": positive,
-    "trainer.eval_every": positive, "trainer.patience": non_negative, "trainer.warmup_steps": non_negative,
-    "trainer.lr_decay_step": positive, "trainer.lr_decay_rate": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
-    "trainer.l2_emb": non_negative, "trainer.grad_clip": non_negative, "trainer.devices": positive,
+    "model.maxlen": positive,
+    "model.hidden_units": positive,
+    "model.num_blocks": positive,
+    "model.num_heads": positive,
+    "model.dropout_rate": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "trainer.lr": positive,
+    "trainer.batch_size": positive,
+    "trainer.num_epochs": positive,
+    "trainer.eval_every": positive,
+    "trainer.patience": non_negative,
+    "trainer.warmup_steps": non_negative,
+    "trainer.lr_decay_step": positive,
+    "trainer.lr_decay_rate": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "trainer.l2_emb": non_negative,
+    "trainer.grad_clip": non_negative,
+    "trainer.devices": positive,
     "trainer.num_workers": non_negative,
-    "trainer.device": (lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"), "must be auto, cpu or cuda[:N]"),
+    "trainer.device": (
+        lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"),
+        "must be auto, cpu or cuda[:N]",
+    ),
     "trainer.amp_dtype": (lambda v: v in ("bfloat16", "float16"), "must be bfloat16 or float16"),
     "eval.protocol": (lambda v: v in ("full", "sampled"), "must be full or sampled"),
-    "eval.num_negatives": positive, "eval.batch_size": positive,
-    "eval.ks": (lambda v: len(v) > 0 and all(isinstance(k, int) and k > 0 for k in v), "must be a list of positive ints"),
+    "eval.num_negatives": positive,
+    "eval.batch_size": positive,
+    "eval.ks": (
+        lambda v: len(v) > 0 and all(isinstance(k, int) and k > 0 for k in v),
+        "must be a list of positive ints",
+    ),
     "loss.num_negatives": positive,
 }
 
@@ -101,8 +130,12 @@ def _check_node(path: str, node: DictConfig, problems: list[str]) -> None:
         if rule and not rule[0](value):
             problems.append(f"{path}.{key}={value!r}: {rule[1]}")
     for name, p in params.items():
-        if p.default is inspect.Parameter.empty and p.kind is p.KEYWORD_ONLY and name not in node \
-                and name not in RUNTIME_ARGS:
+        if (
+            p.default is inspect.Parameter.empty
+            and p.kind is p.KEYWORD_ONLY
+            and name not in node
+            and name not in RUNTIME_ARGS
+        ):
             problems.append(f"{path}.{name}: required by {target} but not set")
 
 
@@ -124,4 +157,6 @@ def check_config(cfg: DictConfig) -> None:
         if isinstance(heads, int) and isinstance(hidden, int) and heads > 0 and hidden % heads:
             problems.append(f"model.hidden_units={hidden}: must be divisible by model.num_heads={heads}")
     if problems:
-        raise ConfigError(f"invalid config ({len(problems)} problem{'s' * (len(problems) > 1)}):\n  " + "\n  ".join(problems))
+        raise ConfigError(
+            f"invalid config ({len(problems)} problem{'s' * (len(problems) > 1)}):\n  " + "\n  ".join(problems)
+        )

@@ -79,16 +79,20 @@ class MetricLogger:
         try:
             import wandb
         except ImportError:
-            log.warning("logger=wandb but the wandb package is not installed (pip install wandb); metrics go to "
-                        "metrics.jsonl only")
+            log.warning(
+                "logger=wandb but the wandb package is not installed (pip install wandb); metrics go to "
+                "metrics.jsonl only"
+            )
             return run_id
         from wandb.sdk.lib.runid import generate_id
 
         run_id = run_id or generate_id()
         mode = self.mode
         if mode == "online" and not _has_api_key(wandb):
-            log.warning("logger.mode=online but no W&B API key is configured (wandb login, or WANDB_API_KEY): "
-                        "logging offline instead")
+            log.warning(
+                "logger.mode=online but no W&B API key is configured (wandb login, or WANDB_API_KEY): "
+                "logging offline instead"
+            )
             mode = "offline"
         self.wandb_run = self._init(wandb, config, run_id, mode)
         if self.wandb_run is None and mode == "online":
@@ -103,8 +107,12 @@ class MetricLogger:
         except Exception as e:  # noqa: BLE001 - cosmetic, never fatal
             log.debug("wandb define_metric failed: %s", e)
         if mode == "offline":
-            log.info("W&B offline run %s (group %s); upload it later with: wandb sync %s", run_id, self.group,
-                     Path(self.wandb_run.dir).parent)
+            log.info(
+                "W&B offline run %s (group %s); upload it later with: wandb sync %s",
+                run_id,
+                self.group,
+                Path(self.wandb_run.dir).parent,
+            )
         else:
             log.info("W&B run %s: %s", run_id, getattr(self.wandb_run, "url", ""))
         return run_id
@@ -166,8 +174,10 @@ class MetricLogger:
         if not self.active or self.wandb_run is None:
             return
         best = self.output_dir / "checkpoints" / "best.pt"
-        extra = {"best_checkpoint": str(best.resolve()) if best.exists() else None,
-                 "run_dir": str(self.output_dir.resolve())}
+        extra = {
+            "best_checkpoint": str(best.resolve()) if best.exists() else None,
+            "run_dir": str(self.output_dir.resolve()),
+        }
         self._wandb_call("summary", {**{k: _clean(v) for k, v in results.items()}, **extra})
 
     def _wandb_call(self, what: str, payload: dict) -> None:
@@ -179,8 +189,9 @@ class MetricLogger:
             else:
                 self.wandb_run.summary.update(payload)
         except Exception as e:  # noqa: BLE001 - W&B must never end the run
-            log.warning("W&B %s failed (%s); W&B logging is off for the rest of this run, metrics.jsonl continues",
-                        what, e)
+            log.warning(
+                "W&B %s failed (%s); W&B logging is off for the rest of this run, metrics.jsonl continues", what, e
+            )
             self.close()
 
 

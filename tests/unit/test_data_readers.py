@@ -126,9 +126,7 @@ def test_malformed_line_names_file_and_line(tmp_path):
 
 def test_malformed_line_in_dat(tmp_path):
     path = write(tmp_path, "ratings.dat", "1::2::5::100\n1::3::5\n")
-    with pytest.raises(
-        DataError, match=r"ratings\.dat:2: expected 4 fields 'UserID::MovieID::Rating::Timestamp'"
-    ):
+    with pytest.raises(DataError, match=r"ratings\.dat:2: expected 4 fields 'UserID::MovieID::Rating::Timestamp'"):
         read_interactions(path)
 
 
@@ -142,9 +140,7 @@ def test_non_integer_ids(tmp_path):
 
 def test_non_integer_item_in_csv(tmp_path):
     path = write(tmp_path, "r.csv", "userId,movieId,rating,timestamp\n1,1,4.0,10\n1,x1,4.0,11\n")
-    with pytest.raises(
-        DataError, match=r"r\.csv:3: expected 'userId,movieId,rating,timestamp' with integer ids"
-    ):
+    with pytest.raises(DataError, match=r"r\.csv:3: expected 'userId,movieId,rating,timestamp' with integer ids"):
         read_interactions(path)
 
 
@@ -164,9 +160,7 @@ def test_unknown_format(tmp_path):
 
 def test_forced_format_mismatch(tmp_path):
     path = write(tmp_path, "x.txt", "1 2\n")
-    with pytest.raises(
-        DataError, match=r"x\.txt:1: expected 4 fields 'UserID::MovieID::Rating::Timestamp', got 2"
-    ):
+    with pytest.raises(DataError, match=r"x\.txt:1: expected 4 fields 'UserID::MovieID::Rating::Timestamp', got 2"):
         read_interactions(path, format="dat")
 
 
@@ -252,9 +246,7 @@ def test_real_ml1m_txt(ml1m):
 @pytest.mark.realdata
 @needs_shared
 def test_real_ml1m_filter_counts():
-    d = from_file(
-        path=str(SHARED / "ml-1m_original_ids_bert4rec_order.txt"), format="sasrec", min_item_interactions=5
-    )
+    d = from_file(path=str(SHARED / "ml-1m_original_ids_bert4rec_order.txt"), format="sasrec", min_item_interactions=5)
     assert (d.num_users, d.num_items, d.num_interactions) == (6040, 3416, 999611)
     mapping = np.loadtxt(SHARED / "ml-1m_sas_to_original_items.txt", dtype=np.int64)
     assert set(d.item_ids[1:].tolist()) == set(mapping[:, 1].tolist())

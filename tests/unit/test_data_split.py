@@ -58,11 +58,7 @@ def test_no_timestamps_keep_file_order(tmp_path):
     assert not d.has_time and d.train_times is None and d.valid_time is None and d.test_time is None
     assert d.user_ids.tolist() == [1, 2] and d.item_ids.tolist() == [0, 20, 10, 30]
     # user 1: 20 10 30 -> train [20], valid 10, test 30; user 2: 30 10 20
-    assert (
-        d.train_items.tolist() == [1, 3]
-        and d.valid_item.tolist() == [2, 2]
-        and d.test_item.tolist() == [3, 1]
-    )
+    assert d.train_items.tolist() == [1, 3] and d.valid_item.tolist() == [2, 2] and d.test_item.tolist() == [3, 1]
 
 
 def test_short_users_kept_for_training(tmp_path):
@@ -90,9 +86,7 @@ def test_min_interaction_filters(tmp_path):
     path.write_text("\n".join(lines) + "\n")
     d = from_file(path=str(path), min_item_interactions=2)  # item 9 (1 interaction) goes
     assert 9 not in d.item_ids.tolist() and d.num_interactions == 11 and d.num_users == 4
-    d = from_file(
-        path=str(path), min_item_interactions=2, min_user_interactions=3
-    )  # then user 4 (2 left) goes
+    d = from_file(path=str(path), min_item_interactions=2, min_user_interactions=3)  # then user 4 (2 left) goes
     assert d.user_ids.tolist() == [1, 2, 3] and d.num_interactions == 9
 
 
@@ -105,11 +99,7 @@ def test_split_accepts_ungrouped_input():
         user_ids=np.array(["a", "b"], dtype=object),
         item_ids=np.array([0, 10, 20, 30]),
     )
-    assert (
-        d.train_items.tolist() == [2, 1]
-        and d.valid_item.tolist() == [1, 3]
-        and d.test_item.tolist() == [3, 2]
-    )
+    assert d.train_items.tolist() == [2, 1] and d.valid_item.tolist() == [1, 3] and d.test_item.tolist() == [3, 2]
     assert d.user_ids.tolist() == ["a", "b"]
 
 
@@ -174,8 +164,5 @@ def test_prepared_missing_tells_the_command(tmp_path):
     with pytest.raises(DataError) as e:
         prepared(name="ml-1m", root=str(tmp_path))
     msg = str(e.value)
-    assert (
-        "interactions.tsv: not found" in msg
-        and f"python -m seqrec.data.prepare ml-1m --root {tmp_path}" in msg
-    )
+    assert "interactions.tsv: not found" in msg and f"python -m seqrec.data.prepare ml-1m --root {tmp_path}" in msg
     assert "\n" not in msg

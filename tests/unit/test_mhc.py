@@ -1,7 +1,6 @@
 """Sinkhorn-Knopp for mHC's H_res (models.md 4.5 items 1-3, 5): doubly stochastic, non-expansive, closed under
 products, the fast form equal to the log-space one (values and gradients), n = 1 exact, no NaN at any spread."""
 
-
 import torch
 
 from seqrec.nn.mhc import default_res_diag

@@ -36,9 +36,7 @@ def tiny_ratings() -> str:
     return "\n".join(lines) + "\n"
 
 
-MOVIES = (
-    "1::Toy Story (1995)::Animation\n2::Misérables, Les (1995)::Drama\n3::Heat (1995)::Action\n9::Rare::x\n"
-)
+MOVIES = "1::Toy Story (1995)::Animation\n2::Misérables, Les (1995)::Drama\n3::Heat (1995)::Action\n9::Rare::x\n"
 
 
 @pytest.fixture
@@ -143,9 +141,7 @@ def test_malformed_ratings_in_zip(tmp_path):
     path = tmp_path / "ml-1m.zip"
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("ml-1m/ratings.dat", "1::2::5::100\n1::x::5::101\n")
-    with pytest.raises(
-        DataError, match=r"ml-1m\.zip:ratings\.dat:2: expected 'UserID::MovieID::Rating::Timestamp'"
-    ):
+    with pytest.raises(DataError, match=r"ml-1m\.zip:ratings\.dat:2: expected 'UserID::MovieID::Rating::Timestamp'"):
         prep.prepare("ml-1m", source=path, root=tmp_path / "data")
 
 
@@ -192,8 +188,5 @@ def test_prepare_real_half_ml1m(tmp_path):
     # same-second ties keep the file order: user 1's first ratings at its earliest timestamp
     u1 = (users == 1) & kept
     t0 = times[u1].min()
-    assert (
-        d.item_ids[d.user_history(0)[: int((times[u1] == t0).sum())]].tolist()
-        == items[u1][times[u1] == t0].tolist()
-    )
+    assert d.item_ids[d.user_history(0)[: int((times[u1] == t0).sum())]].tolist() == items[u1][times[u1] == t0].tolist()
     assert d.item_titles[d.item_ids.tolist().index(1)] == "Toy Story (1995)"
