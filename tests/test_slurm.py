@@ -80,6 +80,9 @@ def _release_when_requeued(job_id: str, timeout: float = 30) -> None:
             ["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=10
         ).stdout.strip()
         if state == "PENDING":
+            # let the interrupted attempt's srun step finish tearing down (srun waits up to 7 s for it): starting
+            # the new attempt at once sometimes made it fail within a second, with no output
+            time.sleep(10)
             subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True, timeout=10)
             return
         time.sleep(0.3)
