@@ -194,3 +194,10 @@ def test_bad_data_files_fail_before_any_output(tmp_path, content, needle):
     with pytest.raises(DataError, match=needle):
         run(compose_config(TINY_FILE + ["dataset=file", f"dataset.path={path}"], tmp_path / "run"))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_mhc_runs_log_their_mapping_diagnostics_with_each_validation(tmp_path):
+    run(compose_config(TINY + ["residual=mhc", "model.norm_first=true"], tmp_path))
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(abs(r["mhc/composite_fwd_gain"] - 1) < 0.05 for r in records)  # H_res products stay ~stochastic
+    assert not any(k.startswith("mhc/") for k in json.loads((tmp_path / "results.json").read_text()))

@@ -289,6 +289,7 @@ class Trainer:
             }
             if self.epoch % self.eval_every == 0 or self.epoch == self.num_epochs:
                 record.update(self.validate())
+                record.update(self.residual_diagnostics())
             self.logger.log(record, epoch=self.epoch, step=self.step)
             self._save("last.pt")
         assert_replicas_equal(self.raw_model)  # DDP keeps ranks identical; a difference is a bug, not noise
@@ -339,6 +340,12 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         return loss.detach().float()
+
+    def residual_diagnostics(self) -> dict:
+        """The residual's health numbers (mHC: H_res row/column sums, gains, gates) from the latest forward pass;
+        logged with each validation, not into results.json. Empty for the plain residual."""
+        diagnostics = getattr(getattr(self.raw_model, "residual", None), "diagnostics", None)
+        return diagnostics(self.raw_model) if diagnostics is not None else {}
 
     def validate(self) -> dict:
         start = time.perf_counter()
