@@ -13,9 +13,9 @@ Memory is O(B.H.L.(L + k)) instead of the naive O(B.L^2.D), and the two forms ar
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from seqrec.nn.attention import AttentionContext
+from seqrec.nn.attention import AttentionContext, CausalSelfAttention
 from seqrec.nn.dropout import keep_mask
 
 
@@ -95,7 +95,7 @@ class BucketedAttention(torch.autograd.Function):
         return d_q, d_k, d_v, d_time_k[:, :-1], d_time_v[:, :-1], None, None
 
 
-class TimeIntervalAttention(nn.Module):
+class TimeIntervalAttention(CausalSelfAttention):
     """Multi-head causal attention with relative time-interval and absolute-position keys and values.
 
     Q, K and V all come from the sublayer input (as in our SASRec attention, so Pre-LN and Post-LN behave the same
@@ -112,13 +112,9 @@ class TimeIntervalAttention(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, dropout: float):
-        super().__init__()
         if dim % num_heads:
             raise ValueError(f"hidden_units={dim} must be divisible by num_heads={num_heads}")
-        self.num_heads = num_heads
-        self.dropout = dropout
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.out = nn.Linear(dim, dim)
+        super().__init__(dim, num_heads, dropout)  # the same qkv / out projections as SASRec's attention
 
     def forward(self, x: Tensor, ctx: AttentionContext) -> Tensor:
         B, L, D = x.shape
