@@ -17,22 +17,21 @@ import time
 import torch
 import torch.distributed as dist
 
-from seqrec.train.distributed import ENV_KEYS, SLURM_KEYS, allreduce_smoke, best_amp_dtype, free_port, port_is_free
+from seqrec.train.distributed import (
+    ENV_KEYS,
+    SLURM_KEYS,
+    allreduce_smoke,
+    best_amp_dtype,
+    free_port,
+    local_launch_config,
+    port_is_free,
+)
 
 
 def _smoke(backend: str, nproc: int = 2) -> tuple[bool, str]:
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    from torch.distributed.launcher.api import elastic_launch
 
-    config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=nproc,
-        run_id=f"doctor-{backend}",
-        rdzv_backend="c10d",
-        rdzv_endpoint=f"127.0.0.1:{free_port()}",
-        max_restarts=0,
-        start_method="spawn",
-    )
+    config = local_launch_config(nproc, f"doctor-{backend}", free_port())
     start = time.perf_counter()
     try:
         out = elastic_launch(config, allreduce_smoke)(backend)

@@ -29,6 +29,7 @@ from seqrec.train.distributed import (
     in_distributed_env,
     init_distributed,
     launch_time,
+    local_launch_config,
     rendezvous_port,
     resolve_backend,
 )
@@ -80,22 +81,12 @@ def run_distributed(cfg: DictConfig, run_fn: RunFn) -> dict:
 def launch(cfg: DictConfig) -> dict:
     """Run `trainer.devices` local workers (one per GPU, or gloo processes on CPU); returns rank 0's results."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    from torch.distributed.launcher.api import elastic_launch
 
     nproc = cfg.trainer.devices
     backend = resolve_backend(cfg.distributed.backend, cfg.trainer.device)
     port = rendezvous_port(cfg.distributed.master_port)
-    config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=nproc,
-        run_id=f"seqrec-{uuid.uuid4().hex[:8]}",
-        rdzv_backend="c10d",
-        rdzv_endpoint=f"127.0.0.1:{port}",
-        max_restarts=0,
-        monitor_interval=0.1,
-        start_method="spawn",
-    )
+    config = local_launch_config(nproc, f"seqrec-{uuid.uuid4().hex[:8]}", port, monitor_interval=0.1)
     log.info("starting %d %s workers (rendezvous 127.0.0.1:%d)", nproc, backend, port)
     hydra_root = HydraConfig.instance().cfg if HydraConfig.initialized() else None
     saved = os.environ.get("OMP_NUM_THREADS")

@@ -237,3 +237,20 @@ def assert_replicas_equal(model: torch.nn.Module) -> int:
         raise RuntimeError(f"DDP replicas differ from rank 0 (max |diff| {diff.item():.3g} over {mine.numel()} values)")
     log.info("parameters identical on all %d ranks (%d values)", dist.get_world_size(), mine.numel())
     return mine.numel()
+
+
+def local_launch_config(nproc: int, run_id: str, port: int, **extra):
+    """torch elastic's LaunchConfig for `nproc` spawned workers on this machine, rendezvous on 127.0.0.1:`port`."""
+    from torch.distributed.launcher.api import LaunchConfig
+
+    return LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=run_id,
+        rdzv_backend="c10d",
+        rdzv_endpoint=f"127.0.0.1:{port}",
+        max_restarts=0,
+        start_method="spawn",
+        **extra,
+    )
