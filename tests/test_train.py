@@ -82,6 +82,18 @@ def test_best_checkpoint_is_chosen_on_validation_and_test_runs_once_on_it(tmp_pa
     assert not any(k.startswith("test/") for k in best["best_metrics"])
 
 
+def test_time_limit_stops_training_validates_and_tests_the_best_checkpoint(tmp_path):
+    # a limit of ~0 s: the first epoch is over it, so training stops there although eval_every=5 and 50 epochs
+    cfg = compose_config(
+        TINY + ["trainer.num_epochs=50", "trainer.eval_every=5", "trainer.time_limit_min=1e-6"], tmp_path
+    )
+    results = run(cfg)
+    assert results["time_limited"] is True and results["epochs_run"] == 1 and results["best_epoch"] == 1
+    assert "val/ndcg@10" in results and "test/ndcg@10" in results
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 1 and "val/ndcg@10" in lines[0]
+
+
 def final_state(tmp_path, extra):
     run(compose_config(TINY + ["trainer.num_epochs=4"] + extra, tmp_path))
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)

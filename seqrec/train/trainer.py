@@ -79,6 +79,10 @@ class Trainer:
         progress: tqdm progress bars.
         deterministic: use torch's deterministic kernels (bitwise-reproducible runs and resumes; on the CPU
             the cost is small, on GPUs it can be large).
+        time_limit_min: stop training after this many wall-clock minutes of this process (0 = no limit), validate
+            if the last epoch was not validated, then test the best checkpoint as usual. For fixed compute
+            budgets (a lent GPU, a queue limit); results then depend on the machine's speed, so results.json
+            says `time_limited: true`. A resumed run gets a fresh limit.
     """
 
     def __init__(
@@ -111,6 +115,7 @@ class Trainer:
         log_every_steps: int = 100,
         progress: bool = True,
         deterministic: bool = True,
+        time_limit_min: float = 0.0,
         run_config: dict | None = None,
     ):
         self.sampler, self.evaluator, self.loss, self.logger = sampler, evaluator, loss, logger
@@ -121,6 +126,9 @@ class Trainer:
         self.eval_every, self.patience, self.monitor, self.resume = eval_every, patience, monitor, str(resume)
         self.num_workers, self.log_every_steps, self.progress = num_workers, log_every_steps, progress
         self.run_config = run_config or {}
+        self.time_limit_s = 60.0 * time_limit_min
+        self.started_at = time.perf_counter()
+        self.time_limited = False  # not checkpointed: a resumed run continues under its own, fresh limit
         # some CPU kernels (e.g. the embedding backward's scatter-add) otherwise sum in thread-dependent order
         torch.use_deterministic_algorithms(deterministic, warn_only=True)
         torch.utils.deterministic.fill_uninitialized_memory = False  # NaN-filling every torch.empty costs ~10 %
@@ -287,13 +295,31 @@ class Trainer:
                 "train/lr": self.scheduler.get_last_lr()[0],
                 "train/seconds": self.train_seconds,
             }
-            if self.epoch % self.eval_every == 0 or self.epoch == self.num_epochs:
+            self.time_limited = self._out_of_time()
+            if self.epoch % self.eval_every == 0 or self.epoch == self.num_epochs or self.time_limited:
                 record.update(self.validate())
                 record.update(self.residual_diagnostics())
             self.logger.log(record, epoch=self.epoch, step=self.step)
             self._save("last.pt")
+            if self.time_limited:
+                log.info(
+                    "time limit of %.1f min reached after epoch %d; testing the best checkpoint",
+                    self.time_limit_s / 60,
+                    self.epoch,
+                )
+                break
         assert_replicas_equal(self.raw_model)  # DDP keeps ranks identical; a difference is a bug, not noise
         return self.best_metrics
+
+    def _out_of_time(self) -> bool:
+        """Whether trainer.time_limit_min has passed, decided by rank 0 so that every rank stops together."""
+        if self.time_limit_s <= 0:
+            return False
+        flag = torch.tensor([time.perf_counter() - self.started_at > self.time_limit_s], dtype=torch.int32)
+        if self.world_size > 1:
+            flag = flag.to(self.device)
+            dist.broadcast(flag, src=0)
+        return bool(flag.item())
 
     def train_epoch(self) -> float:
         self.model.train()
@@ -390,6 +416,7 @@ class Trainer:
             "best_epoch": self.best_epoch,
             "epochs_run": self.epoch,
             "stopped_early": self.stopped_early,
+            "time_limited": self.time_limited,
             "train_seconds": round(self.train_seconds, 3),
             "eval_seconds": round(self.eval_seconds, 3),
             "monitor": self.monitor,

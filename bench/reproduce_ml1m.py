@@ -1,0 +1,121 @@
+"""Run the experiments behind docs/RESULTS.md (ML-1M and the timestamped MovieLens sets) and print their tables.
+
+    python bench/reproduce_ml1m.py [--rows all|ROW,ROW] [--seeds 1,2,3] [--device cuda|cpu] [--parallel N]
+                                   [--time-limit-min M] [--data ../shared/data] [--out outputs/reproduce]
+
+Every (row, seed) is one `python train.py ...` run in `<out>/<row>/seed<k>`; up to --parallel of them run at
+once (on one GPU they share it; each process uses one CPU thread). A finished run (results.json present) is kept
+and not rerun; an unfinished one continues from its last.pt (trainer.resume=auto). --time-limit-min caps each
+run's training (trainer.time_limit_min): runs that hit it are marked in the table. Afterwards the tables are
+printed with the published numbers beside ours (`python -m seqrec.results <out>` prints them again at any time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from seqrec.results import results_table  # noqa: E402
+
+ML1M = ["dataset=file", "dataset.path={data}/ml-1m.txt"]
+ML1M_HALF = ["dataset=file", "dataset.path={data}/ml-1m/ratings_users0001-2999.dat", "dataset.min_item_interactions=5"]
+# The SASRec paper's ML-1M settings: hidden 50, 2 blocks, 1 head, dropout 0.2, maxlen 200, lr 1e-3, batch 128, BCE.
+PAPER = ["model.num_heads=1", "model.hidden_units=50", "model.dropout_rate=0.2", "model.maxlen=200", "loss=bce"]
+# Full-softmax SASRec (SASRec+ of Klenitskiy & Vasilev 2023) at a width the paper's budget affords.
+CE = ["loss=ce", "model.hidden_units=64", "model.num_heads=1", "model.dropout_rate=0.2", "model.maxlen=200"]
+TIME = ["model=tisasrec", "model.time_unit=personal", "model.time_span=256"]  # the TiSASRec paper's time settings
+
+ROWS: dict[str, list[str]] = {
+    # sampled protocol (1 target + 100 unseen negatives), selected on the sampled validation NDCG@10
+    "ml1m_sasrec_bce_paper": ML1M + PAPER + ["eval.also_sampled=true", "optimized_metric=val_sampled/ndcg@10"],
+    # full ranking
+    "ml1m_sasrec_ce": ML1M + CE + ["eval.also_sampled=true"],
+    "ml1m_sasrec_ce_mhc": ML1M + CE + ["residual=mhc", "eval.also_sampled=true"],
+    # timestamped ML-1M (users 1-2,999 with real timestamps), full ranking
+    "ml1m_half_sasrec_ce": ML1M_HALF + CE,
+    "ml1m_half_tisasrec_ce": ML1M_HALF + CE + TIME,
+    "ml1m_half_tisasrec_ce_mhc": ML1M_HALF + CE + TIME + ["residual=mhc"],
+}
+
+# Published numbers (../shared/docs/reference_results.md), for the table printed at the end.
+PUBLISHED = {
+    "ml1m_sasrec_bce_paper": "SASRec paper (A1): sampled NDCG@10 0.5905, HR@10 0.8245",
+    "ml1m_sasrec_ce": "SASRec+ / SASRec+3000 (B3/B4): full NDCG@10 0.1821 / 0.1857, HR@10 0.3152 / 0.3159",
+}
+
+
+def command(row: str, seed: int, args) -> list[str]:
+    overrides = [o.format(data=Path(args.data).resolve()) for o in ROWS[row]]
+    run_dir = Path(args.out).resolve() / row / f"seed{seed}"
+    return [
+        sys.executable,
+        str(REPO / "train.py"),
+        *overrides,
+        f"seed={seed}",
+        f"trainer.device={args.device}",
+        "trainer.amp=false",
+        "trainer.progress=false",
+        f"trainer.time_limit_min={args.time_limit_min}",
+        *args.extra,
+        f"hydra.run.dir={run_dir}",
+    ]
+
+
+def run_one(row: str, seed: int, args) -> tuple[str, int, int, float]:
+    cmd = command(row, seed, args)
+    run_dir = Path(cmd[-1].split("=", 1)[1])
+    if (run_dir / "results.json").is_file():
+        return row, seed, 0, 0.0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUBLAS_WORKSPACE_CONFIG": ":4096:8", "WANDB_MODE": "disabled"}
+    start = time.perf_counter()
+    with open(run_dir / "stdout.log", "a") as log:
+        code = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    return row, seed, code, time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", default="all", help=f"comma-separated, from: {', '.join(ROWS)}")
+    parser.add_argument("--seeds", default="1,2,3")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--parallel", type=int, default=len(ROWS) * 3)
+    parser.add_argument("--time-limit-min", type=float, default=0.0, help="per-run training limit, 0 = none")
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--out", default=str(REPO / "outputs" / "reproduce"))
+    parser.add_argument("extra", nargs="*", help="more overrides for every run (e.g. trainer.num_epochs=3)")
+    args = parser.parse_args(argv)
+    rows = list(ROWS) if args.rows == "all" else args.rows.split(",")
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    jobs = [(row, int(seed)) for row in rows for seed in args.seeds.split(",")]
+    print(f"{len(jobs)} runs, {args.parallel} at a time, into {args.out}", flush=True)
+    failed = []
+    with ThreadPoolExecutor(args.parallel) as pool:
+        for row, seed, code, seconds in pool.map(lambda j: run_one(*j, args), jobs):
+            print(f"{row} seed {seed}: exit {code} after {seconds:.0f} s", flush=True)
+            if code:
+                failed.append(f"{args.out}/{row}/seed{seed}/stdout.log")
+    text, _, unfinished = results_table(
+        [args.out], ["test/ndcg@10", "test/hr@10", "test_sampled/ndcg@10", "test_sampled/hr@10", "val/ndcg@10"]
+    )
+    print(text)
+    for row in rows:
+        if row in PUBLISHED:
+            print(f"{row}: published {PUBLISHED[row]}")
+    if failed:
+        print("failed runs, see: " + " ".join(failed), file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
