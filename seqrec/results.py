@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from pathlib import Path
 
 from seqrec.compare import CompareError, Run, find_runs, format_table
 
