@@ -26,6 +26,8 @@ sys.path.insert(0, str(REPO))
 from seqrec.results import results_table  # noqa: E402
 
 ML1M = ["dataset=file", "dataset.path={data}/ml-1m.txt"]
+ML100K = ["dataset=file", "dataset.path={data}/ml-100k/u.data"]
+ML_SMALL = ["dataset=file", "dataset.path={data}/ml-latest-small/ratings.csv"]
 ML1M_HALF = ["dataset=file", "dataset.path={data}/ml-1m/ratings_users0001-2999.dat", "dataset.min_item_interactions=5"]
 # The SASRec paper's ML-1M settings: hidden 50, 2 blocks, 1 head, dropout 0.2, maxlen 200, lr 1e-3, batch 128, BCE.
 PAPER = ["model.num_heads=1", "model.hidden_units=50", "model.dropout_rate=0.2", "model.maxlen=200", "loss=bce"]
@@ -43,6 +45,10 @@ ROWS: dict[str, list[str]] = {
     "ml1m_half_sasrec_ce": ML1M_HALF + CE,
     "ml1m_half_tisasrec_ce": ML1M_HALF + CE + TIME,
     "ml1m_half_tisasrec_ce_mhc": ML1M_HALF + CE + TIME + ["residual=mhc"],
+    "ml100k_sasrec_ce": ML100K + CE,
+    "ml100k_tisasrec_ce": ML100K + CE + TIME,
+    "mlsmall_sasrec_ce": ML_SMALL + CE,
+    "mlsmall_tisasrec_ce": ML_SMALL + CE + TIME,
 }
 
 # Published numbers (../shared/docs/reference_results.md), for the table printed at the end.
