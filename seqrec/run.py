@@ -15,8 +15,9 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from seqrec.errors import ConfigError, SeqrecError
+from seqrec.errors import SeqrecError
 from seqrec.launch import launch, run_distributed, should_launch
+from seqrec.models.tisasrec import check_time_available
 from seqrec.utils.config import check_config
 from seqrec.utils.seed import seed_everything
 
@@ -44,11 +45,8 @@ def run(cfg: DictConfig, rank: int = 0, world_size: int = 1) -> dict:
     data = build(cfg.dataset)
     log.info("data: %s", data.summary())
     model = build(cfg.model, num_items=data.num_items)
-    if getattr(model, "requires_time", False) and not data.has_time:
-        raise ConfigError(
-            f"model={model.__class__.__name__} needs timestamps, but dataset '{data.name}' has none: "
-            "use model=sasrec or a dataset with a timestamp column"
-        )
+    if getattr(model, "requires_time", False):
+        check_time_available(data.has_time, data.name)
     log.info(
         "model: %s with %s residual, %d parameters",
         type(model).__name__,
