@@ -58,9 +58,7 @@ class SeqData:
     @property
     def num_interactions(self) -> int:
         """All interactions: training items plus validation and test targets."""
-        return int(
-            len(self.train_items) + np.count_nonzero(self.valid_item) + np.count_nonzero(self.test_item)
-        )
+        return int(len(self.train_items) + np.count_nonzero(self.valid_item) + np.count_nonzero(self.test_item))
 
     def _target(self, split: str) -> np.ndarray:
         if split == "valid":
@@ -306,10 +304,10 @@ def synthetic(
     min_length: int = 5,
     max_length: int = 200,
     zipf_exponent: float = 1.0,
-    p_pattern: float = 0.75,
-    p_short: float = 0.5,
-    short_gap_minutes: float = 10.0,
-    long_gap_days: float = 2.0,
+    p_habit: float = 0.6,
+    habit_lag_hours: float = 24.0,
+    mean_gap_hours: float = 6.0,
+    p_pattern: float = 0.5,
     num_topics: int = 20,
     topic_strength: float = 0.5,
 ) -> SeqData:
@@ -323,10 +321,11 @@ def synthetic(
         min_length: shortest sequence.
         max_length: longest sequence.
         zipf_exponent: item popularity ~ 1 / rank ** zipf_exponent.
-        p_pattern: probability that the next item follows the successor map chosen by the last gap.
-        p_short: probability that a gap is short.
-        short_gap_minutes: mean of the short (exponential) gaps.
-        long_gap_days: mean of the long (exponential) gaps.
+        p_habit: probability of the habit: next = the habit successor of the latest item consumed at least
+            habit_lag_hours before the current one (if not consumed yet); only timestamps locate that item.
+        habit_lag_hours: the habit's lag ("what I did a day ago").
+        mean_gap_hours: mean gap between consecutive interactions (gamma, shape 2).
+        p_pattern: otherwise, probability that the next item is the last item's successor.
         num_topics: topics for the per-user preference of the non-pattern draws.
         topic_strength: probability that a non-pattern draw comes from the user's topic.
 
@@ -343,10 +342,10 @@ def synthetic(
         min_length=min_length,
         max_length=max_length,
         zipf_exponent=zipf_exponent,
+        p_habit=p_habit,
+        habit_lag_hours=habit_lag_hours,
+        mean_gap_hours=mean_gap_hours,
         p_pattern=p_pattern,
-        p_short=p_short,
-        short_gap_minutes=short_gap_minutes,
-        long_gap_days=long_gap_days,
         num_topics=num_topics,
         topic_strength=topic_strength,
     )

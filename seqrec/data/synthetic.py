@@ -1,19 +1,30 @@
-"""The bundled default dataset: seeded synthetic sequences whose next item depends on the last time gap.
+"""The bundled default dataset: seeded synthetic sequences with a habit that only the timestamps can locate.
 
 Structure (all drawn from one `numpy.random.Generator(seed)`, so the same seed gives the same data):
 
-1. Popularity: item i has weight 1 / rank(i) ** zipf_exponent (Zipf, exponent ~1) over a random ranking.
-2. Two fixed successor maps `succ_fast`, `succ_slow` (item -> item, targets drawn by popularity, never equal).
-3. Time: every gap between consecutive interactions is, i.i.d. with probability `p_short`, "short"
-   (exponential, mean `short_gap_minutes`) or else "long" (exponential, mean `long_gap_days`).
+1. Popularity: item i has weight 1 / rank(i) ** zipf_exponent (Zipf, exponent ~1) over a random ranking, and
+   each user has a topic that some of the popularity draws come from.
+2. Two fixed item -> item maps: `succ`, the last-item successor (targets uniform, so that its hits are not the
+   items a popularity baseline already ranks first), and `succ_habit`, a single random cycle through all items (a
+   permutation without fixed points: its targets are spread evenly and a chain of habits does not come back to an
+   item soon). succ[x] != succ_habit[x] != x.
+3. Time: gaps between consecutive interactions are i.i.d. gamma (shape 2, mean `mean_gap_hours`).
    Each user starts at 2020-01-01 plus a random offset of up to a year.
-4. Next item: after x_t, with probability `p_pattern` the next item is `succ_fast[x_t]` if the gap between
-   x_{t-1} and x_t (the most recent gap, visible in the history) was short, else `succ_slow[x_t]`; otherwise it
-   is a popularity draw, from the user's own topic with probability `topic_strength`. The first two items of a
-   sequence are plain draws.
+4. Next item after x_1..x_n (times s_1..s_n):
+   - with probability `p_habit`, the "a day ago" habit: the anchor is the latest x_j with s_j <= s_n - lag
+     (lag = `habit_lag_hours`; s_n is the time of the current, last-seen item, not of the next one, which a
+     model does not know), and the next item is succ_habit[x_j], unless the user has already consumed it (then,
+     and when there is no anchor yet, the rule below applies instead);
+   - otherwise, with probability `p_pattern`, succ[x_n]; else a popularity draw, from the user's own topic with
+     probability `topic_strength`. The first item is a plain draw.
 
-So a model that ignores time can at best split its bet between the two successors of the last item, while a
-time-aware model (TiSASRec) can read the last gap and tell which successor comes next.
+Why this shape: the gaps are random, so the anchor lies a varying number of steps back (2-7 in most cases at the
+defaults) and a model that only sees positions (SASRec) can at best spread its bet over the habit successors of
+the last several items. TiSASRec's attention from the query n to the key j sees the interval |s_n - s_j| in hour
+buckets (model.time_span=100 > 24 + a few gaps), so it can attend to the latest key at >= 24 h and read its item.
+The "unless already consumed" clause keeps the planted targets rankable under eval.filter_seen (and stops a habit
+from repeating the item it produced one step earlier when no new interaction crossed the 24 h line). Popularity,
+topics and `succ` keep the part that SASRec can learn from positions alone.
 """
 
 from __future__ import annotations
@@ -24,6 +35,8 @@ import numpy as np
 
 EPOCH = 1577836800  # 2020-01-01 00:00:00 UTC
 
+RULE_DRAW, RULE_SUCC, RULE_HABIT = 0, 1, 2  # values of Synthetic.rule
+
 
 @dataclass(frozen=True)
 class Synthetic:
@@ -32,10 +45,11 @@ class Synthetic:
     users: np.ndarray  # (N,) int64 users 0..U-1, grouped, ascending
     items: np.ndarray  # (N,) int64 items 1..I
     times: np.ndarray  # (N,) int64 unix seconds, strictly increasing within a user
-    succ_fast: np.ndarray  # (I+1,) int64 successor after a short gap ([0] unused)
-    succ_slow: np.ndarray  # (I+1,) int64 successor after a long gap ([0] unused)
+    succ: np.ndarray  # (I+1,) int64 last-item successor ([0] unused)
+    succ_habit: np.ndarray  # (I+1,) int64 successor of the anchor item ([0] unused)
     popularity: np.ndarray  # (I+1,) float64 draw probabilities ([0] = 0)
-    short_gap: np.ndarray  # (N,) bool: the gap before this interaction was short (False for first items)
+    rule: np.ndarray  # (N,) int8 which rule produced this interaction: RULE_DRAW, RULE_SUCC or RULE_HABIT
+    habit_lag_seconds: int  # the habit's lag: the anchor is the latest interaction at least this long before
 
 
 def generate(
@@ -47,10 +61,10 @@ def generate(
     min_length: int = 5,
     max_length: int = 200,
     zipf_exponent: float = 1.0,
-    p_pattern: float = 0.75,
-    p_short: float = 0.5,
-    short_gap_minutes: float = 10.0,
-    long_gap_days: float = 2.0,
+    p_habit: float = 0.6,
+    habit_lag_hours: float = 24.0,
+    mean_gap_hours: float = 6.0,
+    p_pattern: float = 0.5,
     num_topics: int = 20,
     topic_strength: float = 0.5,
 ) -> Synthetic:
@@ -59,6 +73,8 @@ def generate(
         raise ValueError("synthetic data needs num_users >= 1 and num_items >= 3")
     if not 1 <= min_length <= max_length:
         raise ValueError("synthetic data needs 1 <= min_length <= max_length")
+    if habit_lag_hours <= 0 or mean_gap_hours <= 0:
+        raise ValueError("synthetic data needs habit_lag_hours > 0 and mean_gap_hours > 0")
     rng = np.random.default_rng(seed)
     num_topics = max(1, min(int(num_topics), num_items))
 
@@ -87,18 +103,22 @@ def generate(
         idx = np.minimum(np.searchsorted(topic_cdf, u, side="right"), num_items - 1)
         return topic_items[idx]
 
-    # 2. Successor maps by popularity, succ_fast[x] != succ_slow[x] and neither equals x.
+    # 2. succ_habit: one cycle through a random order of all items (a bijection with no fixed point).
+    order = rng.permutation(num_items) + 1
+    succ_habit = np.zeros(num_items + 1, dtype=np.int64)
+    succ_habit[order] = np.roll(order, -1)
+    # succ: uniform (not by popularity, which would hand its hits to a popularity baseline), never x itself nor
+    # x's habit successor (so each rule's hits can be told apart).
     items_all = np.arange(1, num_items + 1)
-    succ_fast, succ_slow = draw(num_items), draw(num_items)
+    succ = rng.integers(1, num_items + 1, size=num_items)
     for _ in range(100):
-        bad = (succ_fast == items_all) | (succ_fast == succ_slow)
-        succ_fast[bad] = draw(int(bad.sum()))
-        bad2 = (succ_slow == items_all) | (succ_fast == succ_slow)
-        succ_slow[bad2] = draw(int(bad2.sum()))
-        if not (bad.any() or bad2.any()):
+        bad = (succ == items_all) | (succ == succ_habit[1:])
+        if not bad.any():
             break
-    succ_fast = np.concatenate([[0], succ_fast]).astype(np.int64)
-    succ_slow = np.concatenate([[0], succ_slow]).astype(np.int64)
+        succ[bad] = rng.integers(1, num_items + 1, size=int(bad.sum()))
+    else:  # vanishingly unlikely unless the catalogue is tiny: take the item two steps along the habit cycle
+        succ[bad] = succ_habit[succ_habit[1:]][bad]
+    succ = np.concatenate([[0], succ]).astype(np.int64)
 
     # Sequence lengths: lognormal with the requested mean, clipped.
     sigma = 0.6
@@ -107,31 +127,42 @@ def generate(
     user_topic = rng.integers(num_topics, size=num_users)
     T = int(lengths.max())
 
-    # 3. Gaps: short[u, t] tells whether the gap between x_{t-1} and x_t was short (t >= 1).
-    short = rng.random((num_users, T)) < p_short
-    short[:, 0] = False
-    gap = np.where(
-        short,
-        rng.exponential(short_gap_minutes * 60.0, (num_users, T)),
-        rng.exponential(long_gap_days * 86400.0, (num_users, T)),
-    )
-    gap = np.floor(gap).astype(np.int64) + 1  # >= 1 s, so timestamps are strictly increasing
+    # 3. Gaps: gamma with shape 2 (fewer near-zero gaps than an exponential, yet a widely varying step count per
+    # day), at least 1 s so that timestamps are strictly increasing.
+    gap = np.floor(rng.gamma(2.0, mean_gap_hours * 3600.0 / 2.0, (num_users, T))).astype(np.int64) + 1
     gap[:, 0] = EPOCH + rng.integers(0, 365 * 86400, size=num_users)
     times = np.cumsum(gap, axis=1)
 
-    # 4. Items, one step for all users at a time.
+    # anchor[u, t]: the latest position j <= t with times[u, j] <= times[u, t] - lag, or -1. One searchsorted for
+    # all users: offsetting each row by u * stride (> any time) makes the flattened matrix globally sorted.
+    lag = int(round(habit_lag_hours * 3600))
+    stride = int(times.max()) + lag + 1
+    flat = (times + np.arange(num_users, dtype=np.int64)[:, None] * stride).ravel()
+    anchor = np.searchsorted(flat, flat - lag, side="right").reshape(num_users, T) - 1
+    anchor -= np.arange(num_users, dtype=np.int64)[:, None] * T
+    anchor[anchor < 0] = -1  # the search fell into the previous user's row: nothing that early yet
+
+    # 4. Items, one step for all users at a time: x[:, t] from the history x[:, :t], whose current item is t - 1.
     x = np.zeros((num_users, T), dtype=np.int64)
+    rule = np.zeros((num_users, T), dtype=np.int8)
+    habit = rng.random((num_users, T)) < p_habit
     follow = rng.random((num_users, T)) < p_pattern
     from_topic = rng.random((num_users, T)) < topic_strength
     for t in range(T):
-        n_pop = num_users
-        fresh = np.where(from_topic[:, t], draw_topic(user_topic), draw(n_pop))
-        if t >= 2:
-            prev = x[:, t - 1]
-            succ = np.where(short[:, t - 1], succ_fast[prev], succ_slow[prev])
-            x[:, t] = np.where(follow[:, t], succ, fresh)
-        else:
-            x[:, t] = fresh
+        fresh = np.where(from_topic[:, t], draw_topic(user_topic), draw(num_users))
+        if t == 0:
+            x[:, 0] = fresh
+            continue
+        last = x[:, t - 1]
+        x[:, t] = np.where(follow[:, t], succ[last], fresh)
+        rule[:, t] = np.where(follow[:, t], RULE_SUCC, RULE_DRAW)
+        a = anchor[:, t - 1]
+        cand = np.flatnonzero(habit[:, t] & (a >= 0))
+        target = succ_habit[x[cand, a[cand]]]
+        new = ~(x[cand, :t] == target[:, None]).any(axis=1)  # the habit only brings items not consumed yet
+        cand, target = cand[new], target[new]
+        x[cand, t] = target
+        rule[cand, t] = RULE_HABIT
 
     valid = np.arange(T)[None, :] < lengths[:, None]
     users = np.repeat(np.arange(num_users, dtype=np.int64), lengths)
@@ -139,8 +170,9 @@ def generate(
         users=users,
         items=x[valid],
         times=times[valid],
-        succ_fast=succ_fast,
-        succ_slow=succ_slow,
+        succ=succ,
+        succ_habit=succ_habit,
         popularity=popularity,
-        short_gap=short[valid],
+        rule=rule[valid],
+        habit_lag_seconds=lag,
     )

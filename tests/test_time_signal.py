@@ -1,0 +1,48 @@
+"""Issue #3: on the bundled data, TiSASRec beats SASRec because the planted habit lives in the time gaps.
+
+The bundled generator's habit (seqrec/data/synthetic.py): next item = the habit successor of what the user did at
+least 24 h before the current item. The gaps are random, so the item lies 2-7 steps back; only the
+interval buckets of TiSASRec's attention (hour units) tell which one it is.
+"""
+
+import pytest
+import torch
+
+from seqrec.run import run
+from tests.conftest import compose_config
+
+# Small enough for ~20 s per pair on one thread; the real config path, the default eval (full ranking, seen items
+# filtered) and the model configs' own time settings (model.time_unit=hour, model.time_span=100).
+BUDGET = [
+    "dataset.num_users=600",
+    "dataset.num_items=300",
+    "model.maxlen=30",
+    "model.hidden_units=32",
+    "trainer.num_epochs=40",
+    "trainer.eval_every=10",
+    "trainer.warmup_steps=0",
+    "trainer.lr=0.005",
+    "trainer.batch_size=64",
+    "trainer.progress=false",
+    "trainer.device=cpu",
+]
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_tisasrec_beats_sasrec_on_the_bundled_data(tmp_path, one_thread):
+    ndcg = {
+        m: run(compose_config(BUDGET + [f"model={m}"], tmp_path / m))["test/ndcg@10"] for m in ("sasrec", "tisasrec")
+    }
+    # Measured with this budget (test NDCG@10, SASRec / TiSASRec; 15-30 s for both on one thread next to other
+    # jobs): run seed 42 (this test) 0.318 / 0.401; seeds 1, 2, 3: 0.300 / 0.418, 0.293 / 0.429, 0.298 / 0.405;
+    # dataset.seed=1: 0.302 / 0.404. Gap 0.11 +- 0.02 (min 0.083), so 0.05 leaves room for seed noise yet fails
+    # when the time signal does not reach the ranking: TiSASRec with model.time_span=1 (every interval of an hour
+    # or more in one bucket) scored 0.314, SASRec's level.
+    assert ndcg["tisasrec"] > ndcg["sasrec"] + 0.05, ndcg
