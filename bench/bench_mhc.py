@@ -1,20 +1,27 @@
-"""Epoch time and peak RSS of SASRec with residual=plain vs residual=mhc on ML-1M's shape (issue 4).
+"""Epoch time and peak RSS of SASRec with residual=plain vs residual=mhc on ML-1M (issue 4).
 
-    python bench/bench_mhc.py [--epochs 1] [--steps 0] [--norm-first true] [--threads 1]
+    python bench/bench_mhc.py [--epochs 3] [--steps 0] [--norm-first true] [--threads 1] [--device cpu]
 
-An epoch is ceil(6040 / 128) = 48 steps of forward + BCE loss (one uniform negative per position) + backward +
-Adam, on batches identical for both variants (users drawn with replacement as in SASRec, left-padded to maxlen 200).
-Time: both models in one process, alternating step by step (the 2 cores are shared with other jobs, so both must
-see the same load); epoch time = 48 x the median (and the mean) step. `--steps N` times N batches instead of 48.
-Peak RSS (ru_maxrss, whole process incl. data) comes from a fresh subprocess per variant. Writes
-bench/results/mhc.json.
+Measures what `python train.py dataset=file dataset.path=ml-1m.txt` runs: the product's TrainSampler
+(bucket_by_length=true: users of similar length batched together, each batch trimmed to its longest sequence),
+BCE with one negative per position weighted by the batch's `loss_weight`, Adam(lr 1e-3, betas 0.9/0.98),
+deterministic kernels as the trainer sets them, and the same number of intra-op threads for both variants (default 1:
+on the 2 shared cores of the dev machine a second OpenMP thread stalls whenever the other core is busy, which
+penalises mHC's many small ops far more than plain's few large ones; `--threads 0` keeps torch's default, what
+train.py uses). An epoch is the sampler's 48 batches of ML-1M (6,040 users, batch 128).
+Time: both models in one process, alternating step by step (and which one goes first) over identical batches, so
+that background load on the shared cores hits both alike; per variant the epoch time is the sum of its steps, and
+the figure is the median over `--epochs` epochs (each with the sampler's batches of that epoch).
+`--steps N` times only the first N batches of each epoch.
+Peak RSS (ru_maxrss, whole process incl. data) comes from a fresh subprocess per variant that trains one full
+epoch (so it meets the widest, untrimmed batches); with `--device cuda` also the peak of allocated GPU memory, and
+steps are timed with a device synchronisation. Prints a table and writes bench/results/mhc.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import resource
@@ -25,46 +32,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-1m.txt"
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "ml-1m.txt"
 OUT = Path(__file__).resolve().parent / "results" / "mhc.json"
-
-
-def load_train_sequences(path: Path) -> tuple[list[list[int]], int]:
-    """User histories minus the last two items (validation, test), as the SASRec split."""
-    users: dict[int, list[int]] = {}
-    for line in path.read_text().splitlines():
-        u, i = line.split()
-        users.setdefault(int(u), []).append(int(i))
-    num_items = max(max(s) for s in users.values())
-    return [s[:-2] if len(s) >= 3 else s for s in users.values()], num_items
-
-
-def make_batches(seqs, num_items, steps, batch_size, maxlen, seed):
-    """(seq, pos, neg) int64 (B, maxlen) batches: input = history[:-1], target = history[1:], right-aligned."""
-    g = torch.Generator().manual_seed(seed)
-    batches = []
-    for _ in range(steps):
-        users = torch.randint(len(seqs), (batch_size,), generator=g).tolist()
-        seq = torch.zeros(batch_size, maxlen, dtype=torch.long)
-        pos = torch.zeros_like(seq)
-        for row, u in enumerate(users):
-            hist = torch.tensor(seqs[u][-(maxlen + 1) :])
-            n = len(hist) - 1
-            seq[row, maxlen - n :], pos[row, maxlen - n :] = hist[:-1], hist[1:]
-        neg = torch.randint(1, num_items + 1, seq.shape, generator=g) * (pos != 0)
-        batches.append((seq, pos, neg))
-    return batches
-
-
-def bce_loss(model, seq, pos, neg):
-    h = model(seq)  # (B, L, D)
-    w = model.item_weight
-    pos_logit, neg_logit = (h * w[pos]).sum(-1), (h * w[neg]).sum(-1)
-    target = pos != 0
-    loss = F.softplus(-pos_logit) + F.softplus(neg_logit)
-    return (loss * target).sum() / target.sum()
+VARIANTS = ("plain", "mhc")
 
 
 def peak_rss_mib() -> float:
@@ -76,136 +48,188 @@ def current_rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def setup(args):
+    """The product's data path: SeqData from the file, TrainSampler with length buckets; deterministic kernels."""
+    sys.path.append(str(ROOT))  # appended: a PYTHONPATH checkout (e.g. an older seqrec to compare with) wins
+    from seqrec.data.dataset import from_file
+    from seqrec.train.sampler import TrainSampler
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda":  # as the trainer on a GPU: TF32 off is torch's default, deterministic kernels on
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)  # as Trainer(deterministic=true), the default
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    data = from_file(path=str(args.data), format="sasrec")
+    sampler = TrainSampler(data, batch_size=args.batch_size, maxlen=args.maxlen, num_negatives=1, seed=0)
+    return data, sampler
+
+
 def build(variant: str, num_items: int, args):
     from seqrec.models.sasrec import SASRec
     from seqrec.nn.residual import MHC, Plain
+    from seqrec.train.losses import BCE
 
     torch.manual_seed(0)
     residual = Plain() if variant == "plain" else MHC(expansion_rate=args.streams)
-    model = SASRec(
-        num_items=num_items,
-        maxlen=args.maxlen,
-        hidden_units=50,
-        num_blocks=2,
-        num_heads=args.heads,
-        dropout_rate=0.2,
-        norm_first=args.norm_first,
-        residual=residual,
+    model = (
+        SASRec(
+            num_items=num_items,
+            maxlen=args.maxlen,
+            hidden_units=50,
+            num_blocks=2,
+            num_heads=args.heads,
+            dropout_rate=0.2,
+            norm_first=args.norm_first,
+            residual=residual,
+        )
+        .to(args.device)
+        .train()
     )
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.98))
+    loss_fn = BCE(num_negatives=1)
 
-    def step(batch):
+    def step(batch):  # Trainer.train_step without clipping and the lr schedule (bf16, so no GradScaler)
+        with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.amp):
+            loss = loss_fn(model(batch.seq), model.item_weight, batch.pos, batch.neg) * batch.loss_weight
         opt.zero_grad(set_to_none=True)
-        bce_loss(model, *batch).backward()
+        loss.backward()
         opt.step()
 
     return model, step
 
 
-def setup(args):
-    torch.set_num_threads(args.threads)
-    seqs, num_items = load_train_sequences(DATA)
-    steps = math.ceil(len(seqs) / args.batch_size)
-    timed = min(steps, args.steps) if args.steps else steps
-    return num_items, steps, make_batches(seqs, num_items, timed, args.batch_size, args.maxlen, seed=1)
+def epoch_batches(sampler, epoch: int, steps: int, device: str) -> list:
+    batches = list(sampler.epoch(epoch))
+    return [b.to(torch.device(device)) for b in (batches[:steps] if steps else batches)]
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def peak_rss(args) -> dict:
-    """Child process, one variant: peak RSS over 3 training steps (memory peaks within a step)."""
-    num_items, _, batches = setup(args)
-    model, step = build(args.variant, num_items, args)
+    """Child process, one variant: peak RSS over one full training epoch (memory peaks at the widest batch)."""
+    data, sampler = setup(args)
+    batches = epoch_batches(sampler, 0, 0, args.device)
+    model, step = build(args.variant, data.num_items, args)
     rss_before = current_rss_mib()
-    for batch in (batches * 3)[:3]:
+    for batch in batches:
         step(batch)
-    return {
+    memory = {
         "peak_rss_mib": peak_rss_mib(),
         "rss_before_training_mib": rss_before,
         "params": sum(p.numel() for p in model.parameters()),
     }
+    if args.device == "cuda":
+        memory["peak_gpu_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return memory
 
 
-def interleaved_times(args) -> dict[str, list[float]]:
-    """Both variants in this process, alternating step by step so that background load hits both alike."""
-    num_items, steps, batches = setup(args)
-    models = {v: build(v, num_items, args)[1] for v in ("plain", "mhc")}
-    for step in models.values():
-        step(batches[0])  # warm-up (allocator, Adam state)
-    times = {v: [] for v in models}
-    for _ in range(args.epochs):
-        for batch in batches:
-            for variant, step in models.items():
+def interleaved_times(args) -> tuple[dict[str, list[float]], list[int]]:
+    """Per variant, the seconds of each timed epoch; both variants in this process, alternating step by step."""
+    data, sampler = setup(args)
+    steps = {v: build(v, data.num_items, args)[1] for v in VARIANTS}
+    warm = epoch_batches(sampler, 0, 0, args.device)
+    for step in steps.values():  # warm-up (allocator, Adam state) on the widest and the narrowest batch
+        for batch in (max(warm, key=lambda b: b.seq.shape[1]), min(warm, key=lambda b: b.seq.shape[1])):
+            step(batch)
+    seconds = {v: [] for v in VARIANTS}
+    widths = []
+    for epoch in range(args.epochs):
+        total = dict.fromkeys(VARIANTS, 0.0)
+        for i, batch in enumerate(epoch_batches(sampler, epoch + 1, args.steps, args.device)):
+            widths.append(batch.seq.shape[1])
+            for variant in VARIANTS if i % 2 == 0 else VARIANTS[::-1]:
+                sync(args.device)
                 t0 = time.perf_counter()
-                step(batch)
-                times[variant].append(time.perf_counter() - t0)
-    return {v: [statistics.median(t) * steps, sum(t) / len(t) * steps] for v, t in times.items()}
+                steps[variant](batch)
+                sync(args.device)
+                total[variant] += time.perf_counter() - t0
+        for variant in VARIANTS:
+            seconds[variant].append(total[variant])
+        ratio = total["mhc"] / total["plain"]
+        print(f"epoch {epoch + 1}: plain {total['plain']:.2f} s, mhc {total['mhc']:.2f} s, ratio {ratio:.3f}")
+    return seconds, widths
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", type=int, default=1, help="timed passes over the batches")
-    p.add_argument("--steps", type=int, default=0, help="time only this many batches per pass (0: a full epoch)")
+    p.add_argument("--epochs", type=int, default=3, help="timed epochs (the median is reported)")
+    p.add_argument("--steps", type=int, default=0, help="time only this many batches per epoch (0: all 48)")
     p.add_argument("--streams", type=int, default=4, help="mHC expansion rate n")
     p.add_argument("--maxlen", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--heads", type=int, default=2, help="conf/model/sasrec.yaml default")
     p.add_argument("--norm-first", type=lambda s: s.lower() == "true", default=True)
-    p.add_argument("--threads", type=int, default=1, help="1: OpenMP's 2-thread kernels stall on shared cores")
-    p.add_argument("--variant", choices=["plain", "mhc"], help=argparse.SUPPRESS)  # child process: peak RSS
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads for both variants; 0: torch's default")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast, as hardware=1gpu (trainer.amp=true)")
+    p.add_argument("--data", type=Path, default=DATA, help="SASRec-format ml-1m.txt")
+    p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # child process: peak RSS
+    p.add_argument("--skip-rss", action="store_true", help="time only (no peak-RSS subprocesses)")
+    p.add_argument("--out", type=Path, default=OUT, help="where to write the JSON")
     args = p.parse_args()
-    if not DATA.exists():
-        print(f"skipped: {DATA} not found")
+    if not args.data.exists():
+        print(f"skipped: {args.data} not found")
         return
     if args.variant:
         print(json.dumps(peak_rss(args)))
         return
 
-    child = [sys.executable, __file__, *sys.argv[1:]]
-    memory = {}
-    for variant in ("plain", "mhc"):
-        out = subprocess.run(child + ["--variant", variant], capture_output=True, text=True, check=True)
-        memory[variant] = json.loads(out.stdout.strip().splitlines()[-1])
-    epoch = interleaved_times(args)
+    memory = dict.fromkeys(VARIANTS, {})
+    if not args.skip_rss:
+        child = [sys.executable, __file__, *sys.argv[1:]]
+        for variant in VARIANTS:
+            out = subprocess.run(child + ["--variant", variant], capture_output=True, text=True, check=True)
+            memory[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+    seconds, widths = interleaved_times(args)
     summary = {
-        v: {"epoch_s_from_median_step": epoch[v][0], "epoch_s_from_mean_step": epoch[v][1], **memory[v]}
-        for v in ("plain", "mhc")
+        v: {"epoch_s_median": statistics.median(seconds[v]), "epoch_s": seconds[v], **memory[v]} for v in VARIANTS
     }
     plain, mhc = summary["plain"], summary["mhc"]
     ratios = {
-        "epoch_time_median": mhc["epoch_s_from_median_step"] / plain["epoch_s_from_median_step"],
-        "epoch_time_mean": mhc["epoch_s_from_mean_step"] / plain["epoch_s_from_mean_step"],
-        "peak_rss": mhc["peak_rss_mib"] / plain["peak_rss_mib"],
+        "epoch_time_median": mhc["epoch_s_median"] / plain["epoch_s_median"],
+        "epoch_time_per_epoch": [m / q for m, q in zip(mhc["epoch_s"], plain["epoch_s"], strict=True)],
     }
-    steps = math.ceil(6040 / args.batch_size)
+    if not args.skip_rss:
+        ratios["peak_rss"] = mhc["peak_rss_mib"] / plain["peak_rss_mib"]
+        if args.device == "cuda":
+            ratios["peak_gpu_allocated"] = mhc["peak_gpu_allocated_mib"] / plain["peak_gpu_allocated_mib"]
+    threads = torch.get_num_threads()
     print(
-        f"SASRec on ML-1M's shape: B={args.batch_size} L={args.maxlen} D=50 blocks=2 heads={args.heads} "
-        f"norm_first={args.norm_first} n={args.streams}, epoch = {steps} steps, {args.threads} thread(s), "
-        f"{args.epochs} x {args.steps or steps} interleaved steps per variant"
+        f"SASRec on ML-1M: B={args.batch_size} maxlen={args.maxlen} (length-bucketed, trimmed: mean width "
+        f"{statistics.mean(widths):.1f}) D=50 blocks=2 heads={args.heads} norm_first={args.norm_first} "
+        f"n={args.streams}, {args.device}{' bf16 autocast' if args.amp else ''}, {threads} thread(s), "
+        f"{args.epochs} x {args.steps or 48} interleaved steps per variant"
     )
-    print(f"{'variant':9} {'epoch s (median step)':>22} {'epoch s (mean step)':>20} {'peak RSS MiB':>13} {'params':>8}")
+    nan = float("nan")
+    print(f"{'variant':9} {'epoch s (median)':>17} {'peak RSS MiB':>13} {'peak GPU MiB':>13} {'params':>8}")
     for variant, s in summary.items():
-        print(
-            f"{variant:9} {s['epoch_s_from_median_step']:22.2f} {s['epoch_s_from_mean_step']:20.2f} "
-            f"{s['peak_rss_mib']:13.0f} {s['params']:8d}"
-        )
-    print(
-        f"{'mhc/plain':9} {ratios['epoch_time_median']:22.3f} {ratios['epoch_time_mean']:20.3f} "
-        f"{ratios['peak_rss']:13.3f}"
-    )
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(
+        rss, gpu, params = s.get("peak_rss_mib", nan), s.get("peak_gpu_allocated_mib", nan), s.get("params", 0)
+        print(f"{variant:9} {s['epoch_s_median']:17.2f} {rss:13.0f} {gpu:13.0f} {params:8d}")
+    rss, gpu = ratios.get("peak_rss", nan), ratios.get("peak_gpu_allocated", nan)
+    print(f"{'mhc/plain':9} {ratios['epoch_time_median']:17.3f} {rss:13.3f} {gpu:13.3f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
         json.dumps(
             {
-                "config": {k: v for k, v in vars(args).items() if k != "variant"},
+                "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "variant"}
+                | {"torch_threads": threads},
                 "torch": torch.__version__,
+                "seqrec": sys.modules["seqrec"].__file__,  # which checkout was measured
                 "machine": platform.machine(),
                 "cpus": os.cpu_count(),
+                "load_average_after": os.getloadavg(),
+                "mean_batch_width": statistics.mean(widths),
                 "summary": summary,
                 "ratios": ratios,
             },
             indent=2,
         )
     )
-    print(f"wrote {OUT}")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
