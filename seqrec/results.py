@@ -3,7 +3,7 @@
     python -m seqrec.results DIR [DIR ...] [--metrics test/ndcg@10,test/hr@10] [--format md|csv]
 
 A row is named after the folder that holds its seeds (`<row>/seed1`, `<row>/seed2`, ... as
-`bench/reproduce_ml1m.py` lays them out), or after its overrides when the seeds are not in one folder. Columns:
+`bench/reproduce.py` lays them out), or after its overrides when the seeds are not in one folder. Columns:
 the number of seeds, each metric as mean ± std (sample std, n - 1), the epochs to the best validation score, the
 epochs run, minutes of training, and how many runs stopped at `trainer.time_limit_min` instead of converging.
 Unfinished runs (no results.json) are left out and counted on stderr.
