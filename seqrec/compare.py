@@ -255,7 +255,7 @@ def plot_learning_curves(runs: list[Run], metric: str, labels: dict[Path, str], 
         fig.legend(handles, names, loc="lower center", ncol=min(3, len(names)), fontsize=8, frameon=False)
         fig.subplots_adjust(left=0.06, right=0.98, bottom=0.14 + 0.05 * math.ceil(len(names) / 3), wspace=0.2)
     path = out / "learning_curves.png"
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # long run labels would otherwise be cut at the edges
     plt.close(fig)
     return path
 
