@@ -2,8 +2,8 @@
 
     python -m seqrec.results DIR [DIR ...] [--metrics test/ndcg@10,test/hr@10] [--format md|csv]
 
-A row is named after the folder that holds its seeds (`<row>/seed1`, `<row>/seed2`, ... as
-`bench/reproduce.py` lays them out), or after its overrides when the seeds are not in one folder. Columns:
+A row is named after the folder that holds its seeds and nothing else (`<row>/seed1`, `<row>/seed2`, ... as
+`bench/reproduce.py` lays them out), otherwise after its overrides. Columns:
 the number of seeds, each metric as mean ± std (sample std, n - 1), the epochs to the best validation score, the
 epochs run, minutes of training, and how many runs stopped at `trainer.time_limit_min` instead of converging.
 Unfinished runs (no results.json) are left out and counted on stderr.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from collections import Counter
 
 from seqrec.compare import CompareError, Run, find_runs, format_table
 
@@ -26,10 +27,13 @@ def group_by_setting(runs: list[Run]) -> dict[str, list[Run]]:
     for run in runs:
         key = tuple(sorted((k, v) for k, v in run.overrides.items() if k != "seed"))
         groups.setdefault(key, []).append(run)
+    runs_per_parent = Counter(r.path.parent for r in runs)
     named = {}
     for key, members in groups.items():
         parents = {r.path.parent for r in members}
-        name = parents.pop().name if len(parents) == 1 else " ".join(f"{k}={v}" for k, v in key)
+        # a folder holding exactly this setting's seeds names the row; otherwise its overrides do
+        only_these = len(parents) == 1 and runs_per_parent[next(iter(parents))] == len(members)
+        name = next(iter(parents)).name if only_these else " ".join(f"{k}={v}" for k, v in key)
         while name in named:
             name += "'"
         named[name] = members
