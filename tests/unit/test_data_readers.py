@@ -1,6 +1,5 @@
 """Interaction and title readers: every format, every bad-input case (one clear DataError line), real MovieLens."""
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -222,15 +221,14 @@ def test_from_file_with_titles(tmp_path):
 
 @pytest.fixture(scope="module")
 def ml1m():
-    start = time.perf_counter()
-    data = from_file(path=str(SHARED / "ml-1m.txt"))
-    return data, time.perf_counter() - start
+    # read once per module; how fast is bench/bench_sasrec.py's business, not a test's (timed asserts flake under load)
+    return from_file(path=str(SHARED / "ml-1m.txt"))
 
 
 @pytest.mark.realdata
 @needs_shared
 def test_real_ml1m_txt(ml1m):
-    d, seconds = ml1m
+    d = ml1m
     assert (d.num_users, d.num_items, d.num_interactions) == (6040, 3416, 999611)
     assert d.item_ids.tolist() == list(range(3417))  # SASRec ids kept exactly
     assert d.user_ids.tolist() == list(range(1, 6041))
@@ -240,7 +238,6 @@ def test_real_ml1m_txt(ml1m):
     first = np.loadtxt(SHARED / "ml-1m.txt", dtype=np.int64, max_rows=50)
     user1 = first[first[:, 0] == 1, 1]
     assert d.user_history(0)[: len(user1)].tolist() == user1.tolist()
-    assert seconds < 5.0, f"reading ml-1m.txt took {seconds:.2f} s"
 
 
 @pytest.mark.realdata
