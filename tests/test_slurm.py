@@ -144,7 +144,9 @@ def test_preempted_job_is_requeued_and_resumes(tmp_path):
     log = (run0 / "train.log").read_text()
     assert "resumed from" in log, log[-2000:]
     resumed_epoch = int(log.split("resumed from")[1].split(" at epoch ")[1].split()[0])
-    assert 1 <= resumed_epoch <= interrupted_at
+    # epochs go on until USR2 is handled, and metrics.jsonl gets epoch k just before last.pt does: so the resume
+    # point is near, not at, the count read before the signal (CI once saw 3 after reading 2); it must precede the end
+    assert max(1, interrupted_at - 1) <= resumed_epoch < 8
     assert _epochs(run0) == list(range(1, 9))  # continued, no epoch lost or repeated
     logs = "".join(p.read_text() for p in job_dirs[0].parent.glob(f"{job_id}/*_log.*"))
     assert "requeue" in logs.lower()  # submitit's checkpoint hook requeued it
