@@ -64,9 +64,12 @@ PUBLISHED = {
 }
 
 
+def run_dir(row: str, seed: int, args) -> Path:
+    return Path(args.out).resolve() / row / f"seed{seed}"
+
+
 def command(row: str, seed: int, args) -> list[str]:
     overrides = [o.format(data=Path(args.data).resolve()) for o in ROWS[row]]
-    run_dir = Path(args.out).resolve() / row / f"seed{seed}"
     return [
         sys.executable,
         str(REPO / "train.py"),
@@ -77,20 +80,21 @@ def command(row: str, seed: int, args) -> list[str]:
         "trainer.progress=false",
         f"trainer.time_limit_min={args.time_limit_min}",
         *args.extra,
-        f"hydra.run.dir={run_dir}",
+        f"hydra.run.dir={run_dir(row, seed, args)}",
     ]
 
 
 def run_one(row: str, seed: int, args) -> tuple[str, int, int, float]:
-    cmd = command(row, seed, args)
-    run_dir = Path(cmd[-1].split("=", 1)[1])
-    if (run_dir / "results.json").is_file():
+    folder = run_dir(row, seed, args)
+    if (folder / "results.json").is_file():
         return row, seed, 0, 0.0
-    run_dir.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUBLAS_WORKSPACE_CONFIG": ":4096:8", "WANDB_MODE": "disabled"}
     start = time.perf_counter()
-    with open(run_dir / "stdout.log", "a") as log:
-        code = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    with open(folder / "stdout.log", "a") as log:
+        code = subprocess.run(
+            command(row, seed, args), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+        ).returncode
     return row, seed, code, time.perf_counter() - start
 
 

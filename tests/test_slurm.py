@@ -72,6 +72,15 @@ def _scancel_all(sweep_dir: Path) -> None:
         subprocess.run(["scancel", d.name.split("_")[0]], capture_output=True, timeout=10)
 
 
+def _run_sweep(sweep_dir: Path, args: list[str], timeout: float) -> None:
+    """Run a SLURM sweep to the end (cancelling its jobs whatever happens) and require success."""
+    try:
+        proc = subprocess.run(_sweep_cmd(sweep_dir, args), capture_output=True, text=True, timeout=timeout, env=_env())
+    finally:
+        _scancel_all(sweep_dir)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
 def _release_when_requeued(job_id: str, timeout: float = 30) -> None:
     """SLURM holds a requeued job back for a while (BeginTime); start it now so the test does not wait minutes."""
     deadline = time.time() + timeout
@@ -93,12 +102,7 @@ def test_two_job_sweep_via_submitit_slurm(tmp_path):
     """`python train.py -m hydra/launcher=slurm ...`: one array job, two runs with results,
     resources from the hardware profile."""
     sweep = tmp_path / "sweep"
-    cmd = _sweep_cmd(sweep, ["trainer.num_epochs=2", "seed=1,2"])
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=_env())
-    finally:
-        _scancel_all(sweep)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    _run_sweep(sweep, ["trainer.num_epochs=2", "seed=1,2"], timeout=150)
     runs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert [p.name.split("seed=")[1].split(",")[0] for p in runs] == ["1", "2"]
     for run in runs:
@@ -159,12 +163,7 @@ def test_preempted_job_is_requeued_and_resumes(tmp_path):
 def test_ddp_job_with_one_slurm_task_per_rank(tmp_path):
     """`trainer.devices=2` under SLURM: 2 tasks of one job, ranks from submitit's environment, one run dir."""
     sweep = tmp_path / "sweep"
-    cmd = _sweep_cmd(sweep, ["trainer.num_epochs=2", "trainer.devices=2"])
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env())
-    finally:
-        _scancel_all(sweep)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    _run_sweep(sweep, ["trainer.num_epochs=2", "trainer.devices=2"], timeout=120)
     script = next((sweep / ".submitit").glob("*/*_submission.sh")).read_text()
     assert "#SBATCH --ntasks-per-node=2" in script
     (run,) = [p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")]

@@ -148,7 +148,7 @@ class _MHCRead(torch.autograd.Function):
         columns[S:] = res.view(S * S, N)
         post = gates[S:].t().mul(2)  # (N, S), contiguous
         # one batched matmul does the read (row 0: H_pre X) and the mixing (rows 1..S: H_res X): (N, 1 + S, D)
-        read = _bmm(read_mix, X, matmul_dtype)
+        read = _mm(read_mix, X, matmul_dtype)
         u = read[:, 0].contiguous()  # a copy, so the sublayer's LayerNorm does not keep all of `read` alive
         mixed = read[:, 1:]  # (N, S, D) view; consumed by the write-back, which does not keep it
         # the Sinkhorn iterates (~165 floats per token at S = 4) are recomputed in the backward instead of kept:
@@ -170,8 +170,8 @@ class _MHCRead(torch.autograd.Function):
             grad_read[:, 0] = grad_u
         if grad_mixed is not None:
             grad_read[:, 1:] = grad_mixed
-        grad_X = _bmm(read_mix.transpose(1, 2), grad_read, ctx.matmul_dtype)  # (N, S, D)
-        grad_columns = _bmm(grad_read, X.transpose(1, 2), ctx.matmul_dtype).view(N, (1 + S) * S).t()  # (S+S^2, N)
+        grad_X = _mm(read_mix.transpose(1, 2), grad_read, ctx.matmul_dtype)  # (N, S, D)
+        grad_columns = _mm(grad_read, X.transpose(1, 2), ctx.matmul_dtype).view(N, (1 + S) * S).t()  # (S+S^2, N)
         # mappings: recompute the logits, the sigmoids and the Sinkhorn iterates
         logits = torch.addcmul(bias[:, None], z, rstd)  # (C, N)
         grad_logits = z.new_empty(C, N)
@@ -196,9 +196,6 @@ class _MHCRead(torch.autograd.Function):
 
 
 def _mm(a: Tensor, b: Tensor, dtype: torch.dtype | None) -> Tensor:
-    """a @ b, in `dtype` if given (autocast's, for fp32_mappings=False), the result in a's dtype."""
+    """a @ b (2-D, or batched 3-D), in `dtype` if given (autocast's, for fp32_mappings=False), the result in a's
+    dtype."""
     return a @ b if dtype is None else (a.to(dtype) @ b.to(dtype)).to(a.dtype)
-
-
-def _bmm(a: Tensor, b: Tensor, dtype: torch.dtype | None) -> Tensor:
-    return torch.bmm(a, b) if dtype is None else torch.bmm(a.to(dtype), b.to(dtype)).to(a.dtype)
