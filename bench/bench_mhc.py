@@ -71,12 +71,12 @@ def build(variant: str, num_items: int, args):
     from seqrec.train.losses import BCE
 
     torch.manual_seed(0)
-    residual = Plain() if variant == "plain" else MHC(expansion_rate=args.streams)
+    residual = Plain() if variant == "plain" else MHC(expansion_rate=args.streams, compile=args.compile)
     model = (
         SASRec(
             num_items=num_items,
             maxlen=args.maxlen,
-            hidden_units=50,
+            hidden_units=args.hidden,
             num_blocks=2,
             num_heads=args.heads,
             dropout_rate=0.2,
@@ -132,9 +132,13 @@ def interleaved_times(args) -> tuple[dict[str, list[float]], list[int]]:
     data, sampler = setup(args)
     steps = {v: build(v, data.num_items, args)[1] for v in VARIANTS}
     warm = epoch_batches(sampler, 0, 0, args.device)
-    for step in steps.values():  # warm-up (allocator, Adam state) on the widest and the narrowest batch
+    warmup_s = {}
+    for variant, step in steps.items():  # warm-up (allocator, Adam state, compiling) on the widest, narrowest batch
+        t0 = time.perf_counter()
         for batch in (max(warm, key=lambda b: b.seq.shape[1]), min(warm, key=lambda b: b.seq.shape[1])):
             step(batch)
+        warmup_s[variant] = time.perf_counter() - t0
+        print(f"{variant}: warm-up (2 steps, incl. any compilation) {warmup_s[variant]:.1f} s", flush=True)
     seconds = {v: [] for v in VARIANTS}
     widths = []
     for epoch in range(args.epochs):
@@ -151,7 +155,7 @@ def interleaved_times(args) -> tuple[dict[str, list[float]], list[int]]:
             seconds[variant].append(total[variant])
         ratio = total["mhc"] / total["plain"]
         print(f"epoch {epoch + 1}: plain {total['plain']:.2f} s, mhc {total['mhc']:.2f} s, ratio {ratio:.3f}")
-    return seconds, widths
+    return seconds, widths, warmup_s
 
 
 def main() -> None:
@@ -160,12 +164,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=0, help="time only this many batches per epoch (0: all 48)")
     p.add_argument("--streams", type=int, default=4, help="mHC expansion rate n")
     p.add_argument("--maxlen", type=int, default=200)
+    p.add_argument("--hidden", type=int, default=50, help="hidden units D (the issue's figure is at 50)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--heads", type=int, default=2, help="conf/model/sasrec.yaml default")
     p.add_argument("--norm-first", type=lambda s: s.lower() == "true", default=True)
     p.add_argument("--threads", type=int, default=1, help="intra-op threads for both variants; 0: torch's default")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--amp", action="store_true", help="bf16 autocast, as hardware=1gpu (trainer.amp=true)")
+    p.add_argument("--compile", type=lambda s: s.lower() == "true", default=False, help="residual.compile")
     p.add_argument("--data", type=Path, default=DATA, help="SASRec-format ml-1m.txt")
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # child process: peak RSS
     p.add_argument("--skip-rss", action="store_true", help="time only (no peak-RSS subprocesses)")
@@ -184,9 +190,10 @@ def main() -> None:
         for variant in VARIANTS:
             out = subprocess.run(child + ["--variant", variant], capture_output=True, text=True, check=True)
             memory[variant] = json.loads(out.stdout.strip().splitlines()[-1])
-    seconds, widths = interleaved_times(args)
+    seconds, widths, warmup_s = interleaved_times(args)
     summary = {
-        v: {"epoch_s_median": statistics.median(seconds[v]), "epoch_s": seconds[v], **memory[v]} for v in VARIANTS
+        v: {"epoch_s_median": statistics.median(seconds[v]), "epoch_s": seconds[v], "warmup_s": warmup_s[v]} | memory[v]
+        for v in VARIANTS
     }
     plain, mhc = summary["plain"], summary["mhc"]
     ratios = {
@@ -200,7 +207,7 @@ def main() -> None:
     threads = torch.get_num_threads()
     print(
         f"SASRec on ML-1M: B={args.batch_size} maxlen={args.maxlen} (length-bucketed, trimmed: mean width "
-        f"{statistics.mean(widths):.1f}) D=50 blocks=2 heads={args.heads} norm_first={args.norm_first} "
+        f"{statistics.mean(widths):.1f}) D={args.hidden} blocks=2 heads={args.heads} norm_first={args.norm_first} "
         f"n={args.streams}, {args.device}{' bf16 autocast' if args.amp else ''}, {threads} thread(s), "
         f"{args.epochs} x {args.steps or 48} interleaved steps per variant"
     )

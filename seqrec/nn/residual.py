@@ -64,6 +64,7 @@ class MHC:
         readout: "sum" (Hyper-Connections) or "mean" over the streams; a LayerNorm follows, so they differ only
             through its epsilon.
         res_diag_init: diagonal of the static H_res logits; None: ln(9(S-1)), i.e. 0.9 on the diagonal at init.
+        compile: fuse each connection's read with torch.compile in training steps (seqrec.nn.mhc_compiled).
     """
 
     def __init__(
@@ -75,6 +76,7 @@ class MHC:
         fp32_mappings: bool = True,
         readout: str = "sum",
         res_diag_init: float | None = None,
+        compile: bool = False,
     ):
         problems = []
         if expansion_rate < 1:
@@ -87,6 +89,7 @@ class MHC:
             raise ConfigError("; ".join(problems))
         self.expansion_rate, self.sinkhorn_iters, self.init_gate = expansion_rate, sinkhorn_iters, init_gate
         self.fp32_mappings, self.readout, self.res_diag_init = fp32_mappings, readout, res_diag_init
+        self.compile = compile
 
     def connection(self, dim: int, norm_first: bool) -> nn.Module:
         return MHCConnection(
@@ -98,12 +101,14 @@ class MHC:
             res_diag_init=self.res_diag_init,
             fp32_mappings=self.fp32_mappings,
             ln_eps=LN_EPS,
+            compile=self.compile,
         )
 
     def expand(self, x: Tensor) -> Tensor:
         """(B, L, D) -> (B, L, S, D): every stream starts as the embedding."""
-        # a real copy: batched matmul over a stride-0 stream dim takes a slow path on CPU
-        return x.unsqueeze(-2).repeat_interleave(self.expansion_rate, dim=-2)
+        # a real copy, not a view: batched matmul over a stride-0 stream dim takes a slow path on CPU, and
+        # torch.compile (residual.compile) would compile once more for a view input
+        return x.unsqueeze(-2).repeat(*(1,) * (x.dim() - 1), self.expansion_rate, 1)
 
     def reduce(self, state: Tensor) -> Tensor:
         """(B, L, S, D) -> (B, L, D)."""
@@ -151,5 +156,5 @@ class MHC:
         return (
             f"MHC(expansion_rate={self.expansion_rate}, sinkhorn_iters={self.sinkhorn_iters}, "
             f"init_gate={self.init_gate}, fp32_mappings={self.fp32_mappings}, readout={self.readout!r}, "
-            f"res_diag_init={self.res_diag_init})"
+            f"res_diag_init={self.res_diag_init}, compile={self.compile})"
         )

@@ -1,6 +1,7 @@
 """Sinkhorn-Knopp for mHC's H_res (models.md 4.5 items 1-3, 5): doubly stochastic, non-expansive, closed under
 products, the fast form equal to the log-space one (values and gradients), n = 1 exact, no NaN at any spread."""
 
+import pytest
 import torch
 
 from seqrec.nn.mhc import default_res_diag
@@ -126,3 +127,74 @@ def test_fused_connection_read_is_the_autograd_formula():
     for grad, ref in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(grad, ref, rtol=0, atol=1e-10)
     assert torch.autograd.gradcheck(fused, inputs)
+
+
+def _read_case(dtype=torch.float64):
+    """(B, L, S, D) streams with a padded (all-zero) token, a weight and a bias, for the two read paths."""
+    B, L, S, D = 2, 3, 4, 5
+    g = torch.Generator().manual_seed(11)
+    state = torch.randn(B, L, S, D, generator=g, dtype=dtype)
+    state[0, 0] = 0
+    W = 0.5 * torch.randn(S * D, 2 * S + S * S, generator=g, dtype=dtype)
+    b = torch.randn(2 * S + S * S, generator=g, dtype=dtype)
+    return state, W, b
+
+
+def _eager_read(state, W, b, iters):
+    from seqrec.nn.mhc import _MHCRead
+
+    B, L, S, D = state.shape
+    return [t.view(B, L, *t.shape[1:]) for t in _MHCRead.apply(state.view(B * L, S, D), W, b, iters, None)]
+
+
+@pytest.mark.slow
+def test_compiled_read_is_the_eager_read():
+    """residual.compile=true: the token-by-token read through torch.compile gives _MHCRead's values and gradients
+    (float64, padding token included), and the diagnostics outputs too."""
+    from seqrec.nn.mhc_compiled import CompiledRead
+
+    iters = 3
+    state, W, b = _read_case()
+    compiled = CompiledRead()
+    inputs = [t.clone().requires_grad_() for t in (state, W, b)]
+    eager_inputs = [t.clone().requires_grad_() for t in (state, W, b)]
+    B, L, S, D = state.shape
+    outs = compiled(inputs[0], inputs[0].flatten(-2) @ inputs[1], inputs[2], iters)
+    assert outs is not None, compiled.failure
+    refs = _eager_read(*eager_inputs, iters)
+    for out, ref in zip(outs, refs, strict=True):
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    g = torch.Generator().manual_seed(3)
+    weights = [torch.randn(r.shape, generator=g, dtype=torch.float64) for r in refs[:3]]
+    grads = torch.autograd.grad(sum((o * w).sum() for o, w in zip(outs, weights)), inputs)
+    ref_grads = torch.autograd.grad(sum((r * w).sum() for r, w in zip(refs, weights)), eager_inputs)
+    for grad, ref in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(grad, ref, rtol=0, atol=1e-10)
+
+
+def test_compile_failure_falls_back_to_the_eager_read(monkeypatch, caplog):
+    """Where torch.compile cannot work (no C++ compiler, say), the connection warns once and computes eagerly."""
+    import seqrec.nn.mhc_compiled as mhc_compiled
+    from seqrec.nn.mhc import MHCConnection
+
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+        return run
+
+    monkeypatch.setattr(mhc_compiled.torch, "compile", broken_compile)
+    monkeypatch.setattr(mhc_compiled, "compiled_read", mhc_compiled.CompiledRead())
+    kwargs = dict(streams=4, sinkhorn_iters=5, init_gate=0.1, res_diag_init=None, fp32_mappings=True, ln_eps=1e-8)
+    torch.manual_seed(0)
+    fast, plain = MHCConnection(5, True, compile=True, **kwargs), MHCConnection(5, True, **kwargs)
+    plain.load_state_dict(fast.state_dict())
+    state = torch.randn(2, 3, 4, 5)
+    with caplog.at_level("WARNING"):
+        out = fast(state, torch.tanh)
+        fast(state, torch.tanh)
+    torch.testing.assert_close(out, plain(state, torch.tanh))
+    assert [r.message for r in caplog.records if "torch.compile failed" in r.message] == [
+        "mHC: torch.compile failed (RuntimeError: InvalidCxxCompiler: No working C++ compiler found); "
+        "using the eager kernels (residual.compile=false)"
+    ]
