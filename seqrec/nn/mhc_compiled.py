@@ -8,10 +8,11 @@ AOTAutograd derives the backward, and its partitioner recomputes the cheap point
 The maths is _MHCRead's (mHC, arXiv 2512.24880, Eq. 7-9): same column-max shift and FLOOR, same iterates, and
 the tests check values and gradients against it.
 
-The price is compilation: about a minute the first time in a process tree on a 2-core machine, a few seconds when
-inductor's on-disk cache already holds the kernels (same S, same iterations). So it is used for training steps only
-(gradients on, fp32 mappings), the evaluation's no-grad passes stay eager, and any failure to compile (no C++
-compiler, an unsupported platform) falls back to the eager path with one warning.
+The price: compiling takes about a minute on a 2-core machine the first time, a few seconds once inductor's on-disk
+cache holds the kernels (same S, D and iterations), and the backward keeps more than _MHCRead's (peak RSS ~1.1x
+the eager path's on ML-1M). Hence opt-in (`residual.compile=true`), for training steps only (gradients on, fp32
+mappings); the evaluation's no-grad passes stay eager, and any failure to compile (no C++ compiler, an unsupported
+platform) falls back to the eager path with one warning. Measurements: docs/BENCHMARKS.md, mHC section.
 """
 
 from __future__ import annotations
