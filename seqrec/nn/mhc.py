@@ -44,7 +44,7 @@ class MHCConnection(nn.Module):
         fp32_mappings: compute the mappings, Sinkhorn and the stream mixing in float32 even under autocast.
         ln_eps: epsilon of the sublayer's LayerNorm.
         compile: run the read through torch.compile in training steps (seqrec.nn.mhc_compiled); the same maths,
-            ~1.3x instead of ~1.6x plain's step time on a CPU, after a one-off compilation.
+            ~1.5x instead of ~1.6x plain's epoch time on a CPU, after a one-off compilation, at more memory.
     """
 
     def __init__(
