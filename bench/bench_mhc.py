@@ -1,6 +1,7 @@
 """Epoch time and peak RSS of SASRec with residual=plain vs residual=mhc on ML-1M (issue 4).
 
     python bench/bench_mhc.py [--epochs 3] [--steps 0] [--norm-first true] [--threads 1] [--device cpu]
+                              [--compile true] [--hidden 50]
 
 Measures what `python train.py dataset=file dataset.path=ml-1m.txt` runs: the product's TrainSampler
 (bucket_by_length=true: users of similar length batched together, each batch trimmed to its longest sequence),
@@ -127,8 +128,9 @@ def peak_rss(args) -> dict:
     return memory
 
 
-def interleaved_times(args) -> tuple[dict[str, list[float]], list[int]]:
-    """Per variant, the seconds of each timed epoch; both variants in this process, alternating step by step."""
+def interleaved_times(args) -> tuple[dict[str, list[float]], list[int], dict[str, float]]:
+    """Per variant, the seconds of each timed epoch (both variants in this process, alternating step by step), the
+    batch widths, and the warm-up seconds (which include any compilation)."""
     data, sampler = setup(args)
     steps = {v: build(v, data.num_items, args)[1] for v in VARIANTS}
     warm = epoch_batches(sampler, 0, 0, args.device)
