@@ -160,6 +160,10 @@ def interleaved_times(args) -> tuple[dict[str, list[float]], list[int], dict[str
     return seconds, widths, warmup_s
 
 
+def true_false(text: str) -> bool:
+    return text.lower() == "true"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=3, help="timed epochs (the median is reported)")
@@ -169,11 +173,11 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=50, help="hidden units D (the issue's figure is at 50)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--heads", type=int, default=2, help="conf/model/sasrec.yaml default")
-    p.add_argument("--norm-first", type=lambda s: s.lower() == "true", default=True)
+    p.add_argument("--norm-first", type=true_false, default=True)
     p.add_argument("--threads", type=int, default=1, help="intra-op threads for both variants; 0: torch's default")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--amp", action="store_true", help="bf16 autocast, as hardware=1gpu (trainer.amp=true)")
-    p.add_argument("--compile", type=lambda s: s.lower() == "true", default=False, help="residual.compile")
+    p.add_argument("--compile", type=true_false, default=False, help="residual.compile")
     p.add_argument("--data", type=Path, default=DATA, help="SASRec-format ml-1m.txt")
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # child process: peak RSS
     p.add_argument("--skip-rss", action="store_true", help="time only (no peak-RSS subprocesses)")

@@ -81,7 +81,8 @@ class CompiledRead:
         try:
             return self._compiled(state, z, bias, iters)
         except Exception as error:  # noqa: BLE001 - any compiler failure: the eager path computes the same
-            self.failure = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}"
+            first_line = (str(error).strip().splitlines() or [""])[0]
+            self.failure = f"{type(error).__name__}: {first_line}"
             log.warning(
                 "mHC: torch.compile failed (%s); using the eager kernels (residual.compile=false)",
                 self.failure,
