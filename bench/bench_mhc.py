@@ -1,7 +1,7 @@
 """Epoch time and peak RSS of SASRec with residual=plain vs residual=mhc on ML-1M (issue 4).
 
     python bench/bench_mhc.py [--epochs 3] [--steps 0] [--norm-first true] [--threads 1] [--device cpu]
-                              [--compile true] [--hidden 50]
+                              [--kernel auto|native|compile|eager] [--hidden 50]
 
 Measures what `python train.py dataset=file dataset.path=ml-1m.txt` runs: the product's TrainSampler
 (bucket_by_length=true: users of similar length batched together, each batch trimmed to its longest sequence),
@@ -72,7 +72,7 @@ def build(variant: str, num_items: int, args):
     from seqrec.train.losses import BCE
 
     torch.manual_seed(0)
-    residual = Plain() if variant == "plain" else MHC(expansion_rate=args.streams, compile=args.compile)
+    residual = Plain() if variant == "plain" else MHC(expansion_rate=args.streams, kernel=args.kernel)
     model = (
         SASRec(
             num_items=num_items,
@@ -177,7 +177,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="intra-op threads for both variants; 0: torch's default")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--amp", action="store_true", help="bf16 autocast, as hardware=1gpu (trainer.amp=true)")
-    p.add_argument("--compile", type=true_false, default=False, help="residual.compile")
+    kernels = ["auto", "native", "compile", "eager"]
+    p.add_argument("--kernel", choices=kernels, default="auto", help="residual.kernel (mHC's implementation)")
     p.add_argument("--data", type=Path, default=DATA, help="SASRec-format ml-1m.txt")
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # child process: peak RSS
     p.add_argument("--skip-rss", action="store_true", help="time only (no peak-RSS subprocesses)")

@@ -42,11 +42,11 @@ ROWS: dict[str, list[str]] = {
     "ml1m_sasrec_bce_paper": ML1M + PAPER + ["eval.also_sampled=true", "optimized_metric=val_sampled/ndcg@10"],
     # full ranking
     "ml1m_sasrec_ce": ML1M + CE + ["eval.also_sampled=true"],
-    "ml1m_sasrec_ce_mhc": ML1M + CE + ["residual=mhc", "residual.compile=true", "eval.also_sampled=true"],
+    "ml1m_sasrec_ce_mhc": ML1M + CE + ["residual=mhc", "eval.also_sampled=true"],
     # timestamped ML-1M (users 1-2,999 with real timestamps), full ranking
     "ml1m_half_sasrec_ce": ML1M_HALF + CE,
     "ml1m_half_tisasrec_ce": ML1M_HALF + CE + TIME,
-    "ml1m_half_tisasrec_ce_mhc": ML1M_HALF + CE + TIME + ["residual=mhc", "residual.compile=true"],
+    "ml1m_half_tisasrec_ce_mhc": ML1M_HALF + CE + TIME + ["residual=mhc"],
     # the small timestamped sets at the TiSASRec paper's window for them (maxlen 50), full ranking
     "ml100k_sasrec_ce": ML100K + CE + SHORT,
     "ml100k_tisasrec_ce": ML100K + CE + TIME + SHORT,

@@ -29,7 +29,7 @@ class Block(nn.Module):
 
     def forward(self, state: Tensor, ctx: AttentionContext) -> Tensor:
         state = self.attn_connection(state, lambda u: self.attn(u, ctx))
-        return self.ffn_connection(state, self.ffn)
+        return self.ffn_connection(state, self.ffn, keep=ctx.valid)  # padding rows leave every block as zeros
 
 
 class SASRec(nn.Module):
@@ -125,11 +125,9 @@ class SASRec(nn.Module):
             (B, L, D) final-normalised hidden states; row t predicts the item after seq[:, t].
         """
         ctx = self.context(seq, times, time_scale)
-        keep = ctx.valid[..., None]  # (B, L, 1)
         state = self.residual.expand(self.embed(seq, ctx))  # (B, L, D) or (B, L, S, D) for mHC
-        keep = keep.view(keep.shape + (1,) * (state.dim() - 3))
         for block in self.blocks:
-            state = block(state, ctx) * keep
+            state = block(state, ctx)
         return self.final_norm(self.residual.reduce(state))
 
     def score_all(self, h: Tensor) -> Tensor:

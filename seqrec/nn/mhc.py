@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from seqrec.nn import mhc_compiled
+from seqrec.nn import mhc_compiled, mhc_native
 from seqrec.nn.mhc_compiled import RMS_EPS
 from seqrec.nn.sinkhorn import sinkhorn_backward, sinkhorn_kernel, sinkhorn_scalings
 
@@ -43,8 +43,12 @@ class MHCConnection(nn.Module):
         res_diag_init: diagonal of the static H_res logits (off-diagonal 0); None: ln(9(S-1)), 0.9 on the diagonal.
         fp32_mappings: compute the mappings, Sinkhorn and the stream mixing in float32 even under autocast.
         ln_eps: epsilon of the sublayer's LayerNorm.
-        compile: run the read through torch.compile in training steps (seqrec.nn.mhc_compiled); the same maths,
-            ~1.5x instead of ~1.6x plain's epoch time on a CPU, after a one-off compilation, at more memory.
+        kernel: how the connection runs; the maths is the same in all four (the tests check it):
+            "native": C++ kernels for a float32 state on the CPU (seqrec.nn.mhc_native), one pass over the state per
+            kernel, built on first use; elsewhere (a GPU, float16/bfloat16 mappings) the eager path below.
+            "auto": "native" where those kernels build (a C++ compiler is present), else "eager".
+            "compile": the read through torch.compile in training steps (seqrec.nn.mhc_compiled).
+            "eager": PyTorch ops, one autograd node for the read (_MHCRead); runs anywhere.
     """
 
     def __init__(
@@ -58,12 +62,12 @@ class MHCConnection(nn.Module):
         res_diag_init: float | None,
         fp32_mappings: bool,
         ln_eps: float,
-        compile: bool = False,
+        kernel: str = "eager",
     ):
         super().__init__()
         self.dim, self.streams, self.norm_first = dim, streams, norm_first
         self.sinkhorn_iters, self.fp32_mappings = sinkhorn_iters, fp32_mappings
-        self.init_gate, self.compile = init_gate, compile
+        self.init_gate, self.kernel = init_gate, kernel
         self.res_diag_init = default_res_diag(streams) if res_diag_init is None else res_diag_init
         S = streams
         self.phi = nn.Parameter(torch.empty(S * dim, 2 * S + S * S))  # dynamic maps [pre | post | res]
@@ -92,18 +96,24 @@ class MHCConnection(nn.Module):
         gates = torch.cat([self.alpha[:2].repeat_interleave(S), self.alpha[2].expand(S * S)])  # (2S + S^2,)
         return self.phi * (self.gain[:, None] * gates)
 
-    def forward(self, state: Tensor, sublayer: Callable[[Tensor], Tensor]) -> Tensor:
-        """(B, L, S, D) state -> (B, L, S, D); `sublayer` maps (B, L, D) -> (B, L, D) under the caller's autocast."""
+    def forward(self, state: Tensor, sublayer: Callable[[Tensor], Tensor], keep: Tensor | None = None) -> Tensor:
+        """(B, L, S, D) state -> (B, L, S, D); `sublayer` maps (B, L, D) -> (B, L, D) under the caller's autocast.
+
+        Rows where the (B, L) `keep` is False/0 (padding) come out zero in every stream.
+        """
         B, L, S, D = state.shape
         device = state.device.type
         # fp32_mappings=False under autocast: the two matmuls run in autocast's dtype, as autocast would run them
         low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         matmul_dtype = None if self.fp32_mappings else low
         state = (state.float() if self.fp32_mappings else state).contiguous()
+        native = self.kernel in ("auto", "native") and matmul_dtype is None
+        if native and mhc_native.supports(state, S, self.sinkhorn_iters):
+            return self._native_forward(state, sublayer, keep)
         read = None
         with torch.autocast(device, enabled=False):
             weight, bias = self.fused_weight().to(state.dtype), self.bias.to(state.dtype)
-            if self.compile and matmul_dtype is None and torch.is_grad_enabled():  # no-grad passes: not worth a compile
+            if self.kernel == "compile" and matmul_dtype is None and torch.is_grad_enabled():  # no-grad: not worth it
                 z = state.flatten(-2) @ weight  # (B, L, 2S + S^2); state and z are not views (dynamo guards those)
                 # the bias per token, so that its gradient's sum over tokens runs outside the graph: inductor picks
                 # its reduction kernel by the token count (> 4096 or not), which would mean two compilations
@@ -118,12 +128,33 @@ class MHCConnection(nn.Module):
         out = sublayer((self.norm(u) if self.norm_first else u).view(B, L, D))  # (B, L, D)
         # write to every stream: X' = H_res X + H_post^T out, (B, L, S, D), a new tensor, not a view
         state = torch.addcmul(mixed.view(B, L, S, D), post.view(B, L, S, 1), out.view(B, L, 1, D).to(mixed.dtype))
-        return state if self.norm_first else self.norm(state)
+        state = state if self.norm_first else self.norm(state)
+        return state if keep is None else state * keep[..., None, None]
+
+    def _native_forward(self, state: Tensor, sublayer: Callable[[Tensor], Tensor], keep: Tensor | None) -> Tensor:
+        """forward() through the C++ kernels (seqrec.nn.mhc_native): float32 state on the CPU."""
+        B, L, S, D = state.shape
+        X = state.view(B * L, S, D)
+        link = mhc_native.Link()
+        with torch.autocast("cpu", enabled=False):
+            u, maps, mean_square = mhc_native.read(X, self.fused_weight(), self.bias, self.sinkhorn_iters, link)
+        # maps per token: [H_post | H_pre | H_res]; kept for MHC.diagnostics (no copy); all-zero tokens are padding
+        self.last = {"read_mix": maps[:, S:].detach().view(B, L, 1 + S, S), "post": maps[:, :S].detach().view(B, L, S)}
+        self.last["real"] = (mean_square > 0).view(B, L)
+        out = sublayer((self.norm(u) if self.norm_first else u).view(B, L, D))  # (B, L, D)
+        # Pre-LN: the padding mask is applied inside the write; Post-LN: after the LayerNorm, as in forward()
+        inner_keep = keep.reshape(B * L).to(X.dtype) if keep is not None and self.norm_first else None
+        with torch.autocast("cpu", enabled=False):
+            state = mhc_native.write(X, maps, out.reshape(B * L, D).to(X.dtype), inner_keep, link).view(B, L, S, D)
+        if self.norm_first:
+            return state
+        state = self.norm(state)
+        return state if keep is None else state * keep[..., None, None]
 
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, streams={self.streams}, norm_first={self.norm_first}, iters={self.sinkhorn_iters}, "
-            f"compile={self.compile}"
+            f"kernel={self.kernel}"
         )
 
 

@@ -10,7 +10,7 @@ the tests check values and gradients against it.
 
 The price: compiling takes about a minute on a 2-core machine the first time, a few seconds once inductor's on-disk
 cache holds the kernels (same S, D and iterations), and the backward keeps more than _MHCRead's (peak RSS ~1.1x
-the eager path's on ML-1M). Hence opt-in (`residual.compile=true`), for training steps only (gradients on, fp32
+the eager path's on ML-1M). Hence opt-in (`residual.kernel=compile`), for training steps only (gradients on, fp32
 mappings); the evaluation's no-grad passes stay eager, and any failure to compile (no C++ compiler, an unsupported
 platform) falls back to the eager path with one warning. Measurements: docs/BENCHMARKS.md, mHC section.
 """
@@ -84,7 +84,7 @@ class CompiledRead:
             first_line = (str(error).strip().splitlines() or [""])[0]
             self.failure = f"{type(error).__name__}: {first_line}"
             log.warning(
-                "mHC: torch.compile failed (%s); using the eager kernels (residual.compile=false)",
+                "mHC: torch.compile failed (%s); using the eager kernels (as residual.kernel=eager)",
                 self.failure,
             )
             return None

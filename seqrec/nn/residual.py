@@ -16,6 +16,7 @@ from seqrec.errors import ConfigError
 from seqrec.nn.mhc import MHCConnection
 
 LN_EPS = 1e-8  # as the SASRec TF code and SASRec.pytorch
+KERNELS = ("auto", "native", "compile", "eager")  # how MHCConnection runs (seqrec.nn.mhc)
 
 
 class PlainConnection(nn.Module):
@@ -26,10 +27,10 @@ class PlainConnection(nn.Module):
         self.norm_first = norm_first
         self.norm = nn.LayerNorm(dim, eps=LN_EPS)
 
-    def forward(self, x: Tensor, sublayer: Callable[[Tensor], Tensor]) -> Tensor:
-        if self.norm_first:
-            return x + sublayer(self.norm(x))
-        return self.norm(x + sublayer(x))
+    def forward(self, x: Tensor, sublayer: Callable[[Tensor], Tensor], keep: Tensor | None = None) -> Tensor:
+        """(B, L, D) -> (B, L, D); rows where the (B, L) `keep` is False/0 (padding) come out zero."""
+        y = x + sublayer(self.norm(x)) if self.norm_first else self.norm(x + sublayer(x))
+        return y if keep is None else y * keep[..., None]
 
 
 class Plain:
@@ -64,7 +65,9 @@ class MHC:
         readout: "sum" (Hyper-Connections) or "mean" over the streams; a LayerNorm follows, so they differ only
             through its epsilon.
         res_diag_init: diagonal of the static H_res logits; None: ln(9(S-1)), i.e. 0.9 on the diagonal at init.
-        compile: fuse each connection's read with torch.compile in training steps (seqrec.nn.mhc_compiled).
+        kernel: "auto" (C++ kernels on the CPU where a compiler is present, else eager PyTorch), "native",
+            "compile" (torch.compile of the read) or "eager"; same maths, see MHCConnection.
+        compile: older spelling of kernel="compile" (kept so that earlier commands still run).
     """
 
     def __init__(
@@ -76,6 +79,7 @@ class MHC:
         fp32_mappings: bool = True,
         readout: str = "sum",
         res_diag_init: float | None = None,
+        kernel: str = "auto",
         compile: bool = False,
     ):
         problems = []
@@ -83,13 +87,15 @@ class MHC:
             problems.append(f"residual.expansion_rate={expansion_rate} must be >= 1")
         if sinkhorn_iters < 1:
             problems.append(f"residual.sinkhorn_iters={sinkhorn_iters} must be >= 1")
+        if kernel not in KERNELS:
+            problems.append(f"residual.kernel={kernel!r} must be one of {', '.join(KERNELS)}")
         if readout not in ("sum", "mean"):
             problems.append(f"residual.readout={readout!r} must be 'sum' or 'mean'")
         if problems:
             raise ConfigError("; ".join(problems))
         self.expansion_rate, self.sinkhorn_iters, self.init_gate = expansion_rate, sinkhorn_iters, init_gate
         self.fp32_mappings, self.readout, self.res_diag_init = fp32_mappings, readout, res_diag_init
-        self.compile = compile
+        self.kernel = "compile" if compile else kernel
 
     def connection(self, dim: int, norm_first: bool) -> nn.Module:
         return MHCConnection(
@@ -101,13 +107,13 @@ class MHC:
             res_diag_init=self.res_diag_init,
             fp32_mappings=self.fp32_mappings,
             ln_eps=LN_EPS,
-            compile=self.compile,
+            kernel=self.kernel,
         )
 
     def expand(self, x: Tensor) -> Tensor:
         """(B, L, D) -> (B, L, S, D): every stream starts as the embedding."""
         # a real copy, not a view: batched matmul over a stride-0 stream dim takes a slow path on CPU, and
-        # torch.compile (residual.compile) would compile once more for a view input
+        # torch.compile (residual.kernel=compile) would compile once more for a view input
         return x.unsqueeze(-2).repeat(*(1,) * (x.dim() - 1), self.expansion_rate, 1)
 
     def reduce(self, state: Tensor) -> Tensor:
@@ -156,5 +162,5 @@ class MHC:
         return (
             f"MHC(expansion_rate={self.expansion_rate}, sinkhorn_iters={self.sinkhorn_iters}, "
             f"init_gate={self.init_gate}, fp32_mappings={self.fp32_mappings}, readout={self.readout!r}, "
-            f"res_diag_init={self.res_diag_init}, compile={self.compile})"
+            f"res_diag_init={self.res_diag_init}, kernel={self.kernel!r})"
         )

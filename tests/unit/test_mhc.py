@@ -149,7 +149,7 @@ def _eager_read(state, W, b, iters):
 
 @pytest.mark.slow
 def test_compiled_read_is_the_eager_read():
-    """residual.compile=true: the token-by-token read through torch.compile gives _MHCRead's values and gradients
+    """residual.kernel=compile: the token-by-token read through torch.compile gives _MHCRead's values and gradients
     (float64, padding token included), and the diagnostics outputs too."""
     from seqrec.nn.mhc_compiled import CompiledRead
 
@@ -187,7 +187,8 @@ def test_compile_failure_falls_back_to_the_eager_read(monkeypatch, caplog):
     monkeypatch.setattr(mhc_compiled, "compiled_read", mhc_compiled.CompiledRead())
     kwargs = dict(streams=4, sinkhorn_iters=5, init_gate=0.1, res_diag_init=None, fp32_mappings=True, ln_eps=1e-8)
     torch.manual_seed(0)
-    fast, plain = MHCConnection(5, True, compile=True, **kwargs), MHCConnection(5, True, **kwargs)
+    fast = MHCConnection(5, True, kernel="compile", **kwargs)
+    plain = MHCConnection(5, True, kernel="eager", **kwargs)
     plain.load_state_dict(fast.state_dict())
     state = torch.randn(2, 3, 4, 5)
     with caplog.at_level("WARNING"):
@@ -196,5 +197,5 @@ def test_compile_failure_falls_back_to_the_eager_read(monkeypatch, caplog):
     torch.testing.assert_close(out, plain(state, torch.tanh))
     assert [r.message for r in caplog.records if "torch.compile failed" in r.message] == [
         "mHC: torch.compile failed (RuntimeError: InvalidCxxCompiler: No working C++ compiler found); "
-        "using the eager kernels (residual.compile=false)"
+        "using the eager kernels (as residual.kernel=eager)"
     ]

@@ -1,0 +1,416 @@
+// mHC connection kernels for the CPU (seqrec.nn.mhc_native): the read before a sublayer and the write-back after
+// it, forward and backward, one pass over each token's S x D stream state at a time.
+//
+// Why hand-written: the eager form (seqrec.nn.mhc._MHCRead) and even torch.compile's fused form pass over the
+// (N, S, D) state ~15-20 times per connection and step; at hidden 50 those passes, not the arithmetic, are what
+// mHC costs. Here each kernel visits a token's state once, and the per-token S x S work (sigmoids, Sinkhorn and its
+// reverse) runs on blocks of TB tokens laid out [entry][token], so that the compiler vectorises it across tokens.
+//
+// Layouts (row-major, float32): X (N, S, D) stream state; W (S*D, C) fused mapping weight (phi with the RMSNorm
+// gain and the gates folded in), WT its transpose (C, S*D); b (C) static logits; C = 2S + S*S with logit columns
+// [pre | post | res (row-major S x S)]. maps (N, C) per token in the order [post | pre | res] (post already 2 sigma),
+// so that maps[:, S:] is [H_pre; H_res] as one (1 + S, S) block. keep (N) is 1 for real tokens, 0 for padding.
+// Every function handles tokens [n0, n1), so callers can split N across threads.
+//
+// The maths is seqrec.nn.mhc._MHCRead's (mHC, arXiv 2512.24880, Eq. 7-9): logits = rstd * (x W) + b with
+// rstd = (|x|^2 / (S D) + eps)^-1/2; H_pre = sigma, H_post = 2 sigma; H_res = Sinkhorn(logits_res) with
+// K = exp(max(l - column max, -FLOOR)), then `iters` rounds of v = 1 / K^T u, u = 1 / K v, H_res = diag(u) K diag(v).
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+constexpr int TB = 16;            // tokens per block: one AVX-512 vector of floats per entry
+constexpr int MAX_ITERS = 64;     // mhc_native.MAX_ITERS
+constexpr int CHUNK = 128;        // state entries per register tile in the backward's x W^T (8 vectors)
+constexpr int VL = 16;            // floats per vector register (the compiler splits them where registers are shorter)
+
+typedef float vf __attribute__((vector_size(VL * sizeof(float))));
+inline vf load(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+typedef int32_t vi __attribute__((vector_size(VL * sizeof(int32_t))));
+inline vf splat(float x) { return vf{} + x; }
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+inline vf vmin(vf a, vf b) { return a < b ? a : b; }
+// For the loops written with explicit vectors: the auto-vectoriser would otherwise re-roll their independent
+// accumulators into one dependency chain.
+#if defined(__GNUC__) && !defined(__clang__)
+#define NO_AUTOVEC __attribute__((optimize("no-tree-vectorize")))
+#else
+#define NO_AUTOVEC
+#endif
+constexpr float FLOOR = 20.0f;    // seqrec.nn.sinkhorn.FLOOR
+constexpr float RMS_EPS = 1e-6f;  // seqrec.nn.mhc_compiled.RMS_EPS
+
+// exp for x in [-87, 88] (clamped), Cephes' polynomial, ~1 ulp: plain vector arithmetic, where libm's expf would
+// be a scalar call per lane.
+inline vf exp_approx(vf x) {
+  x = vmin(vmax(x, splat(-87.0f)), splat(88.0f));
+  const vf t = x * 1.44269504088896341f + 0.5f;
+  vi n = __builtin_convertvector(t, vi);  // truncates toward zero; floor below
+  n += (__builtin_convertvector(n, vf) > t);  // comparisons give -1 where true
+  const vf nf = __builtin_convertvector(n, vf);
+  const vf r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const vi bits = (n + 127) << 23;  // 2^n
+  return (p * r * r + r + 1.0f) * (vf)bits;  // a cast between equal-sized vectors keeps the bits
+}
+
+inline vf sigmoid(vf x) { return 1.0f / (1.0f + exp_approx(-x)); }
+
+template <int S>
+struct Kernels {
+  static constexpr int C = 2 * S + S * S;  // logits [pre | post | res]
+  static constexpr int SS = S * S;
+  static constexpr int NV = (C + VL - 1) / VL, CP = NV * VL;  // W's columns, padded to whole vectors
+
+  // Per-block scratch, one vector (TB tokens) per entry; lanes past the block's token count hold zero logits.
+  struct Block {
+    vf logit[C];
+    vf K[SS];
+    vf open[SS];  // 1 where the Sinkhorn kernel entry is not floored (its logit gets gradient), else 0
+    vf us[MAX_ITERS + 1][S];  // u_0 .. u_T
+    vf vs[MAX_ITERS][S];      // v_1 .. v_T
+  };
+
+  // K = exp(max(l - column max, -FLOOR)) and the scalings u, v of every iteration.
+  static void sinkhorn_forward(Block& blk, int iters) {
+    const vf* l = blk.logit + 2 * S;
+    for (int j = 0; j < S; ++j) {
+      vf colmax = l[j];
+      for (int i = 1; i < S; ++i) colmax = vmax(colmax, l[i * S + j]);
+      for (int i = 0; i < S; ++i) {
+        const vf shifted = l[i * S + j] - colmax;
+        blk.open[i * S + j] = shifted < -FLOOR ? splat(0.0f) : splat(1.0f);
+        blk.K[i * S + j] = exp_approx(vmax(shifted, splat(-FLOOR)));
+      }
+    }
+    for (int i = 0; i < S; ++i) blk.us[0][i] = splat(1.0f);
+    for (int k = 0; k < iters; ++k) {
+      for (int j = 0; j < S; ++j) {  // v = 1 / K^T u
+        vf acc = blk.K[j] * blk.us[k][0];
+        for (int i = 1; i < S; ++i) acc += blk.K[i * S + j] * blk.us[k][i];
+        blk.vs[k][j] = 1.0f / acc;
+      }
+      for (int i = 0; i < S; ++i) {  // u = 1 / K v
+        vf acc = blk.K[i * S] * blk.vs[k][0];
+        for (int j = 1; j < S; ++j) acc += blk.K[i * S + j] * blk.vs[k][j];
+        blk.us[k + 1][i] = 1.0f / acc;
+      }
+    }
+  }
+
+  // Reverse mode of sinkhorn_forward: grad = d loss / d H_res per entry, replaced by d loss / d logits_res.
+  static void sinkhorn_backward(const Block& blk, int iters, vf* grad) {
+    vf gK[SS], gu[S], gv[S];
+    const vf* u = blk.us[iters];
+    const vf* v = blk.vs[iters - 1];
+    for (int i = 0; i < S; ++i) gu[i] = gv[i] = splat(0.0f);
+    for (int i = 0; i < S; ++i)  // M_ij = u_i K_ij v_j
+      for (int j = 0; j < S; ++j) {
+        const vf gM = grad[i * S + j], gMK = gM * blk.K[i * S + j];
+        gu[i] += gMK * v[j];
+        gv[j] += gMK * u[i];
+        gK[i * S + j] = gM * u[i] * v[j];
+      }
+    for (int k = iters; k >= 1; --k) {
+      vf gb[S], ga[S];  // u_k = 1 / b, b = K v_k; v_k = 1 / a, a = K^T u_(k-1)
+      for (int i = 0; i < S; ++i) gb[i] = -gu[i] * blk.us[k][i] * blk.us[k][i];
+      for (int j = 0; j < S; ++j) {
+        vf acc = (k == iters) ? gv[j] : splat(0.0f);  // v_N also reaches M directly
+        for (int i = 0; i < S; ++i) {
+          gK[i * S + j] += gb[i] * blk.vs[k - 1][j];
+          acc += blk.K[i * S + j] * gb[i];
+        }
+        ga[j] = -acc * blk.vs[k - 1][j] * blk.vs[k - 1][j];
+      }
+      for (int i = 0; i < S; ++i) {
+        vf acc = splat(0.0f);
+        for (int j = 0; j < S; ++j) {
+          gK[i * S + j] += blk.us[k - 1][i] * ga[j];
+          acc += blk.K[i * S + j] * ga[j];
+        }
+        gu[i] = acc;
+      }
+    }
+    // K = exp(logits - column max) and M does not depend on the shift: d logits = K * dK (0 where floored)
+    for (int e = 0; e < SS; ++e) grad[e] = gK[e] * blk.K[e] * blk.open[e];
+  }
+
+  // z = x W for one token, with W zero-padded to CP columns: vector registers accumulate over the S*D entries of x
+  // (4 independent sets, so that the FMAs do not wait on each other), and |x|^2.
+  NO_AUTOVEC static void mapping_matmul(const float* x, const float* W, int SD, float* z, float* sumsq) {
+    vf acc[4][NV] = {};
+    int k = 0;
+    for (; k + 4 <= SD; k += 4)
+      for (int a = 0; a < 4; ++a)
+        for (int v = 0; v < NV; ++v) acc[a][v] += x[k + a] * load(W + static_cast<int64_t>(k + a) * CP + v * VL);
+    for (; k < SD; ++k)
+      for (int v = 0; v < NV; ++v) acc[0][v] += x[k] * load(W + static_cast<int64_t>(k) * CP + v * VL);
+    float out[CP];
+    for (int v = 0; v < NV; ++v) store(out + v * VL, (acc[0][v] + acc[1][v]) + (acc[2][v] + acc[3][v]));
+    std::memcpy(z, out, C * sizeof(float));
+    float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+    for (int q = 0; q < SD; ++q) ss += x[q] * x[q];
+    *sumsq = ss;
+  }
+
+  // gx[k] = coef x[k] + sum_c gz[c] WT[c][k] for one token; WT is (C, SDp), zero-padded to a multiple of CHUNK.
+  NO_AUTOVEC static void mapping_matmul_backward(const float* x, const float* WT, int SD, int SDp, const float* gz, float coef,
+                                      float* gx) {
+    constexpr int NA = CHUNK / VL;
+    for (int k0 = 0; k0 < SD; k0 += CHUNK) {
+      vf acc[NA];
+      if (k0 + CHUNK <= SD) {
+        for (int a = 0; a < NA; ++a) acc[a] = coef * load(x + k0 + a * VL);
+      } else {
+        float tail[CHUNK] = {0};
+        std::memcpy(tail, x + k0, (SD - k0) * sizeof(float));
+        for (int a = 0; a < NA; ++a) acc[a] = coef * load(tail + a * VL);
+      }
+      for (int c = 0; c < C; ++c) {
+        const float* w = WT + static_cast<int64_t>(c) * SDp + k0;
+        for (int a = 0; a < NA; ++a) acc[a] += gz[c] * load(w + a * VL);
+      }
+      if (k0 + CHUNK <= SD) {
+        for (int a = 0; a < NA; ++a) store(gx + k0 + a * VL, acc[a]);
+      } else {
+        float tail[CHUNK];
+        for (int a = 0; a < NA; ++a) store(tail + a * VL, acc[a]);
+        std::memcpy(gx + k0, tail, (SD - k0) * sizeof(float));
+      }
+    }
+  }
+
+  static void read_forward(int64_t n0, int64_t n1, int D, int iters, const float* X, const float* W, const float* b,
+                           float* u_out, float* maps, float* z_out, float* rstd_out, float* ms_out) {
+    const int SD = S * D;
+    Block blk;
+    for (int64_t n = n0; n < n1; n += TB) {
+      const int nb = static_cast<int>(std::min<int64_t>(n1 - n, TB));
+      for (int t = 0; t < TB; ++t) {
+        if (t >= nb) {
+          for (int c = 0; c < C; ++c) blk.logit[c][t] = 0.0f;
+          continue;
+        }
+        float z[C], ss;
+        mapping_matmul(X + (n + t) * SD, W, SD, z, &ss);
+        const float ms = ss / SD, rstd = 1.0f / std::sqrt(ms + RMS_EPS);
+        for (int c = 0; c < C; ++c) blk.logit[c][t] = z[c] * rstd + b[c];
+        if (z_out) std::memcpy(z_out + (n + t) * C, z, sizeof z);
+        if (rstd_out) rstd_out[n + t] = rstd;
+        if (ms_out) ms_out[n + t] = ms;
+      }
+      sinkhorn_forward(blk, iters);
+      vf gate[2 * S];
+      for (int c = 0; c < 2 * S; ++c) gate[c] = sigmoid(blk.logit[c]);
+      for (int t = 0; t < nb; ++t) {
+        float m[C];
+        for (int i = 0; i < S; ++i) m[i] = 2.0f * gate[S + i][t];  // post
+        for (int j = 0; j < S; ++j) m[S + j] = gate[j][t];         // pre
+        for (int i = 0; i < S; ++i)
+          for (int j = 0; j < S; ++j)
+            m[2 * S + i * S + j] = blk.us[iters][i][t] * blk.K[i * S + j][t] * blk.vs[iters - 1][j][t];
+        std::memcpy(maps + (n + t) * C, m, sizeof m);
+        const float* x = X + (n + t) * SD;
+        float* u = u_out + (n + t) * D;
+#pragma omp simd
+        for (int d = 0; d < D; ++d) {
+          float acc = 0.0f;
+          for (int j = 0; j < S; ++j) acc += m[S + j] * x[j * D + d];
+          u[d] = acc;
+        }
+      }
+    }
+  }
+
+  static void write_forward(int64_t n0, int64_t n1, int D, const float* X, const float* maps, const float* out,
+                            const float* keep, float* X_new) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const float* m = maps + n * C;
+      const float* x = X + n * S * D;
+      const float* o = out + n * D;
+      const float k = keep ? keep[n] : 1.0f;
+      float post[S], res[SS];
+      for (int i = 0; i < S; ++i) post[i] = m[i] * k;
+      for (int e = 0; e < SS; ++e) res[e] = m[2 * S + e] * k;
+      for (int i = 0; i < S; ++i) {
+        float* y = X_new + (n * S + i) * D;
+#pragma omp simd
+        for (int d = 0; d < D; ++d) {
+          float acc = post[i] * o[d];
+          for (int j = 0; j < S; ++j) acc += res[i * S + j] * x[j * D + d];
+          y[d] = acc;
+        }
+      }
+    }
+  }
+
+  static void write_backward(int64_t n0, int64_t n1, int D, const float* X, const float* maps, const float* out,
+                             const float* keep, const float* grad, float* g_out, float* g_maps) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const float* m = maps + n * C;
+      const float* x = X + n * S * D;
+      const float* o = out + n * D;
+      const float* g = grad + n * S * D;
+      const float k = keep ? keep[n] : 1.0f;
+      float* go = g_out + n * D;
+      float* gm = g_maps + n * C;
+      float post[S];
+      for (int i = 0; i < S; ++i) post[i] = m[i] * k;
+#pragma omp simd
+      for (int d = 0; d < D; ++d) {
+        float acc = 0.0f;
+        for (int i = 0; i < S; ++i) acc += post[i] * g[i * D + d];
+        go[d] = acc;
+      }
+      for (int i = 0; i < S; ++i) {
+        const float* gi = g + i * D;
+        float gp = 0.0f;
+#pragma omp simd reduction(+ : gp)
+        for (int d = 0; d < D; ++d) gp += gi[d] * o[d];
+        gm[i] = gp * k;
+        gm[S + i] = 0.0f;
+        for (int j = 0; j < S; ++j) {
+          const float* xj = x + j * D;
+          float gr = 0.0f;
+#pragma omp simd reduction(+ : gr)
+          for (int d = 0; d < D; ++d) gr += gi[d] * xj[d];
+          gm[2 * S + i * S + j] = gr * k;
+        }
+      }
+    }
+  }
+
+  // WT is (C, SDp), SDp = S*D rounded up to CHUNK with zero columns, so that the tile loop needs no tail case.
+  static void read_backward(int64_t n0, int64_t n1, int D, int iters, const float* X, const float* WT, int SDp,
+                            const float* b, const float* z, const float* rstd, const float* maps, const float* g_u,
+                            const float* g_maps, const float* grad, const float* keep, float* gX, float* g_z,
+                            float* g_logits) {
+    const int SD = S * D;
+    Block blk;
+    vf gres[SS];
+    for (int64_t n = n0; n < n1; n += TB) {
+      const int nb = static_cast<int>(std::min<int64_t>(n1 - n, TB));
+      for (int t = 0; t < TB; ++t) {
+        const bool real = t < nb;
+        for (int c = 0; c < C; ++c) blk.logit[c][t] = real ? z[(n + t) * C + c] * rstd[n + t] + b[c] : 0.0f;
+        for (int e = 0; e < SS; ++e) gres[e][t] = (real && g_maps) ? g_maps[(n + t) * C + 2 * S + e] : 0.0f;
+      }
+      sinkhorn_forward(blk, iters);
+      sinkhorn_backward(blk, iters, gres);
+      for (int t = 0; t < nb; ++t) {
+        const int64_t tok = n + t;
+        const float* x = X + tok * SD;
+        const float* gu = g_u ? g_u + tok * D : nullptr;
+        const float* m = maps + tok * C;
+        float gl[C];
+        for (int j = 0; j < S; ++j) {  // pre = sigma(l_j): d l = (d u . x_j) sigma (1 - sigma)
+          float gp = 0.0f;
+          if (gu) {
+            const float* xj = x + j * D;
+#pragma omp simd reduction(+ : gp)
+            for (int d = 0; d < D; ++d) gp += gu[d] * xj[d];
+          }
+          gl[j] = gp * m[S + j] * (1.0f - m[S + j]);
+        }
+        for (int i = 0; i < S; ++i)  // post p = 2 sigma(l): d l = d p * 2 sigma (1 - sigma) = d p * p (1 - p / 2)
+          gl[S + i] = g_maps ? g_maps[tok * C + i] * m[i] * (1.0f - 0.5f * m[i]) : 0.0f;
+        for (int e = 0; e < SS; ++e) gl[2 * S + e] = gres[e][t];
+        // logits = rstd z + b: d z = rstd d l, d rstd = d l . z, and d x += d z W^T - rstd^3 / (S D) (d rstd) x
+        const float r = rstd[tok];
+        float grstd = 0.0f, gz[C];
+        for (int c = 0; c < C; ++c) {
+          grstd += gl[c] * z[tok * C + c];
+          gz[c] = gl[c] * r;
+        }
+        std::memcpy(g_logits + tok * C, gl, sizeof gl);
+        std::memcpy(g_z + tok * C, gz, sizeof gz);
+        const float coef = -grstd * r * r * r / SD;
+        mapping_matmul_backward(x, WT, SD, SDp, gz, coef, gX + tok * SD);
+        float* gx = gX + tok * SD;
+        const float kk = keep ? keep[tok] : 1.0f;
+        const float* g = grad ? grad + tok * SD : nullptr;
+        for (int j = 0; j < S; ++j) {  // + H_pre,j d u + sum_i H_res,ij keep d X'_i (through the write)
+          float res[S];
+          for (int i = 0; i < S; ++i) res[i] = m[2 * S + i * S + j] * kk;
+          float* gxj = gx + j * D;
+          if (gu)
+#pragma omp simd
+            for (int d = 0; d < D; ++d) gxj[d] += m[S + j] * gu[d];
+          if (g)
+#pragma omp simd
+            for (int d = 0; d < D; ++d) {
+              float acc = gxj[d];
+              for (int i = 0; i < S; ++i) acc += res[i] * g[i * D + d];
+              gxj[d] = acc;
+            }
+        }
+      }
+    }
+  }
+};
+
+}  // namespace
+
+#define MHC_DISPATCH(S_RUNTIME, CALL)                  \
+  switch (S_RUNTIME) {                                  \
+    case 1: Kernels<1>::CALL; break;                    \
+    case 2: Kernels<2>::CALL; break;                    \
+    case 3: Kernels<3>::CALL; break;                    \
+    case 4: Kernels<4>::CALL; break;                    \
+    case 5: Kernels<5>::CALL; break;                    \
+    case 6: Kernels<6>::CALL; break;                    \
+    case 7: Kernels<7>::CALL; break;                    \
+    case 8: Kernels<8>::CALL; break;                    \
+    default: break;                                     \
+  }
+
+extern "C" {
+
+// u = H_pre X (N, D); maps (N, C); z = x W (N, C), rstd (N) and the mean square (N) (each may be null).
+void mhc_read_forward(int64_t n0, int64_t n1, int S, int D, int iters, const float* X, const float* W,
+                      const float* b, float* u, float* maps, float* z, float* rstd, float* ms) {
+  MHC_DISPATCH(S, read_forward(n0, n1, D, iters, X, W, b, u, maps, z, rstd, ms))
+}
+
+// X' = (H_res X + H_post^T out) * keep, (N, S, D); keep may be null (all ones).
+void mhc_write_forward(int64_t n0, int64_t n1, int S, int D, const float* X, const float* maps, const float* out,
+                       const float* keep, float* X_new) {
+  MHC_DISPATCH(S, write_forward(n0, n1, D, X, maps, out, keep, X_new))
+}
+
+// The write's backward for the sublayer output and the mappings (the state's part is left to the read's
+// backward): with g = keep dX', d out = sum_i H_post,i g_i, d H_post,i = g_i . out, d H_res,ij = g_i . X_j;
+// g_maps in the maps order [post | pre | res], pre entries zero.
+void mhc_write_backward(int64_t n0, int64_t n1, int S, int D, const float* X, const float* maps, const float* out,
+                        const float* keep, const float* grad, float* g_out, float* g_maps) {
+  MHC_DISPATCH(S, write_backward(n0, n1, D, X, maps, out, keep, grad, g_out, g_maps))
+}
+
+// The read's backward plus the state's gradient through the write, H_res^T keep dX' (grad may be null).
+// g_maps: the write's [post | . | res] gradients (may be null); g_u: d loss / d u (may be null). Outputs dX
+// (N, S, D), d logits (N, C) in the logit order [pre | post | res] and d z = rstd d logits (N, C), from which the
+// caller forms the gradients of W and b.
+void mhc_read_backward(int64_t n0, int64_t n1, int S, int D, int iters, const float* X, const float* WT, int SDp,
+                       const float* b, const float* z, const float* rstd, const float* maps, const float* g_u,
+                       const float* g_maps, const float* grad, const float* keep, float* gX, float* g_z,
+                       float* g_logits) {
+  MHC_DISPATCH(S, read_backward(n0, n1, D, iters, X, WT, SDp, b, z, rstd, maps, g_u, g_maps, grad, keep, gX, g_z,
+                                g_logits))
+}
+
+}  // extern "C"

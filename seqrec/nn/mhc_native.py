@@ -1,0 +1,212 @@
+"""mHC's connection kernels in C++ for the CPU (mhc_kernels.cpp), built on first use and called through ctypes.
+
+One connection is two autograd nodes around its sublayer: `read` (X -> u = H_pre X and the per-token mappings)
+and `write` (X, mappings, sublayer output -> X' = (H_res X + H_post^T out) * keep). Each kernel visits a token's
+S x D state once (see mhc_kernels.cpp for why that is what matters at small D).
+
+The two nodes share one gradient: d loss / d X through the write, H_res^T dX', is not formed by the write's
+backward (autograd would then add it to the read's part, two more passes over the state) but by the read's
+backward, which reads dX' from the `Link` the write left it. This is exact because the write consumes the read's
+mappings, so autograd always runs the write's backward first; it does not support double backward.
+
+The library is compiled with the system C++ compiler (`$CXX`, else g++/c++; ~2 s) into `$SEQREC_CACHE` (default
+~/.cache/seqrec), keyed by the source, the flags and the CPU, and written atomically so that parallel workers can
+build it at once. Without a compiler `available()` is False and mHC runs its eager PyTorch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("mhc_kernels.cpp")
+FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC"]
+MAX_STREAMS, MAX_ITERS = 8, 64  # mhc_kernels.cpp's MAX_S and MAX_ITERS
+TOKENS_PER_TASK = 512  # a multiple of the kernels' 16-token block
+CHUNK, LANES = 128, 16  # mhc_kernels.cpp's CHUNK and VL: W^T and W are read zero-padded to multiples of them
+
+_i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+_SIGNATURES = {
+    "mhc_read_forward": [_i64, _i64, _int, _int, _int] + [_ptr] * 8,
+    "mhc_write_forward": [_i64, _i64, _int, _int] + [_ptr] * 5,
+    "mhc_write_backward": [_i64, _i64, _int, _int] + [_ptr] * 7,
+    "mhc_read_backward": [_i64, _i64, _int, _int, _int, _ptr, _ptr, _int] + [_ptr] * 11,
+}
+
+
+def _cpu_signature() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.startswith(("model name", "flags"))][:2]
+    except OSError:
+        lines = []
+    return platform.machine() + "".join(lines)
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+@cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None (with one warning) where they cannot be built or loaded."""
+    compiler = _compiler()
+    if compiler is None:
+        log.warning("mHC: no C++ compiler found ($CXX, g++, c++, clang++); using the eager PyTorch kernels")
+        return None
+    source = SOURCE.read_bytes()
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(), _cpu_signature().encode()]))
+    cache_dir = Path(os.environ.get("SEQREC_CACHE", Path.home() / ".cache" / "seqrec")) / "kernels"
+    target = cache_dir / f"mhc_kernels-{key.hexdigest()[:16]}.so"
+    try:
+        if not target.exists():
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir)
+            os.close(fd)
+            try:
+                subprocess.run(
+                    [compiler, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True, timeout=300
+                )
+                os.replace(tmp, target)  # atomic: a concurrent builder's copy is identical
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as error:
+        detail = getattr(error, "stderr", None) or str(error)
+        log.warning("mHC: building the C++ kernels failed (%s); using the eager PyTorch kernels", detail.strip()[:300])
+        return None
+    for name, argtypes in _SIGNATURES.items():
+        getattr(lib, name).argtypes = argtypes
+        getattr(lib, name).restype = None
+    return lib
+
+
+def supports(state: Tensor, streams: int, iters: int) -> bool:
+    """Whether the native kernels can run this connection: float32 on the CPU, S <= 8, iters <= 64, built."""
+    return (
+        state.device.type == "cpu"
+        and state.dtype == torch.float32
+        and streams <= MAX_STREAMS
+        and 1 <= iters <= MAX_ITERS
+        and library() is not None
+    )
+
+
+@cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mhc")
+
+
+def _run(kernel: str, N: int, *args) -> None:
+    """kernel(n0, n1, *args) over the N tokens, split across torch's intra-op thread count (ctypes drops the GIL)."""
+    fn = getattr(library(), kernel)
+    # `args` keeps the tensors alive (some are temporaries) until the kernels have run
+    pointers = [a.data_ptr() if isinstance(a, Tensor) else a for a in args]
+    tasks = min(torch.get_num_threads(), -(-N // TOKENS_PER_TASK))
+    if tasks <= 1:
+        fn(0, N, *pointers)
+        return
+    step = -(-N // tasks // 16) * 16
+    bounds = [(n, min(n + step, N)) for n in range(0, N, step)]
+    list(_pool(torch.get_num_threads()).map(lambda b: fn(b[0], b[1], *pointers), bounds))
+
+
+def _padded(matrix: Tensor, multiple: int) -> Tensor:
+    """(R, K) -> (R, K rounded up to `multiple`), zero columns added, contiguous."""
+    rows, cols = matrix.shape
+    out = matrix.new_zeros(rows, -(-cols // multiple) * multiple)
+    out[:, :cols] = matrix
+    return out
+
+
+class Link:
+    """What the write's backward hands the read's backward: keep * dX' (N, S, D) is the state's gradient there."""
+
+    def __init__(self):
+        self.grad: Tensor | None = None
+        self.keep: Tensor | None = None
+
+
+class _Read(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, X: Tensor, weight: Tensor, bias: Tensor, iters: int, link: Link):
+        N, S, D = X.shape
+        C = 2 * S + S * S
+        u, maps = X.new_empty(N, D), X.new_empty(N, C)
+        z, rstd, mean_square = X.new_empty(N, C), X.new_empty(N), X.new_empty(N)
+        _run("mhc_read_forward", N, S, D, iters, X, _padded(weight, LANES), bias, u, maps, z, rstd, mean_square)
+        ctx.save_for_backward(X, weight, bias, z, rstd, maps)
+        ctx.iters, ctx.link = iters, link
+        ctx.mark_non_differentiable(mean_square)
+        ctx.set_materialize_grads(False)
+        return u, maps, mean_square
+
+    @staticmethod
+    def backward(ctx, grad_u, grad_maps, _grad_mean_square):
+        X, weight, bias, z, rstd, maps = ctx.saved_tensors
+        link_grad, link_keep = ctx.link.grad, ctx.link.keep
+        ctx.link.grad = ctx.link.keep = None
+        N, S, D = X.shape
+        grad_u = None if grad_u is None else grad_u.contiguous()
+        grad_maps = None if grad_maps is None else grad_maps.contiguous()
+        grad_X, grad_z, grad_logits = torch.empty_like(X), torch.empty_like(z), torch.empty_like(z)
+        weight_t = _padded(weight.t(), CHUNK)
+        _run(
+            "mhc_read_backward", N, S, D, ctx.iters, X, weight_t, weight_t.shape[1], bias, z, rstd, maps,
+            grad_u, grad_maps, link_grad, link_keep, grad_X, grad_z, grad_logits,
+        )  # fmt: skip
+        grad_weight = X.view(N, S * D).t() @ grad_z  # (S*D, C)
+        return grad_X, grad_weight, grad_logits.sum(dim=0), None, None
+
+
+class _Write(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, X: Tensor, maps: Tensor, out: Tensor, keep: Tensor | None, link: Link):
+        N, S, D = X.shape
+        X_new = torch.empty_like(X)
+        _run("mhc_write_forward", N, S, D, X, maps, out, keep, X_new)
+        ctx.save_for_backward(X, maps, out, keep)
+        ctx.link = link
+        return X_new
+
+    @staticmethod
+    def backward(ctx, grad):
+        X, maps, out, keep = ctx.saved_tensors
+        N, S, D = X.shape
+        grad = grad.contiguous()
+        grad_out, grad_maps = torch.empty_like(out), maps.new_empty(maps.shape)
+        _run("mhc_write_backward", N, S, D, X, maps, out, keep, grad, grad_out, grad_maps)
+        ctx.link.grad, ctx.link.keep = grad, keep  # the read's backward adds H_res^T keep grad to dX
+        return None, grad_maps, grad_out, None, None
+
+
+def read(X: Tensor, weight: Tensor, bias: Tensor, iters: int, link: Link) -> tuple[Tensor, Tensor, Tensor]:
+    """(N, S, D) state -> u = H_pre X (N, D), maps [H_post | H_pre | H_res] (N, 2S + S^2), mean square (N,)."""
+    return _Read.apply(X.contiguous(), weight.contiguous(), bias.contiguous(), iters, link)
+
+
+def write(X: Tensor, maps: Tensor, out: Tensor, keep: Tensor | None, link: Link) -> Tensor:
+    """X' = (H_res X + H_post^T out) * keep, (N, S, D); keep (N,) float or None."""
+    return _Write.apply(X, maps, out.contiguous(), keep, link)
