@@ -57,6 +57,13 @@ def setup(args):
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cpu" and args.reuse_memory:  # as the Trainer on a CPU (an older checkout may lack it)
+        try:
+            from seqrec.utils.memory import reuse_freed_memory
+        except ImportError:
+            print("this seqrec has no seqrec.utils.memory: glibc's default thresholds")
+        else:
+            reuse_freed_memory()
     if args.device == "cuda":  # as the trainer on a GPU: TF32 off is torch's default, deterministic kernels on
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)  # as Trainer(deterministic=true), the default
@@ -181,6 +188,7 @@ def main() -> None:
     p.add_argument("--kernel", choices=kernels, default="auto", help="residual.kernel (mHC's implementation)")
     p.add_argument("--data", type=Path, default=DATA, help="SASRec-format ml-1m.txt")
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # child process: peak RSS
+    p.add_argument("--reuse-memory", type=true_false, default=True, help="glibc thresholds as the Trainer sets them")
     p.add_argument("--skip-rss", action="store_true", help="time only (no peak-RSS subprocesses)")
     p.add_argument("--out", type=Path, default=OUT, help="where to write the JSON")
     args = p.parse_args()

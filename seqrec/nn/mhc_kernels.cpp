@@ -23,10 +23,12 @@
 
 namespace {
 
-constexpr int TB = 16;            // tokens per block: one AVX-512 vector of floats per entry
+constexpr int TB = 64;            // tokens per block, G vectors of VL lanes per entry: G independent Sinkhorn
+                                  // chains interleaved, so that each hides the others' division latency
 constexpr int MAX_ITERS = 64;     // mhc_native.MAX_ITERS
 constexpr int CHUNK = 128;        // state entries per register tile in the backward's x W^T (8 vectors)
 constexpr int VL = 16;            // floats per vector register (the compiler splits them where registers are shorter)
+constexpr int G = TB / VL;
 
 typedef float vf __attribute__((vector_size(VL * sizeof(float))));
 inline vf load(const float* p) {
@@ -76,78 +78,93 @@ struct Kernels {
   static constexpr int SS = S * S;
   static constexpr int NV = (C + VL - 1) / VL, CP = NV * VL;  // W's columns, padded to whole vectors
 
-  // Per-block scratch, one vector (TB tokens) per entry; lanes past the block's token count hold zero logits.
+  // Per-block scratch: each entry is G vectors, lane t % VL of vector t / VL for the block's token t; lanes past
+  // the block's token count hold zero logits.
   struct Block {
-    vf logit[C];
-    vf K[SS];
-    vf open[SS];  // 1 where the Sinkhorn kernel entry is not floored (its logit gets gradient), else 0
-    vf us[MAX_ITERS + 1][S];  // u_0 .. u_T
-    vf vs[MAX_ITERS][S];      // v_1 .. v_T
+    vf logit[C][G];
+    vf K[SS][G];
+    vf open[SS][G];  // 1 where the Sinkhorn kernel entry is not floored (its logit gets gradient), else 0
+    vf us[MAX_ITERS + 1][S][G];  // u_0 .. u_T
+    vf vs[MAX_ITERS][S][G];      // v_1 .. v_T
   };
 
   // K = exp(max(l - column max, -FLOOR)) and the scalings u, v of every iteration.
   static void sinkhorn_forward(Block& blk, int iters) {
-    const vf* l = blk.logit + 2 * S;
-    for (int j = 0; j < S; ++j) {
-      vf colmax = l[j];
-      for (int i = 1; i < S; ++i) colmax = vmax(colmax, l[i * S + j]);
-      for (int i = 0; i < S; ++i) {
-        const vf shifted = l[i * S + j] - colmax;
-        blk.open[i * S + j] = shifted < -FLOOR ? splat(0.0f) : splat(1.0f);
-        blk.K[i * S + j] = exp_approx(vmax(shifted, splat(-FLOOR)));
+    const auto* l = blk.logit + 2 * S;
+    for (int j = 0; j < S; ++j)
+      for (int g = 0; g < G; ++g) {
+        vf colmax = l[j][g];
+        for (int i = 1; i < S; ++i) colmax = vmax(colmax, l[i * S + j][g]);
+        for (int i = 0; i < S; ++i) {
+          const vf shifted = l[i * S + j][g] - colmax;
+          blk.open[i * S + j][g] = shifted < -FLOOR ? splat(0.0f) : splat(1.0f);
+          blk.K[i * S + j][g] = exp_approx(vmax(shifted, splat(-FLOOR)));
+        }
       }
-    }
-    for (int i = 0; i < S; ++i) blk.us[0][i] = splat(1.0f);
+    for (int i = 0; i < S; ++i)
+      for (int g = 0; g < G; ++g) blk.us[0][i][g] = splat(1.0f);
     for (int k = 0; k < iters; ++k) {
-      for (int j = 0; j < S; ++j) {  // v = 1 / K^T u
-        vf acc = blk.K[j] * blk.us[k][0];
-        for (int i = 1; i < S; ++i) acc += blk.K[i * S + j] * blk.us[k][i];
-        blk.vs[k][j] = 1.0f / acc;
-      }
-      for (int i = 0; i < S; ++i) {  // u = 1 / K v
-        vf acc = blk.K[i * S] * blk.vs[k][0];
-        for (int j = 1; j < S; ++j) acc += blk.K[i * S + j] * blk.vs[k][j];
-        blk.us[k + 1][i] = 1.0f / acc;
-      }
+      for (int j = 0; j < S; ++j)  // v = 1 / K^T u
+        for (int g = 0; g < G; ++g) {
+          vf acc = blk.K[j][g] * blk.us[k][0][g];
+          for (int i = 1; i < S; ++i) acc += blk.K[i * S + j][g] * blk.us[k][i][g];
+          blk.vs[k][j][g] = 1.0f / acc;
+        }
+      for (int i = 0; i < S; ++i)  // u = 1 / K v
+        for (int g = 0; g < G; ++g) {
+          vf acc = blk.K[i * S][g] * blk.vs[k][0][g];
+          for (int j = 1; j < S; ++j) acc += blk.K[i * S + j][g] * blk.vs[k][j][g];
+          blk.us[k + 1][i][g] = 1.0f / acc;
+        }
     }
   }
 
   // Reverse mode of sinkhorn_forward: grad = d loss / d H_res per entry, replaced by d loss / d logits_res.
-  static void sinkhorn_backward(const Block& blk, int iters, vf* grad) {
-    vf gK[SS], gu[S], gv[S];
-    const vf* u = blk.us[iters];
-    const vf* v = blk.vs[iters - 1];
-    for (int i = 0; i < S; ++i) gu[i] = gv[i] = splat(0.0f);
+  static void sinkhorn_backward(const Block& blk, int iters, vf (*grad)[G]) {
+    vf gK[SS][G], gu[S][G], gv[S][G];
+    const auto* u = blk.us[iters];
+    const auto* v = blk.vs[iters - 1];
+    for (int i = 0; i < S; ++i)
+      for (int g = 0; g < G; ++g) gu[i][g] = gv[i][g] = splat(0.0f);
     for (int i = 0; i < S; ++i)  // M_ij = u_i K_ij v_j
-      for (int j = 0; j < S; ++j) {
-        const vf gM = grad[i * S + j], gMK = gM * blk.K[i * S + j];
-        gu[i] += gMK * v[j];
-        gv[j] += gMK * u[i];
-        gK[i * S + j] = gM * u[i] * v[j];
-      }
+      for (int j = 0; j < S; ++j)
+        for (int g = 0; g < G; ++g) {
+          const vf gM = grad[i * S + j][g], gMK = gM * blk.K[i * S + j][g];
+          gu[i][g] += gMK * v[j][g];
+          gv[j][g] += gMK * u[i][g];
+          gK[i * S + j][g] = gM * u[i][g] * v[j][g];
+        }
     for (int k = iters; k >= 1; --k) {
-      vf gb[S], ga[S];  // u_k = 1 / b, b = K v_k; v_k = 1 / a, a = K^T u_(k-1)
-      for (int i = 0; i < S; ++i) gb[i] = -gu[i] * blk.us[k][i] * blk.us[k][i];
-      for (int j = 0; j < S; ++j) {
-        vf acc = (k == iters) ? gv[j] : splat(0.0f);  // v_N also reaches M directly
-        for (int i = 0; i < S; ++i) {
-          gK[i * S + j] += gb[i] * blk.vs[k - 1][j];
-          acc += blk.K[i * S + j] * gb[i];
+      vf gb[S][G], ga[S][G];  // u_k = 1 / b, b = K v_k; v_k = 1 / a, a = K^T u_(k-1)
+      for (int i = 0; i < S; ++i)
+        for (int g = 0; g < G; ++g) gb[i][g] = -gu[i][g] * blk.us[k][i][g] * blk.us[k][i][g];
+      for (int j = 0; j < S; ++j)
+        for (int g = 0; g < G; ++g) {
+          vf acc = (k == iters) ? gv[j][g] : splat(0.0f);  // v_N also reaches M directly
+          for (int i = 0; i < S; ++i) {
+            gK[i * S + j][g] += gb[i][g] * blk.vs[k - 1][j][g];
+            acc += blk.K[i * S + j][g] * gb[i][g];
+          }
+          ga[j][g] = -acc * blk.vs[k - 1][j][g] * blk.vs[k - 1][j][g];
         }
-        ga[j] = -acc * blk.vs[k - 1][j] * blk.vs[k - 1][j];
-      }
-      for (int i = 0; i < S; ++i) {
-        vf acc = splat(0.0f);
-        for (int j = 0; j < S; ++j) {
-          gK[i * S + j] += blk.us[k - 1][i] * ga[j];
-          acc += blk.K[i * S + j] * ga[j];
+      for (int i = 0; i < S; ++i)
+        for (int g = 0; g < G; ++g) {
+          vf acc = splat(0.0f);
+          for (int j = 0; j < S; ++j) {
+            gK[i * S + j][g] += blk.us[k - 1][i][g] * ga[j][g];
+            acc += blk.K[i * S + j][g] * ga[j][g];
+          }
+          gu[i][g] = acc;
         }
-        gu[i] = acc;
-      }
     }
     // K = exp(logits - column max) and M does not depend on the shift: d logits = K * dK (0 where floored)
-    for (int e = 0; e < SS; ++e) grad[e] = gK[e] * blk.K[e] * blk.open[e];
+    for (int e = 0; e < SS; ++e)
+      for (int g = 0; g < G; ++g) grad[e][g] = gK[e][g] * blk.K[e][g] * blk.open[e][g];
   }
+
+  // one token's entry e of a block array, t in [0, TB)
+  static float& at(vf (*a)[G], int e, int t) { return a[e][t / VL][t % VL]; }
+  static float at(const vf (*a)[G], int e, int t) { return a[e][t / VL][t % VL]; }
 
   // z = x W for one token, with W zero-padded to CP columns: vector registers accumulate over the S*D entries of x
   // (4 independent sets, so that the FMAs do not wait on each other), and |x|^2.
@@ -203,27 +220,28 @@ struct Kernels {
       const int nb = static_cast<int>(std::min<int64_t>(n1 - n, TB));
       for (int t = 0; t < TB; ++t) {
         if (t >= nb) {
-          for (int c = 0; c < C; ++c) blk.logit[c][t] = 0.0f;
+          for (int c = 0; c < C; ++c) at(blk.logit, c, t) = 0.0f;
           continue;
         }
         float z[C], ss;
         mapping_matmul(X + (n + t) * SD, W, SD, z, &ss);
         const float ms = ss / SD, rstd = 1.0f / std::sqrt(ms + RMS_EPS);
-        for (int c = 0; c < C; ++c) blk.logit[c][t] = z[c] * rstd + b[c];
+        for (int c = 0; c < C; ++c) at(blk.logit, c, t) = z[c] * rstd + b[c];
         if (z_out) std::memcpy(z_out + (n + t) * C, z, sizeof z);
         if (rstd_out) rstd_out[n + t] = rstd;
         if (ms_out) ms_out[n + t] = ms;
       }
       sinkhorn_forward(blk, iters);
-      vf gate[2 * S];
-      for (int c = 0; c < 2 * S; ++c) gate[c] = sigmoid(blk.logit[c]);
+      vf gate[2 * S][G];
+      for (int c = 0; c < 2 * S; ++c)
+        for (int g = 0; g < G; ++g) gate[c][g] = sigmoid(blk.logit[c][g]);
       for (int t = 0; t < nb; ++t) {
         float m[C];
-        for (int i = 0; i < S; ++i) m[i] = 2.0f * gate[S + i][t];  // post
-        for (int j = 0; j < S; ++j) m[S + j] = gate[j][t];         // pre
+        for (int i = 0; i < S; ++i) m[i] = 2.0f * at(gate, S + i, t);  // post
+        for (int j = 0; j < S; ++j) m[S + j] = at(gate, j, t);         // pre
         for (int i = 0; i < S; ++i)
           for (int j = 0; j < S; ++j)
-            m[2 * S + i * S + j] = blk.us[iters][i][t] * blk.K[i * S + j][t] * blk.vs[iters - 1][j][t];
+            m[2 * S + i * S + j] = at(blk.us[iters], i, t) * at(blk.K, i * S + j, t) * at(blk.vs[iters - 1], j, t);
         std::memcpy(maps + (n + t) * C, m, sizeof m);
         const float* x = X + (n + t) * SD;
         float* u = u_out + (n + t) * D;
@@ -302,13 +320,13 @@ struct Kernels {
                             float* g_logits) {
     const int SD = S * D;
     Block blk;
-    vf gres[SS];
+    vf gres[SS][G];
     for (int64_t n = n0; n < n1; n += TB) {
       const int nb = static_cast<int>(std::min<int64_t>(n1 - n, TB));
       for (int t = 0; t < TB; ++t) {
         const bool real = t < nb;
-        for (int c = 0; c < C; ++c) blk.logit[c][t] = real ? z[(n + t) * C + c] * rstd[n + t] + b[c] : 0.0f;
-        for (int e = 0; e < SS; ++e) gres[e][t] = (real && g_maps) ? g_maps[(n + t) * C + 2 * S + e] : 0.0f;
+        for (int c = 0; c < C; ++c) at(blk.logit, c, t) = real ? z[(n + t) * C + c] * rstd[n + t] + b[c] : 0.0f;
+        for (int e = 0; e < SS; ++e) at(gres, e, t) = (real && g_maps) ? g_maps[(n + t) * C + 2 * S + e] : 0.0f;
       }
       sinkhorn_forward(blk, iters);
       sinkhorn_backward(blk, iters, gres);
@@ -329,7 +347,7 @@ struct Kernels {
         }
         for (int i = 0; i < S; ++i)  // post p = 2 sigma(l): d l = d p * 2 sigma (1 - sigma) = d p * p (1 - p / 2)
           gl[S + i] = g_maps ? g_maps[tok * C + i] * m[i] * (1.0f - 0.5f * m[i]) : 0.0f;
-        for (int e = 0; e < SS; ++e) gl[2 * S + e] = gres[e][t];
+        for (int e = 0; e < SS; ++e) gl[2 * S + e] = at(gres, e, t);
         // logits = rstd z + b: d z = rstd d l, d rstd = d l . z, and d x += d z W^T - rstd^3 / (S D) (d rstd) x
         const float r = rstd[tok];
         float grstd = 0.0f, gz[C];

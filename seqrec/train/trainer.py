@@ -23,6 +23,7 @@ from seqrec.errors import CheckpointError, ConfigError, TrainingError
 from seqrec.train.checkpoint import load_checkpoint, save_checkpoint, write_json
 from seqrec.train.distributed import assert_replicas_equal
 from seqrec.train.sampler import prefetch
+from seqrec.utils.memory import reuse_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,8 @@ class Trainer:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.device = resolve_device(device)
+        if self.device.type == "cpu":
+            reuse_freed_memory()  # activations' pages are reused between steps instead of faulted in again
         self.raw_model = model.to(self.device)
         self.model = self._wrap_ddp(self.raw_model)
         self.amp_dtype = AMP_DTYPES[amp_dtype] if amp else None
