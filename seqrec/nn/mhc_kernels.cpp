@@ -168,7 +168,7 @@ struct Kernels {
 
   // z = x W for one token, with W zero-padded to CP columns: vector registers accumulate over the S*D entries of x
   // (4 independent sets, so that the FMAs do not wait on each other), and |x|^2.
-  NO_AUTOVEC static void mapping_matmul(const float* x, const float* W, int SD, float* z, float* sumsq) {
+  NO_AUTOVEC static void mapping_matmul_one(const float* x, const float* W, int SD, float* z, float* sumsq) {
     vf acc[4][NV] = {};
     int k = 0;
     for (; k + 4 <= SD; k += 4)
@@ -183,6 +183,42 @@ struct Kernels {
 #pragma omp simd reduction(+ : ss)
     for (int q = 0; q < SD; ++q) ss += x[q] * x[q];
     *sumsq = ss;
+  }
+
+  // The same for TR consecutive token rows at once: each row of W is loaded once for all of them.
+  template <int TR>
+  NO_AUTOVEC static void mapping_matmul_rows(const float* x, const float* W, int SD, float (*z)[C], float* sumsq) {
+    vf acc[TR][NV] = {};
+    for (int k = 0; k < SD; ++k)
+      for (int v = 0; v < NV; ++v) {
+        const vf w = load(W + static_cast<int64_t>(k) * CP + v * VL);
+        for (int t = 0; t < TR; ++t) acc[t][v] += x[t * SD + k] * w;
+      }
+    for (int t = 0; t < TR; ++t) {
+      float out[CP];
+      for (int v = 0; v < NV; ++v) store(out + v * VL, acc[t][v]);
+      std::memcpy(z[t], out, C * sizeof(float));
+      const float* row = x + t * SD;
+      float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+      for (int q = 0; q < SD; ++q) ss += row[q] * row[q];
+      sumsq[t] = ss;
+    }
+  }
+
+  // d W += sum_t x_t^T d z_t over TR consecutive token rows (gz rows zero-padded to CP), into gW (S*D, CP).
+  template <int TR>
+  NO_AUTOVEC static void accumulate_grad_weight(const float* x, int SD, const float (*gz)[CP], float* gW) {
+    vf g[TR][NV];
+    for (int t = 0; t < TR; ++t)
+      for (int v = 0; v < NV; ++v) g[t][v] = load(gz[t] + v * VL);
+    for (int k = 0; k < SD; ++k)
+      for (int v = 0; v < NV; ++v) {
+        float* row = gW + static_cast<int64_t>(k) * CP + v * VL;
+        vf a = load(row);
+        for (int t = 0; t < TR; ++t) a += x[t * SD + k] * g[t][v];
+        store(row, a);
+      }
   }
 
   // gx[k] = coef x[k] + sum_c gz[c] WT[c][k] for one token; WT is (C, SDp), zero-padded to a multiple of CHUNK.
@@ -218,16 +254,18 @@ struct Kernels {
     Block blk;
     for (int64_t n = n0; n < n1; n += TB) {
       const int nb = static_cast<int>(std::min<int64_t>(n1 - n, TB));
-      for (int t = 0; t < TB; ++t) {
+      float z[TB][C], ss[TB];
+      int t = 0;
+      for (; t + 4 <= nb; t += 4) mapping_matmul_rows<4>(X + (n + t) * SD, W, SD, z + t, ss + t);
+      for (; t < nb; ++t) mapping_matmul_one(X + (n + t) * SD, W, SD, z[t], ss + t);
+      for (t = 0; t < TB; ++t) {
         if (t >= nb) {
           for (int c = 0; c < C; ++c) at(blk.logit, c, t) = 0.0f;
           continue;
         }
-        float z[C], ss;
-        mapping_matmul(X + (n + t) * SD, W, SD, z, &ss);
-        const float ms = ss / SD, rstd = 1.0f / std::sqrt(ms + RMS_EPS);
-        for (int c = 0; c < C; ++c) at(blk.logit, c, t) = z[c] * rstd + b[c];
-        if (z_out) std::memcpy(z_out + (n + t) * C, z, sizeof z);
+        const float ms = ss[t] / SD, rstd = 1.0f / std::sqrt(ms + RMS_EPS);
+        for (int c = 0; c < C; ++c) at(blk.logit, c, t) = z[t][c] * rstd + b[c];
+        if (z_out) std::memcpy(z_out + (n + t) * C, z[t], sizeof z[t]);
         if (rstd_out) rstd_out[n + t] = rstd;
         if (ms_out) ms_out[n + t] = ms;
       }
@@ -316,11 +354,12 @@ struct Kernels {
   // WT is (C, SDp), SDp = S*D rounded up to CHUNK with zero columns, so that the tile loop needs no tail case.
   static void read_backward(int64_t n0, int64_t n1, int D, int iters, const float* X, const float* WT, int SDp,
                             const float* b, const float* z, const float* rstd, const float* maps, const float* g_u,
-                            const float* g_maps, const float* grad, const float* keep, float* gX, float* g_z,
-                            float* g_logits) {
+                            const float* g_maps, const float* grad, const float* keep, float* gX, float* g_logits,
+                            float* gW) {
     const int SD = S * D;
     Block blk;
     vf gres[SS][G];
+    float gzb[TB][CP] = {};  // the block's d z, zero-padded columns, for the d W accumulation
     for (int64_t n = n0; n < n1; n += TB) {
       const int nb = static_cast<int>(std::min<int64_t>(n1 - n, TB));
       for (int t = 0; t < TB; ++t) {
@@ -350,13 +389,13 @@ struct Kernels {
         for (int e = 0; e < SS; ++e) gl[2 * S + e] = at(gres, e, t);
         // logits = rstd z + b: d z = rstd d l, d rstd = d l . z, and d x += d z W^T - rstd^3 / (S D) (d rstd) x
         const float r = rstd[tok];
-        float grstd = 0.0f, gz[C];
+        float grstd = 0.0f;
+        float* gz = gzb[t];
         for (int c = 0; c < C; ++c) {
           grstd += gl[c] * z[tok * C + c];
           gz[c] = gl[c] * r;
         }
         std::memcpy(g_logits + tok * C, gl, sizeof gl);
-        std::memcpy(g_z + tok * C, gz, sizeof gz);
         const float coef = -grstd * r * r * r / SD;
         mapping_matmul_backward(x, WT, SD, SDp, gz, coef, gX + tok * SD);
         float* gx = gX + tok * SD;
@@ -378,6 +417,9 @@ struct Kernels {
             }
         }
       }
+      int t = 0;  // d W += x^T d z over the block, 4 tokens per pass over d W
+      for (; t + 4 <= nb; t += 4) accumulate_grad_weight<4>(X + (n + t) * SD, SD, gzb + t, gW);
+      for (; t < nb; ++t) accumulate_grad_weight<1>(X + (n + t) * SD, SD, gzb + t, gW);
     }
   }
 };
@@ -421,14 +463,14 @@ void mhc_write_backward(int64_t n0, int64_t n1, int S, int D, const float* X, co
 
 // The read's backward plus the state's gradient through the write, H_res^T keep dX' (grad may be null).
 // g_maps: the write's [post | . | res] gradients (may be null); g_u: d loss / d u (may be null). Outputs dX
-// (N, S, D), d logits (N, C) in the logit order [pre | post | res] and d z = rstd d logits (N, C), from which the
-// caller forms the gradients of W and b.
+// (N, S, D) and d logits (N, C) in the logit order [pre | post | res] (the caller sums it for d b), and adds
+// d W = x^T (rstd d logits) for its tokens into gW (S*D, CP) (one buffer per concurrent caller).
 void mhc_read_backward(int64_t n0, int64_t n1, int S, int D, int iters, const float* X, const float* WT, int SDp,
                        const float* b, const float* z, const float* rstd, const float* maps, const float* g_u,
-                       const float* g_maps, const float* grad, const float* keep, float* gX, float* g_z,
-                       float* g_logits) {
-  MHC_DISPATCH(S, read_backward(n0, n1, D, iters, X, WT, SDp, b, z, rstd, maps, g_u, g_maps, grad, keep, gX, g_z,
-                                g_logits))
+                       const float* g_maps, const float* grad, const float* keep, float* gX, float* g_logits,
+                       float* gW) {
+  MHC_DISPATCH(S, read_backward(n0, n1, D, iters, X, WT, SDp, b, z, rstd, maps, g_u, g_maps, grad, keep, gX,
+                                g_logits, gW))
 }
 
 }  // extern "C"

@@ -119,18 +119,25 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mhc")
 
 
-def _run(kernel: str, N: int, *args) -> None:
-    """kernel(n0, n1, *args) over the N tokens, split across torch's intra-op thread count (ctypes drops the GIL)."""
+def _tasks(N: int) -> int:
+    return max(1, min(torch.get_num_threads(), -(-N // TOKENS_PER_TASK)))
+
+
+def _run(kernel: str, N: int, *args, per_task: Tensor | None = None) -> None:
+    """kernel(n0, n1, *args[, per_task[i]]) over the N tokens in _tasks(N) parallel tasks (ctypes drops the GIL);
+    task i gets its own slice of `per_task` (an accumulator) as the last argument, if given."""
     fn = getattr(library(), kernel)
     # `args` keeps the tensors alive (some are temporaries) until the kernels have run
     pointers = [a.data_ptr() if isinstance(a, Tensor) else a for a in args]
-    tasks = min(torch.get_num_threads(), -(-N // TOKENS_PER_TASK))
-    if tasks <= 1:
-        fn(0, N, *pointers)
-        return
-    step = -(-N // tasks // 16) * 16
+    tasks = _tasks(N)
+    step = -(-N // tasks // 64) * 64  # whole 64-token blocks per task
     bounds = [(n, min(n + step, N)) for n in range(0, N, step)]
-    list(_pool(torch.get_num_threads()).map(lambda b: fn(b[0], b[1], *pointers), bounds))
+    extra = [[] if per_task is None else [per_task[i].data_ptr()] for i in range(len(bounds))]
+    if len(bounds) == 1:
+        fn(0, N, *pointers, *extra[0])
+        return
+    calls = [(lo, hi, *pointers, *more) for (lo, hi), more in zip(bounds, extra)]
+    list(_pool(torch.get_num_threads()).map(lambda call: fn(*call), calls))
 
 
 def _padded(matrix: Tensor, multiple: int) -> Tensor:
@@ -171,14 +178,15 @@ class _Read(torch.autograd.Function):
         N, S, D = X.shape
         grad_u = None if grad_u is None else grad_u.contiguous()
         grad_maps = None if grad_maps is None else grad_maps.contiguous()
-        grad_X, grad_z, grad_logits = torch.empty_like(X), torch.empty_like(z), torch.empty_like(z)
+        grad_X, grad_logits = torch.empty_like(X), torch.empty_like(z)
         weight_t = _padded(weight.t(), CHUNK)
+        C = weight.shape[1]
+        grad_weight = weight.new_zeros(_tasks(N), S * D, -(-C // LANES) * LANES)  # one accumulator per task
         _run(
             "mhc_read_backward", N, S, D, ctx.iters, X, weight_t, weight_t.shape[1], bias, z, rstd, maps,
-            grad_u, grad_maps, link_grad, link_keep, grad_X, grad_z, grad_logits,
+            grad_u, grad_maps, link_grad, link_keep, grad_X, grad_logits, per_task=grad_weight,
         )  # fmt: skip
-        grad_weight = X.view(N, S * D).t() @ grad_z  # (S*D, C)
-        return grad_X, grad_weight, grad_logits.sum(dim=0), None, None
+        return grad_X, grad_weight.sum(dim=0)[:, :C], grad_logits.sum(dim=0), None, None
 
 
 class _Write(torch.autograd.Function):
