@@ -106,10 +106,11 @@ class MHCConnection(nn.Module):
         # fp32_mappings=False under autocast: the two matmuls run in autocast's dtype, as autocast would run them
         low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         matmul_dtype = None if self.fp32_mappings else low
-        state = (state.float() if self.fp32_mappings else state).contiguous()
+        state = state.float() if self.fp32_mappings else state
         native = self.kernel in ("auto", "native") and matmul_dtype is None
         if native and mhc_native.supports(state, S, self.sinkhorn_iters):
-            return self._native_forward(state, sublayer, keep)
+            return self._native_forward(state, sublayer, keep)  # reads any stream stride (MHC.expand's view)
+        state = state.contiguous()
         read = None
         with torch.autocast(device, enabled=False):
             weight, bias = self.fused_weight().to(state.dtype), self.bias.to(state.dtype)
@@ -134,7 +135,7 @@ class MHCConnection(nn.Module):
     def _native_forward(self, state: Tensor, sublayer: Callable[[Tensor], Tensor], keep: Tensor | None) -> Tensor:
         """forward() through the C++ kernels (seqrec.nn.mhc_native): float32 state on the CPU."""
         B, L, S, D = state.shape
-        X = state.view(B * L, S, D)
+        X = state.reshape(B * L, S, D)  # a view, also of the expanded embedding (stream stride 0)
         link = mhc_native.Link()
         with torch.autocast("cpu", enabled=False):
             u, maps, mean_square = mhc_native.read(X, self.fused_weight(), self.bias, self.sinkhorn_iters, link)

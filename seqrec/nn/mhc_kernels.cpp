@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -162,6 +163,18 @@ struct Kernels {
       for (int g = 0; g < G; ++g) grad[e][g] = gK[e][g] * blk.K[e][g] * blk.open[e][g];
   }
 
+  // Rows of tokens [n, n + nb) of an (N, S, D) tensor with token stride ts and stream stride ss (unit stride over D)
+  // as nb contiguous rows of S*D floats: the tensor itself when it is contiguous, else a copy in buf (TB*S*D). A
+  // stride-0 stream dim is what the first connection reads (the embedding, not yet copied into S streams) and the
+  // last one's gradient is (the readout sums the streams).
+  static const float* block_rows(const float* A, int64_t ts, int64_t ss, int64_t n, int nb, int D, float* buf) {
+    if (ts == static_cast<int64_t>(S) * D && ss == D) return A + n * ts;
+    for (int t = 0; t < nb; ++t)
+      for (int j = 0; j < S; ++j)
+        std::memcpy(buf + (static_cast<int64_t>(t) * S + j) * D, A + (n + t) * ts + j * ss, D * sizeof(float));
+    return buf;
+  }
+
   // one token's entry e of a block array, t in [0, TB)
   static float& at(vf (*a)[G], int e, int t) { return a[e][t / VL][t % VL]; }
   static float at(const vf (*a)[G], int e, int t) { return a[e][t / VL][t % VL]; }
@@ -248,12 +261,15 @@ struct Kernels {
     }
   }
 
-  static void read_forward(int64_t n0, int64_t n1, int D, int iters, const float* X, const float* W, const float* b,
-                           float* u_out, float* maps, float* z_out, float* rstd_out, float* ms_out) {
+  static void read_forward(int64_t n0, int64_t n1, int D, int iters, const float* X0, int64_t xt, int64_t xs,
+                           const float* W, const float* b, float* u_out, float* maps, float* z_out, float* rstd_out,
+                           float* ms_out) {
     const int SD = S * D;
     Block blk;
+    std::vector<float> xbuf(static_cast<size_t>(TB) * SD);
     for (int64_t n = n0; n < n1; n += TB) {
       const int nb = static_cast<int>(std::min<int64_t>(n1 - n, TB));
+      const float* X = block_rows(X0, xt, xs, n, nb, D, xbuf.data()) - n * SD;  // token n + t at X + (n + t) * SD
       float z[TB][C], ss[TB];
       int t = 0;
       for (; t + 4 <= nb; t += 4) mapping_matmul_rows<4>(X + (n + t) * SD, W, SD, z + t, ss + t);
@@ -293,11 +309,11 @@ struct Kernels {
     }
   }
 
-  static void write_forward(int64_t n0, int64_t n1, int D, const float* X, const float* maps, const float* out,
-                            const float* keep, float* X_new) {
+  static void write_forward(int64_t n0, int64_t n1, int D, const float* X0, int64_t xt, int64_t xs,
+                            const float* maps, const float* out, const float* keep, float* X_new) {
     for (int64_t n = n0; n < n1; ++n) {
       const float* m = maps + n * C;
-      const float* x = X + n * S * D;
+      const float* x = X0 + n * xt;  // stream j at x + j * xs
       const float* o = out + n * D;
       const float k = keep ? keep[n] : 1.0f;
       float post[S], res[SS];
@@ -308,20 +324,21 @@ struct Kernels {
 #pragma omp simd
         for (int d = 0; d < D; ++d) {
           float acc = post[i] * o[d];
-          for (int j = 0; j < S; ++j) acc += res[i * S + j] * x[j * D + d];
+          for (int j = 0; j < S; ++j) acc += res[i * S + j] * x[j * xs + d];
           y[d] = acc;
         }
       }
     }
   }
 
-  static void write_backward(int64_t n0, int64_t n1, int D, const float* X, const float* maps, const float* out,
-                             const float* keep, const float* grad, float* g_out, float* g_maps) {
+  static void write_backward(int64_t n0, int64_t n1, int D, const float* X0, int64_t xt, int64_t xs,
+                             const float* maps, const float* out, const float* keep, const float* grad, int64_t gt,
+                             int64_t gs, float* g_out, float* g_maps) {
     for (int64_t n = n0; n < n1; ++n) {
       const float* m = maps + n * C;
-      const float* x = X + n * S * D;
+      const float* x = X0 + n * xt;  // stream j at x + j * xs
       const float* o = out + n * D;
-      const float* g = grad + n * S * D;
+      const float* g = grad + n * gt;  // stream i at g + i * gs
       const float k = keep ? keep[n] : 1.0f;
       float* go = g_out + n * D;
       float* gm = g_maps + n * C;
@@ -330,18 +347,18 @@ struct Kernels {
 #pragma omp simd
       for (int d = 0; d < D; ++d) {
         float acc = 0.0f;
-        for (int i = 0; i < S; ++i) acc += post[i] * g[i * D + d];
+        for (int i = 0; i < S; ++i) acc += post[i] * g[i * gs + d];
         go[d] = acc;
       }
       for (int i = 0; i < S; ++i) {
-        const float* gi = g + i * D;
+        const float* gi = g + i * gs;
         float gp = 0.0f;
 #pragma omp simd reduction(+ : gp)
         for (int d = 0; d < D; ++d) gp += gi[d] * o[d];
         gm[i] = gp * k;
         gm[S + i] = 0.0f;
         for (int j = 0; j < S; ++j) {
-          const float* xj = x + j * D;
+          const float* xj = x + j * xs;
           float gr = 0.0f;
 #pragma omp simd reduction(+ : gr)
           for (int d = 0; d < D; ++d) gr += gi[d] * xj[d];
@@ -352,16 +369,19 @@ struct Kernels {
   }
 
   // WT is (C, SDp), SDp = S*D rounded up to CHUNK with zero columns, so that the tile loop needs no tail case.
-  static void read_backward(int64_t n0, int64_t n1, int D, int iters, const float* X, const float* WT, int SDp,
-                            const float* b, const float* z, const float* rstd, const float* maps, const float* g_u,
-                            const float* g_maps, const float* grad, const float* keep, float* gX, float* g_logits,
-                            float* gW) {
+  static void read_backward(int64_t n0, int64_t n1, int D, int iters, const float* X0, int64_t xt, int64_t xs,
+                            const float* WT, int SDp, const float* b, const float* z, const float* rstd,
+                            const float* maps, const float* g_u, const float* g_maps, const float* grad0, int64_t gt,
+                            int64_t gs, const float* keep, float* gX, float* g_logits, float* gW) {
     const int SD = S * D;
     Block blk;
     vf gres[SS][G];
     float gzb[TB][CP] = {};  // the block's d z, zero-padded columns, for the d W accumulation
+    std::vector<float> xbuf(static_cast<size_t>(TB) * SD), gbuf(static_cast<size_t>(TB) * SD);
     for (int64_t n = n0; n < n1; n += TB) {
       const int nb = static_cast<int>(std::min<int64_t>(n1 - n, TB));
+      const float* X = block_rows(X0, xt, xs, n, nb, D, xbuf.data()) - n * SD;  // token n + t at X + (n + t) * SD
+      const float* grad = grad0 ? block_rows(grad0, gt, gs, n, nb, D, gbuf.data()) - n * SD : nullptr;
       for (int t = 0; t < TB; ++t) {
         const bool real = t < nb;
         for (int c = 0; c < C; ++c) at(blk.logit, c, t) = real ? z[(n + t) * C + c] * rstd[n + t] + b[c] : 0.0f;
@@ -442,35 +462,36 @@ struct Kernels {
 extern "C" {
 
 // u = H_pre X (N, D); maps (N, C); z = x W (N, C), rstd (N) and the mean square (N) (each may be null).
-void mhc_read_forward(int64_t n0, int64_t n1, int S, int D, int iters, const float* X, const float* W,
-                      const float* b, float* u, float* maps, float* z, float* rstd, float* ms) {
-  MHC_DISPATCH(S, read_forward(n0, n1, D, iters, X, W, b, u, maps, z, rstd, ms))
+void mhc_read_forward(int64_t n0, int64_t n1, int S, int D, int iters, const float* X, int64_t xt, int64_t xs,
+                      const float* W, const float* b, float* u, float* maps, float* z, float* rstd, float* ms) {
+  MHC_DISPATCH(S, read_forward(n0, n1, D, iters, X, xt, xs, W, b, u, maps, z, rstd, ms))
 }
 
 // X' = (H_res X + H_post^T out) * keep, (N, S, D); keep may be null (all ones).
-void mhc_write_forward(int64_t n0, int64_t n1, int S, int D, const float* X, const float* maps, const float* out,
-                       const float* keep, float* X_new) {
-  MHC_DISPATCH(S, write_forward(n0, n1, D, X, maps, out, keep, X_new))
+void mhc_write_forward(int64_t n0, int64_t n1, int S, int D, const float* X, int64_t xt, int64_t xs,
+                       const float* maps, const float* out, const float* keep, float* X_new) {
+  MHC_DISPATCH(S, write_forward(n0, n1, D, X, xt, xs, maps, out, keep, X_new))
 }
 
 // The write's backward for the sublayer output and the mappings (the state's part is left to the read's
 // backward): with g = keep dX', d out = sum_i H_post,i g_i, d H_post,i = g_i . out, d H_res,ij = g_i . X_j;
 // g_maps in the maps order [post | pre | res], pre entries zero.
-void mhc_write_backward(int64_t n0, int64_t n1, int S, int D, const float* X, const float* maps, const float* out,
-                        const float* keep, const float* grad, float* g_out, float* g_maps) {
-  MHC_DISPATCH(S, write_backward(n0, n1, D, X, maps, out, keep, grad, g_out, g_maps))
+void mhc_write_backward(int64_t n0, int64_t n1, int S, int D, const float* X, int64_t xt, int64_t xs,
+                        const float* maps, const float* out, const float* keep, const float* grad, int64_t gt,
+                        int64_t gs, float* g_out, float* g_maps) {
+  MHC_DISPATCH(S, write_backward(n0, n1, D, X, xt, xs, maps, out, keep, grad, gt, gs, g_out, g_maps))
 }
 
 // The read's backward plus the state's gradient through the write, H_res^T keep dX' (grad may be null).
 // g_maps: the write's [post | . | res] gradients (may be null); g_u: d loss / d u (may be null). Outputs dX
 // (N, S, D) and d logits (N, C) in the logit order [pre | post | res] (the caller sums it for d b), and adds
 // d W = x^T (rstd d logits) for its tokens into gW (S*D, CP) (one buffer per concurrent caller).
-void mhc_read_backward(int64_t n0, int64_t n1, int S, int D, int iters, const float* X, const float* WT, int SDp,
-                       const float* b, const float* z, const float* rstd, const float* maps, const float* g_u,
-                       const float* g_maps, const float* grad, const float* keep, float* gX, float* g_logits,
-                       float* gW) {
-  MHC_DISPATCH(S, read_backward(n0, n1, D, iters, X, WT, SDp, b, z, rstd, maps, g_u, g_maps, grad, keep, gX,
-                                g_logits, gW))
+void mhc_read_backward(int64_t n0, int64_t n1, int S, int D, int iters, const float* X, int64_t xt, int64_t xs,
+                       const float* WT, int SDp, const float* b, const float* z, const float* rstd,
+                       const float* maps, const float* g_u, const float* g_maps, const float* grad, int64_t gt,
+                       int64_t gs, const float* keep, float* gX, float* g_logits, float* gW) {
+  MHC_DISPATCH(S, read_backward(n0, n1, D, iters, X, xt, xs, WT, SDp, b, z, rstd, maps, g_u, g_maps, grad, gt, gs,
+                                keep, gX, g_logits, gW))
 }
 
 }  // extern "C"

@@ -41,10 +41,11 @@ CHUNK, LANES = 128, 16  # mhc_kernels.cpp's CHUNK and VL: W^T and W are read zer
 
 _i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 _SIGNATURES = {
-    "mhc_read_forward": [_i64, _i64, _int, _int, _int] + [_ptr] * 8,
-    "mhc_write_forward": [_i64, _i64, _int, _int] + [_ptr] * 5,
-    "mhc_write_backward": [_i64, _i64, _int, _int] + [_ptr] * 7,
-    "mhc_read_backward": [_i64, _i64, _int, _int, _int, _ptr, _ptr, _int] + [_ptr] * 11,
+    "mhc_read_forward": [_i64, _i64, _int, _int, _int, _ptr, _i64, _i64] + [_ptr] * 7,
+    "mhc_write_forward": [_i64, _i64, _int, _int, _ptr, _i64, _i64] + [_ptr] * 4,
+    "mhc_write_backward": [_i64, _i64, _int, _int, _ptr, _i64, _i64] + [_ptr] * 4 + [_i64, _i64, _ptr, _ptr],
+    "mhc_read_backward": [_i64, _i64, _int, _int, _int, _ptr, _i64, _i64, _ptr, _int] + [_ptr] * 7
+    + [_i64, _i64, _ptr, _ptr, _ptr, _ptr],
 }
 
 
@@ -140,6 +141,15 @@ def _run(kernel: str, N: int, *args, per_task: Tensor | None = None) -> None:
     list(_pool(torch.get_num_threads()).map(lambda call: fn(*call), calls))
 
 
+def _unit_last_stride(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _strided(t: Tensor | None) -> tuple:
+    """(N, S, D) tensor -> (it, token stride, stream stride) for the kernels; None -> (None, 0, 0)."""
+    return (None, 0, 0) if t is None else (t, t.stride(0), t.stride(1))
+
+
 def _padded(matrix: Tensor, multiple: int) -> Tensor:
     """(R, K) -> (R, K rounded up to `multiple`), zero columns added, contiguous."""
     rows, cols = matrix.shape
@@ -163,7 +173,7 @@ class _Read(torch.autograd.Function):
         C = 2 * S + S * S
         u, maps = X.new_empty(N, D), X.new_empty(N, C)
         z, rstd, mean_square = X.new_empty(N, C), X.new_empty(N), X.new_empty(N)
-        _run("mhc_read_forward", N, S, D, iters, X, _padded(weight, LANES), bias, u, maps, z, rstd, mean_square)
+        _run("mhc_read_forward", N, S, D, iters, *_strided(X), _padded(weight, LANES), bias, u, maps, z, rstd, mean_square)
         ctx.save_for_backward(X, weight, bias, z, rstd, maps)
         ctx.iters, ctx.link = iters, link
         ctx.mark_non_differentiable(mean_square)
@@ -178,13 +188,13 @@ class _Read(torch.autograd.Function):
         N, S, D = X.shape
         grad_u = None if grad_u is None else grad_u.contiguous()
         grad_maps = None if grad_maps is None else grad_maps.contiguous()
-        grad_X, grad_logits = torch.empty_like(X), torch.empty_like(z)
+        grad_X, grad_logits = X.new_empty(X.shape), torch.empty_like(z)  # contiguous, whatever X's strides
         weight_t = _padded(weight.t(), CHUNK)
         C = weight.shape[1]
         grad_weight = weight.new_zeros(_tasks(N), S * D, -(-C // LANES) * LANES)  # one accumulator per task
         _run(
-            "mhc_read_backward", N, S, D, ctx.iters, X, weight_t, weight_t.shape[1], bias, z, rstd, maps,
-            grad_u, grad_maps, link_grad, link_keep, grad_X, grad_logits, per_task=grad_weight,
+            "mhc_read_backward", N, S, D, ctx.iters, *_strided(X), weight_t, weight_t.shape[1], bias, z, rstd, maps,
+            grad_u, grad_maps, *_strided(link_grad), link_keep, grad_X, grad_logits, per_task=grad_weight,
         )  # fmt: skip
         return grad_X, grad_weight.sum(dim=0)[:, :C], grad_logits.sum(dim=0), None, None
 
@@ -193,8 +203,8 @@ class _Write(torch.autograd.Function):
     @staticmethod
     def forward(ctx, X: Tensor, maps: Tensor, out: Tensor, keep: Tensor | None, link: Link):
         N, S, D = X.shape
-        X_new = torch.empty_like(X)
-        _run("mhc_write_forward", N, S, D, X, maps, out, keep, X_new)
+        X_new = X.new_empty(X.shape)  # contiguous, whatever X's strides
+        _run("mhc_write_forward", N, S, D, *_strided(X), maps, out, keep, X_new)
         ctx.save_for_backward(X, maps, out, keep)
         ctx.link = link
         return X_new
@@ -203,16 +213,19 @@ class _Write(torch.autograd.Function):
     def backward(ctx, grad):
         X, maps, out, keep = ctx.saved_tensors
         N, S, D = X.shape
-        grad = grad.contiguous()
+        grad = _unit_last_stride(grad)  # a stride-0 stream dim (from the sum readout) is read as it is
         grad_out, grad_maps = torch.empty_like(out), maps.new_empty(maps.shape)
-        _run("mhc_write_backward", N, S, D, X, maps, out, keep, grad, grad_out, grad_maps)
+        _run("mhc_write_backward", N, S, D, *_strided(X), maps, out, keep, *_strided(grad), grad_out, grad_maps)
         ctx.link.grad, ctx.link.keep = grad, keep  # the read's backward adds H_res^T keep grad to dX
         return None, grad_maps, grad_out, None, None
 
 
 def read(X: Tensor, weight: Tensor, bias: Tensor, iters: int, link: Link) -> tuple[Tensor, Tensor, Tensor]:
-    """(N, S, D) state -> u = H_pre X (N, D), maps [H_post | H_pre | H_res] (N, 2S + S^2), mean square (N,)."""
-    return _Read.apply(X.contiguous(), weight.contiguous(), bias.contiguous(), iters, link)
+    """(N, S, D) state -> u = H_pre X (N, D), maps [H_post | H_pre | H_res] (N, 2S + S^2), mean square (N,).
+
+    X may have any token and stream strides (an expanded embedding, stride 0 over the streams, is read as it is)
+    as long as D is contiguous."""
+    return _Read.apply(_unit_last_stride(X), weight.contiguous(), bias.contiguous(), iters, link)
 
 
 def write(X: Tensor, maps: Tensor, out: Tensor, keep: Tensor | None, link: Link) -> Tensor:

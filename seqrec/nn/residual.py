@@ -111,10 +111,11 @@ class MHC:
         )
 
     def expand(self, x: Tensor) -> Tensor:
-        """(B, L, D) -> (B, L, S, D): every stream starts as the embedding."""
-        # a real copy, not a view: batched matmul over a stride-0 stream dim takes a slow path on CPU, and
-        # torch.compile (residual.kernel=compile) would compile once more for a view input
-        return x.unsqueeze(-2).repeat(*(1,) * (x.dim() - 1), self.expansion_rate, 1)
+        """(B, L, D) -> (B, L, S, D): every stream starts as the embedding.
+
+        A view (stream stride 0): the native kernels read it as it is, which saves writing and re-reading S copies;
+        the eager and compiled paths copy it first (their batched matmuls take a slow path on a stride-0 dim)."""
+        return x.unsqueeze(-2).expand(*x.shape[:-1], self.expansion_rate, x.shape[-1])
 
     def reduce(self, state: Tensor) -> Tensor:
         """(B, L, S, D) -> (B, L, D)."""
