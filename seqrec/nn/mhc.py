@@ -143,14 +143,12 @@ class MHCConnection(nn.Module):
         self.last = {"read_mix": maps[:, S:].detach().view(B, L, 1 + S, S), "post": maps[:, :S].detach().view(B, L, S)}
         self.last["real"] = (mean_square > 0).view(B, L)
         out = sublayer((self.norm(u) if self.norm_first else u).view(B, L, D))  # (B, L, D)
-        # Pre-LN: the padding mask is applied inside the write; Post-LN: after the LayerNorm, as in forward()
-        inner_keep = keep.reshape(B * L).to(X.dtype) if keep is not None and self.norm_first else None
+        # Post-LN: the per-stream LayerNorm runs inside the write too, before the padding mask
+        keep = None if keep is None else keep.reshape(B * L).to(X.dtype)
+        out = out.reshape(B * L, D).to(X.dtype)
         with torch.autocast("cpu", enabled=False):
-            state = mhc_native.write(X, maps, out.reshape(B * L, D).to(X.dtype), inner_keep, link).view(B, L, S, D)
-        if self.norm_first:
-            return state
-        state = self.norm(state)
-        return state if keep is None else state * keep[..., None, None]
+            state = mhc_native.write(X, maps, out, keep, link, norm=None if self.norm_first else self.norm)
+        return state.view(B, L, S, D)
 
     def extra_repr(self) -> str:
         return (

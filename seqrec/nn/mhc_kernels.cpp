@@ -309,60 +309,126 @@ struct Kernels {
     }
   }
 
-  static void write_forward(int64_t n0, int64_t n1, int D, const float* X0, int64_t xt, int64_t xs,
-                            const float* maps, const float* out, const float* keep, float* X_new) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const float* m = maps + n * C;
-      const float* x = X0 + n * xt;  // stream j at x + j * xs
-      const float* o = out + n * D;
-      const float k = keep ? keep[n] : 1.0f;
-      float post[S], res[SS];
-      for (int i = 0; i < S; ++i) post[i] = m[i] * k;
-      for (int e = 0; e < SS; ++e) res[e] = m[2 * S + e] * k;
-      for (int i = 0; i < S; ++i) {
-        float* y = X_new + (n * S + i) * D;
+  // y_i = sum_j H_res,ij x_j + H_post,i out for every stream i of one token, into y (S*D).
+  static void write_streams(const float* m, const float* x, int64_t xs, const float* o, int D, float scale, float* y) {
+    float post[S], res[SS];
+    for (int i = 0; i < S; ++i) post[i] = m[i] * scale;
+    for (int e = 0; e < SS; ++e) res[e] = m[2 * S + e] * scale;
+    for (int i = 0; i < S; ++i) {
+      float* yi = y + i * D;
 #pragma omp simd
-        for (int d = 0; d < D; ++d) {
-          float acc = post[i] * o[d];
-          for (int j = 0; j < S; ++j) acc += res[i * S + j] * x[j * xs + d];
-          y[d] = acc;
-        }
+      for (int d = 0; d < D; ++d) {
+        float acc = post[i] * o[d];
+        for (int j = 0; j < S; ++j) acc += res[i * S + j] * x[j * xs + d];
+        yi[d] = acc;
       }
     }
   }
 
+  // LayerNorm of one stream's D values in place, y -> (y - mean) rstd; returns rstd.
+  static float standardise(float* y, int D, float eps) {
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int d = 0; d < D; ++d) sum += y[d];
+    const float mean = sum / D;
+    float var = 0.0f;
+#pragma omp simd reduction(+ : var)
+    for (int d = 0; d < D; ++d) var += (y[d] - mean) * (y[d] - mean);
+    const float rstd = 1.0f / std::sqrt(var / D + eps);
+#pragma omp simd
+    for (int d = 0; d < D; ++d) y[d] = (y[d] - mean) * rstd;
+    return rstd;
+  }
+
+  // Pre-LN (gamma null): X' = (H_res X + H_post^T out) keep. Post-LN: X' = (LN(H_res X + H_post^T out)) keep, the
+  // LayerNorm (gamma, beta, eps) per stream over D.
+  static void write_forward(int64_t n0, int64_t n1, int D, const float* X0, int64_t xt, int64_t xs,
+                            const float* maps, const float* out, const float* keep, const float* gamma,
+                            const float* beta, float eps, float* X_new) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const float k = keep ? keep[n] : 1.0f;
+      float* y = X_new + n * S * D;
+      write_streams(maps + n * C, X0 + n * xt, xs, out + n * D, D, gamma ? 1.0f : k, y);
+      if (gamma)
+        for (int i = 0; i < S; ++i) {
+          float* yi = y + i * D;
+          standardise(yi, D, eps);
+#pragma omp simd
+          for (int d = 0; d < D; ++d) yi[d] = (yi[d] * gamma[d] + beta[d]) * k;
+        }
+    }
+  }
+
+  // Backward of the write for the sublayer output and the mappings (the state's part is the read backward's job):
+  // with g = keep dX' (Pre-LN), d out = sum_i H_post,i g_i, d H_post,i = g_i . out, d H_res,ij = g_i . X_j.
+  // Post-LN (gamma not null): g is first taken back through the LayerNorm (recomputed from X and out), its
+  // gamma and beta gradients are added to g_ln (2 D, one buffer per concurrent caller), and that g is written to
+  // g_pre (N, S, D) for the read backward.
   static void write_backward(int64_t n0, int64_t n1, int D, const float* X0, int64_t xt, int64_t xs,
                              const float* maps, const float* out, const float* keep, const float* grad, int64_t gt,
-                             int64_t gs, float* g_out, float* g_maps) {
+                             int64_t gs, const float* gamma, float eps, float* g_out, float* g_maps, float* g_pre,
+                             float* g_ln) {
+    std::vector<float> yb(gamma ? static_cast<size_t>(S) * D : 0);
     for (int64_t n = n0; n < n1; ++n) {
       const float* m = maps + n * C;
       const float* x = X0 + n * xt;  // stream j at x + j * xs
       const float* o = out + n * D;
-      const float* g = grad + n * gt;  // stream i at g + i * gs
       const float k = keep ? keep[n] : 1.0f;
+      const float* g = grad + n * gt;  // stream i at g + i * gs
+      int64_t g_stream = gs;
+      float scale = k;  // d X' -> d (pre-norm write) factor
+      if (gamma) {
+        float* y = yb.data();
+        write_streams(m, x, xs, o, D, 1.0f, y);
+        float* gp_rows = g_pre + n * S * D;
+        for (int i = 0; i < S; ++i) {
+          float* yi = y + i * D;
+          const float rstd = standardise(yi, D, eps);  // yi is now the normalised yhat
+          const float* gi = g + i * gs;
+          float* gpi = gp_rows + i * D;
+          float a = 0.0f, c = 0.0f;
+#pragma omp simd reduction(+ : a, c)
+          for (int d = 0; d < D; ++d) {
+            const float gk = gi[d] * k;
+            g_ln[d] += gk * yi[d];  // d gamma
+            g_ln[D + d] += gk;      // d beta
+            const float gh = gk * gamma[d];
+            gpi[d] = gh;
+            a += gh;
+            c += gh * yi[d];
+          }
+          a /= D;
+          c /= D;
+#pragma omp simd
+          for (int d = 0; d < D; ++d) gpi[d] = rstd * (gpi[d] - a - yi[d] * c);
+        }
+        g = gp_rows;
+        g_stream = D;
+        scale = 1.0f;
+      }
       float* go = g_out + n * D;
       float* gm = g_maps + n * C;
       float post[S];
-      for (int i = 0; i < S; ++i) post[i] = m[i] * k;
+      for (int i = 0; i < S; ++i) post[i] = m[i] * scale;
 #pragma omp simd
       for (int d = 0; d < D; ++d) {
         float acc = 0.0f;
-        for (int i = 0; i < S; ++i) acc += post[i] * g[i * gs + d];
+        for (int i = 0; i < S; ++i) acc += post[i] * g[i * g_stream + d];
         go[d] = acc;
       }
       for (int i = 0; i < S; ++i) {
-        const float* gi = g + i * gs;
+        const float* gi = g + i * g_stream;
         float gp = 0.0f;
 #pragma omp simd reduction(+ : gp)
         for (int d = 0; d < D; ++d) gp += gi[d] * o[d];
-        gm[i] = gp * k;
+        gm[i] = gp * scale;
         gm[S + i] = 0.0f;
         for (int j = 0; j < S; ++j) {
           const float* xj = x + j * xs;
           float gr = 0.0f;
 #pragma omp simd reduction(+ : gr)
           for (int d = 0; d < D; ++d) gr += gi[d] * xj[d];
-          gm[2 * S + i * S + j] = gr * k;
+          gm[2 * S + i * S + j] = gr * scale;
         }
       }
     }
@@ -467,19 +533,24 @@ void mhc_read_forward(int64_t n0, int64_t n1, int S, int D, int iters, const flo
   MHC_DISPATCH(S, read_forward(n0, n1, D, iters, X, xt, xs, W, b, u, maps, z, rstd, ms))
 }
 
-// X' = (H_res X + H_post^T out) * keep, (N, S, D); keep may be null (all ones).
+// X' = (H_res X + H_post^T out) * keep, (N, S, D), or with the per-stream LayerNorm (gamma, beta, eps) before the
+// keep; keep may be null (all ones), gamma and beta null (Pre-LN).
 void mhc_write_forward(int64_t n0, int64_t n1, int S, int D, const float* X, int64_t xt, int64_t xs,
-                       const float* maps, const float* out, const float* keep, float* X_new) {
-  MHC_DISPATCH(S, write_forward(n0, n1, D, X, xt, xs, maps, out, keep, X_new))
+                       const float* maps, const float* out, const float* keep, const float* gamma, const float* beta,
+                       float eps, float* X_new) {
+  MHC_DISPATCH(S, write_forward(n0, n1, D, X, xt, xs, maps, out, keep, gamma, beta, eps, X_new))
 }
 
 // The write's backward for the sublayer output and the mappings (the state's part is left to the read's
 // backward): with g = keep dX', d out = sum_i H_post,i g_i, d H_post,i = g_i . out, d H_res,ij = g_i . X_j;
-// g_maps in the maps order [post | pre | res], pre entries zero.
+// g_maps in the maps order [post | pre | res], pre entries zero. With gamma (Post-LN), g is first taken back
+// through the LayerNorm and written to g_pre, and d gamma, d beta are added to g_ln (2 D, one per caller).
 void mhc_write_backward(int64_t n0, int64_t n1, int S, int D, const float* X, int64_t xt, int64_t xs,
                         const float* maps, const float* out, const float* keep, const float* grad, int64_t gt,
-                        int64_t gs, float* g_out, float* g_maps) {
-  MHC_DISPATCH(S, write_backward(n0, n1, D, X, xt, xs, maps, out, keep, grad, gt, gs, g_out, g_maps))
+                        int64_t gs, const float* gamma, float eps, float* g_out, float* g_maps, float* g_pre,
+                        float* g_ln) {
+  MHC_DISPATCH(S, write_backward(n0, n1, D, X, xt, xs, maps, out, keep, grad, gt, gs, gamma, eps, g_out, g_maps,
+                                 g_pre, g_ln))
 }
 
 // The read's backward plus the state's gradient through the write, H_res^T keep dX' (grad may be null).

@@ -39,12 +39,15 @@ MAX_STREAMS, MAX_ITERS = 8, 64  # mhc_kernels.cpp's MAX_S and MAX_ITERS
 TOKENS_PER_TASK = 512  # a multiple of the kernels' 16-token block
 CHUNK, LANES = 128, 16  # mhc_kernels.cpp's CHUNK and VL: W^T and W are read zero-padded to multiples of them
 
-_i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+_i64, _int, _ptr, _float = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
 _SIGNATURES = {
     "mhc_read_forward": [_i64, _i64, _int, _int, _int, _ptr, _i64, _i64] + [_ptr] * 7,
-    "mhc_write_forward": [_i64, _i64, _int, _int, _ptr, _i64, _i64] + [_ptr] * 4,
-    "mhc_write_backward": [_i64, _i64, _int, _int, _ptr, _i64, _i64] + [_ptr] * 4 + [_i64, _i64, _ptr, _ptr],
-    "mhc_read_backward": [_i64, _i64, _int, _int, _int, _ptr, _i64, _i64, _ptr, _int] + [_ptr] * 7
+    "mhc_write_forward": [_i64, _i64, _int, _int, _ptr, _i64, _i64] + [_ptr] * 5 + [_float, _ptr],
+    "mhc_write_backward": [_i64, _i64, _int, _int, _ptr, _i64, _i64]
+    + [_ptr] * 4
+    + [_i64, _i64, _ptr, _float, _ptr, _ptr, _ptr, _ptr],
+    "mhc_read_backward": [_i64, _i64, _int, _int, _int, _ptr, _i64, _i64, _ptr, _int]
+    + [_ptr] * 7
     + [_i64, _i64, _ptr, _ptr, _ptr, _ptr],
 }
 
@@ -124,16 +127,21 @@ def _tasks(N: int) -> int:
     return max(1, min(torch.get_num_threads(), -(-N // TOKENS_PER_TASK)))
 
 
-def _run(kernel: str, N: int, *args, per_task: Tensor | None = None) -> None:
+_NONE = object()
+
+
+def _run(kernel: str, N: int, *args, per_task=_NONE) -> None:
     """kernel(n0, n1, *args[, per_task[i]]) over the N tokens in _tasks(N) parallel tasks (ctypes drops the GIL);
-    task i gets its own slice of `per_task` (an accumulator) as the last argument, if given."""
+    task i gets its own slice of `per_task` (an accumulator, or None: a null pointer) as the last argument."""
     fn = getattr(library(), kernel)
     # `args` keeps the tensors alive (some are temporaries) until the kernels have run
     pointers = [a.data_ptr() if isinstance(a, Tensor) else a for a in args]
     tasks = _tasks(N)
     step = -(-N // tasks // 64) * 64  # whole 64-token blocks per task
     bounds = [(n, min(n + step, N)) for n in range(0, N, step)]
-    extra = [[] if per_task is None else [per_task[i].data_ptr()] for i in range(len(bounds))]
+    extra = [
+        [] if per_task is _NONE else [None if per_task is None else per_task[i].data_ptr()] for i in range(len(bounds))
+    ]
     if len(bounds) == 1:
         fn(0, N, *pointers, *extra[0])
         return
@@ -173,7 +181,21 @@ class _Read(torch.autograd.Function):
         C = 2 * S + S * S
         u, maps = X.new_empty(N, D), X.new_empty(N, C)
         z, rstd, mean_square = X.new_empty(N, C), X.new_empty(N), X.new_empty(N)
-        _run("mhc_read_forward", N, S, D, iters, *_strided(X), _padded(weight, LANES), bias, u, maps, z, rstd, mean_square)
+        _run(
+            "mhc_read_forward",
+            N,
+            S,
+            D,
+            iters,
+            *_strided(X),
+            _padded(weight, LANES),
+            bias,
+            u,
+            maps,
+            z,
+            rstd,
+            mean_square,
+        )
         ctx.save_for_backward(X, weight, bias, z, rstd, maps)
         ctx.iters, ctx.link = iters, link
         ctx.mark_non_differentiable(mean_square)
@@ -201,23 +223,31 @@ class _Read(torch.autograd.Function):
 
 class _Write(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, X: Tensor, maps: Tensor, out: Tensor, keep: Tensor | None, link: Link):
+    def forward(ctx, X, maps, out, keep, link, norm_weight, norm_bias, eps):
         N, S, D = X.shape
         X_new = X.new_empty(X.shape)  # contiguous, whatever X's strides
-        _run("mhc_write_forward", N, S, D, *_strided(X), maps, out, keep, X_new)
-        ctx.save_for_backward(X, maps, out, keep)
-        ctx.link = link
+        _run("mhc_write_forward", N, S, D, *_strided(X), maps, out, keep, norm_weight, norm_bias, eps, X_new)
+        ctx.save_for_backward(X, maps, out, keep, norm_weight)
+        ctx.link, ctx.eps = link, eps
         return X_new
 
     @staticmethod
     def backward(ctx, grad):
-        X, maps, out, keep = ctx.saved_tensors
+        X, maps, out, keep, norm_weight = ctx.saved_tensors
         N, S, D = X.shape
         grad = _unit_last_stride(grad)  # a stride-0 stream dim (from the sum readout) is read as it is
         grad_out, grad_maps = torch.empty_like(out), maps.new_empty(maps.shape)
-        _run("mhc_write_backward", N, S, D, *_strided(X), maps, out, keep, *_strided(grad), grad_out, grad_maps)
-        ctx.link.grad, ctx.link.keep = grad, keep  # the read's backward adds H_res^T keep grad to dX
-        return None, grad_maps, grad_out, None, None
+        post_ln = norm_weight is not None
+        grad_pre_norm = X.new_empty(X.shape) if post_ln else None
+        grad_norm = X.new_zeros(_tasks(N), 2, D) if post_ln else None  # d weight, d bias per task
+        _run(
+            "mhc_write_backward", N, S, D, *_strided(X), maps, out, keep, *_strided(grad), norm_weight, ctx.eps,
+            grad_out, grad_maps, grad_pre_norm, per_task=grad_norm,
+        )  # fmt: skip
+        # the read's backward adds H_res^T (keep dX', or the gradient before the LayerNorm, keep included) to dX
+        ctx.link.grad, ctx.link.keep = (grad_pre_norm, None) if post_ln else (grad, keep)
+        grad_weight, grad_bias = grad_norm.sum(dim=0).unbind(0) if post_ln else (None, None)
+        return None, grad_maps, grad_out, None, None, grad_weight, grad_bias, None
 
 
 def read(X: Tensor, weight: Tensor, bias: Tensor, iters: int, link: Link) -> tuple[Tensor, Tensor, Tensor]:
@@ -228,6 +258,11 @@ def read(X: Tensor, weight: Tensor, bias: Tensor, iters: int, link: Link) -> tup
     return _Read.apply(_unit_last_stride(X), weight.contiguous(), bias.contiguous(), iters, link)
 
 
-def write(X: Tensor, maps: Tensor, out: Tensor, keep: Tensor | None, link: Link) -> Tensor:
-    """X' = (H_res X + H_post^T out) * keep, (N, S, D); keep (N,) float or None."""
-    return _Write.apply(X, maps, out.contiguous(), keep, link)
+def write(
+    X: Tensor, maps: Tensor, out: Tensor, keep: Tensor | None, link: Link, norm: torch.nn.LayerNorm | None = None
+) -> Tensor:
+    """X' = (H_res X + H_post^T out) * keep, or LN(H_res X + H_post^T out) * keep with `norm` (Post-LN, applied to
+    each stream), (N, S, D); keep (N,) float or None."""
+    if norm is None:
+        return _Write.apply(X, maps, out.contiguous(), keep, link, None, None, 0.0)
+    return _Write.apply(X, maps, out.contiguous(), keep, link, norm.weight, norm.bias, norm.eps)
