@@ -167,8 +167,9 @@ struct Kernels {
   // as nb contiguous rows of S*D floats: the tensor itself when it is contiguous, else a copy in buf (TB*S*D). A
   // stride-0 stream dim is what the first connection reads (the embedding, not yet copied into S streams) and the
   // last one's gradient is (the readout sums the streams).
-  static const float* block_rows(const float* A, int64_t ts, int64_t ss, int64_t n, int nb, int D, float* buf) {
-    if (ts == static_cast<int64_t>(S) * D && ss == D) return A + n * ts;
+  static const float* block_rows(const float* A, int64_t ts, int64_t ss, int64_t n, int nb, int D, float* buf,
+                                 bool copy = false) {
+    if (ts == static_cast<int64_t>(S) * D && ss == D && !copy) return A + n * ts;
     for (int t = 0; t < nb; ++t)
       for (int j = 0; j < S; ++j)
         std::memcpy(buf + (static_cast<int64_t>(t) * S + j) * D, A + (n + t) * ts + j * ss, D * sizeof(float));
@@ -447,7 +448,8 @@ struct Kernels {
     for (int64_t n = n0; n < n1; n += TB) {
       const int nb = static_cast<int>(std::min<int64_t>(n1 - n, TB));
       const float* X = block_rows(X0, xt, xs, n, nb, D, xbuf.data()) - n * SD;  // token n + t at X + (n + t) * SD
-      const float* grad = grad0 ? block_rows(grad0, gt, gs, n, nb, D, gbuf.data()) - n * SD : nullptr;
+      // gX may be grad0's own buffer (the caller reuses it): then the block's rows are read from a copy
+      const float* grad = grad0 ? block_rows(grad0, gt, gs, n, nb, D, gbuf.data(), gX == grad0) - n * SD : nullptr;
       for (int t = 0; t < TB; ++t) {
         const bool real = t < nb;
         for (int c = 0; c < C; ++c) at(blk.logit, c, t) = real ? z[(n + t) * C + c] * rstd[n + t] + b[c] : 0.0f;

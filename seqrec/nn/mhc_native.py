@@ -149,6 +149,11 @@ def _run(kernel: str, N: int, *args, per_task=_NONE) -> None:
     list(_pool(torch.get_num_threads()).map(lambda call: fn(*call), calls))
 
 
+def _reusable(grad: Tensor | None, X: Tensor) -> bool:
+    """Whether the read's backward may write dX over `grad`: a contiguous buffer of X's shape made by this module."""
+    return grad is not None and grad.shape == X.shape and grad.is_contiguous() and getattr(grad, "_mhc_owned", False)
+
+
 def _unit_last_stride(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -210,7 +215,10 @@ class _Read(torch.autograd.Function):
         N, S, D = X.shape
         grad_u = None if grad_u is None else grad_u.contiguous()
         grad_maps = None if grad_maps is None else grad_maps.contiguous()
-        grad_X, grad_logits = X.new_empty(X.shape), torch.empty_like(z)  # contiguous, whatever X's strides
+        # dX goes into the buffer of d X' (this connection's output gradient, which the read backward of the next
+        # connection allocated and nothing else holds): its rows are in cache as they are read, and no new 10 MB
+        grad_X = link_grad if _reusable(link_grad, X) else X.new_empty(X.shape)
+        grad_logits = torch.empty_like(z)
         weight_t = _padded(weight.t(), CHUNK)
         C = weight.shape[1]
         grad_weight = weight.new_zeros(_tasks(N), S * D, -(-C // LANES) * LANES)  # one accumulator per task
@@ -218,6 +226,7 @@ class _Read(torch.autograd.Function):
             "mhc_read_backward", N, S, D, ctx.iters, *_strided(X), weight_t, weight_t.shape[1], bias, z, rstd, maps,
             grad_u, grad_maps, *_strided(link_grad), link_keep, grad_X, grad_logits, per_task=grad_weight,
         )  # fmt: skip
+        grad_X._mhc_owned = True  # the previous connection's read backward may write over it
         return grad_X, grad_weight.sum(dim=0)[:, :C], grad_logits.sum(dim=0), None, None
 
 
@@ -239,6 +248,8 @@ class _Write(torch.autograd.Function):
         grad_out, grad_maps = torch.empty_like(out), maps.new_empty(maps.shape)
         post_ln = norm_weight is not None
         grad_pre_norm = X.new_empty(X.shape) if post_ln else None
+        if post_ln:
+            grad_pre_norm._mhc_owned = True
         grad_norm = X.new_zeros(_tasks(N), 2, D) if post_ln else None  # d weight, d bias per task
         _run(
             "mhc_write_backward", N, S, D, *_strided(X), maps, out, keep, *_strided(grad), norm_weight, ctx.eps,
