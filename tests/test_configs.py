@@ -54,7 +54,7 @@ def test_all_bad_values_are_reported_together_with_their_paths(tmp_path):
         "trainer.lr=-0.1: must be > 0",
         "model.maxlen=0: must be > 0",
         "model.hidden_units=50: must be divisible by model.num_heads=3",
-        "model.dmodel: unknown key for seqrec.models.sasrec.SASRec",
+        "model.dmodel: unknown key for seqrec.models.tisasrec.TiSASRec",
         "trainer.patience='abc': expected int",
     ):
         assert needle in msg

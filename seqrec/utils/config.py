@@ -94,6 +94,21 @@ def _describe(annotation) -> str:
     return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
+def _signature(obj) -> tuple[dict, dict, bool]:
+    """Parameters, type hints and whether any keyword is accepted. A class whose __init__ takes **kwargs passes them
+    to its base class (TiSASRec -> SASRec), so the base's parameters are followed instead of accepting anything."""
+    params = dict(inspect.signature(obj).parameters)
+    hints = typing.get_type_hints(obj.__init__ if inspect.isclass(obj) else obj)
+    var_kw = [name for name, p in params.items() if p.kind is inspect.Parameter.VAR_KEYWORD]
+    base = next((b for b in obj.__mro__[1:] if "__init__" in vars(b)), object) if inspect.isclass(obj) else object
+    if var_kw and base is not object:
+        base_params, base_hints, takes_any = _signature(base)
+        del params[var_kw[0]]
+        params.update({k: v for k, v in base_params.items() if k not in params and k != "self"})
+        return params, {**base_hints, **hints}, takes_any
+    return params, hints, bool(var_kw)
+
+
 def _check_node(path: str, node: DictConfig, problems: list[str]) -> None:
     target = node.get("_target_")
     try:
@@ -101,10 +116,7 @@ def _check_node(path: str, node: DictConfig, problems: list[str]) -> None:
     except Exception:
         problems.append(f"{path}._target_: cannot import '{target}'")
         return
-    sig = inspect.signature(obj)
-    hints = typing.get_type_hints(obj.__init__ if inspect.isclass(obj) else obj)
-    params = sig.parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    params, hints, takes_any = _signature(obj)
     for key in node:
         if key in HYDRA_KEYS:
             continue
