@@ -6,8 +6,10 @@
 // mHC costs. Here each kernel visits a token's state once, and the per-token S x S work (sigmoids, Sinkhorn and its
 // reverse) runs on blocks of TB tokens laid out [entry][token], so that the compiler vectorises it across tokens.
 //
-// Layouts (row-major, float32): X (N, S, D) stream state; W (S*D, C) fused mapping weight (phi with the RMSNorm
-// gain and the gates folded in), WT its transpose (C, S*D); b (C) static logits; C = 2S + S*S with logit columns
+// Layouts (float32): X (N, S, D) stream state, unit stride over D, any token and stream strides (xt, xs: the
+// first connection reads the embedding with xs = 0); W (S*D, CP) fused mapping weight (phi with the RMSNorm gain
+// and the gates folded in), columns zero-padded to whole vectors, WT its transpose (C, SDp), padded likewise;
+// b (C) static logits; C = 2S + S*S with logit columns
 // [pre | post | res (row-major S x S)]. maps (N, C) per token in the order [post | pre | res] (post already 2 sigma),
 // so that maps[:, S:] is [H_pre; H_res] as one (1 + S, S) block. keep (N) is 1 for real tokens, 0 for padding.
 // Every function handles tokens [n0, n1), so callers can split N across threads.

@@ -1,17 +1,20 @@
 """mHC's connection kernels in C++ for the CPU (mhc_kernels.cpp), built on first use and called through ctypes.
 
 One connection is two autograd nodes around its sublayer: `read` (X -> u = H_pre X and the per-token mappings)
-and `write` (X, mappings, sublayer output -> X' = (H_res X + H_post^T out) * keep). Each kernel visits a token's
-S x D state once (see mhc_kernels.cpp for why that is what matters at small D).
+and `write` (X, mappings, sublayer output -> X' = (H_res X + H_post^T out) * keep, with Post-LN's per-stream
+LayerNorm before the keep). Each kernel visits a token's S x D state once (see mhc_kernels.cpp for why that is
+what matters at small D). X may be a stride-0 view over the streams (MHC.expand's), read as it is.
 
 The two nodes share one gradient: d loss / d X through the write, H_res^T dX', is not formed by the write's
 backward (autograd would then add it to the read's part, two more passes over the state) but by the read's
-backward, which reads dX' from the `Link` the write left it. This is exact because the write consumes the read's
-mappings, so autograd always runs the write's backward first; it does not support double backward.
+backward, which reads dX' from the `Link` the write left it (and writes dX over that buffer when it made it). This
+is exact because the write consumes the read's mappings, so autograd always runs the write's backward first; it
+does not support double backward.
 
-The library is compiled with the system C++ compiler (`$CXX`, else g++/c++; ~2 s) into `$SEQREC_CACHE` (default
-~/.cache/seqrec), keyed by the source, the flags and the CPU, and written atomically so that parallel workers can
-build it at once. Without a compiler `available()` is False and mHC runs its eager PyTorch path.
+The library is compiled with the system C++ compiler (`$CXX`, else g++/c++/clang++; ~20 s for S = 1..8) into
+`$SEQREC_CACHE/kernels` (default ~/.cache/seqrec), keyed by the source, the flags and the CPU, and written
+atomically so that parallel workers can build it at once. Without a compiler `library()` is None (one warning)
+and mHC runs its eager PyTorch path.
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("mhc_kernels.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC"]
-MAX_STREAMS, MAX_ITERS = 8, 64  # mhc_kernels.cpp's MAX_S and MAX_ITERS
-TOKENS_PER_TASK = 512  # a multiple of the kernels' 16-token block
+MAX_STREAMS, MAX_ITERS = 8, 64  # mhc_kernels.cpp instantiates S = 1..8; its MAX_ITERS
+TOKENS_PER_TASK = 512  # the least work worth a thread
 CHUNK, LANES = 128, 16  # mhc_kernels.cpp's CHUNK and VL: W^T and W are read zero-padded to multiples of them
 
 _i64, _int, _ptr, _float = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
