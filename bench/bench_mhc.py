@@ -1,7 +1,10 @@
 """Epoch time and peak RSS of SASRec with residual=plain vs residual=mhc on ML-1M (issue 4).
 
     python bench/bench_mhc.py [--epochs 3] [--steps 0] [--norm-first true] [--threads 1] [--device cpu]
-                              [--kernel auto|native|compile|eager] [--hidden 50]
+                              [--kernel auto|native|compile|eager] [--hidden 50] [--model sasrec|tisasrec]
+
+`--model tisasrec` compares TiSASRec + mHC with TiSASRec (the product default against its plain residual) on the
+timestamped ML-1M users 1-2,999 (`--data` to change), with the TiSASRec paper's time settings.
 
 Measures what `python train.py dataset=file dataset.path=ml-1m.txt` runs: the product's TrainSampler
 (bucket_by_length=true: users of similar length batched together, each batch trimmed to its longest sequence),
@@ -36,6 +39,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "ml-1m.txt"
+DATA_TIMED = ROOT.parent / "shared" / "data" / "ml-1m" / "ratings_users0001-2999.dat"  # ML-1M users 1-2,999, timed
 OUT = Path(__file__).resolve().parent / "results" / "mhc.json"
 VARIANTS = ("plain", "mhc")
 
@@ -68,38 +72,35 @@ def setup(args):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)  # as Trainer(deterministic=true), the default
     torch.utils.deterministic.fill_uninitialized_memory = False
-    data = from_file(path=str(args.data), format="sasrec")
+    data = from_file(path=str(args.data), format="sasrec" if args.model == "sasrec" else "auto")
     sampler = TrainSampler(data, batch_size=args.batch_size, maxlen=args.maxlen, num_negatives=1, seed=0)
     return data, sampler
 
 
 def build(variant: str, num_items: int, args):
     from seqrec.models.sasrec import SASRec
+    from seqrec.models.tisasrec import TiSASRec
     from seqrec.nn.residual import MHC, Plain
     from seqrec.train.losses import BCE
 
     torch.manual_seed(0)
     residual = Plain() if variant == "plain" else MHC(expansion_rate=args.streams, kernel=args.kernel)
-    model = (
-        SASRec(
-            num_items=num_items,
-            maxlen=args.maxlen,
-            hidden_units=args.hidden,
-            num_blocks=2,
-            num_heads=args.heads,
-            dropout_rate=0.2,
-            norm_first=args.norm_first,
-            residual=residual,
-        )
-        .to(args.device)
-        .train()
-    )
+    shape = dict(maxlen=args.maxlen, hidden_units=args.hidden, num_blocks=2, num_heads=args.heads, dropout_rate=0.2)
+    if args.model == "sasrec":
+        model = SASRec(num_items=num_items, **shape, norm_first=args.norm_first, residual=residual)
+    else:  # the TiSASRec paper's time settings, as bench/reproduce.py's TiSASRec rows
+        model = TiSASRec(
+            num_items=num_items, **shape, norm_first=args.norm_first, residual=residual, time_unit="personal",
+            time_span=256,
+        )  # fmt: skip
+    model = model.to(args.device).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.98))
     loss_fn = BCE(num_negatives=1)
 
     def step(batch):  # Trainer.train_step without clipping and the lr schedule (bf16, so no GradScaler)
         with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.amp):
-            loss = loss_fn(model(batch.seq), model.item_weight, batch.pos, batch.neg) * batch.loss_weight
+            loss = loss_fn(model(batch.seq, batch.times, batch.time_scale), model.item_weight, batch.pos, batch.neg)
+            loss = loss * batch.loss_weight
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -186,12 +187,15 @@ def main() -> None:
     p.add_argument("--amp", action="store_true", help="bf16 autocast, as hardware=1gpu (trainer.amp=true)")
     kernels = ["auto", "native", "compile", "eager"]
     p.add_argument("--kernel", choices=kernels, default="auto", help="residual.kernel (mHC's implementation)")
-    p.add_argument("--data", type=Path, default=DATA, help="SASRec-format ml-1m.txt")
+    p.add_argument("--model", choices=["sasrec", "tisasrec"], default="sasrec", help="tisasrec: needs timestamps")
+    p.add_argument("--data", type=Path, default=None, help=f"default: {DATA} (sasrec), {DATA_TIMED} (tisasrec)")
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # child process: peak RSS
     p.add_argument("--reuse-memory", type=true_false, default=True, help="glibc thresholds as the Trainer sets them")
     p.add_argument("--skip-rss", action="store_true", help="time only (no peak-RSS subprocesses)")
     p.add_argument("--out", type=Path, default=OUT, help="where to write the JSON")
     args = p.parse_args()
+    if args.data is None:
+        args.data = DATA if args.model == "sasrec" else DATA_TIMED
     if not args.data.exists():
         print(f"skipped: {args.data} not found")
         return
@@ -221,10 +225,11 @@ def main() -> None:
             ratios["peak_gpu_allocated"] = mhc["peak_gpu_allocated_mib"] / plain["peak_gpu_allocated_mib"]
     threads = torch.get_num_threads()
     print(
-        f"SASRec on ML-1M: B={args.batch_size} maxlen={args.maxlen} (length-bucketed, trimmed: mean width "
+        f"{args.model} on {args.data.name}: B={args.batch_size} maxlen={args.maxlen} (length-bucketed, trimmed: "
+        "mean width "
         f"{statistics.mean(widths):.1f}) D={args.hidden} blocks=2 heads={args.heads} norm_first={args.norm_first} "
         f"n={args.streams}, {args.device}{' bf16 autocast' if args.amp else ''}, {threads} thread(s), "
-        f"{args.epochs} x {args.steps or 48} interleaved steps per variant"
+        f"{args.epochs} x {len(widths) // args.epochs} interleaved steps per variant"
     )
     nan = float("nan")
     print(f"{'variant':9} {'epoch s (median)':>17} {'peak RSS MiB':>13} {'peak GPU MiB':>13} {'params':>8}")
