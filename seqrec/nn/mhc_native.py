@@ -187,23 +187,12 @@ class _Read(torch.autograd.Function):
     def forward(ctx, X: Tensor, weight: Tensor, bias: Tensor, iters: int, link: Link):
         N, S, D = X.shape
         C = 2 * S + S * S
-        u, maps = X.new_empty(N, D), X.new_empty(N, C)
-        z, rstd, mean_square = X.new_empty(N, C), X.new_empty(N), X.new_empty(N)
-        _run(
-            "mhc_read_forward",
-            N,
-            S,
-            D,
-            iters,
-            *_strided(X),
-            _padded(weight, LANES),
-            bias,
-            u,
-            maps,
-            z,
-            rstd,
-            mean_square,
-        )
+        u, maps, mean_square = X.new_empty(N, D), X.new_empty(N, C), X.new_empty(N)
+        # z and 1/RMS only serve the backward: an evaluation pass (no gradient anywhere) does not write them
+        needed = any(ctx.needs_input_grad)
+        z, rstd = (X.new_empty(N, C), X.new_empty(N)) if needed else (None, None)
+        weight_padded = _padded(weight, LANES)
+        _run("mhc_read_forward", N, S, D, iters, *_strided(X), weight_padded, bias, u, maps, z, rstd, mean_square)
         ctx.save_for_backward(X, weight, bias, z, rstd, maps)
         ctx.iters, ctx.link = iters, link
         ctx.mark_non_differentiable(mean_square)
