@@ -63,20 +63,68 @@ class GBCE(Loss):
         return ((beta * F.softplus(-s_pos) + F.softplus(s_neg).sum(-1)) / (self.num_negatives + 1)).mean()
 
 
+class _SoftmaxCrossEntropy(torch.autograd.Function):
+    """Mean of -log softmax(h W^T)[target] over rows, with the logits never leaving a row block.
+
+    F.cross_entropy on materialised logits makes several full passes over the (M, I) matrix (log_softmax out,
+    the one-hot gradient, log_softmax backward); here each block of rows is multiplied, normalised and
+    exponentiated in place while it is still in cache, and the backward uses softmax - onehot directly.
+    On the CPU this makes an ML-1M full-CE step ~1.4x faster (bench/bench_sasrec.py --loss ce).
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, target: Tensor, block: int, dtype: torch.dtype) -> Tensor:
+        # h: (M, D), weight: (I, D), target: (M,) in [0, I); dtype: the matmuls' dtype (autocast's, else float32)
+        h_mm, w_mm = h.to(dtype), weight.to(dtype)
+        probs = torch.empty(h.shape[0], weight.shape[0], dtype=torch.float32, device=h.device)  # (M, I)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, h.shape[0], block):
+            rows = slice(start, start + block)
+            p = probs[rows]
+            p.copy_(h_mm[rows] @ w_mm.T)  # logits (m, I)
+            lse = torch.logsumexp(p, dim=1)  # (m,)
+            total += (lse - p.gather(1, target[rows, None]).squeeze(1)).sum()
+            p.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+        ctx.save_for_backward(h_mm, w_mm, target, probs)
+        ctx.block = block
+        return total / max(h.shape[0], 1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        h_mm, w_mm, target, probs = ctx.saved_tensors
+        scale = grad / max(h_mm.shape[0], 1)
+        grad_h = torch.empty(h_mm.shape, dtype=torch.float32, device=h_mm.device)  # (M, D)
+        grad_w = torch.zeros(w_mm.shape, dtype=torch.float32, device=h_mm.device)  # (I, D)
+        for start in range(0, h_mm.shape[0], ctx.block):
+            rows = slice(start, start + ctx.block)
+            g = probs[rows]  # d loss_sum / d logits = softmax - onehot, built in place (backward runs once)
+            g[torch.arange(g.shape[0], device=g.device), target[rows]] -= 1
+            g = g.to(w_mm.dtype)
+            grad_h[rows] = g @ w_mm
+            grad_w += (g.T @ h_mm[rows]).float()
+        return (grad_h * scale).to(h_mm.dtype), (grad_w * scale), None, None, None
+
+
+def softmax_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, block: int = 256) -> Tensor:
+    """Mean over rows of -log softmax(h @ weight.T)[target]; h (M, D), weight (I, D), target (M,) -> scalar."""
+    dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else torch.float32
+    with torch.autocast(h.device.type, enabled=False):
+        return _SoftmaxCrossEntropy.apply(h, weight, target, block, dtype)
+
+
 class CrossEntropy(Loss):
     """Full softmax over items 1..I (the padding logit is excluded)."""
 
-    def __init__(self, *, chunk_tokens: int = 8192):
-        self.chunk_tokens = chunk_tokens  # bounds the (M, I) logit tensor when there are many positions
+    def __init__(self, *, chunk_tokens: int | None = None):
+        # positions per block; a CPU block's (positions, I) logits stay in cache while they are normalised, a GPU
+        # wants few, large launches. None: 256 on a CPU, 8192 on a GPU.
+        self.chunk_tokens = chunk_tokens
 
     def __call__(self, h, item_weight, pos, neg=None):
         mask = pos != 0
-        h_sel, target = h[mask], pos[mask] - 1  # (M, D), (M,)
-        total = h_sel.new_zeros(())
-        for start in range(0, h_sel.shape[0], self.chunk_tokens):
-            logits = h_sel[start : start + self.chunk_tokens] @ item_weight[1:].T  # (m, I)
-            total = total + F.cross_entropy(logits.float(), target[start : start + self.chunk_tokens], reduction="sum")
-        return total / h_sel.shape[0]
+        block = self.chunk_tokens or (256 if h.device.type == "cpu" else 8192)
+        return softmax_cross_entropy(h[mask], item_weight[1:], pos[mask] - 1, block)
 
 
 class SampledSoftmax(Loss):

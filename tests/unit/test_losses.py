@@ -1,5 +1,6 @@
 """Losses against their textbook formulas."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -34,6 +35,41 @@ def test_cross_entropy_matches_torch_over_real_items_and_chunks():
     expected = F.cross_entropy(h[mask] @ w[1:].T, pos[mask] - 1)
     assert torch.allclose(CrossEntropy()(h, w, pos, None), expected, atol=1e-6)
     assert torch.allclose(CrossEntropy(chunk_tokens=4)(h, w, pos, None), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("block", [3, 256])
+def test_cross_entropy_gradients_match_torch(block):
+    torch.manual_seed(1)
+    h, w = torch.randn(37, 8, requires_grad=True), torch.randn(21, 8, requires_grad=True)  # 37 rows, items 0..20
+    pos = torch.randint(0, 21, (37,))
+    pos[::5] = 0  # padding rows: no loss, no gradient
+    F.cross_entropy(h[pos > 0] @ w[1:].T, pos[pos > 0] - 1).mul(2.5).backward()
+    expected = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    CrossEntropy(chunk_tokens=block)(h[None], w, pos[None], None).mul(2.5).backward()
+    assert torch.allclose(h.grad, expected[0], atol=1e-6)
+    assert torch.allclose(w.grad, expected[1], atol=1e-6)
+    assert w.grad[0].abs().sum() == 0  # the padding item's row gets nothing
+
+
+def test_cross_entropy_refuses_a_second_backward_through_its_reused_buffer():
+    h, w, pos, _ = setup()
+    h.requires_grad_(True)
+    loss = CrossEntropy()(h, w, pos, None)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()
+
+
+def test_cross_entropy_under_bfloat16_autocast_stays_close_and_in_float32():
+    torch.manual_seed(2)
+    h, w, pos = torch.randn(2, 30, 16, requires_grad=True), torch.randn(50, 16), torch.randint(1, 50, (2, 30))
+    exact = CrossEntropy()(h, w, pos, None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = CrossEntropy()(h, w, pos, None)
+    mixed.backward()
+    assert mixed.dtype == torch.float32 and h.grad.dtype == torch.float32
+    assert abs(mixed.item() - exact.item()) < 0.05 * exact.item()
 
 
 def test_sampled_softmax_with_all_other_items_equals_full_softmax():
