@@ -17,6 +17,7 @@ from seqrec.errors import CheckpointError, DataError, TrainingError
 from seqrec.eval.baselines import Popularity
 from seqrec.run import run
 from seqrec.train import losses
+from seqrec.train.trainer import config_differences
 from tests.conftest import REPO, TINY, compose_config
 
 TINY_FILE = [o for o in TINY if not o.startswith("dataset.")]  # for dataset=file, which has no generator knobs
@@ -185,6 +186,14 @@ def test_resume_with_a_different_model_is_refused(tmp_path):
     run(compose_config(TINY, tmp_path))
     with pytest.raises(CheckpointError, match="model.hidden_units"):
         run(compose_config(TINY + ["model.hidden_units=16", "trainer.num_epochs=3"], tmp_path))
+
+
+def test_resume_may_change_how_the_same_maths_is_computed():
+    saved = {"loss": {"chunk_tokens": 256}, "residual": {"kernel": "native", "n": 4}, "seed": 1}
+    moved = {"loss": {"chunk_tokens": None}, "residual": {"kernel": "eager", "n": 4}, "seed": 1}
+    assert config_differences(saved, moved) == []
+    moved["residual"]["n"] = 2
+    assert config_differences(saved, moved) == ["residual.n: 4 -> 2"]
 
 
 def test_users_with_fewer_than_three_interactions_train_but_are_not_evaluated(tmp_path):

@@ -39,6 +39,8 @@ def resolve_device(device: str) -> torch.device:
 
 
 RESUME_MUST_MATCH = ("model", "residual", "loss", "dataset", "seed")  # what a resumed run may not change
+# ...except these, which choose how the same maths is computed (a resumed job may land where no compiler exists)
+RESUME_MAY_CHANGE = ("loss.chunk_tokens", "residual.kernel", "residual.compile")
 
 
 def _flatten(node, prefix: str = "") -> dict:
@@ -53,7 +55,8 @@ def config_differences(saved: dict, current: dict) -> list[str]:
         return []
     old = _flatten({k: saved.get(k) for k in RESUME_MUST_MATCH})
     new = _flatten({k: current.get(k) for k in RESUME_MUST_MATCH})
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    keys = sorted((set(old) | set(new)) - set(RESUME_MAY_CHANGE))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
 class Trainer:
