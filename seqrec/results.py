@@ -21,11 +21,16 @@ from seqrec.compare import CompareError, Run, find_runs, format_table
 DEFAULT_METRICS = ("test/ndcg@10", "test/hr@10")
 
 
+# overrides that do not make a different setting: the seed, and budgets a run may get per machine (the table's
+# "time-limited" column says which runs a limit stopped)
+NOT_A_SETTING = ("seed", "trainer.time_limit_min", "trainer.progress")
+
+
 def group_by_setting(runs: list[Run]) -> dict[str, list[Run]]:
-    """{row name: runs}, runs grouped by their overrides without `seed`, in first-seen order."""
+    """{row name: runs}, runs grouped by their overrides without NOT_A_SETTING, in first-seen order."""
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
-        key = tuple(sorted((k, v) for k, v in run.overrides.items() if k != "seed"))
+        key = tuple(sorted((k, v) for k, v in run.overrides.items() if k not in NOT_A_SETTING))
         groups.setdefault(key, []).append(run)
     runs_per_parent = Counter(r.path.parent for r in runs)
     named = {}
