@@ -51,6 +51,7 @@ ROWS: dict[str, list[str]] = {
     # full ranking
     "ml1m_sasrec_ce": ML1M + SASREC + PLAIN + CE + ["eval.also_sampled=true"],
     "ml1m_sasrec_ce_mhc": ML1M + SASREC + MHC + CE + ["eval.also_sampled=true"],
+    # twice as wide: our best full-ranking row (chosen on validation too: 0.165 at epoch 10 against 0.150)
     "ml1m_sasrec_ce_h128": ML1M + SASREC + PLAIN + CE + ["model.hidden_units=128", "eval.also_sampled=true"],
     # timestamped ML-1M (users 1-2,999 with real timestamps), full ranking
     "ml1m_half_sasrec_ce": ML1M_HALF + SASREC + PLAIN + CE,
