@@ -43,19 +43,27 @@ def test_hardware_and_dataset_options_compose_and_check(hardware, dataset, tmp_p
 
 def test_all_bad_values_are_reported_together_with_their_paths(tmp_path):
     cfg = compose_config(
-        ["trainer.lr=-0.1", "model.maxlen=0", "model.num_heads=3", "+model.dmodel=64", "trainer.patience=abc"],
+        [
+            "trainer.lr=-0.1",
+            "model.maxlen=0",
+            "model.num_heads=3",
+            "+model.dmodel=64",
+            "trainer.patience=abc",
+            "trainer.plateau_factor=1",
+        ],
         tmp_path,
     )
     with pytest.raises(ConfigError) as err:
         check_config(cfg)
     msg = str(err.value)
-    assert "5 problems" in msg
+    assert "6 problems" in msg
     for needle in (
         "trainer.lr=-0.1: must be > 0",
         "model.maxlen=0: must be > 0",
         "model.hidden_units=50: must be divisible by model.num_heads=3",
         "model.dmodel: unknown key for seqrec.models.tisasrec.TiSASRec",
         "trainer.patience='abc': expected int",
+        "trainer.plateau_factor=1: must be in (0, 1)",
     ):
         assert needle in msg
 

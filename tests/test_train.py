@@ -113,6 +113,32 @@ def test_resume_reaches_the_same_result_as_an_unbroken_run(tmp_path):
     assert epochs == [1, 2, 3, 4]
 
 
+# lr 1e-12 moves no fp32 weight, so validation never improves after epoch 1 and patience 1 runs out every epoch
+FLAT = TINY + ["trainer.num_epochs=10", "trainer.lr=1e-12", "trainer.patience=1"]
+
+
+def logged(folder, key):
+    return [x[key] for x in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())]
+
+
+def test_plateau_decay_lowers_the_lr_when_patience_runs_out_then_stops_early(tmp_path):
+    results = run(compose_config(FLAT + ["trainer.plateau_decays=2", "trainer.plateau_factor=0.5"], tmp_path))
+    # epoch 1 is the best; 2 and 3 each run out of patience and halve the lr; 4 runs out with no decay left
+    assert results["epochs_run"] == 4 and results["stopped_early"] and results["best_epoch"] == 1
+    assert logged(tmp_path, "train/lr") == pytest.approx([1e-12, 1e-12, 5e-13, 2.5e-13], rel=1e-6)
+    assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)["lr_decays"] == 2
+
+
+def test_an_early_stopped_run_resumed_with_a_plateau_decay_continues_as_an_unbroken_run(tmp_path):
+    unbroken = run(compose_config(FLAT + ["trainer.plateau_decays=1"], tmp_path / "a"))
+    stopped = run(compose_config(FLAT, tmp_path / "b"))
+    assert stopped["epochs_run"] == 2 and stopped["stopped_early"]
+    resumed = run(compose_config(FLAT + ["trainer.plateau_decays=1"], tmp_path / "b"))
+    assert resumed["epochs_run"] == unbroken["epochs_run"] == 3
+    assert logged(tmp_path / "b", "train/lr") == logged(tmp_path / "a", "train/lr")
+    assert resumed["test/ndcg@10"] == unbroken["test/ndcg@10"]
+
+
 @pytest.mark.slow
 def test_a_killed_process_resumes_from_its_last_checkpoint(tmp_path):
     args = [

@@ -73,6 +73,10 @@ class Trainer:
         grad_clip: max global gradient norm (0 = off).
         eval_every: validate every N epochs (and after the last).
         patience: stop after N validations without improvement of `monitor` (0 = never).
+        plateau_decays, plateau_factor: the first `plateau_decays` times patience runs out, multiply the lr by
+            `plateau_factor` and carry on instead of stopping (reduce-on-plateau, then early stopping). A run
+            that stopped early and is resumed with decays left continues at the reduced lr, exactly as an
+            unbroken run with this setting would have.
         monitor: validation metric key, e.g. "val/ndcg@10" (higher is better).
         resume: "auto" (continue from <output_dir>/checkpoints/last.pt if present), "never", or a path.
         num_workers: 0 = build batches inline, >= 1 = in a background thread.
@@ -109,6 +113,8 @@ class Trainer:
         grad_clip: float = 0.0,
         eval_every: int = 5,
         patience: int = 10,
+        plateau_decays: int = 0,
+        plateau_factor: float = 0.1,
         monitor: str = "val/ndcg@10",
         resume: str = "auto",
         num_workers: int = 1,
@@ -128,6 +134,7 @@ class Trainer:
         self.num_epochs, self.lr_decay_step, self.lr_decay_rate = num_epochs, lr_decay_step, lr_decay_rate
         self.warmup_steps, self.l2_emb, self.grad_clip = warmup_steps, l2_emb, grad_clip
         self.eval_every, self.patience, self.monitor, self.resume = eval_every, patience, monitor, str(resume)
+        self.plateau_decays, self.plateau_factor = plateau_decays, plateau_factor
         self.num_workers, self.log_every_steps, self.progress = num_workers, log_every_steps, progress
         self.run_config = run_config or {}
         self.time_limit_s = 60.0 * time_limit_min
@@ -146,6 +153,7 @@ class Trainer:
         self.amp_dtype = AMP_DTYPES[amp_dtype] if amp else None
         self.optimizer = torch.optim.Adam(self.raw_model.parameters(), lr=lr, betas=tuple(betas))
         self.steps_per_epoch = len(sampler)
+        self.lr_decays = 0  # plateau decays so far (checkpointed; before the scheduler, whose factor reads it)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.embedding_tables = [m.weight for m in self.raw_model.modules() if isinstance(m, nn.Embedding)]
@@ -171,7 +179,7 @@ class Trainer:
     def _lr_factor(self, step: int) -> float:
         warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps > 0 else 1.0
         epoch = step // max(self.steps_per_epoch, 1)
-        return warm * self.lr_decay_rate ** (epoch // self.lr_decay_step)
+        return warm * self.lr_decay_rate ** (epoch // self.lr_decay_step) * self.plateau_factor**self.lr_decays
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -203,6 +211,7 @@ class Trainer:
             "best_epoch": self.best_epoch,
             "best_metrics": self.best_metrics,
             "bad_evals": self.bad_evals,
+            "lr_decays": self.lr_decays,
             "stopped_early": self.stopped_early,
             "train_seconds": self.train_seconds,
             "eval_seconds": self.eval_seconds,
@@ -232,6 +241,7 @@ class Trainer:
             "wandb_id",
         ):
             setattr(self, key, state[key])
+        self.lr_decays = state.get("lr_decays", 0)  # checkpoints from before plateau decays had none
         rng = state["rng"][self.rank] if self.rank < len(state["rng"]) else state["rng"][0]
         torch.set_rng_state(rng["torch"])
         if rng.get("cuda") is not None and torch.cuda.is_available():
@@ -272,6 +282,9 @@ class Trainer:
             )
         self.load_state_dict(state, path)
         self.logger.truncate_after(self.epoch)
+        if self.stopped_early:  # decided again under this config's rule: more patience or a plateau decay continues
+            self.stopped_early = False
+            self._on_patience()
         log.info(
             "resumed from %s at epoch %d (best %s=%.4f at epoch %d)",
             path,
@@ -393,14 +406,7 @@ class Trainer:
             self._save("best.pt")
         else:
             self.bad_evals += 1
-            if self.patience and self.bad_evals >= self.patience:
-                self.stopped_early = True
-                log.info(
-                    "early stop at epoch %d: no %s improvement in %d evaluations",
-                    self.epoch,
-                    self.monitor,
-                    self.bad_evals,
-                )
+            self._on_patience()
         log.info(
             "epoch %d  %s  (best %.4f at epoch %d)",
             self.epoch,
@@ -409,6 +415,31 @@ class Trainer:
             self.best_epoch,
         )
         return metrics
+
+    def _on_patience(self) -> None:
+        """Once patience runs out: decay the lr while plateau decays are left, else stop early."""
+        if not self.patience or self.bad_evals < self.patience:
+            return
+        if self.lr_decays < self.plateau_decays:
+            self.lr_decays += 1
+            self.bad_evals, self.stopped_early = 0, False
+            # LambdaLR applies the new factor from the next step on; the optimizer's lr is set now so that logs agree
+            for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+                group["lr"] = base * self._lr_factor(self.step)
+            log.info(
+                "no %s improvement in %d evaluations at epoch %d: lr x %g (decay %d of %d)",
+                self.monitor,
+                self.patience,
+                self.epoch,
+                self.plateau_factor,
+                self.lr_decays,
+                self.plateau_decays,
+            )
+            return
+        self.stopped_early = True
+        log.info(
+            "early stop at epoch %d: no %s improvement in %d evaluations", self.epoch, self.monitor, self.bad_evals
+        )
 
     def test(self) -> dict:
         """Evaluate the test split once, on the best (validation-selected) checkpoint; write results.json."""

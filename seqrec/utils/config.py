@@ -46,6 +46,8 @@ RULES = {
     "trainer.num_epochs": positive,
     "trainer.eval_every": positive,
     "trainer.patience": non_negative,
+    "trainer.plateau_decays": non_negative,
+    "trainer.plateau_factor": (lambda v: 0 < v < 1, "must be in (0, 1)"),
     "trainer.warmup_steps": non_negative,
     "trainer.lr_decay_step": positive,
     "trainer.lr_decay_rate": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
