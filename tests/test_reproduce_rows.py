@@ -25,5 +25,6 @@ def test_row_composes_into_a_valid_config(row, tmp_path):
     cfg = compose_config(overrides, tmp_path / "run")
     check_config(cfg)
     assert cfg.seed == 1 and cfg.trainer.device == "cpu"
+    assert cfg.trainer.amp == ("trainer.amp=true" in reproduce.ROWS[row])  # fp32 unless the row asks for autocast
     if "_ce" in row:
         assert cfg.loss._target_.endswith("CrossEntropy") and cfg.trainer.lr == 0.002
