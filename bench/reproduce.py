@@ -53,8 +53,8 @@ ROWS: dict[str, list[str]] = {
     "ml1m_sasrec_ce_mhc": ML1M + SASREC + MHC + CE + ["eval.also_sampled=true"],
     # twice as wide (chosen on validation too: 0.165 at epoch 10 against 0.150)
     "ml1m_sasrec_ce_h128": ML1M + SASREC + PLAIN + CE + ["model.hidden_units=128", "eval.also_sampled=true"],
-    # the same, but when patience runs out the lr drops x0.1 once before early stopping (validation oscillates
-    # +-0.003 at lr 2e-3 once it has flattened; a smaller step settles into the basin)
+    # the same, but when patience runs out the lr drops x0.1 once before early stopping. Tried in session 6 by
+    # continuing the hidden-128 runs: no gain (the plateau is overfitting, docs/RESULTS.md)
     "ml1m_sasrec_ce_h128_decay": ML1M
     + SASREC
     + PLAIN
@@ -98,12 +98,10 @@ def command(row: str, seed: int, args) -> list[str]:
     return [
         sys.executable,
         str(REPO / "train.py"),
+        "trainer.amp=false",  # fp32 unless the row says otherwise: the later value of a key wins
         *overrides,
         f"seed={seed}",
         f"trainer.device={args.device}",
-        *(
-            [] if any(o.startswith("trainer.amp=") for o in overrides) else ["trainer.amp=false"]
-        ),  # fp32 unless the row says
         "trainer.progress=false",
         f"trainer.time_limit_min={args.time_limit_min}",
         *args.extra,

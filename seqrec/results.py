@@ -21,9 +21,9 @@ from seqrec.compare import CompareError, Run, find_runs, format_table
 DEFAULT_METRICS = ("test/ndcg@10", "test/hr@10")
 
 
-# overrides that do not make a different setting: the seed, and budgets a run may get per machine (the table's
-# "time-limited" column says which runs a limit stopped)
-NOT_A_SETTING = ("seed", "trainer.time_limit_min", "trainer.progress")
+# overrides that do not make a different setting (beyond compare.IGNORED_OVERRIDES, dropped when runs are read):
+# the seed, and the time budget a run may get per machine (the table's "time-limited" column says which it stopped)
+NOT_A_SETTING = ("seed", "trainer.time_limit_min")
 
 
 def group_by_setting(runs: list[Run]) -> dict[str, list[Run]]:

@@ -423,7 +423,7 @@ class Trainer:
         if self.lr_decays < self.plateau_decays:
             self.lr_decays += 1
             self.bad_evals, self.stopped_early = 0, False
-            # LambdaLR applies the new factor from the next step on; the optimizer's lr is set now so that logs agree
+            # the scheduler already set the next step's lr before this decay; set it again so the decay starts there
             for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
                 group["lr"] = base * self._lr_factor(self.step)
             log.info(
