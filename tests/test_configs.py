@@ -50,13 +50,14 @@ def test_all_bad_values_are_reported_together_with_their_paths(tmp_path):
             "+model.dmodel=64",
             "trainer.patience=abc",
             "trainer.plateau_factor=1",
+            "sampler.history=every",
         ],
         tmp_path,
     )
     with pytest.raises(ConfigError) as err:
         check_config(cfg)
     msg = str(err.value)
-    assert "6 problems" in msg
+    assert "7 problems" in msg
     for needle in (
         "trainer.lr=-0.1: must be > 0",
         "model.maxlen=0: must be > 0",
@@ -64,6 +65,7 @@ def test_all_bad_values_are_reported_together_with_their_paths(tmp_path):
         "model.dmodel: unknown key for seqrec.models.tisasrec.TiSASRec",
         "trainer.patience='abc': expected int",
         "trainer.plateau_factor=1: must be in (0, 1)",
+        "sampler.history='every': must be last or all",
     ):
         assert needle in msg
 

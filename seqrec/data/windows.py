@@ -26,9 +26,14 @@ def _gather(values: np.ndarray, idx: np.ndarray, valid: np.ndarray) -> np.ndarra
     return np.where(valid, values[np.where(valid, idx, 0)], 0)
 
 
-def train_windows(data, users: np.ndarray, maxlen: int, trim: bool = True) -> Windows:
-    """Input/target windows of the users' training sequences (users need >= 2 training items)."""
-    starts, ends = data.train_ptr[users], data.train_ptr[users + 1]
+def train_windows(data, users: np.ndarray, maxlen: int, trim: bool = True, ends: np.ndarray | None = None) -> Windows:
+    """Input/target windows of the users' training sequences (users need >= 2 training items).
+
+    `ends` (B,): each window's end in `data.train_items` (exclusive: the last target is train_items[end - 1]);
+    default: the end of the user's training sequence, i.e. the last maxlen targets.
+    """
+    starts = data.train_ptr[users]
+    ends = data.train_ptr[users + 1] if ends is None else ends
     n_in = np.minimum(ends - starts - 1, maxlen)  # (B,) real input items
     width = int(n_in.max()) if trim and len(users) else maxlen
     slot = np.arange(width)

@@ -61,6 +61,7 @@ RULES = {
     ),
     "trainer.amp_dtype": (lambda v: v in ("bfloat16", "float16"), "must be bfloat16 or float16"),
     "eval.protocol": (lambda v: v in ("full", "sampled"), "must be full or sampled"),
+    "sampler.history": (lambda v: v in ("last", "all"), "must be last or all"),
     "eval.num_negatives": positive,
     "eval.batch_size": positive,
     "eval.ks": (

@@ -1,6 +1,7 @@
 """Training batches: correct windows, negatives outside the history, determinism, disjoint rank shards."""
 
 import numpy as np
+import pytest
 import torch
 
 from seqrec.data.dataset import synthetic
@@ -37,10 +38,10 @@ def test_negatives_are_never_in_the_training_history():
             negs = batch.neg[row][batch.pos[row] > 0].flatten().tolist()
             assert all(n > 0 for n in negs)
             assert (batch.neg[row][batch.pos[row] == 0] == 0).all()
-    # exact check against each user's history, through the user order of the global batches
-    for users in sampler.global_batches(1):
-        b = sampler.make_batch(users, np.random.default_rng(0))
-        for row, u in enumerate(users):
+    # exact check against each user's history, through the window order of the global batches
+    for windows in sampler.global_batches(1):
+        b = sampler.make_batch(windows, np.random.default_rng(0))
+        for row, u in enumerate(sampler.window_user[windows]):
             hist = set(d.user_history(u).tolist())
             assert not hist & set(b.neg[row].flatten().tolist()) - {0}
 
@@ -48,10 +49,10 @@ def test_negatives_are_never_in_the_training_history():
 def test_shared_negatives_have_one_row_per_sequence():
     d = data()
     sampler = TrainSampler(d, batch_size=16, maxlen=50, num_negatives=20, shared_negatives=True, seed=0)
-    users = sampler.global_batches(0)[0]
-    batch = sampler.make_batch(users, np.random.default_rng(0))
-    assert batch.neg.shape == (len(users), 20)
-    for row, u in enumerate(users):
+    windows = sampler.global_batches(0)[0]
+    batch = sampler.make_batch(windows, np.random.default_rng(0))
+    assert batch.neg.shape == (len(windows), 20)
+    for row, u in enumerate(sampler.window_user[windows]):
         assert not set(d.user_history(u).tolist()) & set(batch.neg[row].tolist())
 
 
@@ -70,7 +71,9 @@ def test_every_trainable_user_once_per_epoch_and_rank_shards_are_disjoint():
     samplers = [TrainSampler(d, batch_size=30, maxlen=50, seed=1, rank=r, world_size=world) for r in range(world)]
     batches = samplers[0].global_batches(0)
     everyone = np.concatenate(batches)
-    assert len(everyone) == len(set(everyone.tolist())) == len(samplers[0].users)
+    assert len(everyone) == len(set(everyone.tolist())) == len(samplers[0].window_user)
+    trainable = np.flatnonzero(np.diff(d.train_ptr) >= 2)
+    assert sorted(samplers[0].window_user[everyone].tolist()) == trainable.tolist()  # history="last": 1 per user
     for users in batches:
         shards = [set(users[r::world].tolist()) for r in range(world)]
         assert set.union(*shards) == set(users.tolist())
@@ -86,3 +89,52 @@ def test_bucketing_trims_padding_without_dropping_items():
     cells = lambda s: sum(b.seq.numel() for b in s.epoch(0))  # noqa: E731
     assert tokens(bucketed) == tokens(plain)
     assert cells(bucketed) < 0.6 * cells(plain)
+
+
+def _targets_by_user(sampler, epoch):
+    """{user: [(window end, inputs, targets)]} over one epoch's batches, padding removed."""
+    got = {}
+    rng = np.random.default_rng(0)
+    for windows in sampler.global_batches(epoch):
+        b = sampler.make_batch(windows, rng)
+        for row, wi in enumerate(windows):
+            real = b.pos[row] > 0
+            got.setdefault(int(sampler.window_user[wi]), []).append(
+                (int(sampler.window_end[wi]), b.seq[row][real].numpy(), b.pos[row][real].numpy())
+            )
+    return got
+
+
+def test_history_all_trains_on_every_target_once_in_windows_of_at_most_maxlen():
+    d = synthetic(num_users=60, num_items=150, seed=3, mean_length=40, max_length=120)
+    maxlen = 16
+    sampler = TrainSampler(d, batch_size=8, maxlen=maxlen, num_negatives=2, seed=0, history="all")
+    lengths = np.diff(d.train_ptr)
+    assert (lengths - 1 > 2 * maxlen).any()  # some users need three windows or more
+    got = _targets_by_user(sampler, epoch=0)
+    for u, windows in got.items():
+        hist = d.user_history(u)
+        windows.sort(key=lambda w: w[0])  # oldest first
+        assert all(len(w[2]) <= maxlen for w in windows)
+        assert all(len(w[2]) == maxlen for w in windows[1:])  # only the oldest window may be shorter
+        # the windows tile the history: each target once, each input the item just before its target
+        assert np.array_equal(np.concatenate([w[2] for w in windows]), hist[1:])
+        assert np.array_equal(np.concatenate([w[1] for w in windows]), hist[:-1])
+    assert sorted(got) == np.flatnonzero(lengths >= 2).tolist()
+    # the newest window is exactly history="last"'s window
+    last = _targets_by_user(TrainSampler(d, batch_size=8, maxlen=maxlen, seed=0), epoch=0)
+    for u, (window,) in last.items():
+        newest = max(got[u], key=lambda w: w[0])
+        assert np.array_equal(window[1], newest[1]) and np.array_equal(window[2], newest[2])
+
+
+def test_history_all_weights_every_target_equally_and_rejects_unknown_values():
+    d = synthetic(num_users=60, num_items=150, seed=3, mean_length=40, max_length=120)
+    sampler = TrainSampler(d, batch_size=8, maxlen=16, seed=0, history="all")
+    batches = list(sampler.epoch(0))
+    # loss weight = the batch's share of the epoch's targets x number of batches: it sums to the batch count
+    assert np.isclose(sum(b.loss_weight for b in batches), len(batches))
+    for b in batches:
+        assert np.isclose(b.loss_weight, int((b.pos > 0).sum()) / sampler.mean_targets)
+    with pytest.raises(ValueError, match="sampler.history='every'"):
+        TrainSampler(d, batch_size=8, maxlen=16, history="every")
