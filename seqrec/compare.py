@@ -224,7 +224,7 @@ def format_table(header: list[str], rows: list[list], fmt: str) -> str:
         writer.writerow(header)
         writer.writerows(cells)
         return buf.getvalue()
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
+    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(header)]  # rows may be none yet
     line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths, strict=False)) + " |"  # noqa: E731
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)]) + "\n"
 

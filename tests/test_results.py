@@ -53,3 +53,11 @@ def test_seeds_with_different_time_limits_are_one_setting(tmp_path):
 def test_a_missing_folder_is_a_one_line_error(tmp_path, capsys):
     assert main([str(tmp_path / "nope")]) == 1
     assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+def test_a_folder_whose_runs_are_all_still_going_gives_an_empty_table(tmp_path, capsys):
+    fake_run(tmp_path / "row" / "seed1", ["seed=1"], [0.1], test_ndcg=None)
+    assert main([str(tmp_path)]) == 0
+    out = capsys.readouterr()
+    assert out.out.splitlines()[0].startswith("| row | seeds |") and len(out.out.splitlines()) == 2
+    assert "1 unfinished" in out.err
