@@ -23,7 +23,7 @@ from seqrec.errors import CheckpointError, ConfigError, TrainingError
 from seqrec.train.checkpoint import load_checkpoint, save_checkpoint, write_json
 from seqrec.train.distributed import assert_replicas_equal
 from seqrec.train.sampler import prefetch
-from seqrec.utils.memory import reuse_freed_memory
+from seqrec.utils.memory import release_free_memory, reuse_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -320,6 +320,8 @@ class Trainer:
                 record.update(self.residual_diagnostics())
             self.logger.log(record, epoch=self.epoch, step=self.step)
             self._save("last.pt")
+            if self.device.type == "cpu":
+                release_free_memory()  # the epoch's fragmented heap (seqrec/utils/memory.py)
             if self.time_limited:
                 log.info(
                     "time limit of %.1f min reached after epoch %d; testing the best checkpoint",
