@@ -51,7 +51,8 @@ def reuse_freed_memory() -> bool:
     libc = _glibc()
     if libc is None:
         return False
-    _done = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    mmap_ok = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    _done = mmap_ok and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     if not _done:
         log.debug("mallopt refused the thresholds; keeping glibc's defaults")
     return _done
