@@ -92,7 +92,6 @@ class TrainSampler:
         self.data, self.batch_size, self.maxlen = data, batch_size, maxlen
         self.num_negatives, self.shared_negatives = num_negatives, shared_negatives
         self.seed, self.bucket_by_length, self.rank, self.world_size = seed, bucket_by_length, rank, world_size
-        self.history = history
         lengths = np.diff(data.train_ptr)
         self.window_user, self.window_end = self._windows(data.train_ptr, maxlen, history)  # (N,) each
         # targets per window: the window's inputs are the items before its end, at most maxlen of them
