@@ -69,6 +69,13 @@ ROWS: dict[str, list[str]] = {
     # (at maxlen 200 the last window leaves out 34 % of ML-1M's training targets). Our best full-ranking row:
     # test NDCG@10 0.1876 ± 0.0010 against 0.1835 ± 0.0026 at about the same number of targets trained on
     "ml1m_sasrec_ce_h256_all": ML1M + SASREC + PLAIN + CE + H256 + ["sampler.history=all"],
+    # the same 35-epoch budget with the lr annealed along a cosine to 0 at its end instead of held constant
+    "ml1m_sasrec_ce_h256_all_cosine": ML1M
+    + SASREC
+    + PLAIN
+    + CE
+    + H256
+    + ["sampler.history=all", "trainer.lr_schedule=cosine", "trainer.num_epochs=35"],
     # timestamped ML-1M (users 1-2,999 with real timestamps), full ranking
     "ml1m_half_sasrec_ce": ML1M_HALF + SASREC + PLAIN + CE,
     "ml1m_half_tisasrec_ce": ML1M_HALF + CE + TIME + PLAIN,

@@ -51,13 +51,14 @@ def test_all_bad_values_are_reported_together_with_their_paths(tmp_path):
             "trainer.patience=abc",
             "trainer.plateau_factor=1",
             "sampler.history=every",
+            "trainer.lr_schedule=linear",
         ],
         tmp_path,
     )
     with pytest.raises(ConfigError) as err:
         check_config(cfg)
     msg = str(err.value)
-    assert "7 problems" in msg
+    assert "8 problems" in msg
     for needle in (
         "trainer.lr=-0.1: must be > 0",
         "model.maxlen=0: must be > 0",
@@ -66,6 +67,7 @@ def test_all_bad_values_are_reported_together_with_their_paths(tmp_path):
         "trainer.patience='abc': expected int",
         "trainer.plateau_factor=1: must be in (0, 1)",
         "sampler.history='every': must be last or all",
+        "trainer.lr_schedule='linear': must be constant or cosine",
     ):
         assert needle in msg
 

@@ -139,6 +139,14 @@ def test_an_early_stopped_run_resumed_with_a_plateau_decay_continues_as_an_unbro
     assert resumed["test/ndcg@10"] == unbroken["test/ndcg@10"]
 
 
+def test_cosine_schedule_anneals_the_lr_to_zero_at_the_end_of_the_epoch_budget(tmp_path):
+    overrides = ["trainer.num_epochs=4", "trainer.lr=0.01", "trainer.warmup_steps=0", "trainer.lr_schedule=cosine"]
+    run(compose_config(TINY + overrides, tmp_path))
+    # each epoch logs the lr set for the step after its last: lr * (1 + cos(pi * epoch / 4)) / 2
+    expected = [0.01 * (1 + np.cos(np.pi * epoch / 4)) / 2 for epoch in (1, 2, 3, 4)]
+    assert logged(tmp_path, "train/lr") == pytest.approx(expected, rel=1e-6, abs=1e-12)
+
+
 @pytest.mark.slow
 def test_a_killed_process_resumes_from_its_last_checkpoint(tmp_path):
     args = [

@@ -28,6 +28,7 @@ from seqrec.utils.memory import release_free_memory, reuse_freed_memory
 log = logging.getLogger(__name__)
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -68,6 +69,10 @@ class Trainer:
         batch_size: global batch size (the sampler does the batching; kept here for the record).
         lr, betas: Adam.
         lr_decay_step, lr_decay_rate: lr *= rate every `lr_decay_step` epochs.
+        lr_schedule: "constant" (only the step decay above) or "cosine": also anneal the lr along half a cosine
+            from its peak to 0 at the end of `num_epochs`, so set `num_epochs` to the budget. A constant Adam lr
+            leaves the weights hopping around a plateau and the chosen epoch is partly luck; annealing settles
+            them.
         warmup_steps: linear warm-up over the first steps.
         l2_emb: l2_emb * Σ w² over every embedding table.
         grad_clip: max global gradient norm (0 = off).
@@ -108,6 +113,7 @@ class Trainer:
         betas: list[float] = (0.9, 0.98),
         lr_decay_step: int = 1000,
         lr_decay_rate: float = 0.95,
+        lr_schedule: str = "constant",
         warmup_steps: int = 100,
         l2_emb: float = 0.0,
         grad_clip: float = 0.0,
@@ -135,6 +141,9 @@ class Trainer:
         self.warmup_steps, self.l2_emb, self.grad_clip = warmup_steps, l2_emb, grad_clip
         self.eval_every, self.patience, self.monitor, self.resume = eval_every, patience, monitor, str(resume)
         self.plateau_decays, self.plateau_factor = plateau_decays, plateau_factor
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"trainer.lr_schedule: expected one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}")
+        self.lr_schedule = lr_schedule
         self.num_workers, self.log_every_steps, self.progress = num_workers, log_every_steps, progress
         self.run_config = run_config or {}
         self.time_limit_s = 60.0 * time_limit_min
@@ -179,7 +188,11 @@ class Trainer:
     def _lr_factor(self, step: int) -> float:
         warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps > 0 else 1.0
         epoch = step // max(self.steps_per_epoch, 1)
-        return warm * self.lr_decay_rate ** (epoch // self.lr_decay_step) * self.plateau_factor**self.lr_decays
+        factor = warm * self.lr_decay_rate ** (epoch // self.lr_decay_step) * self.plateau_factor**self.lr_decays
+        if self.lr_schedule == "cosine":
+            progress = min(1.0, step / max(self.num_epochs * self.steps_per_epoch, 1))
+            factor *= 0.5 * (1.0 + math.cos(math.pi * progress))
+        return factor
 
     def _autocast(self):
         if self.amp_dtype is None:

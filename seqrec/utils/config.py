@@ -51,6 +51,7 @@ RULES = {
     "trainer.warmup_steps": non_negative,
     "trainer.lr_decay_step": positive,
     "trainer.lr_decay_rate": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "trainer.lr_schedule": (lambda v: v in ("constant", "cosine"), "must be constant or cosine"),
     "trainer.l2_emb": non_negative,
     "trainer.grad_clip": non_negative,
     "trainer.devices": positive,
