@@ -45,6 +45,16 @@ class Run:
     overrides: dict[str, str]
     results: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
+    _composed: dict | None = field(default=None, repr=False)
+
+    def setting(self, key: str) -> str:
+        """The run's value of `key`: its override, else what its config resolved to (so a run that left
+        sampler.history at its default reads `last`, not blank), else "" when the run directory cannot tell."""
+        if key in self.overrides:
+            return self.overrides[key]
+        if self._composed is None:
+            self._composed = _composed_settings(self.path)
+        return self._composed.get(key, "")
 
     @property
     def finished(self) -> bool:
@@ -118,6 +128,47 @@ def read_run(path: Path) -> Run:
     return Run(path, overrides, results, history)
 
 
+def _composed_settings(path: Path) -> dict[str, str]:
+    """{dotted key: value} of `.hydra/config.yaml` (interpolations resolved where they can be outside Hydra), plus
+    the config-group choices of `.hydra/hydra.yaml` (model=sasrec, ...); empty when they are missing or unreadable
+    (a run directory copied without them)."""
+    try:
+        from omegaconf import OmegaConf
+
+        settings = {}
+        if (path / ".hydra" / "hydra.yaml").is_file():
+            choices = OmegaConf.select(OmegaConf.load(path / ".hydra" / "hydra.yaml"), "hydra.runtime.choices")
+            settings.update({str(k): _fmt_setting(v) for k, v in (choices or {}).items()})
+        if (path / ".hydra" / "config.yaml").is_file():
+            config = OmegaConf.load(path / ".hydra" / "config.yaml")
+            for key in _leaf_keys(OmegaConf.to_container(config, resolve=False)):
+                try:
+                    value = OmegaConf.select(config, key)
+                except Exception:  # noqa: BLE001 - ${hydra:...} and ${now:...} only resolve inside Hydra
+                    continue
+                settings[key] = _fmt_setting(OmegaConf.to_container(value) if OmegaConf.is_config(value) else value)
+        return settings
+    except Exception:  # noqa: BLE001 - labels fall back to the overrides alone
+        return {}
+
+
+def _leaf_keys(node, prefix: str = "") -> list[str]:
+    if not isinstance(node, dict):
+        return [prefix]
+    return [key for k, v in node.items() for key in _leaf_keys(v, f"{prefix}.{k}" if prefix else str(k))]
+
+
+def _fmt_setting(v) -> str:
+    """A config value as Hydra writes it in an override (true, null, [1,2])."""
+    if isinstance(v, bool):
+        return str(v).lower()
+    if v is None:
+        return "null"
+    if isinstance(v, list):
+        return "[" + ",".join(_fmt_setting(x) for x in v) + "]"
+    return str(v)
+
+
 def _read_overrides(path: Path) -> list[str]:
     """`.hydra/overrides.yaml` is a YAML list of strings; read it without a YAML dependency when it is simple."""
     try:
@@ -132,8 +183,8 @@ def _read_overrides(path: Path) -> list[str]:
 def swept_keys(runs: list[Run]) -> tuple[list[str], dict[str, str]]:
     """(override keys whose value differs between runs, {key: value} of overrides shared by all runs)."""
     keys = sorted({k for r in runs for k in r.overrides})
-    varying = [k for k in keys if len({r.overrides.get(k) for r in runs}) > 1]
-    common = {k: runs[0].overrides[k] for k in keys if k not in varying and k in runs[0].overrides}
+    varying = [k for k in keys if len({r.setting(k) for r in runs}) > 1]
+    common = {k: runs[0].setting(k) for k in keys if k not in varying}
     if len(runs) == 1:
         return keys, {}
     return varying, common
@@ -194,7 +245,7 @@ def build_table(
         rows.append(
             [
                 i,
-                *[r.overrides.get(k, "") for k in keys],
+                *[r.setting(k) for k in keys],
                 *[values.get(m) for m in metrics],
                 values.get("best_epoch", values.get("epoch")),
                 epochs,
@@ -266,19 +317,19 @@ def plot_metric_vs_params(runs: list[Run], metric: str, keys: list[str], out: Pa
     paths = []
     for key in keys:
         others = [k for k in keys if k != key]
-        values = [r.overrides.get(key, "") for r in runs]
+        values = [r.setting(key) for r in runs]
         numeric = all(_num(_parse(v)) is not None for v in values)
         order = sorted(set(values), key=lambda v: _num(_parse(v)) if numeric else v)
         fig, ax = plt.subplots(figsize=(6, 4))
         groups: dict[str, list[Run]] = {}
         for r in runs:
-            groups.setdefault(", ".join(f"{k}={r.overrides.get(k, '')}" for k in others), []).append(r)
+            groups.setdefault(", ".join(f"{k}={r.setting(k)}" for k in others), []).append(r)
         for name, members in sorted(groups.items()):
             pts = []
             for r in members:
                 y = _num(r.metrics(metric).get(metric))
                 if y is not None:
-                    v = r.overrides.get(key, "")
+                    v = r.setting(key)
                     pts.append((_parse(v) if numeric else order.index(v), y))
             pts.sort(key=lambda p: p[0])
             if pts:
@@ -376,11 +427,11 @@ def compare(
     keys, _ = swept_keys(runs)
     keys = keys if len(runs) > 1 else []
     if plots:
-        labels = {r.path: (",".join(f"{k}={r.overrides.get(k, '')}" for k in keys) or r.path.name) for r in runs}
+        labels = {r.path: (",".join(f"{k}={r.setting(k)}" for k in keys) or r.path.name) for r in runs}
         written.append(plot_learning_curves(runs, metric, labels, out_dir))
         written.extend(plot_metric_vs_params(runs, metric, keys, out_dir))
     best = runs[0]
-    chosen = " ".join(f"{k}={best.overrides.get(k, '')}" for k in keys) or "(no swept overrides)"
+    chosen = " ".join(f"{k}={best.setting(k)}" for k in keys) or "(no swept overrides)"
     best_line = f"best by {metric}: {chosen}  ({metric}={_fmt(best.metrics(metric).get(metric))}, {best.path})"
     return text, best_line, written
 

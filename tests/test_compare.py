@@ -17,11 +17,14 @@ from seqrec.compare import compare, main
 REPO = Path(__file__).resolve().parents[1]
 
 
-def fake_run(path: Path, overrides: list[str], ndcg: list[float], test_ndcg: float | None = 0.1) -> Path:
-    """A run directory as train.py writes it: .hydra/overrides.yaml, metrics.jsonl, results.json (if finished)."""
+def fake_run(
+    path: Path, overrides: list[str], ndcg: list[float], test_ndcg: float | None = 0.1, config: str = ""
+) -> Path:
+    """A run directory as train.py writes it: .hydra/overrides.yaml and config.yaml, metrics.jsonl, results.json
+    (if finished)."""
     (path / ".hydra").mkdir(parents=True)
     (path / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides) or "[]\n")
-    (path / ".hydra" / "config.yaml").write_text("seed: 42\n")
+    (path / ".hydra" / "config.yaml").write_text("seed: 42\n" + config)
     with open(path / "metrics.jsonl", "w") as f:
         for epoch, value in enumerate(ndcg, 1):
             f.write(
@@ -120,6 +123,20 @@ def test_run_dirs_and_several_sweeps_together(sweep, tmp_path):
     single = fake_run(tmp_path / "runs" / "10-00-00", ["model.hidden_units=256"], [0.05])
     text, _, _ = compare([str(sweep), str(single)], out=str(tmp_path / "o"), plots=False)
     assert len(table_rows(text)) == 1 + 5
+
+
+def test_a_run_that_left_a_swept_key_at_its_default_shows_the_default_value(tmp_path):
+    composed = "sampler:\n  history: last\n  maxlen: ${model.maxlen}\nmodel:\n  maxlen: 200\n"
+    fake_run(tmp_path / "a", ["sampler.history=all"], [0.3], config=composed.replace("last", "all"))
+    fake_run(tmp_path / "b", [], [0.2], config=composed)
+    fake_run(tmp_path / "c", ["sampler.history=last", "sampler.maxlen=200"], [0.1], config=composed)
+    text, best, _ = compare([str(tmp_path)], out=str(tmp_path / "o"), plots=False)
+    rows = table_rows(text)
+    # b and c ran the same setting (c spelled out the defaults), so sampler.maxlen is not a swept column
+    assert rows[0][:2] == ["#", "sampler.history"]
+    assert [row[1] for row in rows[1:]] == ["all", "last", "last"]
+    assert "common overrides: sampler.maxlen=200" in text
+    assert "best by val/ndcg@10: sampler.history=all" in best
 
 
 def test_default_output_folder_is_inside_the_sweep(sweep):
