@@ -147,6 +147,19 @@ def test_cosine_schedule_anneals_the_lr_to_zero_at_the_end_of_the_epoch_budget(t
     assert logged(tmp_path, "train/lr") == pytest.approx(expected, rel=1e-6, abs=1e-12)
 
 
+def test_a_cosine_run_stopped_and_resumed_follows_the_same_lr_and_weights_as_an_unbroken_one(tmp_path):
+    cosine = TINY + ["trainer.num_epochs=4", "trainer.lr_schedule=cosine"]
+    unbroken, unbroken_results = final_state(tmp_path / "a", ["trainer.lr_schedule=cosine"])
+    stopped = run(compose_config(cosine + ["trainer.time_limit_min=1e-6"], tmp_path / "b"))  # stops after epoch 1
+    assert stopped["epochs_run"] == 1
+    resumed, resumed_results = final_state(tmp_path / "b", ["trainer.lr_schedule=cosine"])
+    assert logged(tmp_path / "b", "train/lr") == logged(tmp_path / "a", "train/lr")
+    assert logged(tmp_path / "a", "train/lr")[-1] == pytest.approx(0.0, abs=1e-12)
+    for name, tensor in unbroken["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+    assert resumed_results["test/ndcg@10"] == unbroken_results["test/ndcg@10"]
+
+
 @pytest.mark.slow
 def test_a_killed_process_resumes_from_its_last_checkpoint(tmp_path):
     args = [
