@@ -160,6 +160,14 @@ def test_a_cosine_run_stopped_and_resumed_follows_the_same_lr_and_weights_as_an_
     assert resumed_results["test/ndcg@10"] == unbroken_results["test/ndcg@10"]
 
 
+def test_resuming_a_cosine_run_under_a_longer_budget_warns_that_the_lr_curve_changes(tmp_path, caplog):
+    cosine = TINY + ["trainer.lr_schedule=cosine", "trainer.time_limit_min=1e-6"]
+    run(compose_config(cosine + ["trainer.num_epochs=4"], tmp_path))
+    with caplog.at_level("WARNING", logger="seqrec.train.trainer"):
+        run(compose_config(cosine + ["trainer.num_epochs=6"], tmp_path))
+    assert "lr_schedule=cosine over 4 epochs under lr_schedule=cosine over 6" in caplog.text
+
+
 @pytest.mark.slow
 def test_a_killed_process_resumes_from_its_last_checkpoint(tmp_path):
     args = [

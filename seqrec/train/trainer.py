@@ -294,6 +294,7 @@ class Trainer:
                 "resume it with its own settings or start a new run directory"
             )
         self.load_state_dict(state, path)
+        self._warn_if_the_schedule_moved((state.get("config") or {}).get("trainer") or {})
         self.logger.truncate_after(self.epoch)
         if self.stopped_early:  # decided again under this config's rule: more patience or a plateau decay continues
             self.stopped_early = False
@@ -306,6 +307,19 @@ class Trainer:
             self.best_value,
             self.best_epoch,
         )
+
+    def _warn_if_the_schedule_moved(self, saved: dict) -> None:
+        """A cosine schedule ends at `num_epochs`: resuming under another budget (or another schedule) bends the lr
+        curve mid-run. Allowed, as more epochs are a common wish, but said out loud."""
+        old = (saved.get("lr_schedule", "constant"), saved.get("num_epochs", self.num_epochs))
+        if "cosine" in (old[0], self.lr_schedule) and old != (self.lr_schedule, self.num_epochs):
+            log.warning(
+                "resuming a run trained with lr_schedule=%s over %s epochs under lr_schedule=%s over %d: the lr "
+                "curve changes from here on (the cosine ends at the new trainer.num_epochs)",
+                *old,
+                self.lr_schedule,
+                self.num_epochs,
+            )
 
     # --- training ------------------------------------------------------------------------------------
     @property
