@@ -45,7 +45,7 @@ class Run:
     overrides: dict[str, str]
     results: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
-    _composed: dict | None = field(default=None, repr=False)
+    _composed: tuple | None = field(default=None, repr=False)  # (group choices, config), read on first need
 
     def setting(self, key: str) -> str:
         """The run's value of `key`: its override, else what its config resolved to (so a run that left
@@ -53,8 +53,21 @@ class Run:
         if key in self.overrides:
             return self.overrides[key]
         if self._composed is None:
-            self._composed = _composed_settings(self.path)
-        return self._composed.get(key, "")
+            self._composed = _read_composed(self.path)
+        choices, config = self._composed
+        if key in choices:
+            return _fmt_setting(choices[key])
+        try:
+            from omegaconf import OmegaConf
+
+            value = OmegaConf.select(config, key, default=None) if config is not None else None
+            return (
+                ""
+                if value is None
+                else _fmt_setting(OmegaConf.to_container(value) if OmegaConf.is_config(value) else value)
+            )
+        except Exception:  # noqa: BLE001 - ${hydra:...} and ${now:...} only resolve inside Hydra
+            return ""
 
     @property
     def finished(self) -> bool:
@@ -128,34 +141,20 @@ def read_run(path: Path) -> Run:
     return Run(path, overrides, results, history)
 
 
-def _composed_settings(path: Path) -> dict[str, str]:
-    """{dotted key: value} of `.hydra/config.yaml` (interpolations resolved where they can be outside Hydra), plus
-    the config-group choices of `.hydra/hydra.yaml` (model=sasrec, ...); empty when they are missing or unreadable
-    (a run directory copied without them)."""
+def _read_composed(path: Path) -> tuple[dict, object]:
+    """({group: choice} from `.hydra/hydra.yaml`, the composed `.hydra/config.yaml`); empty / None when missing or
+    unreadable (a run directory copied without them)."""
+    choices, config = {}, None
     try:
         from omegaconf import OmegaConf
 
-        settings = {}
         if (path / ".hydra" / "hydra.yaml").is_file():
-            choices = OmegaConf.select(OmegaConf.load(path / ".hydra" / "hydra.yaml"), "hydra.runtime.choices")
-            settings.update({str(k): _fmt_setting(v) for k, v in (choices or {}).items()})
+            choices = OmegaConf.select(OmegaConf.load(path / ".hydra" / "hydra.yaml"), "hydra.runtime.choices") or {}
         if (path / ".hydra" / "config.yaml").is_file():
             config = OmegaConf.load(path / ".hydra" / "config.yaml")
-            for key in _leaf_keys(OmegaConf.to_container(config, resolve=False)):
-                try:
-                    value = OmegaConf.select(config, key)
-                except Exception:  # noqa: BLE001 - ${hydra:...} and ${now:...} only resolve inside Hydra
-                    continue
-                settings[key] = _fmt_setting(OmegaConf.to_container(value) if OmegaConf.is_config(value) else value)
-        return settings
     except Exception:  # noqa: BLE001 - labels fall back to the overrides alone
-        return {}
-
-
-def _leaf_keys(node, prefix: str = "") -> list[str]:
-    if not isinstance(node, dict):
-        return [prefix]
-    return [key for k, v in node.items() for key in _leaf_keys(v, f"{prefix}.{k}" if prefix else str(k))]
+        pass
+    return dict(choices), config
 
 
 def _fmt_setting(v) -> str:
