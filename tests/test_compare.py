@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from seqrec.compare import compare, main
+import seqrec.compare
+from seqrec.compare import compare, line_styles, main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -137,6 +138,30 @@ def test_a_run_that_left_a_swept_key_at_its_default_shows_the_default_value(tmp_
     assert [row[1] for row in rows[1:]] == ["all", "last", "last"]
     assert "common overrides: sampler.maxlen=200" in text
     assert "best by val/ndcg@10: sampler.history=all" in best
+
+
+def test_the_seeds_of_one_setting_are_drawn_as_one_bundle(tmp_path, monkeypatch):
+    for model, seed, curve in [
+        ("sasrec", 1, [0.1]),
+        ("sasrec", 2, [0.2]),
+        ("tisasrec", 1, [0.3]),
+        ("tisasrec", 2, [0.4]),
+    ]:
+        fake_run(tmp_path / f"{model}_{seed}", [f"model={model}", f"seed={seed}"], curve)
+    drawn = {}
+    monkeypatch.setattr(
+        seqrec.compare, "plot_learning_curves", lambda runs, m, labels, out, groups=None: drawn.update(locals())
+    )
+    compare([str(tmp_path)], out=str(tmp_path / "o"))
+    styles = line_styles(drawn["runs"], drawn["labels"], drawn["groups"])
+    by_name = {path.name: style for path, style in styles.items()}
+    # one colour per model, another line style for the second seed, each model named once in the legend
+    assert by_name["sasrec_1"]["color"] == by_name["sasrec_2"]["color"] != by_name["tisasrec_1"]["color"]
+    assert by_name["tisasrec_1"]["linestyle"] != by_name["tisasrec_2"]["linestyle"]
+    legend = sorted(s["label"] for s in styles.values() if s["label"] != "_nolegend_")
+    assert legend == ["model=sasrec", "model=tisasrec"]
+    # runs that are all different settings keep one line and one legend entry each
+    assert line_styles(drawn["runs"], drawn["labels"], None)[drawn["runs"][0].path]["label"].endswith("seed=2")
 
 
 def test_default_output_folder_is_inside_the_sweep(sweep):
