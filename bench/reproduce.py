@@ -86,7 +86,8 @@ ROWS: dict[str, list[str]] = {
     "ml1m_half_tisasrec_ce": ML1M_HALF + CE + TIME + PLAIN,
     "ml1m_half_tisasrec_ce_mhc": ML1M_HALF + CE + TIME + MHC,
     # the variants' 2x2 (residual x time) trained to the end of the recipe's annealed schedule; the half has 34 steps
-    # per epoch, so 20 epochs are 680 steps (~25 min per SASRec run and ~40 min per TiSASRec+mHC run on one core)
+    # per epoch, so 20 epochs are 680 steps (11 min of training per SASRec run, 21 per TiSASRec+mHC run, two at a
+    # time on 2 CPU cores). Test NDCG@10: TiSASRec 0.1952, SASRec 0.1853, mHC no gain on either (docs/RESULTS.md)
     "ml1m_half_sasrec_recipe": ML1M_HALF + SASREC + PLAIN + RECIPE + ["trainer.num_epochs=20"],
     "ml1m_half_sasrec_mhc_recipe": ML1M_HALF + SASREC + MHC + RECIPE + ["trainer.num_epochs=20"],
     "ml1m_half_tisasrec_recipe": ML1M_HALF + TIME + PLAIN + RECIPE + ["trainer.num_epochs=20"],
