@@ -457,7 +457,7 @@ def compare(
     keys = keys if len(runs) > 1 else []
     if plots:
         labels = {r.path: _label(r, keys) or r.path.name for r in runs}
-        # seeds of one setting drawn as one bundle when every setting has several
+        # the seeds of a setting drawn as one bundle when some setting was run with several seeds
         settings = {r.path: _label(r, [k for k in keys if k != "seed"]) for r in runs}
         bundled = "seed" in keys and len(set(settings.values())) < len(runs) and all(settings.values())
         written.append(plot_learning_curves(runs, metric, labels, out_dir, settings if bundled else None))
