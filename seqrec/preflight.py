@@ -167,14 +167,21 @@ def missing_launcher(argv: list[str]) -> str | None:
     Hydra would fail while composing, with a message about a missing config file; checked before Hydra starts so
     that the user reads which extra to install.
     """
-    import importlib.util
-
     for arg in argv:
         name, _, value = arg.lstrip("+~").partition("=")
         extra = LAUNCHER_EXTRAS.get(value) if name == "hydra/launcher" else None
-        if extra and importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
+        if extra and not _importable("hydra_plugins.hydra_submitit_launcher"):
             return (
                 f"hydra/launcher={value} needs the hydra-submitit-launcher plugin: pip install 'seqrec[{extra}]' "
                 "(a run on this machine needs no launcher: drop -m, or use hydra/launcher=basic)"
             )
     return None
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing too (no Hydra plugin at all)
+        return False
