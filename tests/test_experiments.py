@@ -4,6 +4,7 @@ figure came from committed run directories, composes into exactly the configurat
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -17,9 +18,9 @@ EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 RESULTS = REPO / "docs" / "results"
 
 # Keys a recorded run does not pin down: where the data and the outputs were, the progress bar, the sweep name,
-# and machine-level groups (SLURM, the DDP rendezvous). amp_dtype was a resolver then ("best for this machine":
-# bfloat16 on a CPU, where the autocast runs were made).
+# and machine-level groups (SLURM, the DDP rendezvous).
 NOT_SETTINGS = {"dataset.path", "trainer.output_dir", "logger.output_dir", "trainer.progress", "sweep_name"}
+NOT_SETTINGS |= {"model.num_items"}  # filled in from the data at run time
 NOT_SETTING_GROUPS = ("slurm.", "distributed.", "hydra.")
 # Keys added to the product after a run, with the default that does what the code did before they existed.
 ADDED_SINCE = {
@@ -43,9 +44,19 @@ def header(name: str) -> str:
 def run_directories(name: str) -> list[Path]:
     """The seed folders of the run directories the experiment's header cites (docs/results/.../<name>/)."""
     cited = [word.rstrip(".,") for word in header(name).split() if word.startswith("docs/results/")]
-    return sorted(
-        seed for folder in cited for seed in (REPO / folder).glob("**/seed*") if (seed / ".hydra/config.yaml").is_file()
-    )
+    return sorted(seed for folder in cited for seed in (REPO / folder).glob("**/seed*") if seed.is_dir())
+
+
+def recorded_config(run: Path) -> tuple[dict, bool] | None:
+    """(the config a run directory recorded, whether its values are resolved), or None for a log-only folder.
+
+    run.json, then results.json's "config" (both resolved), then .hydra/config.yaml (older runs, unresolved)."""
+    for record in (run / "run.json", run / "results.json"):
+        config = json.loads(record.read_text()).get("config") if record.is_file() else None
+        if config:
+            return config, True
+    hydra = run / ".hydra" / "config.yaml"
+    return (yaml.safe_load(hydra.read_text()), False) if hydra.is_file() else None
 
 
 def flat(node: dict, prefix: str = "") -> dict:
@@ -59,7 +70,7 @@ def flat(node: dict, prefix: str = "") -> dict:
 
 
 def is_setting(key: str) -> bool:
-    return key not in NOT_SETTINGS and key != "trainer.amp_dtype" and not key.startswith(NOT_SETTING_GROUPS)
+    return key not in NOT_SETTINGS and not key.startswith(NOT_SETTING_GROUPS)
 
 
 def test_there_is_an_experiment_for_every_published_run_directory():
@@ -79,14 +90,18 @@ def test_the_experiment_composes_and_passes_the_preflight_check(name, tmp_path):
     assert (CONF / "experiment" / f"{name}.yaml").read_text().startswith("# @package _global_\n")
 
 
-@pytest.mark.parametrize("name", [n for n in EXPERIMENTS if run_directories(n)])
+@pytest.mark.parametrize("name", [n for n in EXPERIMENTS if any(map(recorded_config, run_directories(n)))])
 def test_the_experiment_is_what_its_published_runs_recorded(name, tmp_path):
-    for seed_dir in run_directories(name):
-        recorded = flat(yaml.safe_load((seed_dir / ".hydra/config.yaml").read_text()))
+    for seed_dir in filter(recorded_config, run_directories(name)):
+        record, resolved = recorded_config(seed_dir)
+        recorded = flat(record)
         overrides = [f"experiment={name}", f"seed={recorded['seed']}", f"trainer.device={recorded['trainer.device']}"]
         if name == "ml1m_sasrec_ce_h128":  # the three seeds had different shares of the machine's time
             overrides.append(f"trainer.time_limit_min={recorded['trainer.time_limit_min']}")
-        now = flat(OmegaConf.to_container(compose_config(overrides, tmp_path), resolve=False))
+        now = flat(OmegaConf.to_container(compose_config(overrides, tmp_path), resolve=resolved))
+        if "${" in str(recorded.get("trainer.amp_dtype")) + str(now.get("trainer.amp_dtype")):
+            recorded.pop("trainer.amp_dtype", None)  # "the machine's best dtype": not a setting of the experiment
+            now.pop("trainer.amp_dtype", None)
         for (old_key, old_value), (new_key, new_value) in RENAMED.items():
             if recorded.get(old_key) == old_value:
                 recorded.pop(old_key)
