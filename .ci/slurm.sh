@@ -13,7 +13,7 @@
 #   SLURM_FAKE_GPUS=N    advertise N fake gpu GRES (type v100) backed by files /dev/fakegpuI, so gpu requests
 #                        schedule (there are no real devices: CUDA_VISIBLE_DEVICES stays empty).
 #   SLURM_PARTITION=debug
-# Derived from the reference recipe in ../shared/tools/slurm_setup.sh (users' clones do not have ../shared).
+# Self-contained: needs nothing outside the repository.
 set -euo pipefail
 
 ACCT=${SLURM_ACCOUNTING:-1}

@@ -1,4 +1,4 @@
-"""Epoch time and peak RSS of SASRec with residual=plain vs residual=mhc on ML-1M (issue 4).
+"""Epoch time and peak RSS of SASRec with residual=plain vs residual=mhc on ML-1M.
 
     python bench/bench_mhc.py [--epochs 3] [--steps 0] [--norm-first true] [--threads 1] [--device cpu]
                               [--kernel auto|native|compile|eager] [--hidden 50] [--model sasrec|tisasrec]

@@ -1,4 +1,4 @@
-"""Epoch time and peak RSS of TiSASRec vs SASRec on data of ML-1M's shape (issue 3).
+"""Epoch time and peak RSS of TiSASRec vs SASRec on data of ML-1M's shape.
 
     python bench/bench_tisasrec.py                      # SASRec + TiSASRec at time_span 100, 256, 512
     python bench/bench_tisasrec.py --spans 100 --trim   # bucket users by length, trim padding (the sampler's way)

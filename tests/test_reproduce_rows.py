@@ -1,5 +1,5 @@
-"""Every row of bench/reproduce.py composes into a config the product accepts, so a typo in a row fails here
-and not minutes into a lent GPU's budget."""
+"""bench/reproduce.py runs the experiment configs as they are: its command line adds only the seed, the device,
+the run directory and the user's own overrides, and it accepts the older `--rows` spelling."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import importlib.util
 
 import pytest
 
-from seqrec.utils.config import check_config
 from tests.conftest import REPO, compose_config
 
 spec = importlib.util.spec_from_file_location("reproduce", REPO / "bench" / "reproduce.py")
@@ -15,16 +14,32 @@ reproduce = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(reproduce)
 
 
-@pytest.mark.parametrize("row", sorted(reproduce.ROWS))
-def test_row_composes_into_a_valid_config(row, tmp_path):
-    args = reproduce.argparse.Namespace(
-        data=str(tmp_path), out=str(tmp_path / "out"), device="cpu", time_limit_min=0.0, extra=[]
-    )
-    command = reproduce.command(row, 1, args)
-    overrides = [o for o in command[2:] if not o.startswith("hydra.")]
-    cfg = compose_config(overrides, tmp_path / "run")
-    check_config(cfg)
-    assert cfg.seed == 1 and cfg.trainer.device == "cpu"
-    assert cfg.trainer.amp == ("trainer.amp=true" in reproduce.ROWS[row])  # fp32 unless the row asks for autocast
-    if "_ce" in row:
-        assert cfg.loss._target_.endswith("CrossEntropy") and cfg.trainer.lr == 0.002
+def test_every_experiment_config_is_offered():
+    assert reproduce.experiment_names() == sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+    assert "ml1m_sasrec_ce_h256_all_cosine" in reproduce.experiment_names()
+
+
+def test_rows_is_an_alias_of_experiments(tmp_path):
+    args = reproduce.parse_args(["--rows", "ml100k_sasrec_ce,bundled_sasrec_mhc", "--out", str(tmp_path)])
+    assert args.experiments == ["ml100k_sasrec_ce", "bundled_sasrec_mhc"]
+    assert reproduce.parse_args(["--out", str(tmp_path)]).experiments == reproduce.experiment_names()
+
+
+def test_an_unknown_experiment_is_refused_with_the_choices(capsys):
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["--experiments", "ml1m_sasrec_typo"])
+    assert "unknown experiments ['ml1m_sasrec_typo']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("time_limit, device", [(None, None), (5.0, "cpu")])
+def test_the_command_composes_into_the_experiment_with_only_the_run_settings_changed(time_limit, device, tmp_path):
+    args = reproduce.parse_args(["--out", str(tmp_path / "out"), "--seeds", "2", "trainer.num_epochs=3"])
+    args.time_limit_min, args.device = time_limit, device
+    command = reproduce.command("ml1m_sasrec_ce_h128", 2, args)
+    assert command[1].endswith("train.py") and command[-1].startswith("hydra.run.dir=")
+    cfg = compose_config(command[2:-1], tmp_path / "run")
+    plain = compose_config(["experiment=ml1m_sasrec_ce_h128"], tmp_path / "run")
+    assert cfg.seed == 2 and cfg.trainer.num_epochs == 3 and cfg.trainer.progress is False
+    assert cfg.trainer.time_limit_min == (plain.trainer.time_limit_min if time_limit is None else time_limit)
+    assert cfg.trainer.device == (plain.trainer.device if device is None else device)
+    assert cfg.model.hidden_units == plain.model.hidden_units == 128  # everything else is the experiment's

@@ -1,4 +1,4 @@
-"""Issue #3: on the bundled data, TiSASRec beats SASRec because the planted habit lives in the time gaps.
+"""On the bundled data, TiSASRec beats SASRec because the planted habit lives in the time gaps.
 
 The bundled generator's habit (seqrec/data/synthetic.py): next item = the habit successor of what the user did at
 least 24 h before the current item. The gaps are random, so the item lies 2-7 steps back; only the

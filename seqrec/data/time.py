@@ -5,7 +5,7 @@ For a window of timestamps t_1..t_L (left-padded with 0), the bucket of the pair
     R[i, j] = min(span, floor(|t_i - t_j| / unit))
 
 with `unit` = 1 s (second), 60 s (minute), 3,600 s (hour), 86,400 s (day), or the user's smallest non-zero gap
-between consecutive training timestamps (personal: the paper's per-user scaling, models.md 3.1). Equal timestamps
+between consecutive training timestamps (personal: the paper's per-user scaling, docs/MODELS.md Eq. 8). Equal timestamps
 fall in bucket 0; the order of the timestamps does not matter (|.|); gaps of span units or more share bucket span.
 Pairs that involve a padded slot get bucket 0 (they are masked in attention anyway). Nothing is precomputed per
 user: the (B, L, L) matrix lives only for the forward pass that needs it.

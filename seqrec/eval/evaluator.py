@@ -1,4 +1,4 @@
-"""Leave-one-out evaluation under the full-ranking and the sampled protocol (models.md section 5).
+"""Leave-one-out evaluation under the full-ranking and the sampled protocol (docs/MODELS.md, section 7).
 
 Full: the target is ranked against every item; items the user has already seen as input are excluded
 (except the target itself, should it be a repeat). Sampled: against `num_negatives` items the user never

@@ -76,7 +76,7 @@ class SASRec(nn.Module):
 
     # --- seams a time-aware subclass overrides -------------------------------------------------------
     def add_input_embeddings(self) -> None:
-        """Learned absolute positions, row 0 = padding (models.md 2.1, our choice of indexing)."""
+        """Learned absolute positions, row 0 = padding (docs/MODELS.md (Eq. 2), our choice of indexing)."""
         self.pos_emb = nn.Embedding(self.maxlen + 1, self.dim, padding_idx=0)
 
     def make_attention(self) -> nn.Module:

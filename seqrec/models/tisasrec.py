@@ -5,7 +5,7 @@ intervals added to keys and values (E^K, E^V), all four tables shared by the blo
 Deviations from TiSASRec.pytorch, on purpose: intervals are bucketed per batch from raw timestamps
 (seqrec.data.time) rather than precomputed per user, the interval tables are sized k+1 (not I+1), the attention
 never builds (B, L, L, D) tensors (seqrec.nn.time_attention), and dropout hits the interval tables, not the
-gathered per-pair embeddings (models.md 3.4). Blocks, residual factory, losses and trainer are SASRec's.
+gathered per-pair embeddings (docs/MODELS.md, section 3). Blocks, residual factory, losses and trainer are SASRec's.
 """
 
 from __future__ import annotations

@@ -79,7 +79,7 @@ class MHCConnection(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """models.md 4.4: uniform read 1/S, unit write, identity-leaning doubly stochastic mix, small gates."""
+        """docs/MODELS.md (Eq. 19): read 1/S, unit write, identity-leaning doubly stochastic mix, small gates."""
         S = self.streams
         nn.init.normal_(self.phi, std=1.0 / math.sqrt(S * self.dim))
         b_pre = -math.log(S - 1) if S > 1 else LOGIT_ONE  # sigmoid(b_pre) = 1/S

@@ -124,7 +124,7 @@ class MHC:
     @staticmethod
     @torch.no_grad()
     def diagnostics(model: nn.Module) -> dict[str, float]:
-        """Health of the mappings in the latest forward pass, over its real (non-padded) tokens (models.md 4.5.7).
+        """Health of the mappings in the latest forward pass, over its non-padded tokens (docs/MODELS.md, section 4.6).
 
         Per connection: min/max row and column sums of H_res, mean H_pre and H_post, the gates alpha; across depth:
         the largest absolute row sum (forward gain) and column sum (backward gain) of the per-token product of all

@@ -2,7 +2,7 @@
 
 Query i attends to key j with logit q_i . (k_j + P^K_j + E^K[R_ij]) / sqrt(d_h) and reads v_j + P^V_j + E^V[R_ij],
 where R_ij is the clipped time-interval bucket (seqrec.data.time) and E^K, E^V are (k+1, D) tables. The interval
-terms depend on j only through the bucket, so they are computed per bucket (models.md 3.4):
+terms depend on j only through the bucket, so they are computed per bucket (docs/MODELS.md (Eq. 11)):
 
     key side:   q_i . E^K[R_ij]          = gather(Q E^K^T, R)[i, j]          (L, k+1) -> (L, L) per head
     value side: sum_j a_ij E^V[R_ij]     = (scatter_add(A by bucket) E^V)_i  (L, L) -> (L, k+1) per head
@@ -108,7 +108,7 @@ class TimeIntervalAttention(CausalSelfAttention):
 
     Dropout is applied to the attention weights here, with the cheap mask SASRec's attention uses
     (seqrec.nn.dropout); the tables are dropped out as a whole (one mask per bucket)
-    because an elementwise mask per (i, j) pair, as in the TF code, has no bucketed form (models.md 3.4).
+    because an elementwise mask per (i, j) pair, as in the TF code, has no bucketed form (docs/MODELS.md, section 3).
     """
 
     def __init__(self, dim: int, num_heads: int, dropout: float):

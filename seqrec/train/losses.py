@@ -1,4 +1,4 @@
-"""Training objectives over the shared item embedding (models.md section 6).
+"""Training objectives over the shared item embedding (docs/MODELS.md, Eq. 20-23).
 
 Every loss sees hidden states at non-padding target positions only. `num_negatives` and `shared_negatives`
 tell the sampler what to draw: per position (B, L, K) or per sequence (B, N), never from the user's history.

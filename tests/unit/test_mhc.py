@@ -1,4 +1,4 @@
-"""Sinkhorn-Knopp for mHC's H_res (models.md 4.5 items 1-3, 5): doubly stochastic, non-expansive, closed under
+"""Sinkhorn-Knopp for mHC's H_res (docs/MODELS.md, section 4.3): doubly stochastic, non-expansive, closed under
 products, the fast form equal to the log-space one (values and gradients), n = 1 exact, no NaN at any spread."""
 
 import pytest
@@ -17,7 +17,7 @@ def batch_first(m):
 
 
 def init_logits(count, n=4, std=0.5, seed=0):
-    """The test distribution of models.md 4.5: init b_res (diagonal ln 27) + N(0, std^2), (count, n, n)."""
+    """The test distribution: init b_res (diagonal ln 27) + N(0, std^2), (count, n, n)."""
     g = torch.Generator().manual_seed(seed)
     return torch.eye(n) * default_res_diag(n) + std * torch.randn(count, n, n, generator=g)
 
@@ -38,7 +38,7 @@ def test_rows_and_columns_sum_to_one_after_20_iterations():
     assert (H >= 0).all()
     assert (H.sum(-1) - 1).abs().max() < 1e-6  # rows: normalised last
     # columns, measured (log-space gives the same): median 4e-4, p99 4.6e-3, max 1.03e-2 over 20,000 such matrices;
-    # models.md's "< 1e-3" holds for the median only
+    # a bound of 1e-3 holds for the median only
     col_error = (H.sum(-2) - 1).abs().amax(-1)
     assert col_error.median() < 1e-3 and col_error.quantile(0.99) < 1e-2 and col_error.max() < 2e-2
 

@@ -1,4 +1,4 @@
-"""Residual factories: Plain is x + F(LN x) / LN(x + F x); MHC (models.md 4.5 items 4-7) equals Plain at neutral
+"""Residual factories: Plain is x + F(LN x) / LN(x + F x); MHC (docs/MODELS.md, section 4.5) equals Plain at neutral
 init for Pre-LN and Post-LN, SASRec and TiSASRec; gradients, causality, padding, bf16, n = 1, diagnostics."""
 
 import pickle

@@ -1,0 +1,114 @@
+"""Every experiment of docs/RESULTS.md is a config (conf/experiment/<name>.yaml): each composes through the real
+Hydra composition into a config the pre-flight check accepts, names the command that runs it, and, where its
+figure came from committed run directories, composes into exactly the configuration those runs recorded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from seqrec.utils.config import check_config
+from tests.conftest import CONF, REPO, compose_config
+
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+RESULTS = REPO / "docs" / "results"
+
+# Keys a recorded run does not pin down: where the data and the outputs were, the progress bar, the sweep name,
+# and machine-level groups (SLURM, the DDP rendezvous).
+NOT_SETTINGS = {"dataset.path", "trainer.output_dir", "logger.output_dir", "trainer.progress", "sweep_name"}
+NOT_SETTINGS |= {"model.num_items"}  # filled in from the data at run time
+NOT_SETTING_GROUPS = ("slurm.", "distributed.", "hydra.")
+# Keys added to the product after a run, with the default that does what the code did before they existed.
+ADDED_SINCE = {
+    "sampler.history": "last",
+    "trainer.lr_schedule": "constant",
+    "trainer.plateau_decays": 0,
+    "trainer.plateau_factor": 0.1,
+    "loss.chunk_tokens": None,
+    "residual.kernel": "auto",
+    "residual.compile": False,
+}
+# Older spellings of the same setting: recorded key and value -> today's key and value.
+RENAMED = {("residual.compile", True): ("residual.kernel", "compile")}
+
+
+def header(name: str) -> str:
+    lines = (CONF / "experiment" / f"{name}.yaml").read_text().splitlines()
+    return "\n".join(line for line in lines if line.startswith("#"))
+
+
+def run_directories(name: str) -> list[Path]:
+    """The seed folders of the run directories the experiment's header cites (docs/results/.../<name>/)."""
+    cited = [word.rstrip(".,") for word in header(name).split() if word.startswith("docs/results/")]
+    return sorted(seed for folder in cited for seed in (REPO / folder).glob("**/seed*") if seed.is_dir())
+
+
+def recorded_config(run: Path) -> tuple[dict, bool] | None:
+    """(the config a run directory recorded, whether its values are resolved), or None for a log-only folder.
+
+    run.json, then results.json's "config" (both resolved), then .hydra/config.yaml (older runs, unresolved)."""
+    for record in (run / "run.json", run / "results.json"):
+        config = json.loads(record.read_text()).get("config") if record.is_file() else None
+        if config:
+            return config, True
+    hydra = run / ".hydra" / "config.yaml"
+    return (yaml.safe_load(hydra.read_text()), False) if hydra.is_file() else None
+
+
+def flat(node: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def is_setting(key: str) -> bool:
+    return key not in NOT_SETTINGS and not key.startswith(NOT_SETTING_GROUPS)
+
+
+def test_there_is_an_experiment_for_every_published_run_directory():
+    published = {p.parent.relative_to(RESULTS) for p in RESULTS.glob("*/*/seed*")}
+    cited = {seed.parent.relative_to(RESULTS) for name in EXPERIMENTS for seed in run_directories(name)}
+    cited |= {Path("ml1m_cpu_h128_decay/ml1m_sasrec_ce_h128_decay")}  # logs only: continued runs, no config
+    assert published <= cited
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_the_experiment_composes_and_passes_the_preflight_check(name, tmp_path):
+    cfg = compose_config([f"experiment={name}", "seed=1"], tmp_path)
+    check_config(cfg)
+    assert cfg.seed == 1
+    assert f"python train.py experiment={name} seed=1" in header(name)
+    assert "docs/RESULTS.md" in header(name)
+    assert (CONF / "experiment" / f"{name}.yaml").read_text().startswith("# @package _global_\n")
+
+
+@pytest.mark.parametrize("name", [n for n in EXPERIMENTS if any(map(recorded_config, run_directories(n)))])
+def test_the_experiment_is_what_its_published_runs_recorded(name, tmp_path):
+    for seed_dir in filter(recorded_config, run_directories(name)):
+        record, resolved = recorded_config(seed_dir)
+        recorded = flat(record)
+        overrides = [f"experiment={name}", f"seed={recorded['seed']}", f"trainer.device={recorded['trainer.device']}"]
+        if name == "ml1m_sasrec_ce_h128":  # the three seeds had different shares of the machine's time
+            overrides.append(f"trainer.time_limit_min={recorded['trainer.time_limit_min']}")
+        now = flat(OmegaConf.to_container(compose_config(overrides, tmp_path), resolve=resolved))
+        if "${" in str(recorded.get("trainer.amp_dtype")) + str(now.get("trainer.amp_dtype")):
+            recorded.pop("trainer.amp_dtype", None)  # "the machine's best dtype": not a setting of the experiment
+            now.pop("trainer.amp_dtype", None)
+        for (old_key, old_value), (new_key, new_value) in RENAMED.items():
+            if recorded.get(old_key) == old_value:
+                recorded.pop(old_key)
+                recorded[new_key] = new_value
+        drift = [
+            f"{key}: recorded {recorded.get(key, ADDED_SINCE.get(key))!r}, composed {now.get(key)!r}"
+            for key in sorted(set(recorded) | set(now))
+            if is_setting(key) and recorded.get(key, ADDED_SINCE.get(key)) != now.get(key, ADDED_SINCE.get(key))
+        ]
+        assert not drift, f"{seed_dir.relative_to(REPO)}: " + "; ".join(drift)
