@@ -272,5 +272,5 @@ def test_each_job_of_a_sweep_gets_its_own_run_json_with_its_overrides(tmp_path):
     assert sorted(r["config"]["trainer"]["lr"] for r in records) == [0.001, 0.002]
     for record in records:
         assert f"trainer.lr={record['config']['trainer']['lr']}" in record["overrides"]
-        assert set(TINY) <= set(record["overrides"])
+        assert [o.split("=")[0] for o in TINY] == [o.split("=")[0] for o in record["overrides"][:-1]]
     assert not list(tmp_path.rglob(".hydra"))
