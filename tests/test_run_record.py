@@ -20,9 +20,9 @@ from tests.conftest import REPO, TINY, compose_config
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def train(run_dir, *overrides, timeout=300):
+def train(run_dir, *overrides, base=TINY, timeout=300):
     """`python train.py TINY overrides hydra.run.dir=run_dir` as a user types it."""
-    args = [sys.executable, "train.py", *TINY, *overrides, f"hydra.run.dir={run_dir}"]
+    args = [sys.executable, "train.py", *base, *overrides, f"hydra.run.dir={run_dir}"]
     return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=ENV)
 
 
@@ -90,6 +90,20 @@ def test_relaunching_a_finished_run_reports_its_results_and_rewrites_nothing(run
     assert "stored results" in again.stdout + again.stderr
     after = fingerprint(run_dir)
     assert {k: v for k, v in after.items() if k != "train.log"} == {k: v for k, v in before.items() if k != "train.log"}
+
+
+@pytest.mark.parametrize("error", ["config", "data"])
+def test_a_launch_that_fails_before_training_leaves_no_run_record(tmp_path, error):
+    if error == "config":
+        failed = train(tmp_path / "run", "trainer.lr=-1")
+        needle = "trainer.lr=-1: must be > 0"
+    else:
+        (tmp_path / "bad.txt").write_text("1 2\n3 x\n")
+        tiny_file = [o for o in TINY if not o.startswith("dataset.")]
+        failed = train(tmp_path / "run", "dataset=file", f"dataset.path={tmp_path / 'bad.txt'}", base=tiny_file)
+        needle = "bad.txt:2"
+    assert failed.returncode == 1 and needle in failed.stderr, failed.stderr
+    assert not (tmp_path / "run" / "run.json").exists()
 
 
 def test_a_second_process_on_a_locked_run_is_refused_naming_the_holder(run_dir):

@@ -9,8 +9,10 @@
   starts the DDP workers, or rank 0 under torchrun / a multi-task SLURM job. While held it names its holder; a
   second command on the same directory is refused in one line naming it. It is emptied again on release.
 
-`open_run(cfg)` does all of this before anything is written: a refused command (run busy, resume refused by
-`seqrec.train.resume_policy`, `trainer.resume=never` on an existing run) leaves every file of the run as it was.
+`open_run(cfg)` locks and checks before anything is written: a refused command (config error, run busy, resume
+refused by `seqrec.train.resume_policy`, `trainer.resume=never` on an existing run) leaves every file of the run as
+it was. The trainer writes run.json once data, model and checkpoint are loaded, just before the first epoch, so a
+launch that fails before training leaves no record of a run that never was.
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from seqrec.errors import CheckpointError, SeqrecError
-from seqrec.train.checkpoint import load_checkpoint
 from seqrec.train.distributed import _process_start_time, detect, export_submitit_env
 from seqrec.train.resume_policy import check_resume
+from seqrec.utils.config import check_config
 
 log = logging.getLogger(__name__)
 
@@ -139,22 +141,19 @@ def _set_dotted(config: dict, key: str, value) -> None:
 
 
 def recorded_config(run_dir: Path) -> dict | None:
-    """The config the run was last launched under: run.json's, with every accepted resume's changes applied;
-    for a run made before run.json existed, its last checkpoint's; None for no run."""
+    """The config the run was last launched under: run.json's with every accepted resume's changes applied; None
+    without run.json (no run, or one made before run.json existed: the trainer then checks its checkpoint)."""
     record = run_dir / RUN_RECORD
-    if record.is_file():
-        config = json.loads(record.read_text())["config"]
-        launches = run_dir / LAUNCHES
-        if launches.is_file():
-            for line in launches.read_text().splitlines():
-                if line.strip():
-                    for key, (_, new) in json.loads(line).get("changed", {}).items():
-                        _set_dotted(config, key, new)
-        return config
-    last = run_dir / "checkpoints" / "last.pt"
-    if last.is_file():
-        return load_checkpoint(last).get("config") or {}
-    return None
+    if not record.is_file():
+        return None
+    config = json.loads(record.read_text())["config"]
+    launches = run_dir / LAUNCHES
+    if launches.is_file():
+        for line in launches.read_text().splitlines():
+            if line.strip():
+                for key, (_, new) in json.loads(line).get("changed", {}).items():
+                    _set_dotted(config, key, new)
+    return config
 
 
 def holds_a_run(run_dir: Path) -> bool:
@@ -207,18 +206,6 @@ def owns_the_run() -> bool:
     return detect().rank == 0
 
 
-def _resume_source(run_dir: Path, resume: str) -> tuple[Path, dict | None]:
-    """(where, its config) of the run `trainer.resume` continues; None when there is nothing to continue."""
-    if resume == "auto":
-        return run_dir, recorded_config(run_dir)
-    path = Path(resume)
-    checkpoint = path / "checkpoints" / "last.pt" if path.is_dir() else path
-    source_dir = checkpoint.parent.parent
-    if (source_dir / RUN_RECORD).is_file():
-        return source_dir, recorded_config(source_dir)
-    return checkpoint, load_checkpoint(checkpoint).get("config") or {}
-
-
 def _own_checkpoint(run_dir: Path, resume: str) -> bool:
     path = Path(resume)
     return run_dir.resolve() in (path.resolve(), path.resolve().parent.parent)
@@ -233,11 +220,9 @@ def check_launch(run_dir: Path, config: dict) -> None:
             f"{run_dir} already holds a run; use trainer.resume=auto to continue it or another hydra.run.dir; "
             "refusing to overwrite it"
         )
-    if starts_afresh:
-        return
-    source, saved = _resume_source(run_dir, resume)
+    saved = recorded_config(run_dir) if resume == "auto" else None  # a checkpoint elsewhere: the trainer checks it
     if saved is not None:
-        check_resume(saved, config, source)
+        check_resume(saved, config, run_dir)
 
 
 def _detach_file_logging(run_dir: Path) -> None:
@@ -252,8 +237,8 @@ def _detach_file_logging(run_dir: Path) -> None:
 
 @contextmanager
 def open_run(cfg: DictConfig):
-    """Lock the run dir, check this launch against the run it would continue, write run.json for a new run;
-    hold the lock until the block ends. Other ranks of a launcher do nothing (their rank 0 does it)."""
+    """Check the config, lock the run dir, check this launch against the run it would continue; hold the lock until
+    the block ends. Other ranks of a launcher do nothing (their rank 0 does it)."""
     if not owns_the_run():
         yield
         return
@@ -261,6 +246,7 @@ def open_run(cfg: DictConfig):
     run_dir = Path(config["trainer"]["output_dir"])
     lock = RunLock(run_dir)
     try:
+        check_config(cfg)
         lock.acquire()
         check_launch(run_dir, config)
     except SeqrecError:
@@ -269,8 +255,6 @@ def open_run(cfg: DictConfig):
         raise
     lock.announce()
     try:
-        if not holds_a_run(run_dir):
-            write_run_record(run_dir, config)
         yield
     finally:
         lock.release()

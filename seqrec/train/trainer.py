@@ -24,7 +24,7 @@ from seqrec.errors import CheckpointError, ConfigError, TrainingError
 from seqrec.train.checkpoint import load_checkpoint, save_checkpoint, write_json
 from seqrec.train.distributed import assert_replicas_equal
 from seqrec.train.resume_policy import allowed_changes, check_resume, check_world_size
-from seqrec.train.run_record import append_launch
+from seqrec.train.run_record import append_launch, write_run_record
 from seqrec.train.sampler import prefetch
 from seqrec.utils.memory import release_free_memory, reuse_freed_memory
 
@@ -160,6 +160,7 @@ class Trainer:
         self.eval_seconds = 0.0
         self.wandb_id = None
         self.already_done = False  # a finished run relaunched: its results.json stands, nothing is redone
+        self.resumed_from: Path | None = None
 
     # --- setup ---------------------------------------------------------------------------------------
     def _wrap_ddp(self, model: nn.Module) -> nn.Module:
@@ -274,6 +275,7 @@ class Trainer:
         check_resume(saved_config, self.run_config, path)
         check_world_size(len(state["rng"]), self.world_size, path)
         self.load_state_dict(state, path)
+        self.resumed_from = path
         self._warn_if_the_schedule_moved(saved_config.get("trainer") or {})
         if self.stopped_early:  # decided again under this config's rule: more patience or a plateau decay continues
             self.stopped_early = False
@@ -292,6 +294,13 @@ class Trainer:
             self.best_value,
             self.best_epoch,
         )
+
+    def _record_a_new_run(self) -> None:
+        """run.json, once, when this launch starts the run (fresh, or from a checkpoint of another run). A run
+        continued from its own checkpoint keeps its record; one made before run.json existed stays without."""
+        if self.resumed_from is not None and self.output_dir.resolve() in self.resumed_from.resolve().parents:
+            return
+        write_run_record(self.output_dir, self.run_config)
 
     def _warn_if_the_schedule_moved(self, saved: dict) -> None:
         """A cosine schedule ends at `num_epochs`: resuming under another budget (or another schedule) bends the lr
@@ -317,6 +326,8 @@ class Trainer:
         if self.already_done:
             log.info("run already finished at epoch %d; its results.json is kept as it is", self.epoch)
             return self.best_metrics
+        if self.rank == 0:
+            self._record_a_new_run()
         # after resuming, so a requeued job continues the W&B run whose id its checkpoint saved
         self.wandb_id = self.logger.start(self.run_config, self.wandb_id) or self.wandb_id
         if self.finished:
