@@ -242,13 +242,12 @@ def open_run(cfg: DictConfig):
     if not owns_the_run():
         yield
         return
-    config = OmegaConf.to_container(cfg, resolve=True)
-    run_dir = Path(config["trainer"]["output_dir"])
+    run_dir = Path(cfg.trainer.output_dir)
     lock = RunLock(run_dir)
     try:
-        check_config(cfg)
+        check_config(cfg)  # first: it names a missing or impossible value before anything resolves it
         lock.acquire()
-        check_launch(run_dir, config)
+        check_launch(run_dir, OmegaConf.to_container(cfg, resolve=True))
     except SeqrecError:
         lock.release(announced=False)
         _detach_file_logging(run_dir)
