@@ -83,6 +83,13 @@ def test_resume_never_on_an_existing_run_changes_no_file(run_dir):
     assert fingerprint(run_dir) == before
 
 
+def test_a_config_error_on_a_finished_run_changes_no_file(run_dir):
+    before = fingerprint(run_dir)
+    refused = train(run_dir, "trainer.lr=-1")
+    assert refused.returncode == 1 and "trainer.lr=-1: must be > 0" in refused.stderr
+    assert fingerprint(run_dir) == before
+
+
 def test_relaunching_a_finished_run_reports_its_results_and_rewrites_nothing(run_dir):
     before = fingerprint(run_dir)
     again = train(run_dir)
