@@ -3,7 +3,8 @@
 `python train.py trainer.devices=2` (gloo on CPU) or `hardware=4xv100` (NCCL) starts the workers itself: one Hydra
 process, hence one run directory, shared by every rank. Under torchrun or a multi-task SLURM job the processes
 already exist and `run_distributed` only joins them to the process group. Also registers the config resolvers
-(`${seqrec.amp_dtype:}`, `${seqrec.has_cuda:}`, `${seqrec.launch_time:FMT}`) used by hardware profiles and run dirs.
+(`${seqrec.amp_dtype:}`, `${seqrec.has_cuda:}`, `${seqrec.launch_time:FMT}`, `${seqrec.launch_id:}`) used by hardware
+profiles and run dirs.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from seqrec.train.distributed import (
     rendezvous_port,
     resolve_backend,
 )
+from seqrec.train.run_record import launch_id
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,8 @@ OmegaConf.register_new_resolver("seqrec.has_cuda", torch.cuda.is_available, repl
 OmegaConf.register_new_resolver(
     "seqrec.launch_time", lambda fmt: time.strftime(fmt, time.localtime(launch_time())), use_cache=True, replace=True
 )
+
+OmegaConf.register_new_resolver("seqrec.launch_id", launch_id, use_cache=True, replace=True)  # same-second launches
 
 RunFn = Callable[[DictConfig, int, int], dict]
 

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from seqrec.errors import SeqrecError
 from seqrec.launch import launch, run_distributed, should_launch
 from seqrec.models.tisasrec import check_time_available
+from seqrec.train.run_record import open_run
 from seqrec.utils.config import check_config
 from seqrec.utils.seed import seed_everything
 
@@ -86,7 +87,8 @@ def main(cfg: DictConfig) -> float | None:
     """Hydra entry point body: run, report user errors in one line, return the optimised metric for sweepers."""
     try:
         # trainer.devices > 1 and no launcher around: start the DDP workers here (one Hydra process, one run dir)
-        results = launch(cfg) if should_launch(cfg) else run_distributed(cfg, run)
+        with open_run(cfg):  # the run dir's lock, resume policy and run.json, before anything is written
+            results = launch(cfg) if should_launch(cfg) else run_distributed(cfg, run)
     except SeqrecError as e:
         log.error("%s", e)
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:

@@ -47,7 +47,7 @@ def test_builtin_launcher_two_gloo_workers_match_one_process(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "one"]  # no per-rank folders
     for d in (ddp, one):
         assert (d / "checkpoints" / "last.pt").is_file() and (d / "checkpoints" / "best.pt").is_file()
-        assert (d / ".hydra" / "config.yaml").is_file()
+        assert (d / "run.json").is_file()
     log = (ddp / "train.log").read_text()
     assert "starting 2 gloo workers" in log
     assert "parameters identical on all 2 ranks" in log  # checked by the trainer at the end of fit

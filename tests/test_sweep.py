@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
 from seqrec.compare import compare
 
@@ -52,8 +51,7 @@ def assert_run_dirs(sweep_dir: Path) -> list[Path]:
     ), list(sweep_dir.iterdir())
     for job in jobs:
         for f in (
-            ".hydra/config.yaml",
-            ".hydra/overrides.yaml",
+            "run.json",
             "train.log",
             "metrics.jsonl",
             "results.json",
@@ -77,7 +75,7 @@ def wandb_sweep(tmp_path_factory) -> Path:
 def test_sweep_writes_one_run_directory_per_job_named_by_its_overrides(wandb_sweep):
     assert (wandb_sweep / "multirun.yaml").is_file()
     jobs = assert_run_dirs(wandb_sweep)
-    lrs = [OmegaConf.load(j / ".hydra" / "config.yaml").trainer.lr for j in jobs]
+    lrs = [json.loads((j / "run.json").read_text())["config"]["trainer"]["lr"] for j in jobs]
     assert lrs == [0.001, 0.002]
 
 

@@ -17,7 +17,7 @@ from seqrec.errors import CheckpointError, DataError, TrainingError
 from seqrec.eval.baselines import Popularity
 from seqrec.run import run
 from seqrec.train import losses
-from seqrec.train.trainer import config_differences
+from seqrec.train.resume_policy import config_differences
 from tests.conftest import REPO, TINY, compose_config
 
 TINY_FILE = [o for o in TINY if not o.startswith("dataset.")]  # for dataset=file, which has no generator knobs

@@ -8,6 +8,7 @@ same result as an unbroken run.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -22,6 +23,8 @@ from tqdm.auto import tqdm
 from seqrec.errors import CheckpointError, ConfigError, TrainingError
 from seqrec.train.checkpoint import load_checkpoint, save_checkpoint, write_json
 from seqrec.train.distributed import assert_replicas_equal
+from seqrec.train.resume_policy import allowed_changes, check_resume, check_world_size
+from seqrec.train.run_record import append_launch, write_run_record
 from seqrec.train.sampler import prefetch
 from seqrec.utils.memory import release_free_memory, reuse_freed_memory
 
@@ -37,27 +40,6 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"trainer.device={device}: torch sees no CUDA device; use hardware=cpu")
     return torch.device(device)
-
-
-RESUME_MUST_MATCH = ("model", "residual", "loss", "dataset", "seed")  # what a resumed run may not change
-# ...except these, which choose how the same maths is computed (a resumed job may land where no compiler exists)
-RESUME_MAY_CHANGE = ("loss.chunk_tokens", "residual.kernel", "residual.compile")
-
-
-def _flatten(node, prefix: str = "") -> dict:
-    if isinstance(node, dict):
-        return {k: v for key, sub in node.items() for k, v in _flatten(sub, f"{prefix}{key}.").items()}
-    return {prefix.rstrip("."): node}
-
-
-def config_differences(saved: dict, current: dict) -> list[str]:
-    """'path: old -> new' for every setting in RESUME_MUST_MATCH that differs (empty when either is unknown)."""
-    if not saved or not current:
-        return []
-    old = _flatten({k: saved.get(k) for k in RESUME_MUST_MATCH})
-    new = _flatten({k: current.get(k) for k in RESUME_MUST_MATCH})
-    keys = sorted((set(old) | set(new)) - set(RESUME_MAY_CHANGE))
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
 class Trainer:
@@ -177,6 +159,8 @@ class Trainer:
         self.train_seconds = 0.0
         self.eval_seconds = 0.0
         self.wandb_id = None
+        self.already_done = False  # a finished run relaunched: its results.json stands, nothing is redone
+        self.resumed_from: Path | None = None
 
     # --- setup ---------------------------------------------------------------------------------------
     def _wrap_ddp(self, model: nn.Module) -> nn.Module:
@@ -287,18 +271,21 @@ class Trainer:
         if path is None:
             return
         state = load_checkpoint(path)
-        changed = config_differences(state.get("config") or {}, self.run_config)
-        if changed:
-            raise CheckpointError(
-                f"{path} was trained with a different setup ({'; '.join(changed[:5])}); "
-                "resume it with its own settings or start a new run directory"
-            )
+        saved_config = state.get("config") or {}
+        check_resume(saved_config, self.run_config, path)
+        check_world_size(len(state["rng"]), self.world_size, path)
         self.load_state_dict(state, path)
-        self._warn_if_the_schedule_moved((state.get("config") or {}).get("trainer") or {})
-        self.logger.truncate_after(self.epoch)
+        self.resumed_from = path
+        self._warn_if_the_schedule_moved(saved_config.get("trainer") or {})
         if self.stopped_early:  # decided again under this config's rule: more patience or a plateau decay continues
             self.stopped_early = False
             self._on_patience()
+        self.already_done = self.finished and (self.output_dir / "results.json").is_file()
+        if self.already_done:
+            return
+        self.logger.truncate_after(self.epoch)
+        if self.rank == 0:
+            append_launch(self.output_dir, self.epoch, allowed_changes(saved_config, self.run_config))
         log.info(
             "resumed from %s at epoch %d (best %s=%.4f at epoch %d)",
             path,
@@ -307,6 +294,13 @@ class Trainer:
             self.best_value,
             self.best_epoch,
         )
+
+    def _record_a_new_run(self) -> None:
+        """run.json, once, when this launch starts the run (fresh, or from a checkpoint of another run). A run
+        continued from its own checkpoint keeps its record; one made before run.json existed stays without."""
+        if self.resumed_from is not None and self.output_dir.resolve() in self.resumed_from.resolve().parents:
+            return
+        write_run_record(self.output_dir, self.run_config)
 
     def _warn_if_the_schedule_moved(self, saved: dict) -> None:
         """A cosine schedule ends at `num_epochs`: resuming under another budget (or another schedule) bends the lr
@@ -329,6 +323,11 @@ class Trainer:
     def fit(self) -> dict:
         """Train until the epoch budget or early stopping; returns the best validation metrics."""
         self.maybe_resume()
+        if self.already_done:
+            log.info("run already finished at epoch %d; its results.json is kept as it is", self.epoch)
+            return self.best_metrics
+        if self.rank == 0:
+            self._record_a_new_run()
         # after resuming, so a requeued job continues the W&B run whose id its checkpoint saved
         self.wandb_id = self.logger.start(self.run_config, self.wandb_id) or self.wandb_id
         if self.finished:
@@ -471,7 +470,11 @@ class Trainer:
         )
 
     def test(self) -> dict:
-        """Evaluate the test split once, on the best (validation-selected) checkpoint; write results.json."""
+        """Evaluate the test split once, on the best (validation-selected) checkpoint; write results.json.
+
+        A finished run relaunched is not tested again: its results.json is read and returned as it is."""
+        if self.already_done:
+            return self._stored_results()
         best = self.ckpt_dir / "best.pt"
         if best.exists():
             self.raw_model.load_state_dict(load_checkpoint(best)["model"])
@@ -489,13 +492,23 @@ class Trainer:
             "steps": self.step,
             **self.best_metrics,
             **test_metrics,
+            "config": self.run_config,  # the settings these results were computed under
         }
         if self.rank == 0:
             write_json(results, self.output_dir / "results.json")
-        self.logger.summary(results)
+        self.logger.summary({k: v for k, v in results.items() if k != "config"})
         log.info(
             "test (best epoch %d): %s",
             self.best_epoch,
             "  ".join(f"{k}={v:.4f}" for k, v in test_metrics.items() if "@10" in k),
+        )
+        return results
+
+    def _stored_results(self) -> dict:
+        results = json.loads((self.output_dir / "results.json").read_text())
+        log.info(
+            "stored results (best epoch %s): %s",
+            results.get("best_epoch"),
+            "  ".join(f"{k}={v:.4f}" for k, v in results.items() if k.startswith("test/") and "@10" in k),
         )
         return results

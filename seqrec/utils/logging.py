@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from seqrec.errors import DataError
+
 log = logging.getLogger(__name__)
 
 WANDB_MODES = ("online", "offline", "disabled")
@@ -152,13 +154,27 @@ class MetricLogger:
 
     # --- metrics -------------------------------------------------------------------------------------
     def truncate_after(self, epoch: int) -> None:
-        """Drop lines of epochs after `epoch` (written by a killed run after its last checkpoint)."""
+        """Drop lines of epochs after `epoch` (written by a killed run after its last checkpoint), and a last line a
+        kill cut in half (with a warning); any other unreadable line is an error naming it."""
         if not self.active or not self.path.exists():
             return
-        lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
-        kept = [ln for ln in lines if json.loads(ln).get("epoch", 0) <= epoch]
-        if len(kept) != len(lines):
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+        text = self.path.read_text()
+        kept = [ln for ln in self._readable_lines(text.splitlines()) if json.loads(ln).get("epoch", 0) <= epoch]
+        new_text = "".join(ln + "\n" for ln in kept)
+        if new_text != text:
+            self.path.write_text(new_text)
+
+    def _readable_lines(self, lines: list[str]) -> list[str]:
+        numbered = [(number, ln) for number, ln in enumerate(lines, 1) if ln.strip()]
+        for position, (number, line) in enumerate(numbered):
+            try:
+                json.loads(line)
+            except json.JSONDecodeError:
+                if position < len(numbered) - 1:
+                    raise DataError(f"{self.path}:{number}: not a JSON line; repair or remove it to resume") from None
+                log.warning("%s:%d: dropping a last line cut short by a kill (%r)", self.path, number, line[:60])
+                numbered.pop()
+        return [ln for _, ln in numbered]
 
     def log(self, metrics: dict, epoch: int, step: int) -> None:
         if not self.active:

@@ -1,0 +1,108 @@
+"""Which settings a resumed run may change: a resume must never silently give a different run.
+
+A run is resumed (`trainer.resume=auto` on its directory, or `trainer.resume=<checkpoint>`) under the config of the
+new command. Every setting is compared with the one the run was trained under, key by key:
+
+| keys                                                        | on resume | why                                     |
+|-------------------------------------------------------------|-----------|-----------------------------------------|
+| every key not listed below, among them: `model.*`,          | refused   | they change the optimisation trajectory |
+| `residual.*`, `loss.*`, `dataset.*`, `seed`, `sampler.*`    |           | (maths, data, batches, step sizes) or   |
+| (batching, history), `eval.*` (protocol, ks, negatives,     |           | what "best" means: the resumed run      |
+| filter_seen), `optimized_metric`, `trainer.monitor`,        |           | would be neither the old run nor a new  |
+| `trainer.lr`, `betas`, `warmup_steps`, `lr_decay_*`,        |           | one                                     |
+| `lr_schedule`, `plateau_factor`, `batch_size`, `l2_emb`,    |           |                                         |
+| `grad_clip`, `devices`, `device`, `amp`, `amp_dtype`,       |           |                                         |
+| `deterministic`; the number of processes (checked against   |           |                                         |
+| the checkpoint's per-rank RNG states)                       |           |                                         |
+| `trainer.num_epochs`                                        | allowed   | the budget (a cosine schedule bends;    |
+|                                                             |           | a warning says so)                      |
+| `trainer.patience`, `trainer.plateau_decays`,               | allowed   | when to stop or decay, decided again at |
+| `trainer.time_limit_min`, `trainer.eval_every`              |           | the resume as an unbroken run would     |
+| `trainer.progress`, `trainer.num_workers`,                  | allowed   | display, prefetching, bookkeeping       |
+| `trainer.log_every_steps`, `trainer.resume`,                |           |                                         |
+| `trainer.output_dir`, `logger.*`, `sweep_name`              |           |                                         |
+| `residual.kernel`, `residual.compile`, `loss.chunk_tokens`, | allowed   | how the same maths is computed (a       |
+| `eval.batch_size`, `distributed.*`, `slurm.*`               |           | requeued job may land where no compiler |
+|                                                             |           | exists)                                 |
+
+A refused resume is one line per command naming every changed key (`trainer.lr: 0.001 -> 0.002`) and writes nothing
+into the run directory. An allowed change is used from the resume on and recorded: in `launches.jsonl` (old -> new)
+and in `results.json["config"]`.
+"""
+
+from __future__ import annotations
+
+from seqrec.errors import CheckpointError
+
+RESUME_MAY_CHANGE = (
+    "trainer.num_epochs",
+    "trainer.patience",
+    "trainer.plateau_decays",
+    "trainer.time_limit_min",
+    "trainer.eval_every",
+    "trainer.progress",
+    "trainer.num_workers",
+    "trainer.log_every_steps",
+    "trainer.resume",
+    "trainer.output_dir",
+    "logger.",
+    "sweep_name",
+    "residual.kernel",
+    "residual.compile",
+    "loss.chunk_tokens",
+    "eval.batch_size",
+    "distributed.",
+    "slurm.",
+)  # an entry ending in "." covers every key under it
+NOT_RECORDED = ("sweep_name",)  # `${now:}` of each command: it differs at every launch and means nothing to the run
+
+
+def flatten(node, prefix: str = "") -> dict:
+    """{'trainer.lr': 0.001, ...}: nested dicts as dotted keys; lists stay values (compared whole)."""
+    if isinstance(node, dict):
+        return {k: v for key, sub in node.items() for k, v in flatten(sub, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): node}
+
+
+def may_change(key: str) -> bool:
+    return any(key == rule or (rule.endswith(".") and key.startswith(rule)) for rule in RESUME_MAY_CHANGE)
+
+
+def _changed(saved: dict, current: dict) -> dict:
+    """{key: (old, new)} for every leaf that differs; a key missing on one side counts as None there."""
+    old, new = flatten(saved), flatten(current)
+    return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+
+
+def allowed_changes(saved: dict, current: dict) -> dict:
+    """{key: [old, new]} for the changed settings a resume may change (recorded in launches.jsonl)."""
+    if not saved or not current:
+        return {}
+    changed = _changed(saved, current)
+    return {k: [old, new] for k, (old, new) in changed.items() if may_change(k) and k not in NOT_RECORDED}
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """'key: old -> new' for every changed setting a resume may not change (empty when either config is unknown)."""
+    if not saved or not current:
+        return []
+    return [f"{k}: {old!r} -> {new!r}" for k, (old, new) in _changed(saved, current).items() if not may_change(k)]
+
+
+def check_resume(saved: dict, current: dict, source) -> None:
+    """Raise CheckpointError (one line listing every refused change) unless `current` may continue `saved`."""
+    refused = config_differences(saved, current)
+    if refused:
+        raise CheckpointError(
+            f"{source} was trained with other settings ({'; '.join(refused)}); a resume may not change them: "
+            "resume it with its own settings or start a new run directory"
+        )
+
+
+def check_world_size(saved_ranks: int, world_size: int, source) -> None:
+    """The checkpoint holds one RNG state per rank: another number of processes changes the batches and dropout."""
+    if saved_ranks != world_size:
+        raise CheckpointError(
+            f"{source} was trained on {saved_ranks} process(es), this launch has {world_size}; a resume may not "
+            "change the number of processes: resume it with its own trainer.devices or start a new run directory"
+        )
