@@ -67,6 +67,9 @@ class Run:
         choices, config = self._composed
         if key in choices:
             return _fmt_setting(choices[key])
+        if isinstance(config, dict):  # a recorded config: already resolved, read as plain data
+            value = _lookup(config, key)
+            return "" if value is None else _fmt_setting(value)
         try:
             from omegaconf import OmegaConf
 
@@ -208,13 +211,14 @@ def read_config(path: Path) -> tuple[object, Path | None]:
 
 
 def read_settings(path: Path) -> tuple[dict, object]:
-    """({config group: choice}, config as a DictConfig) for labelling a run; empty / None when the directory does
-    not say (a legacy run copied without its .hydra folder, or an unreadable file: labels then use overrides)."""
+    """({config group: choice}, config) for labelling a run: the config is a plain dict when recorded (run.json,
+    results.json), a DictConfig from a legacy .hydra/config.yaml; empty / None when the directory does not say (a
+    legacy run copied without its .hydra folder, or an unreadable file: labels then use overrides)."""
     from omegaconf import OmegaConf
 
     record = read_record(path)
     if record is not None:
-        return dict(record["choices"]), OmegaConf.create(record["config"])
+        return dict(record["choices"]), record["config"]
     choices, config = {}, None
     try:
         if (path / ".hydra" / "hydra.yaml").is_file():
@@ -222,7 +226,17 @@ def read_settings(path: Path) -> tuple[dict, object]:
         config, _ = read_config(path)
     except Exception:  # noqa: BLE001 - labels fall back to the overrides alone
         pass
-    return dict(choices), OmegaConf.create(config) if isinstance(config, dict) else config
+    return dict(choices), config
+
+
+def _lookup(config: dict, key: str):
+    """config["a"]["b"] for key "a.b"; None where a level is missing."""
+    node = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
 
 
 def _fmt_setting(v) -> str:

@@ -25,6 +25,7 @@ and item ids are the dataset's original ids. The CSV is written atomically; bad 
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import importlib
 import io
@@ -85,26 +86,37 @@ def _resolve_own(name: str):
     return obj if defined_here else None
 
 
+def walk(node, path: str):
+    """(config path, value) for `node` and everything nested in it, parents first."""
+    yield path, node
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        yield from walk(value, f"{path}.{key}")
+
+
 def check_targets(node, source: str, path: str) -> None:
     """PredictError naming the first `_target_` under `node` (at config path `path`) that is not on BUILDABLE."""
-    if isinstance(node, list):
-        for i, item in enumerate(node):
-            check_targets(item, source, f"{path}.{i}")
-        return
-    if not isinstance(node, dict):
-        return
-    if "_target_" in node:
-        target = node["_target_"]
-        kinds = [BUILDABLE[path]] if path in BUILDABLE else list(BUILDABLE.values())
+    for where, value in walk(node, path):
+        if not isinstance(value, dict) or "_target_" not in value:
+            continue
+        target = value["_target_"]
+        kinds = [BUILDABLE[where]] if where in BUILDABLE else list(BUILDABLE.values())
         obj = _resolve_own(target)
         if obj is None or not any(test(obj) for _, test in kinds):
             raise PredictError(
-                f"{source}: {path}._target_={target!r} is not {' or '.join(kind for kind, _ in kinds)}; "
+                f"{source}: {where}._target_={target!r} is not {' or '.join(kind for kind, _ in kinds)}; "
                 "predict rebuilds only seqrec's own classes and refuses to import or call anything else"
             )
-    for key, value in node.items():
-        if key != "_target_":
-            check_targets(value, source, f"{path}.{key}")
+
+
+def check_no_interpolation(node, source: str, path: str) -> None:
+    """A recorded config was resolved when it was written; a `${...}` in it (which instantiate would resolve, e.g.
+    from environment variables) means the file was edited afterwards."""
+    for where, value in walk(node, path):
+        if isinstance(value, str) and "${" in value:
+            raise PredictError(
+                f"{source}: {where}={value!r} is an interpolation, but a recorded config is stored resolved"
+            )
 
 
 # --------------------------------------------------------------------------------------------- rebuilding a run
@@ -139,11 +151,16 @@ def rebuild_config(run: Path, ckpt: Path, state: dict) -> tuple[dict, str]:
         if config is None:
             raise PredictError(f"{ckpt}: holds no config and {run} has no run.json, results.json config or .hydra")
         source = str(source_path)
-    try:
-        root = OmegaConf.create(config) if isinstance(config, dict) else config
-        nodes = {key: OmegaConf.to_container(root[key], resolve=True) for key in ("dataset", "model")}
-    except Exception as e:  # noqa: BLE001 - a missing node or an interpolation that only resolves inside Hydra
-        raise PredictError(f"{source}: cannot read the dataset/model config ({str(e).splitlines()[0][:160]})") from None
+    if isinstance(config, dict):  # recorded, resolved at launch: plain data, read as it is
+        nodes = {key: copy.deepcopy(config.get(key)) for key in ("dataset", "model")}
+        for key, node in nodes.items():
+            check_no_interpolation(node, source, key)
+    else:  # a legacy .hydra/config.yaml: Hydra's unresolved composition
+        try:
+            nodes = {key: OmegaConf.to_container(config[key], resolve=True) for key in ("dataset", "model")}
+        except Exception as e:  # noqa: BLE001 - a missing node or an interpolation that only resolves inside Hydra
+            reason = str(e).splitlines()[0][:160]
+            raise PredictError(f"{source}: cannot read the dataset/model config ({reason})") from None
     for key, node in nodes.items():
         if not isinstance(node, dict):
             raise PredictError(f"{source}: {key} is not a config node with a _target_")

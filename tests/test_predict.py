@@ -286,6 +286,14 @@ def test_a_run_json_naming_foreign_code_is_refused_in_one_line(run_copy, tmp_pat
     assert f"run.json: {key}._target_={target!r}" in err and not marker.exists()
 
 
+def test_an_interpolation_in_a_recorded_config_is_refused(run_copy, capsys):
+    config = load_checkpoint(run_copy / "checkpoints" / "best.pt")["config"]
+    config["dataset"]["path"] = "${oc.env:HOME}/interactions.txt"  # would be resolved from the environment
+    rewrite_checkpoint_config(run_copy, config)
+    err = one_line_error(capsys, [str(run_copy), "--out", "-"])
+    assert "dataset.path='${oc.env:HOME}/interactions.txt' is an interpolation" in err
+
+
 def test_the_checkpoints_own_config_wins_over_run_json(run_copy, capsys):
     record = json.loads((run_copy / "run.json").read_text())
     record["config"]["model"]["hidden_units"] = 64  # weights of hidden 16 would not fit this
