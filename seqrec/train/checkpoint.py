@@ -204,14 +204,16 @@ def _completes_an_interrupted_save(path: Path, actual: str) -> bool:
 def verify_digest(path: Path) -> bool:
     """Check `path` against its recorded SHA-256; False if none is recorded (older runs), CheckpointError if it
     differs."""
-    recorded = _read_digest(digest_path(path))
+    sidecar = digest_path(path)
+    recorded = _read_digest(sidecar)
     if recorded is None:
         return False
     actual = file_sha256(path)
-    if actual != recorded and not _completes_an_interrupted_save(path, actual):
+    # the last test: another process (a DDP rank loading the same file) completed the interrupted save meanwhile
+    if actual != recorded and not _completes_an_interrupted_save(path, actual) and _read_digest(sidecar) != actual:
         raise CheckpointError(
             f"{path}: checksum mismatch: the file changed after it was written (SHA-256 {actual[:12]}..., "
-            f"{digest_path(path).name} records {recorded[:12]}...); it is damaged or was replaced; delete it, or "
+            f"{sidecar.name} records {recorded[:12]}...); it is damaged or was replaced; delete it, or "
             "point trainer.resume / --checkpoint at another checkpoint"
         )
     return True
