@@ -203,9 +203,12 @@ def test_bad_arguments_are_one_line(titled_run, tmp_path, capsys, args, message)
     assert not (tmp_path / "r.csv").exists()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-def test_cuda_on_a_machine_without_it_is_one_line(titled_run, capsys):
+def test_cuda_on_a_machine_without_it_is_one_line(titled_run, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this machine, as one without CUDA
     assert "torch sees no CUDA device" in one_line_error(capsys, [str(titled_run), "--device", "cuda", "--out", "-"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert "has 1 CUDA device(s)" in one_line_error(capsys, [str(titled_run), "--device", "cuda:3", "--out", "-"])
 
 
 def test_an_output_that_cannot_be_written_is_refused_before_the_model_runs(titled_run, tmp_path, capsys, monkeypatch):
