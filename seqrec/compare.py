@@ -3,12 +3,18 @@
     python -m seqrec.compare outputs/sweeps/stage2_2025-01-01_10-00-00 [more sweep or run dirs ...]
         [--metric val/ndcg@10] [--format md|csv] [--out DIR] [--no-plots]
 
-A run directory is one that holds `.hydra/overrides.yaml` and `metrics.jsonl` or `results.json`; sweep
-directories are searched for them. Columns: the overrides that differ between runs, the best validation and the
-test metrics (from `results.json`; a run still going shows its best validation epoch so far from `metrics.jsonl`),
-epochs and time. Plots go to `--out` (default `<dir>/compare/` for one directory, else `./compare/`):
-`learning_curves.png` (train/loss and the metric per epoch, one line per run) and `<metric>_vs_<param>.png` for
-each swept parameter.
+A run directory is one that holds its record (`run.json`, or `.hydra/overrides.yaml` for runs made before
+run.json existed) and `metrics.jsonl` or `results.json`; sweep directories are searched for them. Columns: the
+overrides that differ between runs, the best validation and the test metrics (from `results.json`; a run still
+going shows its best validation epoch so far from `metrics.jsonl`), epochs and time. Plots go to `--out` (default
+`<dir>/compare/` for one directory, else `./compare/`): `learning_curves.png` (train/loss and the metric per epoch,
+one line per run) and `<metric>_vs_<param>.png` for each swept parameter.
+
+Where a run's settings come from: `run.json`, written once when the run first launched and never rewritten, gives
+its config, overrides and config-group choices. Runs made before it existed fall back to `results.json["config"]`
+and then to `.hydra/overrides.yaml`, `.hydra/hydra.yaml` and `.hydra/config.yaml`, which a later command in the same
+directory (even a refused one) may have rewritten. Every file is read as data (JSON, or YAML through OmegaConf's safe
+loader); nothing a run directory names is imported or instantiated.
 """
 
 from __future__ import annotations
@@ -23,6 +29,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from seqrec.errors import SeqrecError
+
+RECORD = "run.json"  # a run's authoritative record: config, overrides and choices as of its first launch
+LEGACY_OVERRIDES = Path(".hydra") / "overrides.yaml"  # the record of runs made before run.json
 RUN_MARKERS = ("results.json", "metrics.jsonl")
 # overrides that do not change the experiment (as hydra.job.config.override_dirname.exclude_keys in conf/train.yaml)
 IGNORED_OVERRIDES = {
@@ -35,7 +45,7 @@ IGNORED_OVERRIDES = {
 }
 
 
-class CompareError(Exception):
+class CompareError(SeqrecError):
     """A user error: reported as one line, exit status 1."""
 
 
@@ -53,10 +63,13 @@ class Run:
         if key in self.overrides:
             return self.overrides[key]
         if self._composed is None:
-            self._composed = _read_composed(self.path)
+            self._composed = read_settings(self.path)
         choices, config = self._composed
         if key in choices:
             return _fmt_setting(choices[key])
+        if isinstance(config, dict):  # a recorded config: already resolved, read as plain data
+            value = _lookup(config, key)
+            return "" if value is None else _fmt_setting(value)
         try:
             from omegaconf import OmegaConf
 
@@ -85,7 +98,13 @@ class Run:
 
 # --------------------------------------------------------------------------------------------- discovery
 def is_run_dir(path: Path) -> bool:
-    return (path / ".hydra" / "overrides.yaml").is_file() and any((path / m).is_file() for m in RUN_MARKERS)
+    has_record = (path / RECORD).is_file() or (path / LEGACY_OVERRIDES).is_file()
+    return has_record and any((path / m).is_file() for m in RUN_MARKERS)
+
+
+def _candidate_runs(folder: Path) -> set[Path]:
+    """Folders under `folder` holding a run record (run.json, or a legacy .hydra/overrides.yaml)."""
+    return {p.parent for p in folder.rglob(RECORD)} | {p.parent.parent for p in folder.rglob(str(LEGACY_OVERRIDES))}
 
 
 def find_runs(paths: list[str]) -> list[Run]:
@@ -100,7 +119,7 @@ def find_runs(paths: list[str]) -> list[Run]:
         if is_run_dir(path):
             found[path.resolve()] = None
             continue
-        candidates = {h.parent.parent for h in path.rglob(".hydra/overrides.yaml")}
+        candidates = _candidate_runs(path)
         runs = sorted(c for c in candidates if is_run_dir(c))
         for c in sorted(candidates - set(runs)):
             print(
@@ -109,8 +128,8 @@ def find_runs(paths: list[str]) -> list[Run]:
             )
         if not runs:
             raise CompareError(
-                f"{p}: no run directories found (a run directory holds .hydra/overrides.yaml and "
-                "metrics.jsonl or results.json)"
+                f"{p}: no run directories found (a run directory holds run.json, or .hydra/overrides.yaml for "
+                "older runs, and metrics.jsonl or results.json)"
             )
         found.update((r.resolve(), None) for r in runs)
     return [read_run(p) for p in found]
@@ -118,17 +137,12 @@ def find_runs(paths: list[str]) -> list[Run]:
 
 def read_run(path: Path) -> Run:
     overrides = {}
-    for line in _read_overrides(path / ".hydra" / "overrides.yaml"):
+    for line in read_overrides(path):
         key, _, value = line.partition("=")
         key = key.lstrip("+~")
         if key not in IGNORED_OVERRIDES and not key.startswith("hydra"):
             overrides[key] = value
-    results = {}
-    if (path / "results.json").is_file():
-        try:
-            results = json.loads((path / "results.json").read_text())
-        except json.JSONDecodeError as e:
-            raise CompareError(f"{path / 'results.json'}: not valid JSON ({e})") from None
+    results = read_json(path / "results.json") if (path / "results.json").is_file() else {}
     history = []
     lines = (path / "metrics.jsonl").read_text().splitlines() if (path / "metrics.jsonl").is_file() else []
     for i, line in enumerate(lines, 1):
@@ -141,20 +155,88 @@ def read_run(path: Path) -> Run:
     return Run(path, overrides, results, history)
 
 
-def _read_composed(path: Path) -> tuple[dict, object]:
-    """({group: choice} from `.hydra/hydra.yaml`, the composed `.hydra/config.yaml`); empty / None when missing or
-    unreadable (a run directory copied without them)."""
-    choices, config = {}, None
+# --------------------------------------------------------------------------------------------- run records
+def read_json(file: Path) -> dict:
+    """A JSON object from `file`, or CompareError naming the file."""
     try:
+        value = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CompareError(f"{file}: not readable as JSON ({str(e).splitlines()[0][:160]})") from None
+    if not isinstance(value, dict):
+        raise CompareError(f"{file}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def read_record(path: Path) -> dict | None:
+    """The run's `run.json`, checked to have the fields tools read; None for a run made before run.json existed."""
+    file = path / RECORD
+    if not file.is_file():
+        return None
+    record = read_json(file)
+    for key, kind in (("config", dict), ("overrides", list), ("choices", dict)):
+        if not isinstance(record.get(key), kind):
+            raise CompareError(f"{file}: expected '{key}' to be a JSON {kind.__name__.replace('dict', 'object')}")
+    if not all(isinstance(o, str) for o in record["overrides"]):
+        raise CompareError(f"{file}: expected 'overrides' to be a list of strings")
+    return record
+
+
+def read_overrides(path: Path) -> list[str]:
+    """The run's command-line overrides: run.json["overrides"], else the legacy .hydra/overrides.yaml."""
+    record = read_record(path)
+    if record is not None:
+        return record["overrides"]
+    return _read_overrides(path / LEGACY_OVERRIDES) if (path / LEGACY_OVERRIDES).is_file() else []
+
+
+def read_config(path: Path) -> tuple[object, Path | None]:
+    """(the run's config, the file it came from): run.json["config"] (plain dict), else results.json["config"],
+    else the legacy `.hydra/config.yaml` (a DictConfig, unresolved); (None, None) if the directory has none."""
+    record = read_record(path)
+    if record is not None:
+        return record["config"], path / RECORD
+    results = path / "results.json"
+    config = read_json(results).get("config") if results.is_file() else None
+    if isinstance(config, dict):
+        return config, results
+    legacy = path / ".hydra" / "config.yaml"
+    if legacy.is_file():
         from omegaconf import OmegaConf
 
+        try:
+            return OmegaConf.load(legacy), legacy  # YAML as data: OmegaConf parses with a safe loader
+        except Exception as e:  # noqa: BLE001 - yaml and omegaconf raise several types
+            raise CompareError(f"{legacy}: not readable YAML ({str(e).splitlines()[0][:160]})") from None
+    return None, None
+
+
+def read_settings(path: Path) -> tuple[dict, object]:
+    """({config group: choice}, config) for labelling a run: the config is a plain dict when recorded (run.json,
+    results.json), a DictConfig from a legacy .hydra/config.yaml; empty / None when the directory does not say (a
+    legacy run copied without its .hydra folder, or an unreadable file: labels then use overrides)."""
+    from omegaconf import OmegaConf
+
+    record = read_record(path)
+    if record is not None:
+        return dict(record["choices"]), record["config"]
+    choices, config = {}, None
+    try:
         if (path / ".hydra" / "hydra.yaml").is_file():
             choices = OmegaConf.select(OmegaConf.load(path / ".hydra" / "hydra.yaml"), "hydra.runtime.choices") or {}
-        if (path / ".hydra" / "config.yaml").is_file():
-            config = OmegaConf.load(path / ".hydra" / "config.yaml")
+        config, _ = read_config(path)
     except Exception:  # noqa: BLE001 - labels fall back to the overrides alone
         pass
     return dict(choices), config
+
+
+def _lookup(config: dict, key: str):
+    """config["a"]["b"] for key "a.b"; None where a level is missing."""
+    node = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
 
 
 def _fmt_setting(v) -> str:

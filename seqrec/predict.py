@@ -2,18 +2,35 @@
 
     python -m seqrec.predict outputs/runs/2025-01-01/10-00-00 [--users 1 2 3 | --all] [--k 10] [--out recs.csv]
 
-The data and model are rebuilt from the run's `.hydra/config.yaml` (run it from the directory training ran in,
-so relative dataset paths resolve) and the weights come from `checkpoints/best.pt`, the validation-selected
-checkpoint. Each user's whole known sequence (training items, then the validation and test items) is the input;
-items the user has already interacted with are never recommended. Columns: user, rank, item, score (the model's
-logit) and, where the dataset has titles, title. User and item ids are the dataset's original ids.
+The weights come from `checkpoints/best.pt`, the validation-selected checkpoint (or `--checkpoint last|PATH`),
+verified against its recorded SHA-256 and unpickled weights-only. The data and model are rebuilt from the first
+config found in this order:
+
+1. the checkpoint's own `config`: the config its weights were trained under (a resumed run may have changed how
+   the same maths is computed, e.g. residual.kernel), and it travels with the weights when a checkpoint is copied
+   or given with `--checkpoint`;
+2. `run.json["config"]`: the run's record, written once at its first launch;
+3. `results.json["config"]`: the config the final results were computed under;
+4. `.hydra/config.yaml`, for checkpoints and run directories made before seqrec recorded its config.
+
+Each `_target_` in the `dataset` and `model` nodes (and nodes inside them, e.g. `model.residual`) must name one of
+this package's own dataset builders, models or residual classes, or predict refuses in one line naming the key:
+a run directory is a file someone can hand you, and nothing it names is imported or called otherwise. Run it from
+the directory training ran in, so relative dataset paths resolve. Each user's whole known sequence (training items,
+then the validation and test items) is the input; items the user has already interacted with are never
+recommended. Columns: user, rank, item, score (the model's logit) and, where the dataset has titles, title. User
+and item ids are the dataset's original ids. The CSV is written atomically; bad arguments are one line, exit 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
+import importlib
+import io
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -24,42 +41,161 @@ from seqrec.errors import SeqrecError
 
 log = logging.getLogger(__name__)
 
+DOTTED_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
+
 
 class PredictError(SeqrecError):
     """A user error: reported as one line, exit status 1."""
 
 
-def load_run(run_dir: str | Path, checkpoint: str = "best"):
-    """(data, model in eval mode, config) rebuilt from a run directory."""
-    from hydra.utils import instantiate
+# --------------------------------------------------------------------------------------------- what may be built
+def _is_dataset_builder(obj) -> bool:
+    return callable(obj) and obj.__module__ == "seqrec.data.dataset" and not obj.__name__.startswith("_")
+
+
+def _is_model(obj) -> bool:
+    return isinstance(obj, type) and issubclass(obj, torch.nn.Module) and obj.__module__.startswith("seqrec.models.")
+
+
+def _is_residual(obj) -> bool:
+    return isinstance(obj, type) and obj.__module__ == "seqrec.nn.residual" and not obj.__name__.startswith("_")
+
+
+# {config path of a node: (what it must be, test)}; a `_target_` anywhere else must pass one of these tests
+BUILDABLE = {
+    "dataset": ("a dataset builder from seqrec.data.dataset", _is_dataset_builder),
+    "model": ("a model class from seqrec.models", _is_model),
+    "model.residual": ("a residual class from seqrec.nn.residual", _is_residual),
+}
+
+
+def _resolve_own(name: str):
+    """The object `name` (module.attribute) names, importing only modules of this package; None if it names none.
+
+    The object must be defined where the name says (`obj.__module__`, `obj.__qualname__`), so a re-export such
+    as `seqrec.data.dataset.np` cannot lead out of the package."""
+    if not isinstance(name, str) or not DOTTED_NAME.fullmatch(name) or not name.startswith("seqrec."):
+        return None
+    module_name, _, attribute = name.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return None
+    obj = getattr(module, attribute, None)
+    defined_here = getattr(obj, "__module__", None) == module_name and getattr(obj, "__qualname__", None) == attribute
+    return obj if defined_here else None
+
+
+def walk(node, path: str):
+    """(config path, value) for `node` and everything nested in it, parents first."""
+    yield path, node
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        yield from walk(value, f"{path}.{key}")
+
+
+def check_targets(node, source: str, path: str) -> None:
+    """PredictError naming the first `_target_` under `node` (at config path `path`) that is not on BUILDABLE."""
+    for where, value in walk(node, path):
+        if not isinstance(value, dict) or "_target_" not in value:
+            continue
+        target = value["_target_"]
+        kinds = [BUILDABLE[where]] if where in BUILDABLE else list(BUILDABLE.values())
+        obj = _resolve_own(target)
+        if obj is None or not any(test(obj) for _, test in kinds):
+            raise PredictError(
+                f"{source}: {where}._target_={target!r} is not {' or '.join(kind for kind, _ in kinds)}; "
+                "predict rebuilds only seqrec's own classes and refuses to import or call anything else"
+            )
+
+
+def check_no_interpolation(node, source: str, path: str) -> None:
+    """A recorded config was resolved when it was written; a `${...}` in it (which instantiate would resolve, e.g.
+    from environment variables) means the file was edited afterwards."""
+    for where, value in walk(node, path):
+        if isinstance(value, str) and "${" in value:
+            raise PredictError(
+                f"{source}: {where}={value!r} is an interpolation, but a recorded config is stored resolved"
+            )
+
+
+# --------------------------------------------------------------------------------------------- rebuilding a run
+def find_checkpoint(run: Path, checkpoint: str) -> Path:
+    if checkpoint not in ("best", "last"):
+        return Path(checkpoint)
+    path = run / "checkpoints" / f"{checkpoint}.pt"
+    if path.is_file():
+        return path
+    if not (run / "checkpoints").is_dir():
+        raise PredictError(f"{run}: no checkpoints/ folder (did the run finish its first epoch?)")
+    hint = " (has the run finished an evaluation? try --checkpoint last)" if checkpoint == "best" else ""
+    raise PredictError(f"{path}: checkpoint not found{hint}")
+
+
+def looks_like_a_run(run: Path) -> bool:
+    markers = ("run.json", "results.json", "checkpoints", ".hydra/config.yaml")
+    return any((run / m).exists() for m in markers)
+
+
+def rebuild_config(run: Path, ckpt: Path, state: dict) -> tuple[dict, str]:
+    """({"dataset": ..., "model": ...} resolved to plain data, the file it came from), in the module docstring's
+    order."""
     from omegaconf import OmegaConf
+
+    from seqrec.compare import read_config
+
+    if isinstance(state.get("config"), dict) and state["config"].get("model"):
+        config, source = state["config"], f"{ckpt} (its stored config)"
+    else:
+        config, source_path = read_config(run)
+        if config is None:
+            raise PredictError(f"{ckpt}: holds no config and {run} has no run.json, results.json config or .hydra")
+        source = str(source_path)
+    if isinstance(config, dict):  # recorded, resolved at launch: plain data, read as it is
+        nodes = {key: copy.deepcopy(config.get(key)) for key in ("dataset", "model")}
+        for key, node in nodes.items():
+            check_no_interpolation(node, source, key)
+    else:  # a legacy .hydra/config.yaml: Hydra's unresolved composition
+        try:
+            nodes = {key: OmegaConf.to_container(config[key], resolve=True) for key in ("dataset", "model")}
+        except Exception as e:  # noqa: BLE001 - a missing node or an interpolation that only resolves inside Hydra
+            reason = str(e).splitlines()[0][:160]
+            raise PredictError(f"{source}: cannot read the dataset/model config ({reason})") from None
+    for key, node in nodes.items():
+        if not isinstance(node, dict):
+            raise PredictError(f"{source}: {key} is not a config node with a _target_")
+        check_targets(node, source, key)
+    return nodes, source
+
+
+def load_run(run_dir: str | Path, checkpoint: str = "best"):
+    """(data, model in eval mode, {"dataset": ..., "model": ...} config) rebuilt from a run directory."""
+    from hydra.utils import instantiate
 
     from seqrec.train.checkpoint import load_checkpoint
 
     run = Path(run_dir)
     if not run.is_dir():
         raise PredictError(f"{run_dir}: no such directory")
-    config_path = run / ".hydra" / "config.yaml"
-    if not config_path.is_file():
-        raise PredictError(f"{run_dir}: not a run directory (no .hydra/config.yaml)")
-    ckpt = Path(checkpoint) if checkpoint not in ("best", "last") else run / "checkpoints" / f"{checkpoint}.pt"
-    if not ckpt.is_file():
-        hint = " (has the run finished an evaluation? try --checkpoint last)" if checkpoint == "best" else ""
-        raise PredictError(f"{ckpt}: checkpoint not found{hint}")
-    cfg = OmegaConf.load(config_path)
+    if checkpoint in ("best", "last") and not looks_like_a_run(run):
+        raise PredictError(f"{run_dir}: not a run directory (no run.json, checkpoints/ or results.json)")
+    ckpt = find_checkpoint(run, checkpoint)
+    state = load_checkpoint(ckpt)
+    cfg, source = rebuild_config(run, ckpt, state)
     try:
-        data = instantiate(cfg.dataset)
-        model = instantiate(cfg.model, num_items=data.num_items)
+        data = instantiate(cfg["dataset"])
+        model = instantiate(cfg["model"], num_items=data.num_items)
     except SeqrecError:
         raise
     except Exception as e:  # noqa: BLE001 - instantiate wraps the real cause
-        raise PredictError(f"{config_path}: cannot rebuild the data/model ({str(e).splitlines()[0][:200]})") from None
-    state = load_checkpoint(ckpt)
+        if isinstance(e.__cause__, SeqrecError):  # e.g. a DataError naming a missing dataset file
+            raise e.__cause__ from None
+        raise PredictError(f"{source}: cannot rebuild the data/model ({str(e).splitlines()[0][:200]})") from None
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
         raise PredictError(
-            f"{ckpt}: does not fit the model/data of {config_path} ({str(e).splitlines()[0][:160]})"
+            f"{ckpt}: does not fit the model/data of {source} ({str(e).splitlines()[0][:160]})"
         ) from None
     model.eval()
     return data, model, cfg
@@ -168,8 +304,70 @@ def _plain(x):
     return x.item() if isinstance(x, np.generic) else x
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Argument errors become a PredictError: one `error: ...` line and exit status 1, like every user error here
+    (argparse would print the usage too and exit with 2)."""
+
+    def error(self, message: str):
+        raise PredictError(f"{message} (see {self.prog} --help)")
+
+
+def positive_int(flag: str, value: int) -> int:
+    if value < 1:
+        raise PredictError(f"{flag} must be >= 1, got {value}")
+    return value
+
+
+def pick_device(name: str) -> torch.device:
+    """The torch device for `--device`, or PredictError if it is no device name or this machine lacks it."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise PredictError(f"--device {name}: expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise PredictError(f"--device {name}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PredictError(f"--device {name}: torch sees no CUDA device on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise PredictError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def check_writable(out: Path) -> None:
+    """PredictError now, before the model runs, if the CSV cannot be written to `out`."""
+    if out.is_dir():
+        raise PredictError(f"--out {out}: is a directory; give a file name, e.g. {out / 'predictions.csv'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = out.with_name(out.name + ".tmp")
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise PredictError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+
+
+def write_csv_file(data, users: np.ndarray, items: np.ndarray, scores: np.ndarray, out: Path) -> int:
+    """write_csv into `out` atomically (a reader never sees half a file); the number of rows written."""
+    from seqrec.train.checkpoint import atomic_write_bytes
+
+    rows = []
+
+    def write(f):
+        text = io.TextIOWrapper(f, newline="", encoding="utf-8")
+        rows.append(write_csv(data, users, items, scores, text))
+        text.flush()
+        text.detach()  # leave the binary file open for atomic_write_bytes to sync and close
+
+    try:
+        atomic_write_bytes(out, write)
+    except OSError as e:
+        raise PredictError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+    return rows[0]
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m seqrec.predict", description=__doc__.split("\n\n")[0])
+    parser = _OneLineParser(prog="python -m seqrec.predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", help="a run directory (outputs/runs/... or one job of a sweep)")
     who = parser.add_mutually_exclusive_group()
     who.add_argument("--users", nargs="+", metavar="ID", help="original user ids (default: all users)")
@@ -177,25 +375,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=10, help="recommendations per user (default 10)")
     parser.add_argument("--out", default=None, help="CSV file (default <run_dir>/predictions.csv; - for stdout)")
     parser.add_argument("--checkpoint", default="best", help="best (default), last, or a path to a .pt file")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--batch-size", type=int, default=256, help="users per forward pass")
-    args = parser.parse_args(argv)
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    parser.add_argument("--batch-size", type=int, default=256, help="users per forward pass (default 256)")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if args.k < 1:
-            raise PredictError(f"--k must be >= 1, got {args.k}")
+        args = parser.parse_args(argv)
+        k, batch_size = positive_int("--k", args.k), positive_int("--batch-size", args.batch_size)
+        device = pick_device(args.device)
+        out = None if args.out == "-" else Path(args.out) if args.out else Path(args.run_dir) / "predictions.csv"
+        if out is not None and Path(args.run_dir).is_dir():
+            check_writable(out)
         data, model, cfg = load_run(args.run_dir, args.checkpoint)
         users = resolve_users(data, args.users)
-        items, scores = recommend(
-            data, model, users, args.k, maxlen=int(cfg.model.maxlen), batch_size=args.batch_size, device=args.device
-        )
-        if args.out == "-":
+        maxlen = int(cfg["model"]["maxlen"])
+        items, scores = recommend(data, model, users, k, maxlen=maxlen, batch_size=batch_size, device=device)
+        if out is None:
             write_csv(data, users, items, scores, sys.stdout)
             return 0
-        out = Path(args.out) if args.out else Path(args.run_dir) / "predictions.csv"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "w", newline="") as f:
-            n = write_csv(data, users, items, scores, f)
+        n = write_csv_file(data, users, items, scores, out)
         print(f"wrote {n} recommendations for {len(users)} users to {out}", file=sys.stderr)
     except SeqrecError as e:
         print(f"error: {e}", file=sys.stderr)

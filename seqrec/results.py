@@ -6,7 +6,8 @@ A row is named after the folder that holds its seeds and nothing else (`<row>/se
 `bench/reproduce.py` lays them out), otherwise after its overrides. Columns:
 the number of seeds, each metric as mean ± std (sample std, n - 1), the epochs to the best validation score, the
 epochs run, minutes of training, and how many runs stopped at `trainer.time_limit_min` instead of converging.
-Unfinished runs (no results.json) are left out and counted on stderr.
+Unfinished runs (no results.json) are left out and counted on stderr. A run's overrides are read from its run.json
+(the legacy .hydra/overrides.yaml for runs made before it), as `seqrec.compare` describes; nothing is instantiated.
 """
 
 from __future__ import annotations

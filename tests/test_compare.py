@@ -1,5 +1,6 @@
 """`python -m seqrec.compare` on hand-made run directories (no training): discovery, table, sorting, CSV, plots,
-unfinished runs, and one-line errors for empty or non-run directories."""
+unfinished runs, one-line errors for empty or non-run directories, and settings read from run.json before the
+legacy .hydra files."""
 
 from __future__ import annotations
 
@@ -21,11 +22,40 @@ REPO = Path(__file__).resolve().parents[1]
 def fake_run(
     path: Path, overrides: list[str], ndcg: list[float], test_ndcg: float | None = 0.1, config: str = ""
 ) -> Path:
-    """A run directory as train.py writes it: .hydra/overrides.yaml and config.yaml, metrics.jsonl, results.json
-    (if finished)."""
+    """A run directory as train.py wrote it before run.json: .hydra/overrides.yaml and config.yaml, metrics.jsonl,
+    results.json (if finished)."""
+    write_hydra_folder(path, overrides, "seed: 42\n" + config)
+    return write_metrics(path, ndcg, test_ndcg)
+
+
+def write_hydra_folder(path: Path, overrides: list[str], config_yaml: str, choices: dict | None = None) -> None:
     (path / ".hydra").mkdir(parents=True)
     (path / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides) or "[]\n")
-    (path / ".hydra" / "config.yaml").write_text("seed: 42\n" + config)
+    (path / ".hydra" / "config.yaml").write_text(config_yaml)
+    if choices is not None:
+        lines = "".join(f"      {k}: {v}\n" for k, v in choices.items())
+        (path / ".hydra" / "hydra.yaml").write_text("hydra:\n  runtime:\n    choices:\n" + lines)
+
+
+def recorded_run(
+    path: Path, overrides: list[str], config: dict, choices: dict, ndcg: list[float], test_ndcg: float | None = 0.1
+) -> Path:
+    """A run directory as seqrec writes it now: run.json (the record of the first launch), metrics, results."""
+    path.mkdir(parents=True, exist_ok=True)
+    record = {
+        "format": 1,
+        "config": config,
+        "overrides": overrides,
+        "choices": choices,
+        "created": "2026-01-01T10:00:00+00:00",
+        "argv": ["train.py", *overrides],
+    }
+    (path / "run.json").write_text(json.dumps(record, indent=2))
+    return write_metrics(path, ndcg, test_ndcg)
+
+
+def write_metrics(path: Path, ndcg: list[float], test_ndcg: float | None) -> Path:
+    """metrics.jsonl with one validation per epoch, and results.json if `test_ndcg` is given (a finished run)."""
     with open(path / "metrics.jsonl", "w") as f:
         for epoch, value in enumerate(ndcg, 1):
             f.write(
@@ -219,3 +249,72 @@ def test_job_that_failed_before_its_first_epoch_is_skipped_with_a_note(sweep, tm
     text, _, _ = compare([str(sweep)], out=str(tmp_path), plots=False)
     assert len(table_rows(text)) == 1 + 4
     assert "model.hidden_units=512" in capsys.readouterr().err
+
+
+def test_settings_come_from_run_json_not_from_a_hydra_folder_a_later_command_rewrote(tmp_path, capsys):
+    # run a: launched with trainer.lr=0.002 and model=tisasrec (a group default in its config); a later command in
+    # the same directory, refused, rewrote .hydra/ with other overrides, another config and other choices
+    recorded_run(
+        tmp_path / "a",
+        ["trainer.lr=0.002"],
+        {"seed": 1, "trainer": {"lr": 0.002}, "model": {"hidden_units": 64}},
+        {"model": "tisasrec", "residual": "plain"},
+        [0.3],
+    )
+    write_hydra_folder(
+        tmp_path / "a",
+        ["trainer.lr=0.05", "model=sasrec", "model.hidden_units=256"],
+        "seed: 1\ntrainer:\n  lr: 0.05\nmodel:\n  hidden_units: 256\n",
+        choices={"model": "sasrec", "residual": "mhc"},
+    )
+    # run b: made with run.json only (seqrec no longer writes .hydra/)
+    recorded_run(
+        tmp_path / "b",
+        ["trainer.lr=0.001", "model=sasrec"],
+        {"seed": 1, "trainer": {"lr": 0.001}, "model": {"hidden_units": 64}},
+        {"model": "sasrec", "residual": "plain"},
+        [0.2],
+    )
+    text, best, _ = compare([str(tmp_path)], out=str(tmp_path / "o"), plots=False)
+    header, *rows = table_rows(text)
+    assert header[1:3] == ["model", "trainer.lr"]  # not model.hidden_units: only the rewritten .hydra had it
+    assert [row[1:3] for row in rows] == [["tisasrec", "0.002"], ["sasrec", "0.001"]]
+    assert "0.05" not in text and "256" not in text and "mhc" not in text
+    assert best.startswith("best by val/ndcg@10: model=tisasrec trainer.lr=0.002")
+
+
+def test_a_legacy_run_without_a_config_yaml_reads_results_json_config(tmp_path):
+    fake_run(tmp_path / "a", ["sampler.history=all"], [0.3])
+    legacy = fake_run(tmp_path / "b", [], [0.2])
+    (legacy / ".hydra" / "config.yaml").unlink()
+    results = json.loads((legacy / "results.json").read_text())
+    (legacy / "results.json").write_text(json.dumps({**results, "config": {"sampler": {"history": "last"}}}))
+    text, _, _ = compare([str(tmp_path)], out=str(tmp_path / "o"), plots=False)
+    assert [row[1] for row in table_rows(text)[1:]] == ["all", "last"]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "not readable as JSON"),
+        ('["a list"]', "expected a JSON object"),
+        ('{"config": {}, "overrides": "seed=1", "choices": {}}', "expected 'overrides' to be a JSON list"),
+        ('{"config": {}, "overrides": [1], "choices": {}}', "a list of strings"),
+    ],
+)
+def test_a_malformed_run_json_is_a_one_line_error_naming_it(tmp_path, capsys, content, message):
+    run = recorded_run(tmp_path / "run", [], {}, {}, [0.1])
+    (run / "run.json").write_text(content)
+    assert main([str(tmp_path), "--no-plots", "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {run / 'run.json'}: ") and message in err and "\n" not in err
+
+
+def test_the_legacy_run_directories_in_docs_still_compare():
+    folder = REPO / "docs" / "results" / "ml1m_cpu_h256"
+    if not folder.is_dir():
+        pytest.skip("docs/results/ml1m_cpu_h256 is absent")
+    runs = seqrec.compare.find_runs([str(folder)])
+    assert len(runs) == 3 and all(not (r.path / "run.json").exists() for r in runs)
+    assert {r.setting("seed") for r in runs} == {"1", "2", "3"}
+    assert {r.setting("model.hidden_units") for r in runs} == {"256"}

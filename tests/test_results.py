@@ -1,4 +1,5 @@
-"""`python -m seqrec.results` on hand-made run directories: seeds of one setting become one row, mean ± sample std."""
+"""`python -m seqrec.results` on hand-made run directories: seeds of one setting become one row, mean ± sample std;
+settings come from run.json before the legacy .hydra files."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import statistics
 
 from seqrec.compare import find_runs
 from seqrec.results import group_by_setting, main, results_table
-from tests.test_compare import fake_run
+from tests.test_compare import fake_run, recorded_run, write_hydra_folder
 
 
 def test_seeds_of_one_setting_become_one_row_with_mean_and_std(tmp_path, capsys):
@@ -61,3 +62,22 @@ def test_a_folder_whose_runs_are_all_still_going_gives_an_empty_table(tmp_path, 
     out = capsys.readouterr()
     assert out.out.splitlines()[0].startswith("| row | seeds |") and len(out.out.splitlines()) == 2
     assert "1 unfinished" in out.err
+
+
+def test_rows_follow_run_json_not_a_hydra_folder_rewritten_later(tmp_path):
+    for seed, value in [(1, 0.30), (2, 0.34)]:
+        run = recorded_run(
+            tmp_path / "runs" / f"s{seed}",
+            ["model=tisasrec", f"seed={seed}"],
+            {"seed": seed},
+            {"model": "tisasrec"},
+            [0.1],
+            test_ndcg=value,
+        )
+    # a later, refused command in the second seed's directory left other overrides in .hydra/
+    write_hydra_folder(run, ["model=sasrec", "seed=2"], "seed: 2\n")
+    fake_run(tmp_path / "runs" / "legacy", ["model=sasrec", "seed=1"], [0.1], test_ndcg=0.2)
+    _, summaries, _ = results_table([str(tmp_path)], ["test/ndcg@10"])
+    assert sorted(summaries) == ["model=sasrec", "model=tisasrec"]
+    assert summaries["model=tisasrec"]["seeds"] == 2 and summaries["model=sasrec"]["seeds"] == 1
+    assert abs(summaries["model=tisasrec"]["test/ndcg@10"][0] - 0.32) < 1e-12

@@ -211,10 +211,10 @@ def test_a_resumed_training_run_continues_its_wandb_run(tmp_path, offline):
             run(compose(config_name="train", overrides=overrides))
 
     train(1)
-    run_id = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)["wandb_id"]
+    run_id = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["wandb_id"]
     assert run_id
     train(2)
-    assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)["wandb_id"] == run_id
+    assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["wandb_id"] == run_id
     files = sorted(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
     assert [f.name for f in files] == [f"run-{run_id}.wandb"] * 2
     resumed = offline_run(tmp_path)
