@@ -63,10 +63,12 @@ def assert_one_line(error: pytest.ExceptionInfo, *parts: str) -> None:
 @pytest.mark.parametrize("digest", DIGESTS)
 @pytest.mark.parametrize("name", ["last.pt", "best.pt"])
 def test_a_crafted_checkpoint_is_refused_at_resume_and_at_test(run_dir, tmp_path, name, digest):
-    """last.pt is read when the run resumes; best.pt when it tests (the copied run has finished training, so a
-    resume goes straight to testing)."""
+    """last.pt is read when the run resumes; best.pt when it tests. The copied run has finished training; without
+    its results.json (a run stopped before its test) a relaunch goes straight to testing."""
     marker = tmp_path / "marker"
     crafted = run_dir / "checkpoints" / name
+    if name == "best.pt":
+        (run_dir / "results.json").unlink()
     plant_crafted(crafted, marker, digest)
     with pytest.raises(CheckpointError) as error:
         resume(run_dir)
