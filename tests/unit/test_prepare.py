@@ -146,8 +146,8 @@ def test_malformed_ratings_in_zip(tmp_path):
 
 
 def test_unknown_dataset():
-    with pytest.raises(DataError, match="unknown dataset 'ml-20m': prepare knows ml-1m"):
-        prep.prepare("ml-20m")
+    with pytest.raises(DataError, match="unknown dataset 'ml-25m': prepare knows ml-1m, ml-20m, amazon-beauty"):
+        prep.prepare("ml-25m")
 
 
 def test_cli_error_is_one_line_without_traceback(tmp_path):
