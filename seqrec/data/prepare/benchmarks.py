@@ -52,27 +52,25 @@ def read_ml20m(path: Path, options: dict) -> tuple[Raw, Source, str, dict]:
 def _check_header(source: Source, header: str) -> None:
     for lineno, line in sources.numbered_lines(source):
         if line.strip().lstrip(b"\xef\xbb\xbf").decode("utf-8", "replace") != header:
-            raise DataError(f"{source.label}:{lineno}: expected the header {header!r}, got {sources._show(line)!r}")
+            raise DataError(f"{source.label}:{lineno}: expected the header {header!r}, got {sources.show_line(line)!r}")
         return
 
 
 def _ml20m_titles(ratings: Source) -> dict:
-    """{movieId: title} from movies.csv in the same archive or folder; {} when absent."""
+    """{movieId: title} from movies.csv in the same archive folder or folder; {} when absent."""
     if ratings.member is not None:
-        movies = Source(
-            ratings.path, ratings.member.rsplit("/", 1)[0] + "/movies.csv" if "/" in ratings.member else "movies.csv"
-        )
+        movies = Source(ratings.path, ratings.member[: -len("ratings.csv")] + "movies.csv")
         try:
             with sources.open_binary(movies) as f:
                 data = f.read()
-        except (DataError, KeyError):
+        except KeyError:  # no such member
             return {}
     else:
         path = ratings.path.parent / "movies.csv"
         if not path.is_file():
             return {}
-        data = path.read_bytes()
-    return readers.parse_titles(data, f"{ratings.label.rsplit('ratings.csv', 1)[0]}movies.csv")
+        movies, data = Source(path), path.read_bytes()
+    return readers.parse_titles(data, movies.label)
 
 
 # ------------------------------------------------------------------------------------------------------- Amazon

@@ -219,3 +219,29 @@ def _iso(seconds: int | None) -> str:
 
 def _plain(x):
     return x.item() if isinstance(x, np.generic) else x
+
+
+def read_prepared(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(users, items, times) of a prepared `interactions.tsv`, (N,) int64 each in file order, parsed by pyarrow
+    (20M rows in a few seconds, where the general reader `readers.read_interactions` needs tens of seconds).
+
+    Any file pyarrow rejects goes through `readers.read_interactions(path, "generic")`, whose DataError names the
+    first bad line.
+    """
+    from seqrec.data import readers  # the general reader, only for its error messages
+
+    types = {"user": pa.int64(), "item": pa.int64(), "timestamp": pa.int64()}
+    try:
+        table = pacsv.read_csv(
+            path,
+            parse_options=pacsv.ParseOptions(delimiter="\t"),
+            convert_options=pacsv.ConvertOptions(column_types=types, include_columns=list(types)),
+        )
+        if table.num_rows and all(table.column(c).null_count == 0 for c in types):
+            return tuple(table.column(c).to_numpy() for c in types)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowKeyError, OSError):
+        pass
+    users, items, times = readers.read_interactions(path, "generic")
+    if times is None:
+        raise DataError(f"{path}: expected the header 'user<TAB>item<TAB>timestamp' of a prepared file")
+    return users, items, times

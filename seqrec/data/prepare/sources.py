@@ -51,6 +51,8 @@ def locate(path: str | Path, basenames: tuple[str, ...], expected: str) -> Sourc
     if not path.exists():
         raise DataError(f"{path}: not found (expected {expected})")
     if path.is_dir():
+        if not basenames:
+            raise DataError(f"{path}: is a folder; pass the file itself (expected {expected})")
         for name in basenames:
             if (path / name).is_file():
                 return Source(path / name)
@@ -173,7 +175,7 @@ def read_records(source: Source, formats: tuple[RecordFormat, ...]) -> tuple[lis
         ):
             raise DataError(
                 f"{source.label}:{lineno}: expected one JSON object or Python dict per line with {expected}, "
-                f"got {_show(line)!r}"
+                f"got {show_line(line)!r}"
             )
         users.append(str(record[fmt.user]))
         items.append(str(record[fmt.item]))
@@ -223,7 +225,7 @@ def to_seconds(values: list, kind: str, label: str, linenos: list, key: str) -> 
     return parsed.to_numpy(dtype="datetime64[s]").astype(np.int64)  # dates are taken as UTC
 
 
-def _show(line: bytes, limit: int = 80) -> str:
+def show_line(line: bytes, limit: int = 80) -> str:
     text = line.decode("utf-8", "replace").strip()
     return text if len(text) <= limit else text[:limit] + "..."
 
@@ -290,12 +292,12 @@ def _first_bad_csv_line(source: Source, layout: CsvLayout) -> tuple[int, str]:
         try:
             fields = next(csv.reader([line.decode("utf-8")]))
         except (UnicodeDecodeError, csv.Error, StopIteration):
-            return lineno, _show(line)
+            return lineno, show_line(line)
         if len(fields) != len(layout.columns):
-            return lineno, _show(line)
+            return lineno, show_line(line)
         for col, must_be_int in zip(wanted, integer):
             if not fields[col].strip() or (must_be_int and not _is_int(fields[col])):
-                return lineno, _show(line)
+                return lineno, show_line(line)
     return 0, ""
 
 
