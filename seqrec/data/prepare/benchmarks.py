@@ -177,7 +177,7 @@ BENCHMARKS = {
         Benchmark(
             name="ml-20m",
             read=read_ml20m,
-            filters=Filters(min_user=5, min_item=0, iterate=True),
+            filters=Filters(min_user=5, min_item=0, iterate=False),
             expected="ml-20m.zip, its ratings.csv, or a folder holding it",
             url="https://files.grouplens.org/datasets/movielens/ml-20m.zip",
             convention="Sun et al. 2019, BERT4Rec (CIKM): users with at least 5 ratings, no item filter",
