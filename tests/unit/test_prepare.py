@@ -24,7 +24,7 @@ import pytest
 
 from seqrec.data import prepare as prep
 from seqrec.data.dataset import from_file, prepared
-from seqrec.data.prepare.common import k_core, read_prepared
+from seqrec.data.prepare.common import _chronological_order, k_core, read_prepared
 from seqrec.data.readers import read_interactions
 from seqrec.errors import DataError
 
@@ -553,3 +553,12 @@ def test_read_prepared_matches_the_general_reader(tmp_path):
     bad.write_text("user\titem\ttimestamp\n1\t2\t3\n1\tx\t4\n")
     with pytest.raises(DataError, match=r"bad\.tsv:3: expected 'user<TAB>item<TAB>timestamp' with integer ids"):
         read_prepared(bad)
+
+
+@pytest.mark.parametrize("span", [10**6, 2**40])  # the combined-key sort, and lexsort beyond 32 bits of time
+def test_chronological_order_is_stable_by_user_then_time(span):
+    rng = np.random.default_rng(0)
+    users = rng.integers(0, 50, 2000)
+    times = rng.integers(0, 40, 2000) * (span // 40) - 5  # many ties, a negative time
+    order = _chronological_order(users, times)
+    assert np.array_equal(order, np.lexsort((times, users)))

@@ -86,13 +86,34 @@ def run_pipeline(raw: Raw, filters: Filters, source: str) -> tuple[np.ndarray, n
         raise DataError(f"{source}: no interactions left after filtering ({filters.describe()})")
     user_code, item_code, times = user_code[keep], item_code[keep], times[keep]
 
-    order = np.lexsort((times, user_code))  # stable: equal timestamps keep their file order
+    order = _chronological_order(user_code, times)
     user_code, item_code, times = user_code[order], item_code[order], times[order]
-    kept_users, user_dense = np.unique(user_code, return_inverse=True)  # sorted codes = sorted original ids
-    item_first, item_dense = _first_appearance(item_code)
+    kept_users, user_dense = _dense_ranks(user_code, len(user_names))  # in sorted original-id order
+    item_dense, item_first = pd.factorize(item_code, sort=False)  # in order of first appearance
     user_ids = [_plain(x) for x in np.asarray(user_names)[kept_users]]
     item_ids = [_plain(x) for x in np.asarray(item_names)[item_first]]
-    return user_dense.astype(np.int64) + 1, item_dense + 1, times.astype(np.int64), user_ids, item_ids
+    return user_dense + 1, item_dense.astype(np.int64) + 1, times.astype(np.int64), user_ids, item_ids
+
+
+def _chronological_order(user_code: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """(N,) permutation sorting by (user, time), stable: equal timestamps keep their file order.
+
+    One stable sort of a combined int64 key (user in the high 32 bits, time offset in the low 32) is about twice
+    as fast as lexsort on two keys for 20M rows; lexsort remains for time spans beyond 136 years.
+    """
+    span = int(times.max()) - int(times.min()) if len(times) else 0
+    if span < 2**32 and int(user_code.max(initial=0)) < 2**31:
+        key = (user_code.astype(np.int64) << 32) | (times - times.min()).astype(np.int64)
+        return np.argsort(key, kind="stable")
+    return np.lexsort((times, user_code))
+
+
+def _dense_ranks(codes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the distinct codes present, ascending; (N,) int64 rank of each code among them), in O(N + n)."""
+    present = np.zeros(n, dtype=bool)
+    present[codes] = True
+    rank = np.cumsum(present, dtype=np.int64) - 1
+    return np.flatnonzero(present), rank[codes]
 
 
 def k_core(users: np.ndarray, items: np.ndarray, min_user: int, min_item: int, iterate: bool) -> np.ndarray:
@@ -112,15 +133,6 @@ def k_core(users: np.ndarray, items: np.ndarray, min_user: int, min_item: int, i
         if not iterate or np.array_equal(new, keep):
             return new
         keep = new
-
-
-def _first_appearance(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(distinct codes in order of first appearance, (N,) int64 rank of each code in that order)."""
-    uniq, first, inverse = np.unique(codes, return_index=True, return_inverse=True)
-    order = np.argsort(first, kind="stable")
-    rank = np.empty(len(uniq), dtype=np.int64)
-    rank[order] = np.arange(len(uniq), dtype=np.int64)
-    return uniq[order], rank[inverse.reshape(-1)]
 
 
 def write_prepared(
