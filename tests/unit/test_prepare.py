@@ -281,6 +281,20 @@ def test_amazon_formats_give_the_same_5core(tmp_path, filename):
         assert (out / f).read_bytes() == (reference / f).read_bytes()
 
 
+def test_amazon_2023_csv_with_header(tmp_path):
+    lines = (AMAZON / "Beauty_and_Personal_Care.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    rows = [f"{r['user_id']},{r['parent_asin']},{r['rating']},{r['timestamp']}" for r in records]
+    path = tmp_path / "Beauty_and_Personal_Care.csv"
+    path.write_text("\n".join(["user_id,parent_asin,rating,timestamp", *rows]) + "\n")
+    meta = prep.prepare("amazon-beauty", source=path, out=tmp_path / "csv")
+    prep.prepare("amazon-beauty", source=AMAZON / "Beauty_and_Personal_Care.jsonl", out=tmp_path / "jsonl")
+    assert meta["interactions"] == 30 and meta["source_format"] == "Amazon Reviews 2023 CSV (ms timestamps)"
+    assert (tmp_path / "csv" / "interactions.tsv").read_bytes() == (
+        tmp_path / "jsonl" / "interactions.tsv"
+    ).read_bytes()
+
+
 def test_amazon_gz_and_one_pass(tmp_path):
     gz = tmp_path / "reviews_Beauty_5.json.gz"
     gz.write_bytes(gzip.compress((AMAZON / "reviews_Beauty_5.json").read_bytes()))
@@ -394,13 +408,19 @@ def test_ml20m_header_is_checked(tmp_path):
 with_line = [
     ("amazon-beauty", "reviews_Beauty_5.json", 7, lambda line: line[: len(line) // 2], "expected one JSON object"),
     ("amazon-beauty", "reviews_Toys_and_Games_literal.json", 2, lambda line: line.replace("'asin'", "'ASIN'"), "asin"),
-    ("amazon-beauty", "ratings_Beauty.csv", 5, lambda line: line.rsplit(",", 1)[0], "expected 'a,b,rating,timestamp'"),
+    (
+        "amazon-beauty",
+        "ratings_Beauty.csv",
+        5,
+        lambda line: line.rsplit(",", 1)[0],
+        "expected 'user,item,rating,timestamp' (2014) or 'item,user,rating,timestamp' (2018) lines",
+    ),
     (
         "amazon-beauty",
         "Toys_and_Games.csv",
         9,
         lambda line: line.replace(",1", ",x1"),
-        "expected 'a,b,rating,timestamp'",
+        "expected 'user,item,rating,timestamp' (2014) or 'item,user,rating,timestamp' (2018) lines",
     ),
     (
         "amazon-beauty",

@@ -50,10 +50,9 @@ def read_ml20m(path: Path, options: dict) -> tuple[Raw, Source, str, dict]:
 
 
 def _check_header(source: Source, header: str) -> None:
-    for lineno, line in sources.numbered_lines(source):
-        if line.strip().lstrip(b"\xef\xbb\xbf").decode("utf-8", "replace") != header:
-            raise DataError(f"{source.label}:{lineno}: expected the header {header!r}, got {sources.show_line(line)!r}")
-        return
+    lineno, line = sources.first_line(source)
+    if line.strip().decode("utf-8", "replace") != header:
+        raise DataError(f"{source.label}:{lineno}: expected the header {header!r}, got {sources.show_line(line)!r}")
 
 
 def _ml20m_titles(ratings: Source) -> dict:
@@ -81,7 +80,15 @@ AMAZON_RECORDS = (
     ),
     RecordFormat("Amazon Reviews 2023 (JSON lines)", "user_id", "parent_asin", "timestamp", "unix_ms"),
 )
-AMAZON_CSV_2023 = ("user_id", "parent_asin", "rating", "timestamp")
+AMAZON_RATINGS_CSV = CsvLayout(
+    ("first", "second", "rating", "timestamp"),
+    "first",
+    "second",
+    "timestamp",
+    header=False,
+    integer_ids=False,
+    shown="'user,item,rating,timestamp' (2014) or 'item,user,rating,timestamp' (2018)",
+)
 _ASIN = re.compile(r"^[0-9A-Z]{10}$")
 
 
@@ -89,7 +96,7 @@ def read_amazon(path: Path, options: dict) -> tuple[Raw, Source, str, dict]:
     """A review dump (one JSON object or Python dict per line, 2014/2018/2023) or a ratings-only CSV
     (2014 `user,item,rating,timestamp`; 2018 `item,user,rating,timestamp`; 2023 with a header), gzipped or not."""
     source = sources.locate(path, (), "a reviews_<Category>_5.json.gz, <Category>_5.json.gz or ratings CSV file")
-    first = next(sources.numbered_lines(source), (0, b""))[1].lstrip(b"\xef\xbb\xbf")
+    first = sources.first_line(source)[1]
     if first.startswith(b"{"):
         users, items, times, fmt = sources.read_records(source, AMAZON_RECORDS)
         return Raw(_objects(users), _objects(items), times), source, fmt.name, {}
@@ -98,8 +105,7 @@ def read_amazon(path: Path, options: dict) -> tuple[Raw, Source, str, dict]:
         layout = CsvLayout(columns, "user_id", "parent_asin", "timestamp", True, False)
         users, items, stamps = sources.read_csv(source, layout)
         return Raw(users, items, np.floor_divide(stamps, 1000)), source, "Amazon Reviews 2023 CSV (ms timestamps)", {}
-    layout = CsvLayout(("a", "b", "rating", "timestamp"), "a", "b", "timestamp", False, False)
-    first_col, second_col, times = sources.read_csv(source, layout)
+    first_col, second_col, times = sources.read_csv(source, AMAZON_RATINGS_CSV)
     order = _amazon_csv_order(source, first_col, second_col, options.get("csv_order", "auto"))
     if order == "user-item":
         return Raw(first_col, second_col, times), source, "Amazon 2014 ratings CSV (user,item,rating,timestamp)", {}

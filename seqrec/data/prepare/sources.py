@@ -112,6 +112,16 @@ def open_binary(source: Source) -> Iterator[BinaryIO]:
         yield buffered
 
 
+def first_line(source: Source) -> tuple[int, bytes]:
+    """(line number, line) of the first non-blank line, a UTF-8 byte-order mark removed; (0, b"") when none."""
+    lines = numbered_lines(source)
+    try:
+        lineno, line = next(lines, (0, b""))
+    finally:
+        lines.close()
+    return lineno, line.removeprefix(b"\xef\xbb\xbf")
+
+
 def numbered_lines(source: Source) -> Iterator[tuple[int, bytes]]:
     """(1-based line number, line without its newline) for every non-blank line."""
     with open_binary(source) as f:
@@ -243,10 +253,12 @@ class CsvLayout:
     time: str
     header: bool  # the first line names the columns (and is skipped)
     integer_ids: bool  # ids must be integers (MovieLens); else kept as strings
+    shown: str = ""  # the line shape for messages, when the column names do not say it
 
     @property
     def expected(self) -> str:
-        return "'" + ",".join(self.columns) + "'" + (" lines after the header" if self.header else " lines")
+        shape = self.shown or "'" + ",".join(self.columns) + "'"
+        return shape + (" lines after the header" if self.header else " lines")
 
 
 def read_csv(source: Source, layout: CsvLayout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
