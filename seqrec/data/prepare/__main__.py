@@ -1,0 +1,5 @@
+import sys
+
+from seqrec.data.prepare import main
+
+sys.exit(main())
