@@ -11,9 +11,14 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
+import signal
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -21,6 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from seqrec.errors import SeqrecError, TrainingError
 from seqrec.train.distributed import (
+    StallWatcher,
+    beat_interval,
     best_amp_dtype,
     describe_device,
     destroy_distributed,
@@ -32,6 +39,8 @@ from seqrec.train.distributed import (
     local_launch_config,
     rendezvous_port,
     resolve_backend,
+    start_heartbeat,
+    stop_heartbeat,
 )
 
 log = logging.getLogger(__name__)
@@ -45,6 +54,7 @@ OmegaConf.register_new_resolver(
 )
 
 RunFn = Callable[[DictConfig, int, int], dict]
+TORCH_LAUNCH_LOGGERS = ("torch.distributed.elastic", "torch.multiprocessing")
 
 
 def should_launch(cfg: DictConfig) -> bool:
@@ -78,8 +88,23 @@ def run_distributed(cfg: DictConfig, run_fn: RunFn) -> dict:
         destroy_distributed()
 
 
+class WorkerLost(TrainingError):
+    """A DDP rank stopped, got stuck or was killed by a signal: not the user's config, so worth resuming."""
+
+
+def stall_timeout_s(cfg: DictConfig) -> float:
+    """`distributed.stall_timeout_s` (0 = off); configs written before the key existed get the default."""
+    return float(cfg.distributed.get("stall_timeout_s", 60))
+
+
 def launch(cfg: DictConfig) -> dict:
-    """Run `trainer.devices` local workers (one per GPU, or gloo processes on CPU); returns rank 0's results."""
+    """Run `trainer.devices` local workers (one per GPU, or gloo processes on CPU); returns rank 0's results.
+
+    Every worker beats (`start_heartbeat`); a rank silent for `distributed.stall_timeout_s` is killed and the launch
+    ends with one line naming it. Ctrl-C reaches the workers too: each stops quietly, and a KeyboardInterrupt
+    leaves here for `run.main` to report.
+    """
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
 
@@ -89,18 +114,55 @@ def launch(cfg: DictConfig) -> dict:
     config = local_launch_config(nproc, f"seqrec-{uuid.uuid4().hex[:8]}", port, monitor_interval=0.1)
     log.info("starting %d %s workers (rendezvous 127.0.0.1:%d)", nproc, backend, port)
     hydra_root = HydraConfig.instance().cfg if HydraConfig.initialized() else None
+    heartbeats = Path(tempfile.mkdtemp(prefix="seqrec-heartbeat-"))
     saved = os.environ.get("OMP_NUM_THREADS")
     if saved is None:  # as torchrun: do not oversubscribe the cores (the workers inherit this at spawn)
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    watcher = StallWatcher(heartbeats, stall_timeout_s(cfg))
     try:
-        results = elastic_launch(config, _worker)(cfg, hydra_root)
+        with watcher, _quiet_elastic_agent():
+            results = elastic_launch(config, _worker)(cfg, hydra_root, str(heartbeats))
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
-        raise TrainingError(f"DDP worker rank {rank} failed: {_failure_message(failure)}") from None
+        raise _launch_error(e, watcher) from None
+    except SignalException as e:  # Ctrl-C (or SIGTERM) reached the agent: it has stopped the workers
+        raise KeyboardInterrupt(signal.Signals(e.sigval).name) from None
     finally:
+        shutil.rmtree(heartbeats, ignore_errors=True)
         if saved is None:
             os.environ.pop("OMP_NUM_THREADS", None)
     return results[0]
+
+
+def _launch_error(error, watcher: StallWatcher) -> BaseException:
+    """One line for a failed launch: the stalled rank if the watcher killed one, else the first failure."""
+    if watcher.stalled is not None:
+        return WorkerLost(
+            f"DDP rank {watcher.stalled.rank} made no progress for {watcher.stalled.seconds:.0f} s (stopped or "
+            "stuck); ended all ranks"
+        )
+    rank, failure = error.get_first_failure()
+    if failure.exitcode == 130:  # the worker's own Ctrl-C exit (see _worker): the parent reports it
+        return KeyboardInterrupt("SIGINT")
+    if failure.exitcode < 0:  # killed by a signal: the OOM killer, a scancel, a kill
+        name = signal.Signals(-failure.exitcode).name if -failure.exitcode in signal.valid_signals() else "a signal"
+        return WorkerLost(f"DDP rank {rank} was killed by {name}; ended all ranks")
+    return TrainingError(f"DDP worker rank {rank} failed: {_failure_message(failure)}")
+
+
+@contextmanager
+def _quiet_elastic_agent():
+    """The agent and torch's spawn helper log a traceback-sized report when a worker fails or a signal arrives;
+    `launch` says it in one line instead (a worker's own traceback still reaches stderr)."""
+    names = [name for name in logging.root.manager.loggerDict if name.startswith(TORCH_LAUNCH_LOGGERS)]
+    loggers = [logging.getLogger(name) for name in names]  # each has its own level (LOGLEVEL), so each is set
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _failure_message(failure) -> str:
@@ -115,8 +177,11 @@ def _failure_message(failure) -> str:
     return text.splitlines()[-1] if text else f"exit code {failure.exitcode} (see train.log)"
 
 
-def _worker(cfg: DictConfig, hydra_root: DictConfig | None) -> dict:
+def _worker(cfg: DictConfig, hydra_root: DictConfig | None, heartbeats: str) -> dict:
     """One spawned rank: Hydra's config and logging as in the parent (same run dir, same train.log), then run."""
+    beat = Path(heartbeats) / f"rank{os.environ.get('RANK', 0)}"
+    start_heartbeat(beat, beat_interval(stall_timeout_s(cfg)))
+    signal.signal(signal.SIGINT, _interrupt_once)
     if hydra_root is not None:
         from hydra.core.utils import configure_log, setup_globals
 
@@ -130,3 +195,14 @@ def _worker(cfg: DictConfig, hydra_root: DictConfig | None) -> dict:
     except SeqrecError as e:
         log.error("%s", e)
         raise
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None  # quietly: the parent prints where the run is and how to resume
+    finally:
+        stop_heartbeat(beat)
+
+
+def _interrupt_once(signum, frame) -> None:
+    """Ctrl-C reaches a worker twice (from the terminal, then from the agent): the second must not interrupt the
+    clean-up the first started."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
