@@ -55,6 +55,9 @@ OmegaConf.register_new_resolver(
 
 RunFn = Callable[[DictConfig, int, int], dict]
 TORCH_LAUNCH_LOGGERS = ("torch.distributed.elastic", "torch.multiprocessing")
+# a worker killed for a stall leaves a semaphore that multiprocessing's resource tracker frees, with a warning that
+# would follow the one-line report; the filter reaches the tracker through its environment
+QUIET_RESOURCE_TRACKER = {"PYTHONWARNINGS": "ignore:resource_tracker:UserWarning"}
 
 
 def should_launch(cfg: DictConfig) -> bool:
@@ -115,12 +118,11 @@ def launch(cfg: DictConfig) -> dict:
     log.info("starting %d %s workers (rendezvous 127.0.0.1:%d)", nproc, backend, port)
     hydra_root = HydraConfig.instance().cfg if HydraConfig.initialized() else None
     heartbeats = Path(tempfile.mkdtemp(prefix="seqrec-heartbeat-"))
-    saved = os.environ.get("OMP_NUM_THREADS")
-    if saved is None:  # as torchrun: do not oversubscribe the cores (the workers inherit this at spawn)
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    # as torchrun: do not oversubscribe the cores (the workers inherit this at spawn)
+    threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
     watcher = StallWatcher(heartbeats, stall_timeout_s(cfg))
     try:
-        with watcher, _quiet_elastic_agent():
+        with watcher, _quiet_elastic_agent(), _environment_defaults({**threads, **QUIET_RESOURCE_TRACKER}):
             results = elastic_launch(config, _worker)(cfg, hydra_root, str(heartbeats))
     except ChildFailedError as e:
         raise _launch_error(e, watcher) from None
@@ -128,9 +130,19 @@ def launch(cfg: DictConfig) -> dict:
         raise KeyboardInterrupt(signal.Signals(e.sigval).name) from None
     finally:
         shutil.rmtree(heartbeats, ignore_errors=True)
-        if saved is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
     return results[0]
+
+
+@contextmanager
+def _environment_defaults(defaults: dict[str, str]):
+    """Set the variables the user has not set, for the processes started inside; restore them after."""
+    added = [key for key in defaults if key not in os.environ]
+    os.environ.update({key: defaults[key] for key in added})
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 def _launch_error(error, watcher: StallWatcher) -> BaseException:

@@ -107,18 +107,20 @@ def main(cfg: DictConfig) -> float | None:
     except OSError as e:
         if e.errno not in UNWRITABLE or _in_multirun():
             raise
-        _exit(f"error: {unwritable_message(e)}; nothing else was changed", 1)
+        _exit(f"error: {unwritable_message(e, _run_dir(cfg))}; resume with: {resume_command()}", 1)
     return results.get(cfg.optimized_metric)
 
 
 # a run directory that cannot take more bytes: reported in one line, as a user's problem
-UNWRITABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
+UNWRITABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST}
 
 
-def unwritable_message(e: OSError) -> str:
-    """`cannot write <path>: no space left on device` (the path when the error names one)."""
+def unwritable_message(e: OSError, run_dir: str) -> str:
+    """`cannot write <path>: no space left on device`; a failed write() names no file, then the run dir stands in.
+    Checkpoints are written to a temporary file and renamed, so the last complete one is still there."""
     reason = (e.strerror or errno.errorcode.get(e.errno, "error")).lower()
-    return f"cannot write {e.filename}: {reason}" if e.filename else f"cannot write the run directory: {reason}"
+    where = e.filename or f"into {run_dir}"
+    return f"cannot write {where}: {reason} (the last complete checkpoint is kept)"
 
 
 def interrupted_message(cfg: DictConfig, signal_name: str) -> str:
@@ -135,7 +137,7 @@ def _last_checkpoint(run_dir: Path) -> str:
     try:
         import torch
 
-        state = torch.load(last, map_location="cpu", weights_only=False, mmap=True)  # mmap: no tensor is read
+        state = torch.load(last, map_location="cpu", weights_only=True, mmap=True)  # mmap: no tensor is read
         return f"last checkpoint {last} (epoch {state['epoch']}, step {state['step']})"
     except Exception:  # noqa: BLE001 - the line must come out even for an unreadable file
         return f"last checkpoint {last}"
