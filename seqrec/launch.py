@@ -87,8 +87,27 @@ def run_distributed(cfg: DictConfig, run_fn: RunFn) -> dict:
         )
     try:
         return run_fn(cfg, env.rank, env.world_size)
+    except RuntimeError as e:
+        if env.world_size > 1 and _lost_a_peer(e):
+            raise WorkerLost(
+                f"DDP rank {env.rank}: a collective failed ({_first_line(e)}): another rank stopped, died or is stuck "
+                f"(collectives wait distributed.timeout_s={cfg.distributed.timeout_s} s); ended this rank"
+            ) from None
+        raise
     finally:
         destroy_distributed()
+
+
+# what gloo/NCCL say when the other side of a collective is gone or silent
+PEER_LOST = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer", "Watchdog caught")
+
+
+def _lost_a_peer(error: RuntimeError) -> bool:
+    return isinstance(error, torch.distributed.DistBackendError) or any(text in str(error) for text in PEER_LOST)
+
+
+def _first_line(error: BaseException) -> str:
+    return re.sub(r"^\[[^\]]*\] ", "", str(error).strip().splitlines()[0])[:200]  # drop gloo's [file:line] prefix
 
 
 class WorkerLost(TrainingError):

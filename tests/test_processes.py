@@ -134,6 +134,40 @@ def test_a_stopped_ddp_rank_ends_the_launch_in_one_line(tmp_path):
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
 
 
+@pytest.mark.slow
+def test_under_torchrun_a_stopped_rank_fails_rank_0s_collective_within_the_timeout(tmp_path):
+    """No launcher of ours watches torchrun's workers: the collective timeout bounds the wait, and rank 0 says so in
+    one line (torchrun then adds its own report and ends the stopped rank after its 30 s shutdown grace)."""
+    run_dir = tmp_path / "run"
+    timeout_s = 5
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    args = [*LONG, "trainer.num_epochs=200", f"distributed.timeout_s={timeout_s}", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(
+        [*torchrun, str(REPO / "train.py"), *args],
+        cwd=tmp_path,
+        env=_env(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    _wait_for(lambda: _epochs_logged(run_dir) >= 1, proc, 120, "first epoch")
+    rank1 = max(
+        int(pid)
+        for pid in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    )
+    os.kill(rank1, signal.SIGSTOP)
+    stopped = time.monotonic()
+    err = _finish(proc, timeout=timeout_s + 30 + 60)
+    assert proc.returncode != 0
+    ours = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(ours) == 1 and ours[0].startswith("error: DDP rank 0: a collective failed ("), err[-3000:]
+    assert f"distributed.timeout_s={timeout_s} s" in ours[0] and "resume with: python " in ours[0]
+    logged = (run_dir / "train.log").read_text()
+    assert "[ERROR] - DDP rank 0: a collective failed" in logged
+    assert time.monotonic() - stopped < timeout_s + 30 + 20
+
+
 # --- Ctrl-C --------------------------------------------------------------------------------------------------------
 
 
