@@ -4,6 +4,16 @@
 process, hence one run directory, shared by every rank. Under torchrun or a multi-task SLURM job the processes
 already exist and `run_distributed` only joins them to the process group. Also registers the config resolvers
 (`${seqrec.amp_dtype:}`, `${seqrec.has_cuda:}`, `${seqrec.launch_time:FMT}`) used by hardware profiles and run dirs.
+
+What a lost rank costs, by mode:
+- workers started here: a rank that dies is seen within ~0.1 s (the agent's poll); a rank whose process stops running
+  (SIGSTOP, a frozen host, a C call that holds the GIL) stops beating and is killed after
+  `distributed.stall_timeout_s` (default 60 s). Either way every rank ends and one line names the rank.
+- torchrun / SLURM tasks: no parent of ours; a rank that stops, dies or never reaches the next collective makes the
+  others' collective fail after `distributed.timeout_s` (default 1800 s; lower it to fail sooner), and each rank that
+  sees it says so in one line. The launcher (torchrun, srun) then ends the remaining ranks in its own way.
+- in every mode, a rank that is alive and running Python but never reaches the next collective (an endless loop, a
+  deadlock) keeps beating: only `distributed.timeout_s` bounds it.
 """
 
 from __future__ import annotations

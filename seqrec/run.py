@@ -103,7 +103,8 @@ def main(cfg: DictConfig) -> float | None:
         _exit(f"error: {message}", 1)
     except KeyboardInterrupt as e:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not turn this line into a traceback
-        _exit(interrupted_message(cfg, str(e) or "SIGINT"), 130)
+        name = str(e) if str(e) in signal.Signals.__members__ else "SIGINT"  # the launcher passes SIGTERM on
+        _exit(interrupted_message(cfg, name), 128 + signal.Signals[name].value)  # the shell's status: 130 for SIGINT
     except OSError as e:
         if e.errno not in UNWRITABLE or _in_multirun():
             raise
