@@ -223,6 +223,7 @@ def _worker(cfg: DictConfig, hydra_root: DictConfig | None, heartbeats: str) -> 
     beat = Path(heartbeats) / f"rank{os.environ.get('RANK', 0)}"
     start_heartbeat(beat, beat_interval(stall_timeout_s(cfg)))
     signal.signal(signal.SIGINT, _interrupt_once)
+    logging.raiseExceptions = False  # as run.main: an unwritable train.log is reported once, not per record
     if hydra_root is not None:
         from hydra.core.utils import configure_log, setup_globals
 

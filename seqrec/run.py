@@ -92,6 +92,9 @@ def main(cfg: DictConfig) -> float | None:
     Nothing a user can cause ends in a traceback: a SeqrecError, Ctrl-C (status 130, with the command that resumes)
     and a run directory that cannot be written (full disk, read-only) are each one line on stderr.
     """
+    # a train.log that can no longer be written (full disk, read-only) must not print logging's own traceback for
+    # every record: the failed checkpoint or metrics write right after is reported in one line below
+    logging.raiseExceptions = False
     try:
         # trainer.devices > 1 and no launcher around: start the DDP workers here (one Hydra process, one run dir)
         results = launch(cfg) if should_launch(cfg) else run_distributed(cfg, run)
