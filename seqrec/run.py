@@ -6,8 +6,12 @@ handling that `train.py` needs: a SeqrecError becomes one clear line on stderr a
 
 from __future__ import annotations
 
+import errno
 import logging
+import shlex
+import signal
 import sys
+from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
@@ -16,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from seqrec.errors import SeqrecError
-from seqrec.launch import launch, run_distributed, should_launch
+from seqrec.launch import WorkerLost, launch, run_distributed, should_launch
 from seqrec.models.tisasrec import check_time_available
 from seqrec.train.run_record import open_run
 from seqrec.utils.config import check_config
@@ -84,15 +88,89 @@ def run(cfg: DictConfig, rank: int = 0, world_size: int = 1) -> dict:
 
 
 def main(cfg: DictConfig) -> float | None:
-    """Hydra entry point body: run, report user errors in one line, return the optimised metric for sweepers."""
+    """Hydra entry point body: run, report user errors in one line, return the optimised metric for sweepers.
+
+    Nothing a user can cause ends in a traceback: a SeqrecError, Ctrl-C (status 130, with the command that resumes)
+    and a run directory that cannot be written (full disk, read-only) are each one line on stderr.
+    """
+    # a train.log that can no longer be written (full disk, read-only) must not print logging's own traceback for
+    # every record: the failed checkpoint or metrics write right after is reported in one line below
+    logging.raiseExceptions = False
     try:
         # trainer.devices > 1 and no launcher around: start the DDP workers here (one Hydra process, one run dir)
         with open_run(cfg):  # the run dir's lock, resume policy and run.json, before anything is written
             results = launch(cfg) if should_launch(cfg) else run_distributed(cfg, run)
     except SeqrecError as e:
         log.error("%s", e)
-        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        if _in_multirun():
             raise  # let the sweep record this job as failed and go on
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        message = f"{e}; resume with: {resume_command()}" if isinstance(e, WorkerLost) else str(e)
+        _exit(f"error: {message}", 1)
+    except KeyboardInterrupt as e:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not turn this line into a traceback
+        name = str(e) if str(e) in signal.Signals.__members__ else "SIGINT"  # the launcher passes SIGTERM on
+        _exit(interrupted_message(cfg, name), 128 + signal.Signals[name].value)  # the shell's status: 130 for SIGINT
+    except OSError as e:
+        if e.errno not in UNWRITABLE or _in_multirun():
+            raise
+        _exit(f"error: {unwritable_message(e, _run_dir(cfg))}; resume with: {resume_command()}", 1)
     return results.get(cfg.optimized_metric)
+
+
+# a run directory that cannot take more bytes: reported in one line, as a user's problem
+UNWRITABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST}
+
+
+def unwritable_message(e: OSError, run_dir: str) -> str:
+    """`cannot write <path>: no space left on device`; a failed write() names no file, then the run dir stands in.
+    Checkpoints are written to a temporary file and renamed, so the last complete one is still there."""
+    reason = (e.strerror or errno.errorcode.get(e.errno, "error")).lower()
+    where = e.filename or f"into {run_dir}"
+    return f"cannot write {where}: {reason} (the last complete checkpoint is kept)"
+
+
+def interrupted_message(cfg: DictConfig, signal_name: str) -> str:
+    """One line: which run stopped, its last checkpoint, and the command that continues it."""
+    run_dir = Path(_run_dir(cfg))
+    return f"interrupted ({signal_name}): run {run_dir}, {_last_checkpoint(run_dir)}; resume with: {resume_command()}"
+
+
+def _last_checkpoint(run_dir: Path) -> str:
+    """Where training will continue from: `checkpoints/last.pt` and the epoch/step it holds."""
+    last = run_dir / "checkpoints" / "last.pt"
+    if not last.is_file():
+        return "no checkpoint yet (it restarts from epoch 1)"
+    try:
+        import torch
+
+        state = torch.load(last, map_location="cpu", weights_only=True, mmap=True)  # mmap: no tensor is read
+        return f"last checkpoint {last} (epoch {state['epoch']}, step {state['step']})"
+    except Exception:  # noqa: BLE001 - the line must come out even for an unreadable file
+        return f"last checkpoint {last}"
+
+
+def resume_command() -> str:
+    """`python train.py <the same overrides> hydra.run.dir=<this run dir>`: trainer.resume=auto continues it."""
+    script = Path(sys.argv[0])
+    overrides = list(sys.argv[1:])
+    if HydraConfig.initialized():
+        hydra = HydraConfig.get()
+        # trainer.resume=never would refuse the directory and a path would restart from an older checkpoint
+        overrides = [o for o in hydra.overrides.task if not o.startswith(("trainer.resume=", "+trainer.resume="))]
+        overrides.append(f"hydra.run.dir={hydra.runtime.output_dir}")
+    return shlex.join(["python", str(script), *overrides])
+
+
+def _run_dir(cfg: DictConfig) -> str:
+    if HydraConfig.initialized():
+        return HydraConfig.get().runtime.output_dir
+    return str(cfg.trainer.output_dir)
+
+
+def _in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _exit(line: str, status: int) -> None:
+    print(line, file=sys.stderr)
+    sys.exit(status)

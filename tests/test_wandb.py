@@ -162,6 +162,80 @@ def test_online_without_a_key_falls_back_to_offline(tmp_path, offline, monkeypat
     assert offline_run(tmp_path)["history"][0]["train/loss"] == 1.0
 
 
+FAKE_KEY = "a" * 40  # well-formed; never checked, as no W&B server is reachable from the tests
+
+
+@pytest.fixture
+def online_env(monkeypatch):
+    """An online start as a user would make it: a key, no WANDB_MODE (the config says online)."""
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+def _start_and_log(logger: MetricLogger, caplog) -> tuple[str, float]:
+    began = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="seqrec.utils.logging"):
+        run_id = logger.start({"trainer": {"lr": 0.001}}, None)
+    elapsed = time.monotonic() - began
+    logger.log({"train/loss": 1.5}, epoch=1, step=10)
+    logger.log({"train/loss": 1.2}, epoch=2, step=20)
+    logger.close()
+    return run_id, elapsed
+
+
+def _offline_fallback_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_online_without_an_answering_server_records_offline_within_10_s(tmp_path, online_env, monkeypatch, caplog):
+    """No network: wandb.init alone would wait out init_timeout (60 s here, the config's default) and then refuse
+    the offline retry ("run ID is in use"); the probe decides in seconds and the run is recorded offline."""
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # the discard port: connection refused
+    run_id, elapsed = _start_and_log(make_logger(tmp_path, mode="online", init_timeout=60), caplog)
+    assert elapsed < 10, f"fallback took {elapsed:.1f} s"
+    warnings = _offline_fallback_warnings(caplog)
+    assert len(warnings) == 1 and "http://127.0.0.1:9 does not answer" in warnings[0], warnings
+    assert f"wandb sync {tmp_path / 'wandb' / 'offline-run-'}" in warnings[0]
+    run = offline_run(tmp_path)
+    assert run["run"].run_id == run_id
+    assert [h["train/loss"] for h in run["history"]] == [1.5, 1.2]
+    assert run["exit"] == 0
+
+
+@pytest.mark.slow
+def test_a_failed_online_start_records_the_same_run_offline(tmp_path, online_env, monkeypatch, caplog):
+    """A server that answers but cannot start the run (every request: HTTP 500): after init_timeout the same run id
+    is recorded offline, so `wandb sync` later uploads it as the run it was meant to be."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Failing(BaseHTTPRequestHandler):
+        def fail(self):
+            self.send_response(500)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_POST = do_HEAD = fail
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Failing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.server_address[1]}")
+    try:
+        run_id, elapsed = _start_and_log(make_logger(tmp_path, mode="online", init_timeout=3), caplog)
+    finally:
+        server.shutdown()
+    assert elapsed < 3 + 15, f"fallback took {elapsed:.1f} s"
+    warnings = _offline_fallback_warnings(caplog)
+    assert len(warnings) == 1 and "the online start failed" in warnings[0] and "wandb sync" in warnings[0], warnings
+    run = offline_run(tmp_path)
+    assert run["run"].run_id == run_id and run["files"][-1].name == f"run-{run_id}.wandb"
+    assert [h["train/loss"] for h in run["history"]] == [1.5, 1.2]
+
+
 def test_failing_wandb_init_never_fails_the_run(tmp_path, offline, monkeypatch):
     def broken_init(*a, **k):
         raise wandb.errors.CommError("network unreachable")

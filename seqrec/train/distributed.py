@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -254,3 +257,98 @@ def local_launch_config(nproc: int, run_id: str, port: int, **extra):
         start_method="spawn",
         **extra,
     )
+
+
+# --- liveness: a rank that stops (SIGSTOP, a frozen host, a C call that never lets go of the GIL) ends the launch ----
+# Each worker beats from a daemon thread, not from the training loop: a rank waiting in a barrier while rank 0
+# evaluates, or reading a big file, keeps beating; only a process whose threads no longer run goes quiet. A rank that
+# is alive but never reaches the next collective (a Python loop, a deadlock) keeps beating too: the collective
+# timeout (`distributed.timeout_s`) bounds that case.
+
+
+def beat_interval(stall_timeout_s: float) -> float:
+    """Seconds between two beats: several beats per stall window, at most one every 5 s."""
+    return min(5.0, max(0.2, stall_timeout_s / 6))
+
+
+def start_heartbeat(path: Path, interval_s: float) -> None:
+    """Write this process's pid to `path` and touch it every `interval_s` seconds from a daemon thread."""
+    path = Path(path)
+    path.write_text(str(os.getpid()))
+
+    def beat() -> None:
+        while True:
+            try:
+                os.utime(path)
+            except OSError:  # the launcher removed the directory: the launch is over
+                return
+            time.sleep(interval_s)
+
+    threading.Thread(target=beat, name="seqrec-heartbeat", daemon=True).start()
+
+
+def stop_heartbeat(path: Path) -> None:
+    """A rank that returns stops beating on purpose: take it off the watch list."""
+    Path(path).unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class Stall:
+    rank: int
+    seconds: float
+
+
+class StallWatcher:
+    """The launcher's side: watches the `rank<N>` heartbeat files in `directory` and SIGKILLs the first rank whose
+    file has not changed for `stall_timeout_s` (the elastic agent then ends the other ranks); `stalled` says who.
+
+    Times are the watcher's own monotonic clock, taken when it sees a file change, so a clock step on the host or
+    a coarse file system timestamp cannot fake a stall. A rank is watched from its first beat on.
+    """
+
+    def __init__(self, directory: Path, stall_timeout_s: float):
+        self.directory = Path(directory)
+        self.stall_timeout_s = float(stall_timeout_s)
+        self.poll_s = beat_interval(self.stall_timeout_s)
+        self.stalled: Stall | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="seqrec-stall-watcher", daemon=True)
+
+    def __enter__(self) -> StallWatcher:
+        if self.stall_timeout_s > 0:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _watch(self) -> None:
+        last_change: dict[int, tuple[int, float]] = {}  # rank -> (mtime_ns, monotonic time it was first seen)
+        while not self._stop.wait(self.poll_s):
+            now = time.monotonic()
+            for rank, mtime_ns, pid in self._beats():
+                seen, since = last_change.get(rank, (None, now))
+                if mtime_ns != seen:
+                    last_change[rank] = (mtime_ns, now)
+                elif now - since >= self.stall_timeout_s:
+                    self.stalled = Stall(rank, now - since)
+                    _kill(pid)
+                    return
+
+    def _beats(self):
+        """(rank, mtime_ns, pid) of every rank that is beating now."""
+        for path in self.directory.glob("rank*"):
+            try:
+                yield int(path.name[4:]), path.stat().st_mtime_ns, int(path.read_text())
+            except (OSError, ValueError):  # removed as its rank returned, or the pid not written yet
+                continue
+
+
+def _kill(pid: int) -> None:
+    """SIGKILL: the one signal a stopped process cannot hold back."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

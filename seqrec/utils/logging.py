@@ -1,7 +1,9 @@
 """The one metrics sink: stdout/train.log, `metrics.jsonl` and optionally Weights & Biases (rank 0 only).
 
-W&B never decides whether a run succeeds: it is offline unless the user chose online, an online start that fails
-(no key, no network) falls back to offline, and any W&B error after the start turns W&B off with one warning.
+W&B never decides whether a run succeeds: it is offline unless the user chose online; an online start without a key
+or without an answering server (probed in at most 5 s) or that fails within `init_timeout` records the same run
+offline, with one warning that names the `wandb sync` command; any W&B error after the start turns W&B off with one
+warning.
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ import logging
 import math
 import os
 import sys
+import threading
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from seqrec.errors import DataError
@@ -58,6 +63,7 @@ class MetricLogger:
         self.mode = (mode or "offline").strip().lower()  # WANDB_MODE="" means the default, not an error
         self.init_timeout = float(init_timeout)
         self.wandb_run = None
+        self.init_failure = ""  # why the last wandb.init failed
 
     @property
     def active(self) -> bool:
@@ -89,17 +95,16 @@ class MetricLogger:
         from wandb.sdk.lib.runid import generate_id
 
         run_id = run_id or generate_id()
-        mode = self.mode
-        if mode == "online" and not _has_api_key(wandb):
-            log.warning(
-                "logger.mode=online but no W&B API key is configured (wandb login, or WANDB_API_KEY): "
-                "logging offline instead"
-            )
-            mode = "offline"
+        mode, why_offline = self.mode, None
+        if mode == "online":
+            why_offline = _why_not_online(wandb)
+            mode = "offline" if why_offline else "online"
         self.wandb_run = self._init(wandb, config, run_id, mode)
         if self.wandb_run is None and mode == "online":
-            log.warning("W&B online start failed (no network?); logging offline instead")
-            mode = "offline"
+            why_offline, mode = f"the online start failed ({self.init_failure})", "offline"
+            # wandb's service still holds the failed run's id ("run ID is in use"): restart it, then the same id
+            # starts offline, so a later `wandb sync` uploads it as the run it was meant to be
+            _teardown(wandb)
             self.wandb_run = self._init(wandb, config, run_id, mode)
         if self.wandb_run is None:
             return run_id
@@ -108,16 +113,24 @@ class MetricLogger:
             self.wandb_run.define_metric("*", step_metric="epoch")  # x-axis = epoch, so a resume may re-log an epoch
         except Exception as e:  # noqa: BLE001 - cosmetic, never fatal
             log.debug("wandb define_metric failed: %s", e)
-        if mode == "offline":
-            log.info(
-                "W&B offline run %s (group %s); upload it later with: wandb sync %s",
+        self._announce(run_id, mode, why_offline)
+        return run_id
+
+    def _announce(self, run_id: str, mode: str, why_offline: str | None) -> None:
+        """One line: the online run's URL, or where the offline run is and the command that uploads it."""
+        if mode == "online":
+            log.info("W&B run %s: %s", run_id, getattr(self.wandb_run, "url", ""))
+            return
+        sync = f"wandb sync {Path(self.wandb_run.dir).parent}"
+        if why_offline:
+            log.warning(
+                "logger.mode=online but %s: W&B run %s is recorded offline; upload it with: %s",
+                why_offline,
                 run_id,
-                self.group,
-                Path(self.wandb_run.dir).parent,
+                sync,
             )
         else:
-            log.info("W&B run %s: %s", run_id, getattr(self.wandb_run, "url", ""))
-        return run_id
+            log.info("W&B offline run %s (group %s); upload it later with: %s", run_id, self.group, sync)
 
     def _init(self, wandb, config, run_id: str, mode: str):
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -136,8 +149,9 @@ class MetricLogger:
                 settings=wandb.Settings(init_timeout=self.init_timeout, finish_timeout=self.init_timeout),
             )
         except Exception as e:  # noqa: BLE001 - W&B must never end the run
-            reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-            log.warning("wandb.init (%s) failed: %s", mode, reason)
+            self.init_failure = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            if mode != "online":  # an online failure is told once, with the offline fallback (see start)
+                log.warning("wandb.init (%s) failed: %s", mode, self.init_failure)
             return None
 
     def close(self) -> None:
@@ -209,6 +223,58 @@ class MetricLogger:
                 "W&B %s failed (%s); W&B logging is off for the rest of this run, metrics.jsonl continues", what, e
             )
             self.close()
+
+
+PROBE_TIMEOUT_S = 5.0  # an unreachable W&B server costs this, not wandb's init_timeout
+
+
+def _why_not_online(wandb) -> str | None:
+    """Why an online start cannot work here (no key, server unreachable), or None: checked in seconds, before
+    wandb.init would spend its whole init_timeout finding out."""
+    if not _has_api_key(wandb):
+        return "no W&B API key is configured (wandb login, or WANDB_API_KEY)"
+    try:
+        settings = wandb.setup().settings
+        # the variable first: wandb's settings object is made once per process and keeps its first base_url
+        url = os.environ.get("WANDB_BASE_URL") or settings.base_url
+        proxy = settings.https_proxy or settings.http_proxy
+    except Exception:  # noqa: BLE001 - leave the decision to wandb.init
+        return None
+    if not server_answers(url, PROBE_TIMEOUT_S, proxy):
+        return f"{url} does not answer within {PROBE_TIMEOUT_S:.0f} s"
+    return None
+
+
+def server_answers(url: str, timeout_s: float, proxy: str | None = None) -> bool:
+    """Whether an HTTP request to `url` gets any HTTP response (an error status counts) within `timeout_s`.
+
+    Over HTTP, not a bare TCP connect, so that a proxy or firewall that accepts connections but forwards nothing
+    counts as unreachable. In a thread because name lookup is not bounded by a socket timeout. `proxy` (W&B's own
+    setting) overrides HTTP(S)_PROXY, which urllib honours by itself.
+    """
+    answered: list[bool] = []
+
+    def ask() -> None:
+        handlers = [urllib.request.ProxyHandler({"http": proxy, "https": proxy})] if proxy else []
+        try:
+            urllib.request.build_opener(*handlers).open(urllib.request.Request(url, method="HEAD"), timeout=timeout_s)
+            answered.append(True)
+        except urllib.error.HTTPError:  # 401, 404, 500...: a server is there
+            answered.append(True)
+        except (OSError, ValueError):  # refused, unreachable, unknown host, timed out, not a URL
+            pass
+
+    probe = threading.Thread(target=ask, name="seqrec-wandb-probe", daemon=True)
+    probe.start()
+    probe.join(timeout_s)
+    return bool(answered)
+
+
+def _teardown(wandb) -> None:
+    try:
+        wandb.teardown()
+    except Exception as e:  # noqa: BLE001
+        log.debug("wandb.teardown failed: %s", e)
 
 
 def _has_api_key(wandb) -> bool:
