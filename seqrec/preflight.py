@@ -185,3 +185,26 @@ def _importable(module: str) -> bool:
         return importlib.util.find_spec(module) is not None
     except ModuleNotFoundError:  # a parent package is missing too (no Hydra plugin at all)
         return False
+
+
+def check_run(cfg) -> None:
+    """Raise one ConfigError listing every hardware problem of the composed config `cfg` on this machine."""
+    import os
+
+    from seqrec.errors import ConfigError
+
+    trainer = cfg.trainer
+    local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE")  # ranks on this node
+    problems = check(
+        Machine.probe(),
+        device=str(trainer.device),
+        devices=int(trainer.devices),
+        backend=str(cfg.distributed.backend),
+        amp=bool(trainer.amp),
+        amp_dtype=str(trainer.amp_dtype),
+        ranks_here=int(local) if local and local.isdigit() else None,
+    )
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(f"{len(problems)} hardware problems:\n  " + "\n  ".join(problems))

@@ -105,3 +105,21 @@ def test_4xv100_multiruns_stay_local_unless_slurm_is_asked_for():
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         v100 = compose(config_name="train", overrides=["hardware=4xv100"], return_hydra_config=True)
     assert v100.hydra.launcher._target_.endswith("BasicLauncher")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer on a machine without a GPU")
+def test_the_headline_command_on_a_cpu_only_machine_is_one_line_and_leaves_no_run(tmp_path):
+    """`hardware=4xv100` here used to start four workers that each died with 'NCCL not built in' after loading
+    the data; the pre-flight check answers before any data is read or any worker started."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "train.py"), "model=tisasrec", "residual=mhc", "hardware=4xv100"]
+    done = subprocess.run(cmd + [f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: trainer.device=cuda"), done.stderr
+    assert "hardware=cpu" in done.stderr and "Traceback" not in done.stdout + done.stderr
+    assert not run_dir.exists()  # a refused first launch leaves nothing behind

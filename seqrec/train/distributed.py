@@ -187,10 +187,12 @@ def bf16_supported() -> bool:
 
 
 def best_amp_dtype() -> str:
-    """bfloat16 where the GPU supports it (Ampere+), else float16 (with a GradScaler); bfloat16 on CPU."""
-    if torch.cuda.is_available():
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "bfloat16"
+    """bfloat16 where the GPU runs it natively (compute capability >= 8.0), else float16 (with a GradScaler);
+    bfloat16 on CPU. Not `torch.cuda.is_bf16_supported()`: it says yes on V100/T4, which emulate bf16 slowly."""
+    from seqrec.preflight import Machine
+    from seqrec.preflight import best_amp_dtype as for_machine
+
+    return for_machine(Machine.probe())
 
 
 def describe_device(device: str) -> str:

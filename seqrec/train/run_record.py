@@ -33,6 +33,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from seqrec.errors import CheckpointError, SeqrecError
+from seqrec.preflight import check_run
 from seqrec.train.distributed import _process_start_time, detect, export_submitit_env
 from seqrec.train.resume_policy import check_resume
 from seqrec.utils.config import check_config
@@ -235,6 +236,22 @@ def _detach_file_logging(run_dir: Path) -> None:
             handler.close()
 
 
+def _remove_if_untouched(run_dir: Path) -> None:
+    """A refused first launch leaves no run behind: remove the directory when it holds nothing but the empty
+    train.log Hydra opened for it (and our empty lock file)."""
+    try:
+        entries = list(run_dir.iterdir())
+        if not entries or any(
+            e.name not in ("train.log", LOCK) or not e.is_file() or e.stat().st_size for e in entries
+        ):
+            return
+        for entry in entries:
+            entry.unlink()
+        run_dir.rmdir()
+    except OSError:  # someone else is writing there: leave it
+        pass
+
+
 @contextmanager
 def open_run(cfg: DictConfig):
     """Check the config, lock the run dir, check this launch against the run it would continue; hold the lock until
@@ -246,11 +263,13 @@ def open_run(cfg: DictConfig):
     lock = RunLock(run_dir)
     try:
         check_config(cfg)  # first: it names a missing or impossible value before anything resolves it
+        check_run(cfg)  # GPUs, NCCL, architectures, bf16: before any data is loaded or any worker started
         lock.acquire()
         check_launch(run_dir, OmegaConf.to_container(cfg, resolve=True))
     except SeqrecError:
         lock.release(announced=False)
         _detach_file_logging(run_dir)
+        _remove_if_untouched(run_dir)
         raise
     lock.announce()
     try:
