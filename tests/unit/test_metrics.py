@@ -10,6 +10,7 @@ from torch import nn
 from seqrec.data.dataset import split_leave_one_out
 from seqrec.eval.evaluator import Evaluator
 from seqrec.eval.metrics import metric_sums, rank_of_target
+from seqrec.models.head import ItemHead
 
 
 def test_metrics_match_hand_computed_values():
@@ -32,11 +33,8 @@ class FixedScores(nn.Module):
 
     def __init__(self, scores):
         super().__init__()
-        self.register_buffer("w", torch.tensor(scores, dtype=torch.float32).unsqueeze(1))
-
-    @property
-    def item_weight(self):
-        return self.w
+        table = nn.Embedding.from_pretrained(torch.tensor(scores, dtype=torch.float32).unsqueeze(1))  # (I+1, 1)
+        self.head = ItemHead(table, tied=False)
 
     def forward(self, seq, times=None, time_scale=None):
         return torch.ones(seq.shape + (1,))
