@@ -2,6 +2,9 @@
 with an output bias (defined here, in this file only) that trains, evaluates and recommends through it."""
 
 import copy
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,7 +17,7 @@ from seqrec.models.head import ItemHead
 from seqrec.models.sasrec import SASRec
 from seqrec.predict import recommend
 from seqrec.run import run
-from tests.conftest import TINY, compose_config
+from tests.conftest import REPO, TINY, compose_config
 from tests.unit.test_metrics import FixedScores
 
 
@@ -142,3 +145,17 @@ def test_a_huge_bias_puts_its_item_first_for_every_user_who_has_not_seen_it():
     seen_7 = np.array([7 in set(data.user_history(u)) | {data.valid_item[u], data.test_item[u]} for u in users])
     assert 0 < seen_7.sum() < len(users)  # both kinds of user are tested
     assert (items[~seen_7, 0] == 7).all() and not (items[seen_7] == 7).any()
+
+
+@pytest.mark.slow
+def test_a_biased_model_trains_under_ddp_with_identical_replicas(tmp_path):
+    """The bias is used only by the loss, outside DDP's forward: its gradient must still be all-reduced."""
+    run_dir = tmp_path / "ddp"
+    cmd = [sys.executable, str(REPO / "train.py"), *TINY, "hardware=cpu", "trainer.devices=2", "model=sasrec"]
+    cmd += ["residual=plain", f"model._target_={__name__}.SASRecWithBias", f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "parameters identical on all 2 ranks" in (run_dir / "train.log").read_text()
+    bias = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["model"]["head.bias"]
+    assert bias[1:].abs().sum() > 0
