@@ -28,6 +28,9 @@ class SASRecWithBias(SASRec):
         return ItemHead(self.item_emb, tied=True, bias=True)
 
 
+BIASED_TARGET = "tests.unit.test_item_head.SASRecWithBias"  # importable from the repository root, in any process
+
+
 def small_model(cls=SASRec, num_items=30, seed=0):
     torch.manual_seed(seed)
     return cls(num_items=num_items, maxlen=8, hidden_units=16, num_blocks=1, num_heads=1, dropout_rate=0.0).eval()
@@ -92,8 +95,7 @@ def test_the_tied_head_is_the_input_embedding_and_adds_nothing_to_checkpoints():
 
 @pytest.mark.parametrize("loss", ["bce", "ce", "sampled_softmax", "gbce"])
 def test_a_biased_model_trains_under_every_loss(loss, tmp_path):
-    target = f"{__name__}.SASRecWithBias"
-    overrides = TINY + [f"loss={loss}", "model=sasrec", "residual=plain", f"model._target_={target}"]
+    overrides = TINY + [f"loss={loss}", "model=sasrec", "residual=plain", f"model._target_={BIASED_TARGET}"]
     cfg = compose_config(overrides + ["trainer.num_epochs=1", "eval.also_sampled=true"], tmp_path)
     results = run(cfg)
     assert np.isfinite(results["val/ndcg@10"]) and np.isfinite(results["val_sampled/ndcg@10"])
@@ -152,7 +154,7 @@ def test_a_biased_model_trains_under_ddp_with_identical_replicas(tmp_path):
     """The bias is used only by the loss, outside DDP's forward: its gradient must still be all-reduced."""
     run_dir = tmp_path / "ddp"
     cmd = [sys.executable, str(REPO / "train.py"), *TINY, "hardware=cpu", "trainer.devices=2", "model=sasrec"]
-    cmd += ["residual=plain", f"model._target_={__name__}.SASRecWithBias", f"hydra.run.dir={run_dir}"]
+    cmd += ["residual=plain", f"model._target_={BIASED_TARGET}", f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=180, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
