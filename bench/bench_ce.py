@@ -34,9 +34,9 @@ def baseline_loss():
     from seqrec.train.losses import CrossEntropy
 
     class TorchCrossEntropy(CrossEntropy):
-        def __call__(self, h, item_weight, pos, neg=None):
+        def __call__(self, h, head, pos, neg=None):
             mask = pos != 0
-            return F.cross_entropy(h[mask] @ item_weight[1:].T, pos[mask] - 1)
+            return F.cross_entropy(head.score_all(h[mask]), pos[mask] - 1)
 
     return TorchCrossEntropy()
 

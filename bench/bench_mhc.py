@@ -99,7 +99,7 @@ def build(variant: str, num_items: int, args):
 
     def step(batch):  # Trainer.train_step without clipping and the lr schedule (bf16, so no GradScaler)
         with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.amp):
-            loss = loss_fn(model(batch.seq, batch.times, batch.time_scale), model.item_weight, batch.pos, batch.neg)
+            loss = loss_fn(model(batch.seq, batch.times, batch.time_scale), model.head, batch.pos, batch.neg)
             loss = loss * batch.loss_weight
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -94,8 +94,7 @@ def build(model: str, num_items: int, args, span: int):
 def step(model, opt, batch):
     seq, pos, neg, times, scale = batch
     h = model(seq, times, scale)  # (B, L, D)
-    emb = model.item_weight
-    pos_logit, neg_logit = (h * emb[pos]).sum(-1), (h * emb[neg]).sum(-1)
+    pos_logit, neg_logit = model.head.score_one(h, pos), model.head.score_one(h, neg)
     mask = pos != 0
     loss = (F.softplus(-pos_logit) + F.softplus(neg_logit))[mask].mean()
     opt.zero_grad(set_to_none=True)

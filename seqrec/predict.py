@@ -257,7 +257,7 @@ def recommend(
         t_times = torch.from_numpy(times).to(device) if times is not None else None
         scale = torch.from_numpy(scale_all[u]).to(device) if scale_all is not None else None
         h = model(t_seq, t_times, scale)[:, -1].float()  # (b, D): the prediction after the last known item
-        scores = h @ model.item_weight.float()[1:].T  # (b, I): items 1..I
+        scores = model.head.score_all(h)  # (b, I): items 1..I
         rows = np.repeat(np.arange(len(u)), [len(x) for x in histories])
         seen = np.concatenate(histories) - 1
         scores[torch.from_numpy(rows).to(device), torch.from_numpy(seen).to(device)] = -torch.inf

@@ -143,7 +143,7 @@ def test_selected_users_match_the_models_own_ranking(titled_run, tmp_path):
 
         scale = torch.from_numpy(user_time_scale(data)[[u]])
         h = model(torch.from_numpy(full[-12:][None]), torch.from_numpy(times[-12:][None]), scale)[:, -1]
-        scores = (h @ model.item_weight[1:].T)[0]
+        scores = model.head.score_all(h)[0]
     scores[torch.from_numpy(full - 1)] = -torch.inf
     expected = [str(data.item_ids[i + 1]) for i in torch.topk(scores, 3).indices.tolist()]
     assert [r["item"] for r in rows[:3]] == expected

@@ -128,10 +128,9 @@ class Evaluator:
     def _ranks(self, model, h: Tensor, users: np.ndarray, target: Tensor, split: str) -> list[Tensor]:
         """Pessimistic 0-based target ranks, one (b,) tensor per protocol in `_prefixes` order."""
         out = []
-        weight = model.item_weight.float()
-        target_scores = (h * weight[target]).sum(-1)  # (b,)
+        target_scores = model.head.score_one(h, target)  # (b,)
         if self.protocol == "full":
-            scores = h @ weight[1:].T  # (b, I)
+            scores = model.head.score_all(h)  # (b, I)
             rows = torch.arange(len(users), device=h.device)
             scores[rows, target - 1] = -torch.inf  # the target is not its own competitor
             if self.filter_seen:
@@ -140,7 +139,7 @@ class Evaluator:
             out.append(rank_of_target(scores, target_scores))
         if self.needs_sampled:
             cand = torch.from_numpy(self.negatives(split)[users]).to(h.device)  # (b, n)
-            neg_scores = torch.einsum("bd,bnd->bn", h, weight[cand])
+            neg_scores = model.head.score(h, cand)  # (b, n)
             out.append(rank_of_target(neg_scores, target_scores))
         return out
 

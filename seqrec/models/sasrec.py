@@ -12,6 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from seqrec.models.head import ItemHead
 from seqrec.nn.attention import AttentionContext, CausalSelfAttention, causal_padding_mask
 from seqrec.nn.dropout import Dropout
 from seqrec.nn.ffn import PointwiseFFN
@@ -33,7 +34,7 @@ class Block(nn.Module):
 
 
 class SASRec(nn.Module):
-    """Causal Transformer over item ids; scores items by dot product with the shared item embedding.
+    """Causal Transformer over item ids; `head` scores items (by default: dot product with the input embedding).
 
     Args:
         num_items: number of items I (ids 1..I; 0 is padding). Filled in at runtime from the data.
@@ -72,6 +73,7 @@ class SASRec(nn.Module):
             for _ in range(num_blocks)
         )
         self.final_norm = nn.LayerNorm(hidden_units, eps=LN_EPS)
+        self.head = self.make_head()  # last: a head's own parameters follow the others in checkpoints
         self.reset_parameters()
 
     # --- seams a time-aware subclass overrides -------------------------------------------------------
@@ -81,6 +83,10 @@ class SASRec(nn.Module):
 
     def make_attention(self) -> nn.Module:
         return CausalSelfAttention(self.dim, self.num_heads, self.dropout_rate)
+
+    def make_head(self) -> ItemHead:
+        """Item scores from the input item embedding (tied, no bias), as in SASRec."""
+        return ItemHead(self.item_emb, tied=True)
 
     def embed(self, seq: Tensor, ctx: AttentionContext) -> Tensor:
         x = self.item_emb(seq) * math.sqrt(self.dim) + self.pos_emb(ctx.extras["positions"])  # (B, L, D)
@@ -109,11 +115,6 @@ class SASRec(nn.Module):
                 with torch.no_grad():
                     module.weight[module.padding_idx].zero_()
 
-    @property
-    def item_weight(self) -> Tensor:
-        """(I+1, D) shared input/output item embedding; row 0 is padding."""
-        return self.item_emb.weight
-
     def forward(self, seq: Tensor, times: Tensor | None = None, time_scale: Tensor | None = None) -> Tensor:
         """Hidden states for every position.
 
@@ -129,11 +130,3 @@ class SASRec(nn.Module):
         for block in self.blocks:
             state = block(state, ctx)
         return self.final_norm(self.residual.reduce(state))
-
-    def score_all(self, h: Tensor) -> Tensor:
-        """(N, D) hidden states -> (N, I) scores for items 1..I."""
-        return h @ self.item_weight[1:].T
-
-    def score_candidates(self, h: Tensor, candidates: Tensor) -> Tensor:
-        """(N, D) hidden states, (N, C) item ids -> (N, C) scores."""
-        return torch.einsum("nd,ncd->nc", h, self.item_weight[candidates])

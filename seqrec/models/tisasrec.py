@@ -2,10 +2,10 @@
 
 SASRec with the absolute position moved from the input into attention (P^K, P^V) and clipped relative time
 intervals added to keys and values (E^K, E^V), all four tables shared by the blocks, as the authors' code does.
-Deviations from TiSASRec.pytorch, on purpose: intervals are bucketed per batch from raw timestamps
-(seqrec.data.time) rather than precomputed per user, the interval tables are sized k+1 (not I+1), the attention
-never builds (B, L, L, D) tensors (seqrec.nn.time_attention), and dropout hits the interval tables, not the
-gathered per-pair embeddings (docs/MODELS.md, section 3). Blocks, residual factory, losses and trainer are SASRec's.
+Deviations from TiSASRec.pytorch, on purpose: intervals are bucketed per batch from the raw timestamps tensor
+(seqrec.models.time_intervals) rather than precomputed per user, the interval tables are sized k+1 (not I+1), the
+attention never builds (B, L, L, D) tensors (seqrec.nn.time_attention), and dropout hits the interval tables, not
+the gathered per-pair embeddings (docs/MODELS.md, section 3). Blocks, residual factory, losses and trainer are SASRec's.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import math
 
 from torch import Tensor, nn
 
-from seqrec.data.time import TIME_UNITS, interval_buckets
 from seqrec.errors import ConfigError
 from seqrec.models.sasrec import SASRec
+from seqrec.models.time_intervals import TIME_UNITS, interval_buckets
 from seqrec.nn.attention import AttentionContext
 from seqrec.nn.dropout import Dropout
 from seqrec.nn.time_attention import TimeIntervalAttention, relation_index

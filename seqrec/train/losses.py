@@ -1,6 +1,7 @@
-"""Training objectives over the shared item embedding (docs/MODELS.md, Eq. 20-23).
+"""Training objectives over the model's item scores (docs/MODELS.md, Eq. 20-23).
 
-Every loss sees hidden states at non-padding target positions only. `num_negatives` and `shared_negatives`
+Every loss scores items through the model's head (seqrec.models.head.ItemHead) and sees hidden states at
+non-padding target positions only. `num_negatives` and `shared_negatives`
 tell the sampler what to draw: per position (B, L, K) or per sequence (B, N), never from the user's history.
 """
 
@@ -10,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from seqrec.models.head import ItemHead
+
 
 class Loss:
     """Base: select target positions, compute the objective."""
@@ -17,10 +20,10 @@ class Loss:
     num_negatives: int = 0
     shared_negatives: bool = False  # True: one set of negatives per sequence, shared by its positions
 
-    def __call__(self, h: Tensor, item_weight: Tensor, pos: Tensor, neg: Tensor | None) -> Tensor:
+    def __call__(self, h: Tensor, head: ItemHead, pos: Tensor, neg: Tensor | None) -> Tensor:
         """Args:
             h: (B, L, D) hidden states.
-            item_weight: (I+1, D) shared item embedding.
+            head: the model's item head, which scores hidden states against items.
             pos: (B, L) next-item targets, 0 at padding.
             neg: (B, L, K) per-position or (B, N) per-sequence negatives, or None.
         Returns: scalar mean loss over target positions.
@@ -28,8 +31,11 @@ class Loss:
         raise NotImplementedError
 
 
-def _pos_logits(h_sel: Tensor, item_weight: Tensor, pos_sel: Tensor) -> Tensor:
-    return (h_sel * item_weight[pos_sel]).sum(-1)  # (M,)
+def _target_and_negative_scores(h: Tensor, head: ItemHead, pos: Tensor, neg: Tensor) -> tuple[Tensor, Tensor]:
+    """Scores at the target positions: h (B, L, D), pos (B, L), neg (B, L, K) -> (M,) targets, (M, K) negatives."""
+    mask = pos != 0
+    h_sel = h[mask]  # (M, D)
+    return head.score_one(h_sel, pos[mask]), head.score(h_sel, neg[mask])
 
 
 class BCE(Loss):
@@ -38,11 +44,8 @@ class BCE(Loss):
     def __init__(self, *, num_negatives: int = 1):
         self.num_negatives = num_negatives
 
-    def __call__(self, h, item_weight, pos, neg):
-        mask = pos != 0
-        h_sel = h[mask]  # (M, D)
-        s_pos = _pos_logits(h_sel, item_weight, pos[mask])  # (M,)
-        s_neg = torch.einsum("md,mkd->mk", h_sel, item_weight[neg[mask]])  # (M, K)
+    def __call__(self, h, head, pos, neg):
+        s_pos, s_neg = _target_and_negative_scores(h, head, pos, neg)  # (M,), (M, K)
         return (F.softplus(-s_pos) + F.softplus(s_neg).sum(-1)).mean()
 
 
@@ -52,19 +55,15 @@ class GBCE(Loss):
     def __init__(self, *, num_negatives: int = 256, t: float = 0.75):
         self.num_negatives, self.t = num_negatives, t
 
-    def __call__(self, h, item_weight, pos, neg):
-        num_items = item_weight.shape[0] - 1
-        alpha = self.num_negatives / (num_items - 1)
+    def __call__(self, h, head, pos, neg):
+        alpha = self.num_negatives / (head.num_items - 1)
         beta = alpha * (self.t * (1 - 1 / alpha) + 1 / alpha)
-        mask = pos != 0
-        h_sel = h[mask]
-        s_pos = _pos_logits(h_sel, item_weight, pos[mask])
-        s_neg = torch.einsum("md,mkd->mk", h_sel, item_weight[neg[mask]])
+        s_pos, s_neg = _target_and_negative_scores(h, head, pos, neg)  # (M,), (M, K)
         return ((beta * F.softplus(-s_pos) + F.softplus(s_neg).sum(-1)) / (self.num_negatives + 1)).mean()
 
 
 class _SoftmaxCrossEntropy(torch.autograd.Function):
-    """Mean of -log softmax(h W^T)[target] over rows, with the logits never leaving a row block.
+    """Mean of -log softmax(h W^T + b)[target] over rows, with the logits never leaving a row block.
 
     F.cross_entropy on materialised logits makes several full passes over the (M, I) matrix (log_softmax out,
     the one-hot gradient, log_softmax backward); here each block of rows is multiplied, normalised and
@@ -73,20 +72,26 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h: Tensor, weight: Tensor, target: Tensor, block: int, dtype: torch.dtype) -> Tensor:
-        # h: (M, D), weight: (I, D), target: (M,) in [0, I); dtype: the matmuls' dtype (autocast's, else float32)
+    def forward(
+        ctx, h: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, block: int, dtype: torch.dtype
+    ) -> Tensor:
+        # h: (M, D), weight: (I, D), bias: (I,) or None, target: (M,) in [0, I);
+        # dtype: the matmuls' dtype (autocast's, else float32); the bias is added to the float32 logits
         h_mm, w_mm = h.to(dtype), weight.to(dtype)
+        b32 = bias.float() if bias is not None else None
         probs = torch.empty(h.shape[0], weight.shape[0], dtype=torch.float32, device=h.device)  # (M, I)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], block):
             rows = slice(start, start + block)
             p = probs[rows]
             p.copy_(h_mm[rows] @ w_mm.T)  # logits (m, I)
+            if b32 is not None:
+                p.add_(b32)
             lse = torch.logsumexp(p, dim=1)  # (m,)
             total += (lse - p.gather(1, target[rows, None]).squeeze(1)).sum()
             p.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
         ctx.save_for_backward(h_mm, w_mm, target, probs)
-        ctx.block, ctx.dtypes = block, (h.dtype, weight.dtype)
+        ctx.block, ctx.dtypes = block, (h.dtype, weight.dtype, bias.dtype if bias is not None else None)
         return total / max(h.shape[0], 1)
 
     @staticmethod
@@ -96,22 +101,29 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
         scale = grad / max(h_mm.shape[0], 1)
         grad_h = torch.empty(h_mm.shape, dtype=torch.float32, device=h_mm.device)  # (M, D)
         grad_w = torch.zeros(w_mm.shape, dtype=torch.float32, device=h_mm.device)  # (I, D)
+        h_dtype, w_dtype, b_dtype = ctx.dtypes
+        grad_b = torch.zeros(w_mm.shape[0], dtype=torch.float32, device=h_mm.device) if b_dtype is not None else None
         for start in range(0, h_mm.shape[0], ctx.block):
             rows = slice(start, start + ctx.block)
             g = probs[rows]  # d loss_sum / d logits = softmax - onehot, built in place (backward runs once)
             g[torch.arange(g.shape[0], device=g.device), target[rows]] -= 1
+            if grad_b is not None:
+                grad_b += g.sum(0)  # float32, before the cast to the matmul dtype
             g = g.to(w_mm.dtype)
             grad_h[rows] = g @ w_mm
             grad_w += (g.T @ h_mm[rows]).float()
-        h_dtype, w_dtype = ctx.dtypes
-        return (grad_h * scale).to(h_dtype), (grad_w * scale).to(w_dtype), None, None, None
+        grad_b = (grad_b * scale).to(b_dtype) if grad_b is not None else None
+        return (grad_h * scale).to(h_dtype), (grad_w * scale).to(w_dtype), grad_b, None, None, None
 
 
-def softmax_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, block: int = 256) -> Tensor:
-    """Mean over rows of -log softmax(h @ weight.T)[target]; h (M, D), weight (I, D), target (M,) -> scalar."""
+def softmax_cross_entropy(
+    h: Tensor, weight: Tensor, target: Tensor, block: int = 256, bias: Tensor | None = None
+) -> Tensor:
+    """Mean over rows of -log softmax(h @ weight.T + bias)[target]; h (M, D), weight (I, D), bias (I,) or None,
+    target (M,) -> scalar."""
     dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else torch.float32
     with torch.autocast(h.device.type, enabled=False):
-        return _SoftmaxCrossEntropy.apply(h, weight, target, block, dtype)
+        return _SoftmaxCrossEntropy.apply(h, weight, bias, target, block, dtype)
 
 
 class CrossEntropy(Loss):
@@ -122,10 +134,11 @@ class CrossEntropy(Loss):
         # wants few, large launches. None: 256 on a CPU, 8192 on a GPU.
         self.chunk_tokens = chunk_tokens
 
-    def __call__(self, h, item_weight, pos, neg=None):
+    def __call__(self, h, head, pos, neg=None):
         mask = pos != 0
         block = self.chunk_tokens or (256 if h.device.type == "cpu" else 8192)
-        return softmax_cross_entropy(h[mask], item_weight[1:], pos[mask] - 1, block)
+        weight, bias = head.linear()  # score_all(h) = h @ weight.T + bias, streamed block by block
+        return softmax_cross_entropy(h[mask], weight, pos[mask] - 1, block, bias)
 
 
 class SampledSoftmax(Loss):
@@ -139,9 +152,9 @@ class SampledSoftmax(Loss):
     def __init__(self, *, num_negatives: int = 256):
         self.num_negatives = num_negatives
 
-    def __call__(self, h, item_weight, pos, neg):
-        s_pos = (h * item_weight[pos]).sum(-1)  # (B, L)
-        s_neg = torch.einsum("bld,bnd->bln", h, item_weight[neg])  # (B, L, N)
+    def __call__(self, h, head, pos, neg):
+        s_pos = head.score_one(h, pos)  # (B, L)
+        s_neg = head.score(h, neg)  # (B, L, N): each sequence's N negatives are shared by its L positions
         logits = torch.cat([s_pos.unsqueeze(-1), s_neg], dim=-1).float()  # (B, L, 1 + N)
         nll = torch.logsumexp(logits, dim=-1) - logits[..., 0]  # (B, L)
         mask = pos != 0

@@ -400,7 +400,7 @@ class Trainer:
     def train_step(self, batch) -> torch.Tensor:
         with self._autocast():
             h = self.model(batch.seq, batch.times, batch.time_scale)
-            loss = self.loss(h, self.raw_model.item_weight, batch.pos, batch.neg) * batch.loss_weight
+            loss = self.loss(h, self.raw_model.head, batch.pos, batch.neg) * batch.loss_weight
             if self.l2_emb > 0:
                 loss = loss + self.l2_emb * sum(w.pow(2).sum() for w in self.embedding_tables)
         self.optimizer.zero_grad(set_to_none=True)

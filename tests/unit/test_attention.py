@@ -34,7 +34,7 @@ def test_more_left_padding_never_changes_a_users_scores(norm_first):
     rows = [[3, 7, 9, 11, 2, 5], [8, 1]]
     short, full = model(left_padded(rows, 6)), model(left_padded(rows, 12))
     assert torch.allclose(short[:, -1], full[:, -1], atol=1e-5)
-    scores_short, scores_full = model.score_all(short[:, -1]), model.score_all(full[:, -1])
+    scores_short, scores_full = model.head.score_all(short[:, -1]), model.head.score_all(full[:, -1])
     assert torch.allclose(scores_short, scores_full, atol=1e-4)
 
 

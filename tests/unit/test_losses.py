@@ -1,10 +1,23 @@
-"""Losses against their textbook formulas."""
+"""Losses against their textbook formulas, and against the formulas they had before scoring moved into the head."""
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from seqrec.models.head import ItemHead
 from seqrec.train.losses import BCE, GBCE, CrossEntropy, SampledSoftmax
+
+
+def head_of(w, bias=None):
+    """An item head scoring with the (I+1, D) table w (trainable when w requires grad), plus an optional bias."""
+    head = ItemHead(
+        nn.Embedding.from_pretrained(w.detach(), freeze=not w.requires_grad), tied=False, bias=bias is not None
+    )
+    if bias is not None:
+        with torch.no_grad():
+            head.bias.copy_(bias)
+    return head
 
 
 def setup(k=1, shared=False):
@@ -20,7 +33,7 @@ def setup(k=1, shared=False):
 
 def test_bce_is_the_papers_formula():
     h, w, pos, neg = setup()
-    loss = BCE(num_negatives=1)(h, w, pos, neg)
+    loss = BCE(num_negatives=1)(h, head_of(w), pos, neg)
     terms = []
     for b in range(3):
         for t in range(5):
@@ -33,8 +46,8 @@ def test_cross_entropy_matches_torch_over_real_items_and_chunks():
     h, w, pos, _ = setup()
     mask = pos > 0
     expected = F.cross_entropy(h[mask] @ w[1:].T, pos[mask] - 1)
-    assert torch.allclose(CrossEntropy()(h, w, pos, None), expected, atol=1e-6)
-    assert torch.allclose(CrossEntropy(chunk_tokens=4)(h, w, pos, None), expected, atol=1e-6)
+    assert torch.allclose(CrossEntropy()(h, head_of(w), pos, None), expected, atol=1e-6)
+    assert torch.allclose(CrossEntropy(chunk_tokens=4)(h, head_of(w), pos, None), expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("block", [3, 256])
@@ -45,17 +58,18 @@ def test_cross_entropy_gradients_match_torch(block):
     pos[::5] = 0  # padding rows: no loss, no gradient
     F.cross_entropy(h[pos > 0] @ w[1:].T, pos[pos > 0] - 1).mul(2.5).backward()
     expected = h.grad.clone(), w.grad.clone()
-    h.grad = w.grad = None
-    CrossEntropy(chunk_tokens=block)(h[None], w, pos[None], None).mul(2.5).backward()
+    h.grad = None
+    head = head_of(w)
+    CrossEntropy(chunk_tokens=block)(h[None], head, pos[None], None).mul(2.5).backward()
     assert torch.allclose(h.grad, expected[0], atol=1e-6)
-    assert torch.allclose(w.grad, expected[1], atol=1e-6)
-    assert w.grad[0].abs().sum() == 0  # the padding item's row gets nothing
+    assert torch.allclose(head.weight.grad, expected[1], atol=1e-6)
+    assert head.weight.grad[0].abs().sum() == 0  # the padding item's row gets nothing
 
 
 def test_cross_entropy_refuses_a_second_backward_through_its_reused_buffer():
     h, w, pos, _ = setup()
     h.requires_grad_(True)
-    loss = CrossEntropy()(h, w, pos, None)
+    loss = CrossEntropy()(h, head_of(w), pos, None)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="inplace"):
         loss.backward()
@@ -64,9 +78,9 @@ def test_cross_entropy_refuses_a_second_backward_through_its_reused_buffer():
 def test_cross_entropy_under_bfloat16_autocast_stays_close_and_in_float32():
     torch.manual_seed(2)
     h, w, pos = torch.randn(2, 30, 16, requires_grad=True), torch.randn(50, 16), torch.randint(1, 50, (2, 30))
-    exact = CrossEntropy()(h, w, pos, None)
+    exact = CrossEntropy()(h, head_of(w), pos, None)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed = CrossEntropy()(h, w, pos, None)
+        mixed = CrossEntropy()(h, head_of(w), pos, None)
     mixed.backward()
     assert mixed.dtype == torch.float32 and h.grad.dtype == torch.float32
     assert abs(mixed.item() - exact.item()) < 0.05 * exact.item()
@@ -77,9 +91,96 @@ def test_sampled_softmax_with_all_other_items_equals_full_softmax():
     pos[:] = 1  # the target is item 1 everywhere, negatives are items 2..20
     neg = torch.arange(2, 21).expand(3, 19)
     expected = F.cross_entropy((h @ w[1:].T).reshape(-1, 20), torch.zeros(15, dtype=torch.long))
-    assert torch.allclose(SampledSoftmax(num_negatives=19)(h, w, pos, neg), expected, atol=1e-5)
+    assert torch.allclose(SampledSoftmax(num_negatives=19)(h, head_of(w), pos, neg), expected, atol=1e-5)
 
 
 def test_gbce_with_t_zero_is_scaled_bce():
     h, w, pos, neg = setup(k=4)
-    assert torch.allclose(GBCE(num_negatives=4, t=0.0)(h, w, pos, neg), BCE(num_negatives=4)(h, w, pos, neg) / 5)
+    assert torch.allclose(
+        GBCE(num_negatives=4, t=0.0)(h, head_of(w), pos, neg), BCE(num_negatives=4)(h, head_of(w), pos, neg) / 5
+    )
+
+
+# --- the same numbers as the formulas the losses had before they scored through the head -------------------------
+
+
+def previous_bce(h, w, pos, neg, beta=1.0, scale=1.0):
+    mask = pos != 0
+    h_sel = h[mask]
+    s_pos = (h_sel * w[pos[mask]]).sum(-1)
+    s_neg = torch.einsum("md,mkd->mk", h_sel, w[neg[mask]])
+    return ((beta * F.softplus(-s_pos) + F.softplus(s_neg).sum(-1)) / scale).mean()
+
+
+def previous_sampled_softmax(h, w, pos, neg):
+    s_pos = (h * w[pos]).sum(-1)
+    s_neg = torch.einsum("bld,bnd->bln", h, w[neg])
+    logits = torch.cat([s_pos.unsqueeze(-1), s_neg], dim=-1).float()
+    return (torch.logsumexp(logits, dim=-1) - logits[..., 0])[pos != 0].mean()
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_bce_and_gbce_are_bitwise_what_they_were(k):
+    h, w, pos, neg = setup(k=k)
+    assert torch.equal(BCE(num_negatives=k)(h, head_of(w), pos, neg), previous_bce(h, w, pos, neg))
+    alpha = k / (20 - 1)
+    beta = alpha * (0.75 * (1 - 1 / alpha) + 1 / alpha)
+    expected = previous_bce(h, w, pos, neg, beta=beta, scale=k + 1)
+    assert torch.equal(GBCE(num_negatives=k, t=0.75)(h, head_of(w), pos, neg), expected)
+
+
+def test_sampled_softmax_is_bitwise_what_it_was():
+    h, w, pos, neg = setup(k=7, shared=True)
+    assert torch.equal(
+        SampledSoftmax(num_negatives=7)(h, head_of(w), pos, neg), previous_sampled_softmax(h, w, pos, neg)
+    )
+
+
+# --- a head with an output bias: every loss scores with it ---------------------------------------------------------
+
+
+def biased_setup(k=3, shared=False):
+    h, w, pos, neg = setup(k=k, shared=shared)
+    bias = torch.linspace(-2.0, 3.0, w.shape[0])
+    return h, w, bias, pos, neg
+
+
+def test_bce_and_gbce_add_the_bias_to_every_score():
+    h, w, bias, pos, neg = biased_setup()
+    loss = BCE(num_negatives=3)(h, head_of(w, bias), pos, neg)
+    m = pos != 0
+    s_pos = (h[m] * w[pos[m]]).sum(-1) + bias[pos[m]]
+    s_neg = (h[m][:, None] * w[neg[m]]).sum(-1) + bias[neg[m]]
+    assert torch.allclose(loss, (F.softplus(-s_pos) + F.softplus(s_neg).sum(-1)).mean(), atol=1e-6)
+    gbce = GBCE(num_negatives=3, t=0.0)(h, head_of(w, bias), pos, neg)
+    assert torch.allclose(gbce, loss / 4, atol=1e-6)  # t = 0: beta = 1
+
+
+def test_sampled_softmax_adds_the_bias_to_every_score():
+    h, w, bias, pos, neg = biased_setup(k=5, shared=True)
+    loss = SampledSoftmax(num_negatives=5)(h, head_of(w, bias), pos, neg)
+    items = torch.cat([pos[..., None], neg[:, None, :].expand(-1, pos.shape[1], -1)], -1)  # (B, L, 1 + N)
+    logits = (h[..., None, :] * w[items]).sum(-1) + bias[items]
+    expected = F.cross_entropy(logits[pos != 0], torch.zeros(int((pos != 0).sum()), dtype=torch.long))
+    assert torch.allclose(loss, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("block", [3, 256])
+def test_chunked_cross_entropy_with_a_bias_matches_torch_in_value_and_gradients(block):
+    torch.manual_seed(3)
+    h = torch.randn(1, 37, 8, requires_grad=True)
+    w, bias = torch.randn(21, 8), torch.randn(21)
+    pos = torch.randint(0, 21, (1, 37))
+    pos[0, ::5] = 0
+    reference = head_of(w.requires_grad_(), bias)
+    m = pos != 0
+    F.cross_entropy(reference.score_all(h[m]), pos[m] - 1).mul(2.5).backward()
+    expected = h.grad.clone(), reference.weight.grad, reference.bias.grad
+    h.grad = None
+    head = head_of(w, bias)
+    value = CrossEntropy(chunk_tokens=block)(h, head, pos, None)
+    assert torch.allclose(value, F.cross_entropy(reference.score_all(h[m]), pos[m] - 1), atol=1e-6)
+    value.mul(2.5).backward()
+    for got, want in zip((h.grad, head.weight.grad, head.bias.grad), expected):
+        assert torch.allclose(got, want, atol=1e-6)
+    assert head.bias.grad[0] == 0 and head.bias.grad.abs().sum() > 0  # the padding item is never a class

@@ -10,6 +10,7 @@ from torch import nn
 from seqrec.data.dataset import split_leave_one_out
 from seqrec.eval.evaluator import Evaluator
 from seqrec.eval.metrics import metric_sums, rank_of_target
+from seqrec.models.head import ItemHead
 
 
 def test_metrics_match_hand_computed_values():
@@ -32,11 +33,8 @@ class FixedScores(nn.Module):
 
     def __init__(self, scores):
         super().__init__()
-        self.register_buffer("w", torch.tensor(scores, dtype=torch.float32).unsqueeze(1))
-
-    @property
-    def item_weight(self):
-        return self.w
+        table = nn.Embedding.from_pretrained(torch.tensor(scores, dtype=torch.float32).unsqueeze(1))  # (I+1, 1)
+        self.head = ItemHead(table, tied=False)
 
     def forward(self, seq, times=None, time_scale=None):
         return torch.ones(seq.shape + (1,))
@@ -106,3 +104,40 @@ def test_sharded_evaluation_sums_to_the_single_process_numbers():
         n = len(part.users("test")[rank::3])
         sums += np.array(list(part.evaluate(model, "test").values())) * n
     assert np.allclose(sums / len(data.eval_users("test")), list(whole.values()))
+
+
+class PreviousScoring(Evaluator):
+    """The evaluator's ranking as it was written before scoring moved into the model's head."""
+
+    def _ranks(self, model, h, users, target, split):
+        out = []
+        weight = model.item_emb.weight.float()
+        target_scores = (h * weight[target]).sum(-1)
+        if self.protocol == "full":
+            scores = h @ weight[1:].T
+            rows = torch.arange(len(users), device=h.device)
+            scores[rows, target - 1] = -torch.inf
+            if self.filter_seen:
+                r, items = self._seen(users, split)
+                scores[r, items - 1] = -torch.inf
+            out.append(rank_of_target(scores, target_scores))
+        if self.needs_sampled:
+            cand = torch.from_numpy(self.negatives(split)[users])
+            out.append(rank_of_target(torch.einsum("bd,bnd->bn", h, weight[cand]), target_scores))
+        return out
+
+
+@pytest.mark.parametrize("protocol", ["full", "sampled"])
+def test_a_model_gets_bitwise_the_metrics_of_the_previous_scoring(protocol):
+    from seqrec.models.sasrec import SASRec
+
+    rng = np.random.default_rng(2)
+    users = np.repeat(np.arange(200), 12)
+    items = np.concatenate([rng.choice(np.arange(1, 301), 12, replace=False) for _ in range(200)])
+    data = split_leave_one_out("r", users, items, None, np.arange(200), np.arange(301))
+    torch.manual_seed(0)
+    model = SASRec(num_items=300, maxlen=12, hidden_units=16, num_blocks=1, num_heads=1, dropout_rate=0.0)
+    kwargs = dict(protocol=protocol, num_negatives=50, ks=[1, 5, 10, 20], maxlen=12, also_sampled=True)
+    for split in ("valid", "test"):
+        now, before = Evaluator(data, **kwargs), PreviousScoring(data, **kwargs)
+        assert now.evaluate(model, split) == before.evaluate(model, split)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from seqrec.data.time import interval_buckets
+from seqrec.models.time_intervals import interval_buckets
 
 T0 = 1_600_000_000  # a realistic unix time: differences, not absolute values, must matter
 

@@ -190,9 +190,10 @@ def test_scores_use_the_shared_item_table():
     model = make().eval()
     seq, times, scale = batch()
     h = model(seq, times, scale)[:, -1]
-    assert model.score_all(h).shape == (4, 30)
+    assert model.head.score_all(h).shape == (4, 30)
+    torch.testing.assert_close(model.head.score_all(h), h @ model.item_emb.weight[1:].T)
     cands = torch.randint(1, 31, (4, 5))
-    torch.testing.assert_close(model.score_candidates(h, cands), model.score_all(h).gather(1, cands - 1))
+    torch.testing.assert_close(model.head.score(h, cands), model.head.score_all(h).gather(1, cands - 1))
 
 
 def gap_task(n, L=8, seed=0):
@@ -214,13 +215,13 @@ def test_the_time_signal_reaches_the_prediction(cls, expect_time_signal):
     seq, times, target = gap_task(256)
     scale = torch.ones(len(seq), dtype=torch.long)
     for _ in range(150):
-        logits = model.score_all(model(seq, times, scale)[:, 1:].reshape(-1, 16))  # positions with a previous gap
+        logits = model.head.score_all(model(seq, times, scale)[:, 1:].reshape(-1, 16))  # positions with a previous gap
         loss = torch.nn.functional.cross_entropy(logits, target[:, 1:].reshape(-1) - 1)
         opt.zero_grad()
         loss.backward()
         opt.step()
     seq, times, target = gap_task(512, seed=1)
     with torch.no_grad():
-        pred = model.score_all(model(seq, times, scale[:1].expand(512))[:, -1]).argmax(-1) + 1
+        pred = model.head.score_all(model(seq, times, scale[:1].expand(512))[:, -1]).argmax(-1) + 1
     accuracy = (pred == target[:, -1]).float().mean().item()
     assert accuracy > 0.95 if expect_time_signal else accuracy < 0.65, accuracy

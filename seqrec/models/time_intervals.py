@@ -8,7 +8,9 @@ with `unit` = 1 s (second), 60 s (minute), 3,600 s (hour), 86,400 s (day), or th
 between consecutive training timestamps (personal: the paper's per-user scaling, docs/MODELS.md Eq. 8). Equal timestamps
 fall in bucket 0; the order of the timestamps does not matter (|.|); gaps of span units or more share bucket span.
 Pairs that involve a padded slot get bucket 0 (they are masked in attention anyway). Nothing is precomputed per
-user: the (B, L, L) matrix lives only for the forward pass that needs it.
+user: the (B, L, L) matrix lives only for the forward pass that needs it. A pure tensor function of the model's
+inputs (timestamps, and the per-user scale the data side computes, seqrec.data.windows.user_time_scale): the
+model computes it with its own unit and span, so the data side needs no knowledge of the model's configuration.
 """
 
 from __future__ import annotations
