@@ -66,8 +66,8 @@ def test_all_bad_values_are_reported_together_with_their_paths(tmp_path):
         "model.dmodel: unknown key for seqrec.models.tisasrec.TiSASRec",
         "trainer.patience='abc': expected int",
         "trainer.plateau_factor=1: must be in (0, 1)",
-        "sampler.history='every': must be last or all",
-        "trainer.lr_schedule='linear': must be constant or cosine",
+        "sampler.history='every': must be one of last, all",
+        "trainer.lr_schedule='linear': must be one of constant, cosine",
     ):
         assert needle in msg
 

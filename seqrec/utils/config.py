@@ -8,12 +8,19 @@ checked against its int/float/bool/str/list annotations; a few value rules cover
 from __future__ import annotations
 
 import inspect
+import math
+import re
 import typing
 
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from seqrec.data import synthetic
+from seqrec.data.dataset import DUPLICATES
+from seqrec.data.readers import FORMATS
+from seqrec.data.time import TIME_UNITS
 from seqrec.errors import ConfigError
+from seqrec.nn.residual import KERNELS
 
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 # constructor arguments that run.py passes at runtime rather than YAML
@@ -33,15 +40,51 @@ RUNTIME_ARGS = {
 }
 RUNTIME_NODES = ("dataset", "model", "residual", "loss", "sampler", "trainer", "eval", "logger")
 
+
+def _one_of(*choices: str) -> tuple:
+    return (lambda v: v in choices, "must be one of " + ", ".join(choices))
+
+
 positive = (lambda v: v > 0, "must be > 0")
 non_negative = (lambda v: v >= 0, "must be >= 0")
+any_finite = (lambda v: True, "")  # floats without a natural range: only finiteness (checked for every float)
+unit_interval = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
+seed_range = (lambda v: 0 <= v < 2**63, "must be in [0, 2**63)")  # numpy and torch refuse negative seeds
+
+# Value rules by config path, for the keys of `_target_` nodes. Every numeric key of every config option has one
+# (tests/test_configs.py checks it); a rule applies only to values that passed the type check, None is skipped.
 RULES = {
+    "dataset.min_item_interactions": non_negative,
+    "dataset.min_user_interactions": non_negative,
+    "dataset.format": _one_of(*FORMATS),
+    "dataset.duplicates": _one_of(*DUPLICATES),
+    **{f"dataset.{name}": rule for name, rule in synthetic.ARGUMENT_RULES.items()},
+    "dataset.seed": seed_range,
     "model.maxlen": positive,
     "model.hidden_units": positive,
     "model.num_blocks": positive,
     "model.num_heads": positive,
     "model.dropout_rate": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "model.time_span": positive,
+    "model.time_unit": _one_of(*TIME_UNITS),
+    "residual.expansion_rate": positive,
+    "residual.sinkhorn_iters": positive,
+    "residual.init_gate": any_finite,
+    "residual.res_diag_init": any_finite,
+    "residual.readout": _one_of("sum", "mean"),
+    "residual.kernel": _one_of(*KERNELS),
+    "loss.num_negatives": positive,
+    "loss.t": unit_interval,
+    "loss.chunk_tokens": positive,
+    "sampler.batch_size": positive,
+    "sampler.maxlen": positive,
+    "sampler.seed": seed_range,
+    "sampler.history": _one_of("last", "all"),
     "trainer.lr": positive,
+    "trainer.betas": (
+        lambda v: len(v) == 2 and all(_is_number(b) and 0 <= b < 1 for b in v),
+        "must be [b1, b2] in [0, 1)",
+    ),
     "trainer.batch_size": positive,
     "trainer.num_epochs": positive,
     "trainer.eval_every": positive,
@@ -51,26 +94,62 @@ RULES = {
     "trainer.warmup_steps": non_negative,
     "trainer.lr_decay_step": positive,
     "trainer.lr_decay_rate": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
-    "trainer.lr_schedule": (lambda v: v in ("constant", "cosine"), "must be constant or cosine"),
+    "trainer.lr_schedule": _one_of("constant", "cosine"),
     "trainer.l2_emb": non_negative,
     "trainer.grad_clip": non_negative,
     "trainer.devices": positive,
     "trainer.num_workers": non_negative,
+    "trainer.log_every_steps": positive,
+    "trainer.time_limit_min": non_negative,
     "trainer.device": (
         lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"),
         "must be auto, cpu or cuda[:N]",
     ),
-    "trainer.amp_dtype": (lambda v: v in ("bfloat16", "float16"), "must be bfloat16 or float16"),
-    "eval.protocol": (lambda v: v in ("full", "sampled"), "must be full or sampled"),
-    "sampler.history": (lambda v: v in ("last", "all"), "must be last or all"),
+    "trainer.amp_dtype": _one_of("bfloat16", "float16"),
+    "eval.protocol": _one_of("full", "sampled"),
     "eval.num_negatives": positive,
     "eval.batch_size": positive,
+    "eval.maxlen": positive,
+    "eval.seed": seed_range,
     "eval.ks": (
-        lambda v: len(v) > 0 and all(isinstance(k, int) and k > 0 for k in v),
-        "must be a list of positive ints",
+        lambda v: len(v) > 0 and all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in v),
+        "must be a non-empty list of positive ints",
     ),
-    "loss.num_negatives": positive,
 }
+
+# Keys of plain nodes (no `_target_`, so no signature to read the types from): path -> (type, rule or None).
+PLAIN_KEYS = {
+    "seed": (int, seed_range),
+    "optimized_metric": (str, None),
+    "distributed.backend": (str, _one_of("auto", "nccl", "gloo")),
+    "distributed.master_port": (int, (lambda v: 0 <= v <= 65535, "must be a port in [0, 65535]")),
+    "distributed.timeout_s": (int, positive),
+    "slurm.timeout_min": (int, positive),
+    "slurm.max_num_timeout": (int, non_negative),
+    "slurm.signal_delay_s": (int, non_negative),
+    "slurm.nodes": (int, positive),
+    "slurm.tasks_per_node": (int, positive),
+    "slurm.gpus_per_node": (int | None, non_negative),
+    "slurm.cpus_per_task": (int, positive),
+    "slurm.mem_gb": (int, positive),
+}
+# a value that only points at another key (`${trainer.batch_size}`) is checked there, not reported twice
+_REFERENCE = re.compile(r"^\$\{[\w.]+\}$")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _value_problem(path: str, value, annotation, rule) -> str | None:
+    """The problem with one value (type, finiteness, then range rule), or None."""
+    if not _type_ok(value, annotation):
+        return f"{path}={value!r}: expected {_describe(annotation)}"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{path}={value!r}: must be a finite number"
+    if rule and value is not None and not rule[0](value):
+        return f"{path}={value!r}: {rule[1]}"
+    return None
 
 
 def _type_ok(value, annotation) -> bool:
@@ -121,6 +200,7 @@ def _check_node(path: str, node: DictConfig, problems: list[str]) -> None:
         problems.append(f"{path}._target_: cannot import '{target}'")
         return
     params, hints, takes_any = _signature(obj)
+    raw = OmegaConf.to_container(node, resolve=False)  # interpolations as written
     for key in node:
         if key in HYDRA_KEYS:
             continue
@@ -134,17 +214,17 @@ def _check_node(path: str, node: DictConfig, problems: list[str]) -> None:
             continue
         if key not in params or OmegaConf.is_interpolation(node, key) and isinstance(node[key], DictConfig):
             continue
+        if OmegaConf.is_interpolation(node, key) and _REFERENCE.match(str(raw[key])):
+            continue
         value = node[key]
         if isinstance(value, DictConfig):
             continue
         value = OmegaConf.to_object(value) if isinstance(value, ListConfig) else value
-        annotation = hints.get(key, params[key].annotation)
-        if not _type_ok(value, annotation):
-            problems.append(f"{path}.{key}={value!r}: expected {_describe(annotation)}")
-            continue
-        rule = RULES.get(f"{path}.{key}")
-        if rule and not rule[0](value):
-            problems.append(f"{path}.{key}={value!r}: {rule[1]}")
+        problem = _value_problem(
+            f"{path}.{key}", value, hints.get(key, params[key].annotation), RULES.get(f"{path}.{key}")
+        )
+        if problem:
+            problems.append(problem)
     for name, p in params.items():
         if (
             p.default is inspect.Parameter.empty
@@ -167,12 +247,48 @@ def check_config(cfg: DictConfig) -> None:
             _check_node(path, node, problems)
         except Exception as e:  # an unresolvable interpolation, say
             problems.append(f"{path}: {type(e).__name__}: {e}".splitlines()[0])
-    model = cfg.get("model")
+    _check_plain_keys(cfg, problems)
+    _check_across_keys(cfg, problems)
+    if len(problems) == 1:
+        raise ConfigError(f"invalid config: {problems[0]}")
+    if problems:
+        raise ConfigError(f"invalid config ({len(problems)} problems):\n  " + "\n  ".join(problems))
+
+
+def _check_plain_keys(cfg: DictConfig, problems: list[str]) -> None:
+    """Types and ranges of the keys outside `_target_` nodes (seed, distributed.*, slurm.*), where present."""
+    for path, (annotation, rule) in PLAIN_KEYS.items():
+        parent = path.rpartition(".")[0]
+        if parent and not isinstance(cfg.get(parent), DictConfig):
+            continue  # the whole node (e.g. slurm) is absent in this composition
+        try:
+            value = OmegaConf.select(cfg, path, throw_on_missing=True)
+        except Exception as e:  # missing (???) or an unresolvable interpolation
+            problems.append(f"{path}: {str(e).splitlines()[0]}")
+            continue
+        problem = _value_problem(path, value, annotation, rule)
+        if problem:
+            problems.append(problem)
+
+
+def _check_across_keys(cfg: DictConfig, problems: list[str]) -> None:
+    """Rules that involve two keys."""
+    model, trainer, evaluation = (cfg.get(k) for k in ("model", "trainer", "eval"))
     if isinstance(model, DictConfig):
         heads, hidden = model.get("num_heads"), model.get("hidden_units")
         if isinstance(heads, int) and isinstance(hidden, int) and heads > 0 and hidden % heads:
             problems.append(f"model.hidden_units={hidden}: must be divisible by model.num_heads={heads}")
-    if problems:
-        raise ConfigError(
-            f"invalid config ({len(problems)} problem{'s' * (len(problems) > 1)}):\n  " + "\n  ".join(problems)
-        )
+    if isinstance(trainer, DictConfig):
+        batch, devices = trainer.get("batch_size"), trainer.get("devices")
+        if isinstance(batch, int) and isinstance(devices, int) and 0 < batch < devices:
+            problems.append(f"trainer.batch_size={batch}: must be >= trainer.devices={devices} (a row per rank)")
+    if isinstance(evaluation, DictConfig):
+        ks, negatives = evaluation.get("ks"), evaluation.get("num_negatives")
+        sampled = evaluation.get("protocol") == "sampled" or evaluation.get("also_sampled") is True
+        if sampled and isinstance(negatives, int) and negatives > 0 and isinstance(ks, ListConfig):
+            too_big = [k for k in ks if isinstance(k, int) and k > negatives]
+            if too_big:
+                problems.append(
+                    f"eval.ks={list(ks)}: k={too_big[0]} must be <= eval.num_negatives={negatives} under the sampled "
+                    f"protocol (a target among {negatives + 1} candidates is always in the top {negatives + 1})"
+                )

@@ -53,12 +53,13 @@ def test_split_on_tiny_file(tiny):
 
 def test_no_timestamps_keep_file_order(tmp_path):
     path = tmp_path / "x.txt"
-    path.write_text("2 30\n1 20\n2 10\n1 10\n1 30\n2 20\n")
+    path.write_text("2 30\n1 20\n2 10\n1 10\n1 30\n2 20\n3 10\n3 20\n")
     d = from_file(path=str(path))
     assert not d.has_time and d.train_times is None and d.valid_time is None and d.test_time is None
-    assert d.user_ids.tolist() == [1, 2] and d.item_ids.tolist() == [0, 20, 10, 30]
-    # user 1: 20 10 30 -> train [20], valid 10, test 30; user 2: 30 10 20
-    assert d.train_items.tolist() == [1, 3] and d.valid_item.tolist() == [2, 2] and d.test_item.tolist() == [3, 1]
+    assert d.user_ids.tolist() == [1, 2, 3] and d.item_ids.tolist() == [0, 20, 10, 30]
+    # user 1: 20 10 30 -> train [20], valid 10, test 30; user 2: 30 10 20; user 3 (2 items): training only
+    assert d.train_items.tolist() == [1, 3, 2, 1]
+    assert d.valid_item.tolist() == [2, 2, 0] and d.test_item.tolist() == [3, 1, 0]
 
 
 def test_short_users_kept_for_training(tmp_path):
@@ -71,23 +72,29 @@ def test_short_users_kept_for_training(tmp_path):
     assert d.num_interactions == 6
 
 
-def test_only_short_users(tmp_path):
-    path = tmp_path / "x.txt"
-    path.write_text("1 1\n2 2\n2 1\n")
-    d = from_file(path=str(path))
+def test_only_short_users_split_without_targets():
+    # the split itself accepts users without targets; `validate` (every factory) refuses data with none at all
+    d = split_leave_one_out("x", np.array([0, 1, 1]), np.array([1, 2, 1]), None, np.array([1, 2]), np.arange(3))
     assert len(d.eval_users("valid")) == 0 and d.train_lengths.tolist() == [1, 2]
     assert d.history_pairs("test")[1].tolist() == [1, 2, 1]
     assert "2 users, 2 items, 3 interactions" in d.summary()
 
 
+def test_only_short_users_in_a_file_are_refused(tmp_path):
+    path = tmp_path / "x.txt"
+    path.write_text("1 1\n2 2\n2 1\n")
+    with pytest.raises(DataError, match=r"x\.txt: no user has a validation target: .* needs users with >= 3"):
+        from_file(path=str(path))
+
+
 def test_min_interaction_filters(tmp_path):
-    lines = [f"{u} {i}" for u in (1, 2, 3) for i in (1, 2, 3)] + ["1 9", "4 1", "4 2"]
+    lines = [f"{u} {i}" for u in (1, 2, 3) for i in (1, 2, 3, 4)] + ["1 9", "4 1", "4 2"]
     path = tmp_path / "x.txt"
     path.write_text("\n".join(lines) + "\n")
     d = from_file(path=str(path), min_item_interactions=2)  # item 9 (1 interaction) goes
-    assert 9 not in d.item_ids.tolist() and d.num_interactions == 11 and d.num_users == 4
+    assert 9 not in d.item_ids.tolist() and d.num_interactions == 14 and d.num_users == 4
     d = from_file(path=str(path), min_item_interactions=2, min_user_interactions=3)  # then user 4 (2 left) goes
-    assert d.user_ids.tolist() == [1, 2, 3] and d.num_interactions == 9
+    assert d.user_ids.tolist() == [1, 2, 3] and d.num_interactions == 12
 
 
 def test_split_accepts_ungrouped_input():
