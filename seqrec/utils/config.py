@@ -18,9 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from seqrec.data import synthetic
 from seqrec.data.dataset import DUPLICATES
 from seqrec.data.readers import FORMATS
-from seqrec.data.time import TIME_UNITS
 from seqrec.errors import ConfigError
-from seqrec.nn.residual import KERNELS
 
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 # constructor arguments that run.py passes at runtime rather than YAML
@@ -66,13 +64,10 @@ RULES = {
     "model.num_heads": positive,
     "model.dropout_rate": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "model.time_span": positive,
-    "model.time_unit": _one_of(*TIME_UNITS),
     "residual.expansion_rate": positive,
     "residual.sinkhorn_iters": positive,
     "residual.init_gate": any_finite,
     "residual.res_diag_init": any_finite,
-    "residual.readout": _one_of("sum", "mean"),
-    "residual.kernel": _one_of(*KERNELS),
     "loss.num_negatives": positive,
     "loss.t": unit_interval,
     "loss.chunk_tokens": positive,
