@@ -1,8 +1,11 @@
 """Train and evaluate a sequential recommender: `python train.py [group=option ...] [key=value ...]`."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
+from seqrec.preflight import missing_launcher
 from seqrec.run import main as run_main
 
 
@@ -12,4 +15,6 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    if problem := missing_launcher(sys.argv[1:]):
+        sys.exit(f"error: {problem}")
     main()
