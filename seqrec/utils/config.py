@@ -7,13 +7,18 @@ checked against its int/float/bool/str/list annotations; a few value rules cover
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import math
 import re
 import typing
 
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from seqrec.data import synthetic
 from seqrec.data.dataset import DUPLICATES
@@ -287,3 +292,57 @@ def _check_across_keys(cfg: DictConfig, problems: list[str]) -> None:
                     f"eval.ks={list(ks)}: k={too_big[0]} must be <= eval.num_negatives={negatives} under the sampled "
                     f"protocol (a target among {negatives + 1} candidates is always in the top {negatives + 1})"
                 )
+
+
+def composition_problem(args: list[str], config_dir: str) -> str | None:
+    """One line for a command line that Hydra cannot compose (an unknown option or key, bad override syntax), or
+    None. Hydra's own report of these spans several lines (search path, object type); this one names the override
+    and what was expected. Command lines with flags (--multirun, --cfg, ...) are left to Hydra."""
+    if any(arg.startswith("-") for arg in args):
+        return None
+    try:
+        _compose(args, config_dir)
+    except MissingConfigException as e:
+        group = (e.missing_cfg_file or "").split("/")[0]
+        chosen = next((a for a in args if a.lstrip("+~").split("=")[0] == group), group)
+        return f"{chosen}: no such option" + (f" (available: {', '.join(e.options)})" if e.options else "")
+    except OverrideParseException as e:
+        bad = next((a for a in args if not _parses(a)), " ".join(args))
+        return f"{bad}: cannot parse this override ({str(e).splitlines()[0]}), expected key=value"
+    except (HydraException, OmegaConfBaseException) as e:
+        cause = e.__cause__ or e
+        key = getattr(cause, "full_key", None)
+        if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and key:
+            return f"{key}: no such key in the config{_closest_keys(key, args, config_dir)}"
+        return str(e).strip().splitlines()[0]
+    return None
+
+
+def _parses(arg: str) -> bool:
+    try:
+        OverridesParser.create().parse_override(arg)
+        return True
+    except HydraException:  # OverrideParseException, or HydraException for some syntax errors
+        return False
+
+
+def _compose(args: list[str], config_dir: str) -> DictConfig:
+    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+        return compose(config_name="train", overrides=args)
+
+
+def _closest_keys(key: str, args: list[str], config_dir: str) -> str:
+    """ " (did you mean trainer.lr?)" from the keys next to `key` in the config composed without it, or ""."""
+    parent, _, name = key.rpartition(".")
+    try:
+        cfg = _compose([a for a in args if a.split("=")[0] != key], config_dir)
+    except Exception:  # another override is broken too: no suggestion
+        return ""
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    if not isinstance(node, DictConfig):
+        return ""
+    close = difflib.get_close_matches(name, [str(k) for k in node.keys()], n=2)
+    if not close:
+        value = next((a.split("=", 1)[1] for a in args if a.split("=")[0] == key), "...")
+        return f" (see `python train.py --cfg job`; to add a key the config does not list: +{key}={value})"
+    return " (did you mean " + " or ".join(f"{parent}.{k}" if parent else k for k in close) + "?)"
