@@ -99,3 +99,29 @@ def test_cli_reports_user_errors_without_a_traceback(overrides, needle, tmp_path
     assert proc.returncode != 0
     assert needle in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _numeric_leaves(node, path=""):
+    for key, value in node.items():
+        full = f"{path}.{key}" if path else str(key)
+        if isinstance(value, dict):
+            yield from _numeric_leaves(value, full)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield full
+
+
+def test_every_numeric_key_of_every_option_has_a_range_rule(tmp_path):
+    from omegaconf import OmegaConf
+
+    from seqrec.data import synthetic as generator
+    from seqrec.utils.config import PLAIN_KEYS, RULES
+
+    numeric = {f"dataset.{name}" for name in generator.ARGUMENT_RULES}  # +dataset.<knob> reaches these
+    for group in ("model", "residual", "loss", "hardware", "dataset"):
+        for option in options(group):
+            extra = ["dataset.path=x.txt"] if option == "file" else []
+            cfg = OmegaConf.to_container(compose_config([f"{group}={option}"] + extra, tmp_path), resolve=False)
+            cfg.pop("hydra", None)
+            numeric.update(_numeric_leaves(cfg))
+    unruled = sorted(key for key in numeric if key not in RULES and key not in PLAIN_KEYS)
+    assert numeric and not unruled, unruled

@@ -258,9 +258,12 @@ def check_config(cfg: DictConfig) -> None:
 def _check_plain_keys(cfg: DictConfig, problems: list[str]) -> None:
     """Types and ranges of the keys outside `_target_` nodes (seed, distributed.*, slurm.*), where present."""
     for path, (annotation, rule) in PLAIN_KEYS.items():
-        parent = path.rpartition(".")[0]
-        if parent and not isinstance(cfg.get(parent), DictConfig):
+        parent, _, key = path.rpartition(".")
+        node = cfg.get(parent) if parent else cfg
+        if not isinstance(node, DictConfig):
             continue  # the whole node (e.g. slurm) is absent in this composition
+        if OmegaConf.is_interpolation(node, key) and _REFERENCE.match(str(OmegaConf.to_container(node)[key])):
+            continue
         try:
             value = OmegaConf.select(cfg, path, throw_on_missing=True)
         except Exception as e:  # missing (???) or an unresolvable interpolation
