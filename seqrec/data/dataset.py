@@ -1,6 +1,11 @@
 """Per-user chronological sequences (`SeqData`), the leave-one-out split of SASRec / TiSASRec (last item -> test,
 second last -> validation, the rest -> training), and the Hydra factories used as `_target_` in
 `conf/dataset/*.yaml`: `synthetic`, `from_file` and `prepared`.
+
+Every factory ends in `validate`, the one place that checks what every later stage relies on (ids in range, CSR
+offsets, timestamps in order per user, at least one validation target, one test target and one training window),
+so bad data stops here with one `DataError` line instead of as an empty batch or all-zero metrics later. Row-level
+problems (duplicates, suspicious timestamps) are handled in `build`, which still knows each row's file line.
 """
 
 from __future__ import annotations

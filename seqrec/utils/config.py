@@ -1,8 +1,10 @@
 """Pre-flight config check: every problem in the composed config, reported at once with its config path.
 
 The schema is each `_target_`'s constructor: keys are bound to its signature (unknown or missing keys) and
-checked against its int/float/bool/str/list annotations; a few value rules cover what types cannot say
-(e.g. hidden_units divisible by num_heads). Runs before any data is read or any file written.
+checked against its int/float/bool/str/list annotations. Value rules (`RULES`, `PLAIN_KEYS`) give every numeric
+key its range (tests/test_configs.py checks that none is missing); floats must be finite; a few rules span two
+keys (hidden_units divisible by num_heads). Runs before any data is read or any file written. One problem is one
+line; several are listed under one. `composition_problem` does the same for what Hydra cannot even compose.
 """
 
 from __future__ import annotations
