@@ -5,7 +5,7 @@ import pickle
 import numpy as np
 import pytest
 
-from seqrec.data.dataset import SeqData, from_file, prepared, split_leave_one_out
+from seqrec.data.dataset import SeqData, from_file, prepared, split_leave_one_out, validate
 from seqrec.errors import DataError
 
 # user item timestamp, deliberately out of order (users interleaved, times unsorted, one same-second tie)
@@ -173,3 +173,53 @@ def test_prepared_missing_tells_the_command(tmp_path):
     msg = str(e.value)
     assert "interactions.tsv: not found" in msg and f"python -m seqrec.data.prepare ml-1m --root {tmp_path}" in msg
     assert "\n" not in msg
+
+
+def _two_users(**changes) -> SeqData:
+    """Two users with 4 interactions each, timestamps 10, 20, 30, 40 (valid at 30, test at 40)."""
+    fields = dict(
+        name="v",
+        num_users=2,
+        num_items=4,
+        train_ptr=np.array([0, 2, 4]),
+        train_items=np.array([1, 2, 3, 4]),
+        train_times=np.array([10, 20, 10, 20]),
+        valid_item=np.array([3, 1]),
+        valid_time=np.array([30, 30]),
+        test_item=np.array([4, 2]),
+        test_time=np.array([40, 40]),
+        user_ids=np.array([7, 8]),
+        item_ids=np.arange(5),
+    )
+    fields.update(changes)
+    return SeqData(**fields)
+
+
+def test_validate_accepts_consistent_data():
+    d = _two_users()
+    assert validate(d, "src") is d
+
+
+@pytest.mark.parametrize(
+    "changes,needle",
+    [
+        ({"train_items": np.array([1, 2, 3, 5])}, "src: malformed dataset: training items must lie in 1..4"),
+        ({"train_ptr": np.array([0, 3, 5])}, "src: malformed dataset: train_ptr does not span"),
+        ({"train_ptr": np.array([0, 3, 2])}, "src: malformed dataset: train_ptr"),
+        ({"train_times": np.array([10, 20, 20, 10])}, "src: timestamps of user 8 go back in time"),
+        ({"valid_time": np.array([15, 30])}, "src: timestamps of user 7 go back in time"),
+        ({"test_time": np.array([40, 25])}, "src: timestamps of user 8 go back in time"),
+        ({"valid_item": np.array([0, 0])}, "src: no user has a validation target"),
+        ({"test_item": np.array([0, 0])}, "src: no user has a test target"),
+    ],
+)
+def test_validate_names_the_broken_invariant(changes, needle):
+    with pytest.raises(DataError) as err:
+        validate(_two_users(**changes), "src")
+    assert str(err.value).startswith(needle), str(err.value)
+
+
+def test_validate_needs_a_training_window():
+    one_each = dict(train_ptr=np.array([0, 1, 2]), train_items=np.array([1, 3]), train_times=np.array([10, 10]))
+    with pytest.raises(DataError, match="src: no user has 2 training interactions left .* nothing to train on"):
+        validate(_two_users(**one_each), "src")
