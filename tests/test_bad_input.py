@@ -148,6 +148,7 @@ COMPOSITION_CASES = {
     "dataset.min_length=3": r"^dataset.min_length: no such key .*to add a key the config does not list: "
     r"\+dataset.min_length=3\)$",
     "model.maxlen=[": r"^model.maxlen=\[: cannot parse this override",
+    "model=sasrec,tisasrec": r"^Ambiguous value for argument 'model=sasrec,tisasrec'; 1\. .*--multirun",
 }
 
 

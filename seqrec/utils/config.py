@@ -319,7 +319,7 @@ def composition_problem(args: list[str], config_dir: str) -> str | None:
         key = getattr(cause, "full_key", None)
         if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and key:
             return f"{key}: no such key in the config{_closest_keys(key, args, config_dir)}"
-        return str(e).strip().splitlines()[0]
+        return "; ".join(line.strip() for line in str(e).splitlines() if line.strip())  # its hints, on one line
     return None
 
 
