@@ -9,6 +9,7 @@ subprocess for a representative few (which also shows that a refused run leaves 
 
 from __future__ import annotations
 
+import gzip
 import logging
 import re
 import subprocess
@@ -68,7 +69,9 @@ FILE_CASES = {
     "nan_timestamp": (_replace_line(GOOD, 1, "1 1 nan"), [], r":1: .*with a numeric timestamp, got '1 1 nan'"),
     "infinite_timestamp": (_replace_line(GOOD, 2, "1 2 inf"), [], r":2: .*with a numeric timestamp"),
     "huge_timestamp": (_replace_line(GOOD, 3, "1 3 1e30"), [], r":3: timestamp out of range, expected unix seconds"),
-    "binary_file": (bytes(range(256)) * 4, [], r":1: expected 'user item \[timestamp\]'"),
+    "binary_file": (bytes(range(256)) * 4, [], r":1: binary content \(a NUL byte\), expected a plain-text"),
+    "utf16_file": (GOOD.encode("utf-16"), [], r": is UTF-16 text, expected ASCII or UTF-8"),
+    "gzip_file": (gzip.compress(GOOD.encode()), [], r": is a gzip-compressed file, expected plain text"),
     "latin1_bytes_in_an_id": (_replace_line(GOOD, 1, "1 \xe9 1000").encode("latin-1"), [], r":1: .*integer ids"),
     "mixed_separators": (
         _replace_line(GOOD, 10, "2,3,1020"),

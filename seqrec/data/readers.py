@@ -112,6 +112,7 @@ def parse_table(data: bytes, source: str, format: str = "auto") -> Interactions:
         raise DataError(f"{source}: unknown format {format!r}, expected one of {', '.join(FORMATS)}")
     if data.startswith(b"\xef\xbb\xbf"):  # UTF-8 BOM (Excel exports)
         data = b"   " + data[3:]
+    _refuse_binary(data, source)
     first = _first_lines(data, 1)
     if not first:
         raise DataError(f"{source}: empty file, expected at least one 'user item [timestamp]' line")
@@ -224,6 +225,31 @@ def parse_titles(data: bytes, source: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+
+
+_COMPRESSED = {
+    b"\x1f\x8b": "gzip",
+    b"PK\x03\x04": "zip",
+    b"BZh": "bzip2",
+    b"\xfd7zXZ": "xz",
+    b"\x28\xb5\x2f\xfd": "zstd",
+}
+
+
+def _refuse_binary(data: bytes, source: str) -> None:
+    """One clear line for content that is not plain text, instead of a field-count error on a garbled line."""
+    for magic, kind in _COMPRESSED.items():
+        if data.startswith(magic):
+            raise DataError(f"{source}: is a {kind}-compressed file, expected plain text: decompress it first")
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{source}: is UTF-16 text, expected ASCII or UTF-8: re-save it as UTF-8")
+    nul = data.find(b"\x00", 0, 1 << 16)
+    if nul >= 0:
+        lineno = data.count(b"\n", 0, nul) + 1
+        raise DataError(
+            f"{source}:{lineno}: binary content (a NUL byte), expected a plain-text interaction file "
+            f"('user item [timestamp]' lines)"
+        )
 
 
 def _first_lines(data: bytes, k: int) -> list[tuple[int, bytes]]:
