@@ -1,6 +1,11 @@
 """Per-user chronological sequences (`SeqData`), the leave-one-out split of SASRec / TiSASRec (last item -> test,
 second last -> validation, the rest -> training), and the Hydra factories used as `_target_` in
 `conf/dataset/*.yaml`: `synthetic`, `from_file` and `prepared`.
+
+Every factory ends in `validate`, the one place that checks what every later stage relies on (ids in range, CSR
+offsets, timestamps in order per user, at least one validation target, one test target and one training window),
+so bad data stops here with one `DataError` line instead of as an empty batch or all-zero metrics later. Row-level
+problems (duplicates, suspicious timestamps) are handled in `build`, which still knows each row's file line.
 """
 
 from __future__ import annotations
@@ -215,51 +220,60 @@ def split_leave_one_out(
     )
 
 
+DUPLICATES = ("drop", "keep", "error")  # what `build` does with exact duplicate rows
+MILLISECONDS_FROM = 10**11  # unix seconds past the year 5000: the timestamps are almost surely milliseconds
+
+
 def build(
     name: str,
-    users: np.ndarray,
-    items: np.ndarray,
-    times: np.ndarray | None,
+    table: readers.Interactions,
     *,
     min_item_interactions: int = 0,
     min_user_interactions: int = 0,
     titles: dict | None = None,
-    source: str = "",
+    duplicates: str = "drop",
 ) -> SeqData:
-    """Raw interactions in file order -> SeqData: sort per user by time (stable), filter, remap ids, split.
+    """Parsed rows in file order -> SeqData: sort per user by time (stable), drop duplicates, filter, remap ids,
+    split, validate.
 
     Users are ordered by raw id; each user's interactions by timestamp, with file order breaking ties (file order
-    alone when there are no timestamps). Items with fewer than `min_item_interactions` are dropped in one pass
-    (counts on the raw data, as SASRec's preprocessing), then users with fewer than `min_user_interactions` of
-    the remaining interactions. Items are renumbered 1..I in order of first appearance and users 0..U-1, so a
-    file already in SASRec's form (like ml-1m.txt) keeps its item ids.
+    alone when there are no timestamps). Exact duplicate rows are dropped (or kept / refused, see
+    `find_duplicates`). Items with fewer than `min_item_interactions` are dropped in one pass (counts on the raw
+    data, as SASRec's preprocessing), then users with fewer than `min_user_interactions` of the remaining
+    interactions. Items are renumbered 1..I in order of first appearance and users 0..U-1, so a file already in
+    SASRec's form (like ml-1m.txt) keeps its item ids.
     """
-    source = source or name
+    source = table.source
     for key, value in (
         ("min_item_interactions", min_item_interactions),
         ("min_user_interactions", min_user_interactions),
     ):
         if int(value) < 0:
-            raise DataError(f"{source}: {key} must be >= 0, got {value}")
+            raise DataError(f"{source}: dataset.{key} must be >= 0, got {value}")
+    if duplicates not in DUPLICATES:
+        raise DataError(f"{source}: dataset.duplicates must be one of {', '.join(DUPLICATES)}, got {duplicates!r}")
+    users, items, times, lines = table.users, table.items, table.times, table.lines
     # np.lexsort is stable, so file order breaks timestamp ties
     order = np.argsort(users, kind="stable") if times is None else np.lexsort((times, users))
-    users, items = users[order], items[order]
+    users, items, lines = users[order], items[order], lines[order]
     times = None if times is None else times[order]
+    if times is not None:
+        warn_about_timestamps(times, lines, source)
 
+    keep = ~find_duplicates(users, items, times, lines, source, duplicates)
     if min_item_interactions > 1:
-        _, inverse, counts = np.unique(items, return_inverse=True, return_counts=True)
-        keep = counts[inverse] >= min_item_interactions
-        users, items = users[keep], items[keep]
-        times = None if times is None else times[keep]
+        _, inverse, counts = np.unique(items[keep], return_inverse=True, return_counts=True)
+        keep[keep] = counts[inverse] >= min_item_interactions
     if min_user_interactions > 1:
-        _, inverse, counts = np.unique(users, return_inverse=True, return_counts=True)
-        keep = counts[inverse] >= min_user_interactions
-        users, items = users[keep], items[keep]
-        times = None if times is None else times[keep]
+        _, inverse, counts = np.unique(users[keep], return_inverse=True, return_counts=True)
+        keep[keep] = counts[inverse] >= min_user_interactions
+    users, items = users[keep], items[keep]
+    times = None if times is None else times[keep]
     if len(users) == 0:
         raise DataError(
-            f"{source}: no interactions left after filtering (min_item_interactions={min_item_interactions}, "
-            f"min_user_interactions={min_user_interactions})"
+            f"{source}: no interactions left after filtering (dataset.min_item_interactions={min_item_interactions},"
+            f" dataset.min_user_interactions={min_user_interactions}); expected at least one row to survive: "
+            f"lower the thresholds"
         )
 
     user_ids, user_index = _first_appearance(users)
@@ -273,10 +287,200 @@ def build(
         if missing:
             log.warning("%s: %d of %d items have no title", source, missing, len(item_raw))
     data = split_leave_one_out(name, user_index, item_index, times, user_ids, item_ids, item_titles)
+    return validate(data, source)
+
+
+# --------------------------------------------------------------------------- validation (every dataset passes here)
+
+
+def find_duplicates(
+    users: np.ndarray,
+    items: np.ndarray,
+    times: np.ndarray | None,
+    lines: np.ndarray,
+    source: str,
+    duplicates: str = "drop",
+) -> np.ndarray:
+    """Exact duplicate rows of rows sorted by user (then time, then file order); warns or raises per `duplicates`.
+
+    The rule: with timestamps, a row with the same (user, item, timestamp) as an earlier row is a duplicate;
+    repeated consumption at another time is kept. Without timestamps, a row that repeats the same user's previous
+    row (the same item straight again) is a duplicate, because nothing tells it from a line written twice; a
+    repeat with other items in between (a b a) is kept. The first row of each group is kept.
+
+    Args:
+        users, items, lines: (N,) int64, sorted by user, then time, then file order.
+        times: (N,) int64 or None.
+        duplicates: "drop" (warn with the count), "keep" (warn, keep them) or "error" (raise DataError).
+
+    Returns:
+        (N,) bool, True at the rows to drop (all False for "keep").
+    """
+    n = len(users)
+    dup = np.zeros(n, dtype=bool)
+    if n < 2:
+        return dup
+    if times is None:
+        order = np.arange(n)
+        same = (users[1:] == users[:-1]) & (items[1:] == items[:-1])
+    else:
+        order = np.lexsort((lines, items, times, users))  # duplicates become neighbours, earliest line first
+        u, i, t = users[order], items[order], times[order]
+        same = (u[1:] == u[:-1]) & (i[1:] == i[:-1]) & (t[1:] == t[:-1])
+    dup[order[1:][same]] = True
+    count = int(dup.sum())
+    if count == 0:
+        return dup
+    # the earliest duplicate line in the file, and the line it repeats
+    first = int(np.argmin(np.where(dup, lines, np.iinfo(np.int64).max)))
+    pos = int(np.flatnonzero(order == first)[0])
+    original = pos - 1
+    while dup[order[original]]:
+        original -= 1
+    what = "same user, item and timestamp" if times is not None else "same user and item straight again, no timestamps"
+    where = f"{source}:{int(lines[first])}: duplicate of line {int(lines[order[original]])} ({what})"
+    if duplicates == "error":
+        raise DataError(f"{where}; {count} duplicate row{'s' * (count > 1)} in all (dataset.duplicates=error)")
+    action = "kept (dataset.duplicates=keep)" if duplicates == "keep" else "dropped (dataset.duplicates=drop)"
+    log.warning("%s; %d duplicate row%s in all, %s", where, count, "s" * (count > 1), action)
+    return dup if duplicates == "drop" else np.zeros(n, dtype=bool)
+
+
+def warn_about_timestamps(times: np.ndarray, lines: np.ndarray, source: str) -> None:
+    """Warn about legal but suspicious timestamps: negative (before 1970) or so large they look like milliseconds."""
+    negative = np.flatnonzero(times < 0)
+    if len(negative):
+        first = negative[np.argmin(lines[negative])]
+        log.warning(
+            "%s:%d: %d negative timestamp%s (before 1970), kept: only differences between timestamps are used",
+            source,
+            int(lines[first]),
+            len(negative),
+            "s" * (len(negative) > 1),
+        )
+    huge = np.flatnonzero(times >= MILLISECONDS_FROM)
+    if len(huge):
+        first = huge[np.argmin(lines[huge])]
+        log.warning(
+            "%s:%d: timestamp %d is past the year 5000 in unix seconds (%d such rows): milliseconds? seqrec reads "
+            "seconds, so TiSASRec's model.time_unit buckets would be 1000x too fine; divide them by 1000",
+            source,
+            int(lines[first]),
+            int(times[first]),
+            len(huge),
+        )
+
+
+def validate(data: SeqData, source: str = "") -> SeqData:
+    """Check the invariants every later stage relies on; raise DataError naming `source` for the first broken one.
+
+    Structure (CSR offsets, id ranges, array lengths, timestamps in order within each user), then usability: at
+    least one user with a validation and a test target, and one user with a training window (>= 2 training items).
+    Warns about items that are only ever targets (their embeddings never train). Returns `data` unchanged.
+    """
+    source = source or data.name
+    _check_structure(data, source)
+    _check_time_order(data, source)
+    _check_usable(data, source)
+    _report_cold_items(data, source)
     short = int(np.count_nonzero(data.valid_item == 0))
     if short:
         log.info("%s: %d users with < 3 interactions are used for training only", source, short)
     return data
+
+
+def _check_structure(data: SeqData, source: str) -> None:
+    u, i = data.num_users, data.num_items
+    ptr = np.asarray(data.train_ptr)
+    checks = (
+        (u >= 1, f"no users, expected at least one (num_users={u})"),
+        (i >= 1, f"no items, expected at least one (num_items={i})"),
+        (ptr.shape == (u + 1,), f"train_ptr has shape {ptr.shape}, expected ({u + 1},)"),
+        (len(ptr) == 0 or (ptr[0] == 0 and ptr[-1] == len(data.train_items)), "train_ptr does not span train_items"),
+        (bool(np.all(np.diff(ptr) >= 0)), "train_ptr is not non-decreasing"),
+        (data.valid_item.shape == (u,) and data.test_item.shape == (u,), f"valid/test targets need shape ({u},)"),
+        (_in_range(data.train_items, 1, i), f"training items must lie in 1..{i}"),
+        (_in_range(data.valid_item, 0, i) and _in_range(data.test_item, 0, i), f"targets must lie in 0..{i}"),
+        (len(data.item_ids) == i + 1 and len(data.user_ids) == u, "user_ids/item_ids do not match the counts"),
+    )
+    if data.has_time:
+        checks += (
+            (
+                data.train_times.shape == data.train_items.shape
+                and data.valid_time is not None
+                and data.test_time is not None
+                and data.valid_time.shape == (u,)
+                and data.test_time.shape == (u,),
+                "timestamps do not match the items",
+            ),
+        )
+    for ok, problem in checks:
+        if not ok:
+            raise DataError(f"{source}: malformed dataset: {problem}")
+
+
+def _check_time_order(data: SeqData, source: str) -> None:
+    """Timestamps never go back within a user: training items, then the validation target, then the test target."""
+    if not data.has_time:
+        return
+    t, ptr = data.train_times, data.train_ptr
+    lengths = np.diff(ptr)
+    inner = np.ones(max(len(t) - 1, 0), dtype=bool)  # consecutive pairs within one user
+    starts = ptr[1:-1]
+    inner[starts[(starts > 0) & (starts < len(t))] - 1] = False
+    back = np.flatnonzero(inner & (t[1:] < t[:-1]))
+    last_train = np.where(lengths > 0, t[np.maximum(ptr[1:] - 1, 0)] if len(t) else 0, np.iinfo(np.int64).min)
+    has_valid, has_test = data.valid_item > 0, data.test_item > 0
+    bad_users = np.flatnonzero(
+        (has_valid & (data.valid_time < last_train)) | (has_test & has_valid & (data.test_time < data.valid_time))
+    )
+    if len(back):
+        bad_users = np.union1d(bad_users, np.searchsorted(ptr, back, side="right") - 1)
+    if len(bad_users):
+        user = data.user_ids[bad_users[0]]
+        raise DataError(
+            f"{source}: timestamps of user {_plain(user)} go back in time after sorting "
+            f"({len(bad_users)} users), expected each user's interactions in time order"
+        )
+
+
+def _check_usable(data: SeqData, source: str) -> None:
+    """At least one validation target, one test target and one training window, or every later stage is empty."""
+    counts = data.train_lengths + (data.valid_item > 0) + (data.test_item > 0)
+    most = int(counts.max()) if len(counts) else 0
+    for split in SPLITS:
+        if not np.any(data._target(split) > 0):
+            raise DataError(
+                f"{source}: no user has a {'validation' if split == 'valid' else 'test'} target: leave-one-out "
+                f"holds out each user's last two interactions and needs users with >= 3 interactions "
+                f"(the most any of the {data.num_users:,} users has here: {most})"
+            )
+    if not np.any(data.train_lengths >= 2):
+        raise DataError(
+            f"{source}: no user has 2 training interactions left after the validation and test targets are held "
+            f"out, so there is nothing to train on; expected a user with >= 4 interactions (the most here: {most})"
+        )
+
+
+def _report_cold_items(data: SeqData, source: str) -> None:
+    """Warn about items that are validation/test targets but never occur in training (untrained embeddings)."""
+    seen = np.zeros(data.num_items + 1, dtype=bool)
+    seen[data.train_items] = True
+    targets = np.concatenate([data.valid_item[data.valid_item > 0], data.test_item[data.test_item > 0]])
+    cold = np.unique(targets[~seen[targets]])
+    if len(cold):
+        log.warning(
+            "%s: %d item%s appear only as validation/test targets, never in training (e.g. item %s): "
+            "their embeddings keep their initial values and they are rarely ranked high",
+            source,
+            len(cold),
+            "s" * (len(cold) > 1),
+            _plain(data.item_ids[cold[0]]),
+        )
+
+
+def _in_range(values: np.ndarray, low: int, high: int) -> bool:
+    return len(values) == 0 or (int(values.min()) >= low and int(values.max()) <= high)
 
 
 def _first_appearance(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -334,6 +538,7 @@ def synthetic(
     """
     from seqrec.data import synthetic as gen
 
+    source = "dataset=synthetic"
     s = gen.generate(
         num_users=num_users,
         num_items=num_items,
@@ -349,7 +554,7 @@ def synthetic(
         num_topics=num_topics,
         topic_strength=topic_strength,
     )
-    return split_leave_one_out(
+    data = split_leave_one_out(
         "synthetic",
         s.users,
         s.items,
@@ -357,6 +562,7 @@ def synthetic(
         user_ids=np.arange(num_users, dtype=np.int64),
         item_ids=np.arange(num_items + 1, dtype=np.int64),
     )
+    return validate(data, source)
 
 
 def from_file(
@@ -366,6 +572,7 @@ def from_file(
     min_item_interactions: int = 0,
     min_user_interactions: int = 0,
     titles_path: str | None = None,
+    duplicates: str = "drop",
 ) -> SeqData:
     """Any interaction file: SASRec `user item`, MovieLens u.data / ratings.csv / ratings.dat, or a generic
     `user item [timestamp]` file (whitespace, comma or tab separated, optional header).
@@ -376,33 +583,33 @@ def from_file(
         min_item_interactions: drop items with fewer interactions (one pass; SASRec's ML-1M uses 5).
         min_user_interactions: then drop users with fewer interactions.
         titles_path: optional movies.dat / u.item / movies.csv / titles.tsv for item titles.
+        duplicates: drop | keep | error: what to do with exact duplicate rows (see `find_duplicates`).
 
     Returns:
         SeqData named after the file.
     """
-    users, items, times = readers.read_interactions(path, format)
+    table = readers.load_interactions(path, format)
     titles = readers.read_titles(titles_path) if titles_path else None
     data = build(
         Path(path).stem,
-        users,
-        items,
-        times,
+        table,
         min_item_interactions=int(min_item_interactions),
         min_user_interactions=int(min_user_interactions),
         titles=titles,
-        source=str(path),
+        duplicates=duplicates,
     )
     log.info("%s", data.summary())
     return data
 
 
-def prepared(*, name: str = "ml-1m", root: str = "data") -> SeqData:
+def prepared(*, name: str = "ml-1m", root: str = "data", duplicates: str = "drop") -> SeqData:
     """A dataset written by `python -m seqrec.data.prepare NAME --root ROOT` (`ROOT/NAME/interactions.tsv`, plus
     `titles.tsv` when available).
 
     Args:
         name: the dataset folder under root (e.g. "ml-1m").
         root: the data folder, relative to the current directory.
+        duplicates: drop | keep | error: what to do with exact duplicate rows (see `find_duplicates`).
 
     Returns:
         SeqData named `name`.
@@ -414,9 +621,9 @@ def prepared(*, name: str = "ml-1m", root: str = "data") -> SeqData:
             f"{path}: not found; prepare the dataset first with `python -m seqrec.data.prepare {name} --root {root}` "
             f"(add --source PATH/TO/{name}.zip when offline)"
         )
-    users, items, times = readers.read_interactions(path, "generic")
+    table = readers.load_interactions(path, "generic")
     titles_file = folder / "titles.tsv"
     titles = readers.read_titles(titles_file) if titles_file.is_file() else None
-    data = build(name, users, items, times, titles=titles, source=str(path))
+    data = build(name, table, titles=titles, duplicates=duplicates)
     log.info("%s", data.summary())
     return data

@@ -30,6 +30,25 @@ _ID_NAMES = {
 }
 
 
+# Timestamps are subtracted pairwise (time intervals); below this bound no difference overflows int64.
+MAX_ABS_TIMESTAMP = 2**62
+
+
+@dataclass(frozen=True)
+class Interactions:
+    """Parsed interaction rows in file order, with where each came from (for errors that name a line)."""
+
+    users: np.ndarray  # (N,) int64 raw user ids
+    items: np.ndarray  # (N,) int64 raw item ids
+    times: np.ndarray | None  # (N,) int64 unix seconds, or None when the format has no timestamps
+    lines: np.ndarray  # (N,) int64 1-based line number of each row in `source`
+    source: str  # the file (or archive member) the rows were read from
+
+    def where(self, row: int) -> str:
+        """`source:line` of row `row`."""
+        return f"{self.source}:{int(self.lines[row])}"
+
+
 @dataclass(frozen=True)
 class _Layout:
     """How to cut a file into columns."""
@@ -44,9 +63,7 @@ class _Layout:
     expected: str  # the line shape, for error messages
 
 
-def read_interactions(
-    path: str | Path, format: str = "auto"
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def read_interactions(path: str | Path, format: str = "auto") -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Read an interaction file in file order.
 
     Args:
@@ -60,32 +77,42 @@ def read_interactions(
         format has no timestamps.
 
     Raises:
-        DataError: missing or empty file, wrong field count, non-integer ids or non-numeric timestamps.
+        DataError: missing or empty file, wrong field count, non-integer ids, non-numeric or out-of-range
+            timestamps.
     """
+    table = load_interactions(path, format)
+    return table.users, table.items, table.times
+
+
+def load_interactions(path: str | Path, format: str = "auto") -> Interactions:
+    """`read_interactions` that also keeps each row's line number, for later checks that name a line."""
     path = Path(path)
     if not path.exists():
-        raise DataError(
-            f"{path}: file not found (expected an interaction file: 'user item [timestamp]' lines)"
-        )
+        raise DataError(f"{path}: file not found (expected an interaction file: 'user item [timestamp]' lines)")
     if not path.is_file():
-        raise DataError(
-            f"{path}: is a directory, expected an interaction file ('user item [timestamp]' lines)"
-        )
+        raise DataError(f"{path}: is a directory, expected an interaction file ('user item [timestamp]' lines)")
     try:
         data = path.read_bytes()
     except OSError as e:
         raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
-    return parse_interactions(data, str(path), format)
+    return parse_table(data, str(path), format)
 
 
 def parse_interactions(
     data: bytes, source: str, format: str = "auto"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """`read_interactions` on bytes already in memory (e.g. a zip member); `source` names it in errors."""
+    table = parse_table(data, source, format)
+    return table.users, table.items, table.times
+
+
+def parse_table(data: bytes, source: str, format: str = "auto") -> Interactions:
+    """`load_interactions` on bytes already in memory."""
     if format not in FORMATS:
         raise DataError(f"{source}: unknown format {format!r}, expected one of {', '.join(FORMATS)}")
     if data.startswith(b"\xef\xbb\xbf"):  # UTF-8 BOM (Excel exports)
         data = b"   " + data[3:]
+    _refuse_binary(data, source)
     first = _first_lines(data, 1)
     if not first:
         raise DataError(f"{source}: empty file, expected at least one 'user item [timestamp]' line")
@@ -115,15 +142,15 @@ def parse_interactions(
     if len(bad):
         lineno = int(bad[0]) + 1
         got = int(counts[bad[0]])
+        text = _line_text(data, newlines, lineno)
         raise DataError(
-            f"{source}:{lineno}: expected {layout.ncols} fields {layout.expected}, got {got}: "
-            f"{_line_text(data, newlines, lineno)!r}"
+            f"{source}:{lineno}: expected {layout.ncols} fields {layout.expected}, got {got}: {text!r}"
+            + _other_separator_hint(text, layout.sep)
         )
-    n = int(np.count_nonzero(counts))
+    lines = np.flatnonzero(counts).astype(np.int64) + 1  # (N,) the line of each row
+    n = len(lines)
     if n == 0:
-        raise DataError(
-            f"{source}: no interactions (only a header line), expected 'user item [timestamp]' lines"
-        )
+        raise DataError(f"{source}: no interactions (only a header line), expected 'user item [timestamp]' lines")
 
     fields = buf[body_start:].split()
     del a, ws, starts, line_of_field
@@ -138,10 +165,15 @@ def parse_interactions(
         times = _to_time(fields[layout.time_col :: layout.ncols])
         if times is None:
             lineno, line = _first_bad_line(buf, data, layout, (layout.time_col,), _is_time)
+            raise DataError(f"{source}:{lineno}: expected {layout.expected} with a numeric timestamp, got {line!r}")
+        out_of_range = np.flatnonzero(np.abs(times) >= MAX_ABS_TIMESTAMP)
+        if len(out_of_range):
+            lineno = int(lines[out_of_range[0]])
             raise DataError(
-                f"{source}:{lineno}: expected {layout.expected} with a numeric timestamp, got {line!r}"
+                f"{source}:{lineno}: timestamp out of range, expected unix seconds with absolute value below "
+                f"2**62, got {_line_text(data, newlines, lineno)!r}"
             )
-    return users, items, times
+    return Interactions(users, items, times, lines, source)
 
 
 def read_titles(path: str | Path) -> dict:
@@ -153,9 +185,7 @@ def read_titles(path: str | Path) -> dict:
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(
-            f"{path}: titles file not found (expected movies.dat, u.item, movies.csv or titles.tsv)"
-        )
+        raise DataError(f"{path}: titles file not found (expected movies.dat, u.item, movies.csv or titles.tsv)")
     return parse_titles(path.read_bytes(), str(path))
 
 
@@ -184,9 +214,7 @@ def parse_titles(data: bytes, source: str) -> dict:
             if not row or not "".join(row).strip():
                 continue
             if len(row) < 2:
-                raise DataError(
-                    f"{source}:{lineno}: expected 'item{shown}title', got {delimiter.join(row)[:80]!r}"
-                )
+                raise DataError(f"{source}:{lineno}: expected 'item{shown}title', got {delimiter.join(row)[:80]!r}")
             key = _int_or_str(row[0])
             if not titles and isinstance(key, str) and lineno == 1:
                 continue  # header
@@ -197,6 +225,31 @@ def parse_titles(data: bytes, source: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+
+
+_COMPRESSED = {
+    b"\x1f\x8b": "gzip",
+    b"PK\x03\x04": "zip",
+    b"BZh": "bzip2",
+    b"\xfd7zXZ": "xz",
+    b"\x28\xb5\x2f\xfd": "zstd",
+}
+
+
+def _refuse_binary(data: bytes, source: str) -> None:
+    """One clear line for content that is not plain text, instead of a field-count error on a garbled line."""
+    for magic, kind in _COMPRESSED.items():
+        if data.startswith(magic):
+            raise DataError(f"{source}: is a {kind}-compressed file, expected plain text: decompress it first")
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{source}: is UTF-16 text, expected ASCII or UTF-8: re-save it as UTF-8")
+    nul = data.find(b"\x00", 0, 1 << 16)
+    if nul >= 0:
+        lineno = data.count(b"\n", 0, nul) + 1
+        raise DataError(
+            f"{source}:{lineno}: binary content (a NUL byte), expected a plain-text interaction file "
+            f"('user item [timestamp]' lines)"
+        )
 
 
 def _first_lines(data: bytes, k: int) -> list[tuple[int, bytes]]:
@@ -272,9 +325,7 @@ def _detect(first: list[tuple[int, bytes]], source: str, format: str) -> _Layout
                 f"{source}:{first[0][0]}: expected 'userId,movieId,rating,timestamp' (or named user/item/timestamp "
                 f"columns), got {_show(line0)!r}"
             )
-        expected = (
-            "'userId,movieId,rating,timestamp'" if (ncols, time_col) == (4, 3) else f"{ncols} CSV columns"
-        )
+        expected = "'userId,movieId,rating,timestamp'" if (ncols, time_col) == (4, 3) else f"{ncols} CSV columns"
         return _Layout("csv", ",", ncols, user_col, item_col, time_col, header, expected)
     if ncols < 2 or user_col is None:
         raise DataError(
@@ -314,7 +365,8 @@ def _to_time(col: list[bytes]) -> np.ndarray | None:
         return None
     if not np.isfinite(f).all():
         return None
-    return np.floor(f).astype(np.int64)  # fractional unix seconds
+    # fractional unix seconds; values past int64 are clipped here and refused by the range check after
+    return np.floor(np.clip(f, -(2.0**63), 2.0**62)).astype(np.int64)
 
 
 def _is_int(s: bytes) -> bool:
@@ -344,6 +396,15 @@ def _first_bad_line(buf: bytes, data: bytes, layout: _Layout, cols: tuple, ok) -
         if not all(ok(fields[c]) for c in cols):
             return lineno, _show(data.split(b"\n", lineno)[lineno - 1])
     return 0, ""  # unreachable: the bulk parse failed on some line
+
+
+def _other_separator_hint(text: str, sep: str) -> str:
+    """A hint when a bad line uses another separator than the one detected from the file's first line."""
+    used = [name for mark, name in ((",", "commas"), ("\t", "tabs"), ("::", "'::'")) if mark in text and mark != sep]
+    if not used or (sep == "ws" and used == ["tabs"]):  # tabs are whitespace
+        return ""
+    first = {"ws": "whitespace", ",": "commas", "\t": "tabs", "::": "'::'"}[sep]
+    return f" (this line uses {' and '.join(used)}; the file's first line uses {first}: use one separator)"
 
 
 def _line_text(data: bytes, newlines: np.ndarray, lineno: int) -> str:

@@ -29,9 +29,12 @@ topics and `succ` keep the part that SASRec can learn from positions alone.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from seqrec.errors import ConfigError
 
 EPOCH = 1577836800  # 2020-01-01 00:00:00 UTC
 
@@ -69,12 +72,7 @@ def generate(
     topic_strength: float = 0.5,
 ) -> Synthetic:
     """Generate the synthetic interactions (arguments as in `seqrec.data.dataset.synthetic`)."""
-    if num_users < 1 or num_items < 3:
-        raise ValueError("synthetic data needs num_users >= 1 and num_items >= 3")
-    if not 1 <= min_length <= max_length:
-        raise ValueError("synthetic data needs 1 <= min_length <= max_length")
-    if habit_lag_hours <= 0 or mean_gap_hours <= 0:
-        raise ValueError("synthetic data needs habit_lag_hours > 0 and mean_gap_hours > 0")
+    _check_arguments(locals())  # at this point locals() holds exactly the arguments
     rng = np.random.default_rng(seed)
     num_topics = max(1, min(int(num_topics), num_items))
 
@@ -176,3 +174,38 @@ def generate(
         rule=rule[valid],
         habit_lag_seconds=lag,
     )
+
+
+# Each argument's rule (what the generator needs), named as the config keys `dataset.<name>` that set them.
+ARGUMENT_RULES = {
+    "num_users": (lambda v: v >= 1, "must be >= 1"),
+    "num_items": (lambda v: v >= 3, "must be >= 3 (the item -> successor maps need three distinct items)"),
+    "seed": (lambda v: v >= 0, "must be >= 0"),
+    "mean_length": (lambda v: v > 0, "must be > 0"),
+    "min_length": (lambda v: v >= 1, "must be >= 1"),
+    "max_length": (lambda v: v >= 1, "must be >= 1"),
+    "zipf_exponent": (lambda v: v >= 0, "must be >= 0"),
+    "p_habit": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    "habit_lag_hours": (lambda v: v > 0, "must be > 0"),
+    "mean_gap_hours": (lambda v: v > 0, "must be > 0"),
+    "p_pattern": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    "num_topics": (lambda v: v >= 1, "must be >= 1"),
+    "topic_strength": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+}
+
+
+def _check_arguments(args: dict) -> None:
+    """Raise one ConfigError listing every argument that breaks its rule (as `dataset.<name>=<value>`)."""
+    problems = []
+    for name, (ok, rule) in ARGUMENT_RULES.items():
+        value = args[name]
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"dataset.{name}={value!r}: must be a finite number")
+        elif not ok(value):
+            problems.append(f"dataset.{name}={value!r}: {rule}")
+    if not problems and args["min_length"] > args["max_length"]:
+        problems.append(
+            f"dataset.min_length={args['min_length']}: must be <= dataset.max_length={args['max_length']}"
+        )
+    if problems:
+        raise ConfigError("invalid synthetic data settings: " + "; ".join(problems))

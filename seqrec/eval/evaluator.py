@@ -9,6 +9,8 @@ are all-reduced, so a sharded evaluation gives exactly the single-process number
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -19,6 +21,7 @@ from seqrec.data.windows import eval_windows, user_time_scale
 from seqrec.eval.metrics import metric_sums, rank_of_target
 
 SPLITS = ("valid", "test")
+log = logging.getLogger(__name__)
 KEY_PREFIX = {"valid": "val", "test": "test"}  # metric keys: val/ndcg@10, test/hr@10, val_sampled/ndcg@10
 
 
@@ -58,6 +61,8 @@ class Evaluator:
         self.batch_size, self.maxlen, self.seed = batch_size, maxlen, seed
         self.rank, self.world_size = rank, world_size
         self.time_scale = user_time_scale(data)
+        if protocol == "full" and max(self.ks) >= data.num_items:  # every item is in the top k: hr@k is 1
+            log.warning("eval.ks=%s: k >= the %d items of %s, so hr@k = 1 there", self.ks, data.num_items, data.name)
         self._negatives: dict[str, np.ndarray] = {}
 
     @property

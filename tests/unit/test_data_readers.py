@@ -209,7 +209,7 @@ def test_titles_malformed(tmp_path):
 
 
 def test_from_file_with_titles(tmp_path):
-    data = write(tmp_path, "r.dat", "1::20::5::1\n1::10::5::2\n1::30::5::3\n")
+    data = write(tmp_path, "r.dat", "1::20::5::1\n1::10::5::2\n1::30::5::3\n1::20::5::4\n")
     movies = write(tmp_path, "movies.dat", "10::Ten::x\n20::Twenty::x\n".encode("latin-1"))
     d = from_file(path=str(data), titles_path=str(movies))
     assert d.item_ids.tolist() == [0, 20, 10, 30]

@@ -5,7 +5,7 @@ import pickle
 import numpy as np
 import pytest
 
-from seqrec.data.dataset import SeqData, from_file, prepared, split_leave_one_out
+from seqrec.data.dataset import SeqData, from_file, prepared, split_leave_one_out, validate
 from seqrec.errors import DataError
 
 # user item timestamp, deliberately out of order (users interleaved, times unsorted, one same-second tie)
@@ -53,12 +53,13 @@ def test_split_on_tiny_file(tiny):
 
 def test_no_timestamps_keep_file_order(tmp_path):
     path = tmp_path / "x.txt"
-    path.write_text("2 30\n1 20\n2 10\n1 10\n1 30\n2 20\n")
+    path.write_text("2 30\n1 20\n2 10\n1 10\n1 30\n2 20\n3 10\n3 20\n")
     d = from_file(path=str(path))
     assert not d.has_time and d.train_times is None and d.valid_time is None and d.test_time is None
-    assert d.user_ids.tolist() == [1, 2] and d.item_ids.tolist() == [0, 20, 10, 30]
-    # user 1: 20 10 30 -> train [20], valid 10, test 30; user 2: 30 10 20
-    assert d.train_items.tolist() == [1, 3] and d.valid_item.tolist() == [2, 2] and d.test_item.tolist() == [3, 1]
+    assert d.user_ids.tolist() == [1, 2, 3] and d.item_ids.tolist() == [0, 20, 10, 30]
+    # user 1: 20 10 30 -> train [20], valid 10, test 30; user 2: 30 10 20; user 3 (2 items): training only
+    assert d.train_items.tolist() == [1, 3, 2, 1]
+    assert d.valid_item.tolist() == [2, 2, 0] and d.test_item.tolist() == [3, 1, 0]
 
 
 def test_short_users_kept_for_training(tmp_path):
@@ -71,23 +72,29 @@ def test_short_users_kept_for_training(tmp_path):
     assert d.num_interactions == 6
 
 
-def test_only_short_users(tmp_path):
-    path = tmp_path / "x.txt"
-    path.write_text("1 1\n2 2\n2 1\n")
-    d = from_file(path=str(path))
+def test_only_short_users_split_without_targets():
+    # the split itself accepts users without targets; `validate` (every factory) refuses data with none at all
+    d = split_leave_one_out("x", np.array([0, 1, 1]), np.array([1, 2, 1]), None, np.array([1, 2]), np.arange(3))
     assert len(d.eval_users("valid")) == 0 and d.train_lengths.tolist() == [1, 2]
     assert d.history_pairs("test")[1].tolist() == [1, 2, 1]
     assert "2 users, 2 items, 3 interactions" in d.summary()
 
 
+def test_only_short_users_in_a_file_are_refused(tmp_path):
+    path = tmp_path / "x.txt"
+    path.write_text("1 1\n2 2\n2 1\n")
+    with pytest.raises(DataError, match=r"x\.txt: no user has a validation target: .* needs users with >= 3"):
+        from_file(path=str(path))
+
+
 def test_min_interaction_filters(tmp_path):
-    lines = [f"{u} {i}" for u in (1, 2, 3) for i in (1, 2, 3)] + ["1 9", "4 1", "4 2"]
+    lines = [f"{u} {i}" for u in (1, 2, 3) for i in (1, 2, 3, 4)] + ["1 9", "4 1", "4 2"]
     path = tmp_path / "x.txt"
     path.write_text("\n".join(lines) + "\n")
     d = from_file(path=str(path), min_item_interactions=2)  # item 9 (1 interaction) goes
-    assert 9 not in d.item_ids.tolist() and d.num_interactions == 11 and d.num_users == 4
+    assert 9 not in d.item_ids.tolist() and d.num_interactions == 14 and d.num_users == 4
     d = from_file(path=str(path), min_item_interactions=2, min_user_interactions=3)  # then user 4 (2 left) goes
-    assert d.user_ids.tolist() == [1, 2, 3] and d.num_interactions == 9
+    assert d.user_ids.tolist() == [1, 2, 3] and d.num_interactions == 12
 
 
 def test_split_accepts_ungrouped_input():
@@ -166,3 +173,53 @@ def test_prepared_missing_tells_the_command(tmp_path):
     msg = str(e.value)
     assert "interactions.tsv: not found" in msg and f"python -m seqrec.data.prepare ml-1m --root {tmp_path}" in msg
     assert "\n" not in msg
+
+
+def _two_users(**changes) -> SeqData:
+    """Two users with 4 interactions each, timestamps 10, 20, 30, 40 (valid at 30, test at 40)."""
+    fields = dict(
+        name="v",
+        num_users=2,
+        num_items=4,
+        train_ptr=np.array([0, 2, 4]),
+        train_items=np.array([1, 2, 3, 4]),
+        train_times=np.array([10, 20, 10, 20]),
+        valid_item=np.array([3, 1]),
+        valid_time=np.array([30, 30]),
+        test_item=np.array([4, 2]),
+        test_time=np.array([40, 40]),
+        user_ids=np.array([7, 8]),
+        item_ids=np.arange(5),
+    )
+    fields.update(changes)
+    return SeqData(**fields)
+
+
+def test_validate_accepts_consistent_data():
+    d = _two_users()
+    assert validate(d, "src") is d
+
+
+@pytest.mark.parametrize(
+    "changes,needle",
+    [
+        ({"train_items": np.array([1, 2, 3, 5])}, "src: malformed dataset: training items must lie in 1..4"),
+        ({"train_ptr": np.array([0, 3, 5])}, "src: malformed dataset: train_ptr does not span"),
+        ({"train_ptr": np.array([0, 3, 2])}, "src: malformed dataset: train_ptr"),
+        ({"train_times": np.array([10, 20, 20, 10])}, "src: timestamps of user 8 go back in time"),
+        ({"valid_time": np.array([15, 30])}, "src: timestamps of user 7 go back in time"),
+        ({"test_time": np.array([40, 25])}, "src: timestamps of user 8 go back in time"),
+        ({"valid_item": np.array([0, 0])}, "src: no user has a validation target"),
+        ({"test_item": np.array([0, 0])}, "src: no user has a test target"),
+    ],
+)
+def test_validate_names_the_broken_invariant(changes, needle):
+    with pytest.raises(DataError) as err:
+        validate(_two_users(**changes), "src")
+    assert str(err.value).startswith(needle), str(err.value)
+
+
+def test_validate_needs_a_training_window():
+    one_each = dict(train_ptr=np.array([0, 1, 2]), train_items=np.array([1, 3]), train_times=np.array([10, 10]))
+    with pytest.raises(DataError, match="src: no user has 2 training interactions left .* nothing to train on"):
+        validate(_two_users(**one_each), "src")

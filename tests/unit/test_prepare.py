@@ -85,12 +85,9 @@ def test_prepare_from_zip(tmp_path, ml1m_zip, capsys):
     assert meta["source_sha256"] == hashlib.sha256(ml1m_zip.read_bytes()).hexdigest()
     assert "15 interactions" in (out / "README.md").read_text()
 
-    d = prepared(name="ml-1m", root=str(root))
-    assert d.name == "ml-1m" and d.has_time
-    assert (d.num_users, d.num_items, d.num_interactions) == (5, 3, 15)
-    assert d.user_ids.tolist() == [1, 2, 3, 4, 5]
-    assert d.item_titles[d.item_ids.tolist().index(2)] == "Misérables, Les (1995)"
-    assert d.eval_users("test").tolist() == [0, 1, 2, 3, 4] and d.train_lengths.tolist() == [1] * 5
+    # every user has 3 interactions, so 1 training item each: nothing to train on, and reading it back says so
+    with pytest.raises(DataError, match=r"interactions.tsv: no user has 2 training interactions left"):
+        prepared(name="ml-1m", root=str(root))
 
 
 def test_prepare_from_ratings_dat_with_sibling_movies(tmp_path):

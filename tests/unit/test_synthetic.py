@@ -8,6 +8,7 @@ import pytest
 
 from seqrec.data.dataset import synthetic
 from seqrec.data.synthetic import EPOCH, RULE_DRAW, RULE_HABIT, RULE_SUCC, generate
+from seqrec.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +142,19 @@ def test_factory_returns_seqdata():
 def test_tiny_catalogue_still_generates():
     s = generate(num_users=5, num_items=3, seed=0)
     assert (s.succ[1:] != np.arange(1, 4)).all() and (s.succ[1:] != s.succ_habit[1:]).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        ({"num_users": 0}, "dataset.num_users=0: must be >= 1"),
+        ({"num_items": 2}, "dataset.num_items=2: must be >= 3"),
+        ({"seed": -1}, "dataset.seed=-1: must be >= 0"),
+        ({"p_habit": float("nan")}, "dataset.p_habit=nan: must be a finite number"),
+        ({"min_length": 10, "max_length": 5}, "dataset.min_length=10: must be <= dataset.max_length=5"),
+    ],
+)
+def test_impossible_settings_are_config_errors_naming_the_key(kwargs, needle):
+    with pytest.raises(ConfigError) as err:
+        synthetic(**{"num_users": 10, "num_items": 10, **kwargs})
+    assert needle in str(err.value) and "\n" not in str(err.value)
