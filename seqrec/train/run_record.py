@@ -274,5 +274,8 @@ def open_run(cfg: DictConfig):
     lock.announce()
     try:
         yield
-    finally:
+    except BaseException:
         lock.release()
+        _remove_if_untouched(run_dir)  # e.g. the data was refused: no run began here
+        raise
+    lock.release()
