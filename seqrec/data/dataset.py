@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from seqrec.data import readers
+from seqrec.data.split import parse_split, split_sequences
 from seqrec.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class SeqData:
     user_ids: np.ndarray  # (U,) original user ids
     item_ids: np.ndarray  # (I+1,) original item ids, [0] is a placeholder for padding
     item_titles: np.ndarray | None = None  # (I+1,) str titles, "" where unknown; None if the dataset has none
+    split_rule: dict | None = None  # how targets were held out (seqrec.data.split), for the protocol fingerprint
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __repr__(self) -> str:
@@ -146,10 +148,12 @@ def split_leave_one_out(
     user_ids: np.ndarray,
     item_ids: np.ndarray,
     item_titles: np.ndarray | None = None,
+    split: str | dict = "leave-one-out",
 ) -> SeqData:
     """Leave-one-out split: per user with >= 3 interactions, last -> test, second last -> valid, rest -> train.
 
     Users with fewer than 3 interactions keep everything in training and get no targets (valid/test = 0).
+    `split` may name another rule (`temporal:q=0.8`, see seqrec.data.split); the default is leave-one-out.
 
     Args:
         name: dataset name for logs.
@@ -183,40 +187,19 @@ def split_leave_one_out(
         user_index, item_index = user_index[order], item_index[order]
         times = None if times is None else times[order]
 
-    counts = np.bincount(user_index, minlength=num_users)
-    end = np.cumsum(counts)  # one past each user's last interaction
-    evaluated = counts >= 3
-    last, second = end[evaluated] - 1, end[evaluated] - 2
-
-    valid_item = np.zeros(num_users, dtype=np.int64)
-    test_item = np.zeros(num_users, dtype=np.int64)
-    valid_item[evaluated], test_item[evaluated] = item_index[second], item_index[last]
-    keep = np.ones(n, dtype=bool)
-    keep[last] = keep[second] = False
-    train_ptr = np.zeros(num_users + 1, dtype=np.int64)
-    np.cumsum(counts - 2 * evaluated, out=train_ptr[1:])
-
-    valid_time = test_time = train_times = None
-    if times is not None:
-        valid_time = np.zeros(num_users, dtype=np.int64)
-        test_time = np.zeros(num_users, dtype=np.int64)
-        valid_time[evaluated], test_time[evaluated] = times[second], times[last]
-        train_times = np.ascontiguousarray(times[keep])
-
+    spec = split if isinstance(split, dict) else parse_split(split)
+    fields, item_ids, item_titles, rule = split_sequences(
+        spec, user_index, item_index, times, np.asarray(item_ids), item_titles, num_users, name
+    )
     return SeqData(
         name=name,
         num_users=num_users,
-        num_items=num_items,
-        train_ptr=train_ptr,
-        train_items=np.ascontiguousarray(item_index[keep]),
-        train_times=train_times,
-        valid_item=valid_item,
-        valid_time=valid_time,
-        test_item=test_item,
-        test_time=test_time,
+        num_items=len(item_ids) - 1,
+        **fields,
         user_ids=np.asarray(user_ids),
         item_ids=np.asarray(item_ids),
         item_titles=None if item_titles is None else np.asarray(item_titles),
+        split_rule=rule,
     )
 
 
@@ -232,6 +215,7 @@ def build(
     min_user_interactions: int = 0,
     titles: dict | None = None,
     duplicates: str = "drop",
+    split: str = "leave-one-out",
 ) -> SeqData:
     """Parsed rows in file order -> SeqData: sort per user by time (stable), drop duplicates, filter, remap ids,
     split, validate.
@@ -286,7 +270,7 @@ def build(
         missing = int(np.count_nonzero(item_titles[1:] == ""))
         if missing:
             log.warning("%s: %d of %d items have no title", source, missing, len(item_raw))
-    data = split_leave_one_out(name, user_index, item_index, times, user_ids, item_ids, item_titles)
+    data = split_leave_one_out(name, user_index, item_index, times, user_ids, item_ids, item_titles, split)
     return validate(data, source)
 
 
@@ -514,6 +498,7 @@ def synthetic(
     p_pattern: float = 0.5,
     num_topics: int = 20,
     topic_strength: float = 0.5,
+    split: str = "leave-one-out",
 ) -> SeqData:
     """The bundled default dataset: generated in well under a second, no download (see `seqrec.data.synthetic`).
 
@@ -532,6 +517,7 @@ def synthetic(
         p_pattern: otherwise, probability that the next item is the last item's successor.
         num_topics: topics for the per-user preference of the non-pattern draws.
         topic_strength: probability that a non-pattern draw comes from the user's topic.
+        split: leave-one-out | temporal:q=<quantile> | temporal:t=<unix seconds> (see `seqrec.data.split`).
 
     Returns:
         SeqData named "synthetic", with timestamps.
@@ -561,6 +547,7 @@ def synthetic(
         s.times,
         user_ids=np.arange(num_users, dtype=np.int64),
         item_ids=np.arange(num_items + 1, dtype=np.int64),
+        split=parse_split(split, "dataset.split"),
     )
     return validate(data, source)
 
@@ -573,6 +560,7 @@ def from_file(
     min_user_interactions: int = 0,
     titles_path: str | None = None,
     duplicates: str = "drop",
+    split: str = "leave-one-out",
 ) -> SeqData:
     """Any interaction file: SASRec `user item`, MovieLens u.data / ratings.csv / ratings.dat, or a generic
     `user item [timestamp]` file (whitespace, comma or tab separated, optional header).
@@ -584,6 +572,7 @@ def from_file(
         min_user_interactions: then drop users with fewer interactions.
         titles_path: optional movies.dat / u.item / movies.csv / titles.tsv for item titles.
         duplicates: drop | keep | error: what to do with exact duplicate rows (see `find_duplicates`).
+        split: leave-one-out | temporal:q=<quantile> | temporal:t=<unix seconds> (see `seqrec.data.split`).
 
     Returns:
         SeqData named after the file.
@@ -597,12 +586,15 @@ def from_file(
         min_user_interactions=int(min_user_interactions),
         titles=titles,
         duplicates=duplicates,
+        split=parse_split(split, "dataset.split"),
     )
     log.info("%s", data.summary())
     return data
 
 
-def prepared(*, name: str = "ml-1m", root: str = "data", duplicates: str = "drop") -> SeqData:
+def prepared(
+    *, name: str = "ml-1m", root: str = "data", duplicates: str = "drop", split: str = "leave-one-out"
+) -> SeqData:
     """A dataset written by `python -m seqrec.data.prepare NAME --root ROOT` (`ROOT/NAME/interactions.tsv`, plus
     `titles.tsv` when available).
 
@@ -610,6 +602,7 @@ def prepared(*, name: str = "ml-1m", root: str = "data", duplicates: str = "drop
         name: the dataset folder under root (e.g. "ml-1m").
         root: the data folder, relative to the current directory.
         duplicates: drop | keep | error: what to do with exact duplicate rows (see `find_duplicates`).
+        split: leave-one-out | temporal:q=<quantile> | temporal:t=<unix seconds> (see `seqrec.data.split`).
 
     Returns:
         SeqData named `name`.
@@ -624,6 +617,6 @@ def prepared(*, name: str = "ml-1m", root: str = "data", duplicates: str = "drop
     table = readers.load_interactions(path, "generic")
     titles_file = folder / "titles.tsv"
     titles = readers.read_titles(titles_file) if titles_file.is_file() else None
-    data = build(name, table, titles=titles, duplicates=duplicates)
+    data = build(name, table, titles=titles, duplicates=duplicates, split=parse_split(split, "dataset.split"))
     log.info("%s", data.summary())
     return data

@@ -204,8 +204,6 @@ def _check_arguments(args: dict) -> None:
         elif not ok(value):
             problems.append(f"dataset.{name}={value!r}: {rule}")
     if not problems and args["min_length"] > args["max_length"]:
-        problems.append(
-            f"dataset.min_length={args['min_length']}: must be <= dataset.max_length={args['max_length']}"
-        )
+        problems.append(f"dataset.min_length={args['min_length']}: must be <= dataset.max_length={args['max_length']}")
     if problems:
         raise ConfigError("invalid synthetic data settings: " + "; ".join(problems))
