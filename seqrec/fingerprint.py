@@ -108,8 +108,16 @@ def protocol_fingerprint(data, evaluator_cfg) -> dict:
         "split": split_section(data),
         "evaluation": evaluation_section(evaluator_cfg),
     }
-    digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:HASH_CHARS]
-    return {"id": digest, **body}
+    return {"id": protocol_id(body), **body}
+
+
+def protocol_id(body: dict) -> str:
+    """Hash of a fingerprint without its `id` and without the sampled negatives' seed: the evaluator draws them from
+    the run's seed, so the seeds of one setting face different negatives; that is seed variance, which the mean over
+    seeds averages, not a different protocol (paired comparisons pair runs of equal seed, hence equal negatives)."""
+    body = json.loads(json.dumps({k: v for k, v in body.items() if k != "id"}))
+    body.get("evaluation", {}).get("sampled", {}).pop("seed", None)
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:HASH_CHARS]
 
 
 def describe(fingerprint: dict | None) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from seqrec.data import readers
-from seqrec.data.split import parse_split, split_sequences
+from seqrec.data.split import check_no_leak, parse_split, split_sequences
 from seqrec.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ def split_leave_one_out(
     fields, item_ids, item_titles, rule = split_sequences(
         spec, user_index, item_index, times, np.asarray(item_ids), item_titles, num_users, name
     )
-    return SeqData(
+    data = SeqData(
         name=name,
         num_users=num_users,
         num_items=len(item_ids) - 1,
@@ -201,6 +201,7 @@ def split_leave_one_out(
         item_titles=None if item_titles is None else np.asarray(item_titles),
         split_rule=rule,
     )
+    return check_no_leak(data)
 
 
 DUPLICATES = ("drop", "keep", "error")  # what `build` does with exact duplicate rows

@@ -171,3 +171,31 @@ def split_sequences(
         }
     fields = assemble(user_index, item_index, times, train, evaluated, valid_rows, test_rows)
     return fields, item_ids, item_titles, rule
+
+
+def check_no_leak(data):
+    """Raise DataError if a split lets the future into training; returns `data`. Leave-one-out: no training
+    interaction after the user's validation target. Temporal: no training interaction at or after the cutoff, no
+    target before it, and every catalog item (1..num_items) occurs in training (else it was known only later)."""
+    rule = (data.split_rule or {}).get("rule", LEAVE_ONE_OUT)
+    problems = []
+    evaluated = data.valid_item > 0
+    if data.has_time and len(data.train_times):
+        owner = np.repeat(np.arange(data.num_users), data.train_lengths)
+        later = evaluated[owner] & (data.train_times > data.valid_time[owner])
+        if later.any():
+            problems.append(f"{int(later.sum())} training interactions come after their user's validation target")
+    if rule == TEMPORAL:
+        cutoff = data.split_rule["cutoff"]
+        if len(data.train_times) and data.train_times.max() >= cutoff:
+            problems.append(f"a training interaction at {int(data.train_times.max())} is at/after the cutoff {cutoff}")
+        if np.any(data.valid_time[evaluated] < cutoff):
+            problems.append(f"a validation target lies before the cutoff {cutoff}")
+        in_training = np.zeros(data.num_items + 1, dtype=bool)
+        in_training[data.train_items] = True
+        unseen = np.flatnonzero(~in_training[1:]) + 1
+        if len(unseen):
+            problems.append(f"{len(unseen)} catalog items never occur before the cutoff (e.g. item {unseen[0]})")
+    if problems:
+        raise DataError(f"{data.name}: {rule} split leaks the future into training: " + "; ".join(problems))
+    return data

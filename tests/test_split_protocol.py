@@ -1,0 +1,160 @@
+"""Splits (leave-one-out tie-break, the global temporal cutoff, planted leaks caught) and the protocol fingerprint."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from seqrec.data.dataset import from_file, split_leave_one_out, synthetic, validate
+from seqrec.data.split import check_no_leak, parse_split
+from seqrec.errors import DataError
+from seqrec.fingerprint import protocol_fingerprint
+
+EVAL = {"protocol": "full", "ks": [5, 10, 20], "filter_seen": True, "num_negatives": 100, "seed": 0}
+
+
+def write(tmp_path, rows: list[tuple]) -> str:
+    path = tmp_path / "rows.csv"
+    path.write_text("user,item,timestamp\n" + "".join(f"{u},{i},{t}\n" for u, i, t in rows))
+    return str(path)
+
+
+# ------------------------------------------------------------------------------------------------ leave-one-out
+def test_equal_timestamps_at_the_end_keep_file_order(tmp_path):
+    # user 1's last three interactions share one second: file order decides valid (second last) and test (last)
+    rows = [(1, 11, 1), (1, 12, 5), (1, 13, 5), (1, 14, 5)]
+    forward = from_file(path=write(tmp_path, rows))
+    ids = forward.item_ids
+    assert ids[forward.valid_item[0]] == 13 and ids[forward.test_item[0]] == 14
+    swapped = from_file(path=write(tmp_path, rows[:2] + [rows[3], rows[2]]))
+    ids = swapped.item_ids
+    assert ids[swapped.valid_item[0]] == 14 and ids[swapped.test_item[0]] == 13
+
+
+def test_a_training_interaction_after_the_validation_target_is_caught():
+    data = split_leave_one_out("x", np.zeros(4), np.array([1, 2, 3, 4]), np.array([1, 2, 3, 4]), [0], np.arange(5))
+    leaked = dataclasses.replace(data, train_times=np.array([1, 9]))  # training item at 9 > validation time 3
+    with pytest.raises(DataError, match="after their user's validation target"):
+        check_no_leak(leaked)
+
+
+# ------------------------------------------------------------------------------------------------ temporal
+def temporal_rows() -> list[tuple]:
+    """Three users around the cutoff 100; item 99 first appears at 150 (after the cutoff)."""
+    return [
+        (1, 11, 10), (1, 12, 20), (1, 99, 150), (1, 13, 160), (1, 11, 170), (1, 12, 180),
+        (2, 12, 30), (2, 13, 40), (2, 11, 120), (2, 12, 130),
+        (3, 13, 50), (3, 11, 60), (3, 12, 110),  # one interaction after: not evaluated
+        (4, 11, 200), (4, 12, 210), (4, 13, 220),  # nothing before: not evaluated
+    ]  # fmt: skip
+
+
+def test_temporal_split_trains_before_the_cutoff_and_tests_after(tmp_path):
+    data = from_file(path=write(tmp_path, temporal_rows()), split="temporal:t=100")
+    ids, users = data.item_ids, data.user_ids.tolist()
+    assert data.split_rule["rule"] == "temporal" and data.split_rule["cutoff"] == 100
+    assert data.train_times.max() < 100
+    u1, u2 = users.index(1), users.index(2)
+    # user 1: 99 is not in the catalog, so the targets are c@160 and a@170; b@180 is not used
+    assert ids[data.valid_item[u1]] == 13 and ids[data.test_item[u1]] == 11
+    assert (data.valid_time[u1], data.test_time[u1]) == (160, 170)
+    assert ids[data.valid_item[u2]] == 11 and ids[data.test_item[u2]] == 12
+    assert data.eval_users("test").tolist() == sorted([u1, u2])
+    assert 99 not in ids.tolist() and data.num_items == 3
+
+
+def test_temporal_quantile_picks_an_observed_time(tmp_path):
+    times = np.array([t for *_, t in temporal_rows()])
+    data = from_file(path=write(tmp_path, temporal_rows()), split="temporal:q=0.5")
+    assert data.split_rule["cutoff"] == int(np.quantile(times, 0.5, method="lower"))
+    assert data.train_times.max() < data.split_rule["cutoff"]
+
+
+def test_temporal_split_of_generated_data_has_no_leak():
+    data = synthetic(num_users=300, num_items=200, split="temporal:q=0.7")
+    check_no_leak(data)
+    cutoff = data.split_rule["cutoff"]
+    evaluated = data.test_item > 0
+    assert evaluated.any() and data.train_times.max() < cutoff
+    assert (data.valid_time[evaluated] >= cutoff).all() and (data.test_time >= data.valid_time).all()
+    catalog = np.zeros(data.num_items + 1, dtype=bool)
+    catalog[data.train_items] = True
+    assert catalog[1:].all()  # training negatives are drawn from 1..num_items: all known before the cutoff
+
+
+@pytest.mark.parametrize(
+    "plant, needle",
+    [
+        (lambda d: {"train_times": np.where(np.arange(len(d.train_times)) == 0, 10**10, d.train_times)}, "at/after"),
+        (lambda d: {"num_items": d.num_items + 1, "item_ids": np.append(d.item_ids, -1)}, "never occur before"),
+        (lambda d: {"valid_time": np.where(d.valid_item > 0, 0, d.valid_time)}, "before the cutoff"),
+    ],
+    ids=["training-after-cutoff", "catalog-item-from-the-future", "target-before-cutoff"],
+)
+def test_a_planted_temporal_leak_is_caught(plant, needle):
+    data = synthetic(num_users=100, num_items=80, split="temporal:q=0.7")
+    with pytest.raises(DataError, match=needle):
+        check_no_leak(dataclasses.replace(data, **plant(data)))
+
+
+@pytest.mark.parametrize("spec", ["temporal", "temporal:q=1.5", "temporal:t=soon", "random"])
+def test_a_bad_split_is_a_one_line_error(spec):
+    with pytest.raises(DataError, match="dataset.split"):
+        parse_split(spec)
+
+
+def test_temporal_needs_timestamps(tmp_path):
+    path = tmp_path / "x.txt"
+    path.write_text("1 1\n1 2\n1 3\n2 1\n2 2\n2 3\n")
+    with pytest.raises(DataError, match="needs timestamps"):
+        from_file(path=str(path), split="temporal:q=0.5")
+
+
+# ------------------------------------------------------------------------------------------------ fingerprint
+@pytest.fixture(scope="module")
+def data():
+    return synthetic(num_users=120, num_items=60)
+
+
+def test_fingerprint_is_stable_and_names_the_protocol(data):
+    a, b = protocol_fingerprint(data, EVAL), protocol_fingerprint(synthetic(num_users=120, num_items=60), EVAL)
+    assert a == b and len(a["id"]) == 16
+    assert a["dataset"]["users"] == 120 and a["dataset"]["interactions"] == data.num_interactions
+    assert a["split"]["rule"] == "leave-one-out" and "file order" in a["split"]["tie_break"]
+    assert a["evaluation"]["ks"] == [5, 10, 20] and "sampled" not in a["evaluation"]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"filter_seen": False},
+        {"ks": [10]},
+        {"protocol": "sampled"},
+        {"also_sampled": True},
+    ],
+)
+def test_every_protocol_setting_changes_the_fingerprint(data, change):
+    assert protocol_fingerprint(data, {**EVAL, **change})["id"] != protocol_fingerprint(data, EVAL)["id"]
+
+
+def test_different_targets_or_data_change_the_fingerprint(data):
+    base = protocol_fingerprint(data, EVAL)
+    target = data.test_item.copy()
+    target[np.flatnonzero(target)[0]] = target[np.flatnonzero(target)[0]] % data.num_items + 1
+    moved = protocol_fingerprint(validate(dataclasses.replace(data, test_item=target)), EVAL)
+    assert moved["split"]["test_targets"] != base["split"]["test_targets"] and moved["id"] != base["id"]
+    other = protocol_fingerprint(synthetic(num_users=120, num_items=60, seed=1), EVAL)
+    assert other["dataset"]["content_hash"] != base["dataset"]["content_hash"]
+    temporal = protocol_fingerprint(synthetic(num_users=120, num_items=60, split="temporal:q=0.7"), EVAL)
+    assert temporal["split"]["rule"] == "temporal" and temporal["id"] != base["id"]
+
+
+def test_sampled_negatives_seed_is_recorded_but_seeds_share_a_protocol(data):
+    one = protocol_fingerprint(data, {**EVAL, "protocol": "sampled", "seed": 1})
+    two = protocol_fingerprint(data, {**EVAL, "protocol": "sampled", "seed": 2})
+    assert one["evaluation"]["sampled"]["seed"] == 1 and two["evaluation"]["sampled"]["seed"] == 2
+    assert one["id"] == two["id"]
+    fewer = protocol_fingerprint(data, {**EVAL, "protocol": "sampled", "num_negatives": 50, "seed": 1})
+    assert fewer["id"] != one["id"]
