@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from seqrec.errors import SeqrecError
+from seqrec.fingerprint import describe
 
 RECORD = "run.json"  # a run's authoritative record: config, overrides and choices as of its first launch
 LEGACY_OVERRIDES = Path(".hydra") / "overrides.yaml"  # the record of runs made before run.json
@@ -43,6 +44,9 @@ IGNORED_OVERRIDES = {
     "trainer.log_every_steps",
     "sweep_name",
 }
+
+
+UNRECORDED = "unrecorded"  # the protocol of runs made before results.json recorded it
 
 
 class CompareError(SeqrecError):
@@ -85,6 +89,16 @@ class Run:
     @property
     def finished(self) -> bool:
         return bool(self.results)
+
+    @property
+    def protocol(self) -> dict | None:
+        """results.json["protocol"] (seqrec.fingerprint), None for runs unfinished or made before it existed."""
+        protocol = self.results.get("protocol")
+        return protocol if isinstance(protocol, dict) and "id" in protocol else None
+
+    @property
+    def protocol_id(self) -> str:
+        return self.protocol["id"] if self.protocol else UNRECORDED
 
     def metrics(self, metric: str) -> dict:
         """results.json if the run finished, else the epoch of metrics.jsonl with the best `metric` so far."""
@@ -310,7 +324,9 @@ def build_table(
         ),
     )
     root = _common_parent([r.path for r in runs])
-    header = ["#", *keys, *metrics, "best_epoch", "epochs", "minutes", "status", "dir"]
+    several = len(protocol_ids(runs)) > 1  # then each row says its protocol, and compare() heads the table
+    header = ["#", *(["protocol"] if several else []), *keys, *metrics, "best_epoch", "epochs", "minutes", "status"]
+    header.append("dir")
     rows = []
     for i, r in enumerate(runs, 1):
         values = r.metrics(metric)
@@ -326,6 +342,7 @@ def build_table(
         rows.append(
             [
                 i,
+                *([r.protocol_id if r.finished else ""] if several else []),
                 *[r.setting(k) for k in keys],
                 *[values.get(m) for m in metrics],
                 values.get("best_epoch", values.get("epoch")),
@@ -336,6 +353,20 @@ def build_table(
             ]
         )
     return header, rows, common, runs
+
+
+def protocol_ids(runs: list[Run]) -> list[str]:
+    """The distinct evaluation protocols of the finished runs, in first-seen order."""
+    return list(dict.fromkeys(r.protocol_id for r in runs if r.finished))
+
+
+def protocols_note(runs: list[Run]) -> str:
+    """A header line for a table whose runs were evaluated under several protocols, else ""."""
+    ids = protocol_ids(runs)
+    if len(ids) < 2:
+        return ""
+    described = {r.protocol_id: describe(r.protocol) for r in runs if r.finished}
+    return f"{len(ids)} protocols: {'; '.join(described[i] for i in ids)}: do not compare rows across them\n\n"
 
 
 def _common_parent(paths: list[Path]) -> Path | None:
@@ -526,6 +557,8 @@ def compare(
     text = format_table(header, rows, fmt)
     if common and fmt == "md":
         text = "common overrides: " + " ".join(f"{k}={v}" for k, v in common.items()) + "\n\n" + text
+    if fmt == "md":
+        text = protocols_note(runs) + text
     out_dir = (
         Path(out)
         if out

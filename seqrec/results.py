@@ -28,12 +28,10 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 
-from seqrec.compare import CompareError, Run, find_runs, format_table
-from seqrec.fingerprint import describe
+from seqrec.compare import CompareError, Run, find_runs, format_table, protocols_note
 
 DEFAULT_METRICS = ("test/ndcg@10", "test/hr@10")
 CONFIDENCE = 0.95
-UNRECORDED = "unrecorded"  # runs made before results.json had a "protocol"
 
 # overrides that do not make a different setting (beyond compare.IGNORED_OVERRIDES, dropped when runs are read):
 # the seed, and the time budget a run may get per machine (the table's "time-limited" column says which it stopped)
@@ -89,18 +87,13 @@ def paired_t_test(a, b) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- runs -> frame
-def protocol_of(run: Run) -> dict | None:
-    protocol = run.results.get("protocol")
-    return protocol if isinstance(protocol, dict) and "id" in protocol else None
-
-
 def group_by_setting(runs: list[Run]) -> dict[str, list[Run]]:
     """{row name: runs}, runs grouped by their overrides without NOT_A_SETTING and by their protocol, in first-seen
     order."""
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
         key = tuple(sorted((k, v) for k, v in run.overrides.items() if k not in NOT_A_SETTING))
-        groups.setdefault((key, (protocol_of(run) or {}).get("id")), []).append(run)
+        groups.setdefault((key, run.protocol_id), []).append(run)
     runs_per_parent = Counter(r.path.parent for r in runs)
     named = {}
     for (key, _), members in groups.items():
@@ -126,7 +119,7 @@ def runs_frame(groups: dict[str, list[Run]], metrics: list[str]) -> pd.DataFrame
                 {
                     "row": name,
                     "seed": run.setting("seed") or str(run.path.name),
-                    "protocol": (protocol_of(run) or {}).get("id", UNRECORDED),
+                    "protocol": run.protocol_id,
                     **{m: float(r[m]) if m in r else math.nan for m in metrics},
                     "best_epoch": r.get("best_epoch"),
                     "epochs_run": r.get("epochs_run"),
@@ -153,17 +146,6 @@ def summarise(frame: pd.DataFrame, metrics: list[str]) -> dict[str, dict]:
     return out
 
 
-def protocol_note(groups: dict[str, list[Run]], ids: list[str]) -> str:
-    """The table's header line when its rows were evaluated under several protocols."""
-    known = {}
-    for members in groups.values():
-        for run in members:
-            p = protocol_of(run)
-            known.setdefault(p["id"] if p else UNRECORDED, describe(p))
-    listed = "; ".join(known[i] for i in ids)
-    return f"{len(ids)} protocols: {listed}: do not compare rows across them\n\n"
-
-
 def results_table(paths: list[str], metrics: list[str], fmt: str = "md") -> tuple[str, dict[str, dict], int]:
     """(table text, {row name: summary}, number of unfinished runs left out)."""
     runs = find_runs(paths)
@@ -184,8 +166,8 @@ def results_table(paths: list[str], metrics: list[str], fmt: str = "md") -> tupl
             + [f"{s['time_limited']}/{s['seeds']}"]
         )
     text = format_table(header, rows, fmt)
-    if several and fmt == "md":
-        text = protocol_note(groups, ids) + text
+    if fmt == "md":
+        text = protocols_note(runs) + text
     return text, summaries, unfinished
 
 
