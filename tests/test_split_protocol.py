@@ -158,3 +158,16 @@ def test_sampled_negatives_seed_is_recorded_but_seeds_share_a_protocol(data):
     assert one["id"] == two["id"]
     fewer = protocol_fingerprint(data, {**EVAL, "protocol": "sampled", "num_negatives": 50, "seed": 1})
     assert fewer["id"] != one["id"]
+
+
+def test_the_evaluator_itself_gives_the_fingerprint_of_its_config(data):
+    from seqrec.eval.evaluator import Evaluator
+
+    cfg = {**EVAL, "protocol": "sampled", "num_negatives": 50, "seed": 3}
+    evaluator = Evaluator(data, **cfg, maxlen=20)
+    assert protocol_fingerprint(data, evaluator) == protocol_fingerprint(data, cfg)
+    assert protocol_fingerprint(data, evaluator)["evaluation"]["sampled"] == {
+        "num_negatives": 50,
+        "seed": 3,
+        "excluded": "every item of the user (train, valid, test)",
+    }
