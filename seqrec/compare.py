@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from seqrec.errors import SeqrecError
-from seqrec.fingerprint import describe
+from seqrec.fingerprint import describe, differing_fields
 
 RECORD = "run.json"  # a run's authoritative record: config, overrides and choices as of its first launch
 LEGACY_OVERRIDES = Path(".hydra") / "overrides.yaml"  # the record of runs made before run.json
@@ -365,8 +365,10 @@ def protocols_note(runs: list[Run]) -> str:
     ids = protocol_ids(runs)
     if len(ids) < 2:
         return ""
-    described = {r.protocol_id: describe(r.protocol) for r in runs if r.finished}
-    return f"{len(ids)} protocols: {'; '.join(described[i] for i in ids)}: do not compare rows across them\n\n"
+    protocols = {r.protocol_id: r.protocol for r in runs if r.finished}
+    differ = ", ".join(differing_fields(list(protocols.values()))[:6]) or "fields not recorded"
+    listed = "; ".join(describe(protocols[i]) for i in ids)
+    return f"{len(ids)} protocols: {listed}; they differ in {differ}: do not compare rows across them\n\n"
 
 
 def _common_parent(paths: list[Path]) -> Path | None:

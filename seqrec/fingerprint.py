@@ -131,3 +131,20 @@ def describe(fingerprint: dict | None) -> str:
     return f"{fingerprint.get('id', '?')} ({d.get('name', '?')} {d.get('users', '?')}u/{d.get('items', '?')}i, " + (
         f"{s.get('rule', '?')}, {protocol})"
     )
+
+
+def _leaves(node, prefix: str = "") -> dict:
+    """{"evaluation.filter_seen": True, ...} of a nested dict."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out = {}
+    for key, value in node.items():
+        out.update(_leaves(value, f"{prefix}.{key}" if prefix else key))
+    return out
+
+
+def differing_fields(fingerprints: list[dict | None]) -> list[str]:
+    """The fields (dotted, without `id` and the sampled seed) whose values are not the same in all fingerprints."""
+    leaves = [_leaves(f or {}) for f in fingerprints]
+    keys = sorted({k for leaf in leaves for k in leaf if k != "id" and k != "evaluation.sampled.seed"})
+    return [k for k in keys if len({json.dumps(leaf.get(k), sort_keys=True) for leaf in leaves}) > 1]

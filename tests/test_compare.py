@@ -324,11 +324,16 @@ def test_runs_under_different_protocols_are_flagged_on_the_table(sweep, tmp_path
     runs = sorted(p for p in sweep.iterdir() if p.is_dir())
     for run, protocol in zip(runs, ["p1", "p1", "p2", "p2"], strict=True):
         results = json.loads((run / "results.json").read_text())
-        results["protocol"] = {"id": protocol, "dataset": {"name": "ml-1m", "users": 6040, "items": 3416}}
+        results["protocol"] = {
+            "id": protocol,
+            "dataset": {"name": "ml-1m", "users": 6040, "items": 3416},
+            "evaluation": {"protocol": "full", "filter_seen": protocol == "p1"},
+        }
         (run / "results.json").write_text(json.dumps(results))
     text, _, _ = compare([str(sweep)], out=str(tmp_path / "out"), plots=False)
     first = text.splitlines()[0]
     assert first.startswith("2 protocols: p1 (ml-1m 6040u/3416i") and first.endswith("do not compare rows across them")
+    assert "they differ in evaluation.filter_seen:" in first
     rows = table_rows(text)
     assert rows[0][1] == "protocol" and sorted(r[1] for r in rows[1:]) == ["p1", "p1", "p2", "p2"]
 

@@ -153,7 +153,7 @@ def split_leave_one_out(
     """Leave-one-out split: per user with >= 3 interactions, last -> test, second last -> valid, rest -> train.
 
     Users with fewer than 3 interactions keep everything in training and get no targets (valid/test = 0).
-    `split` may name another rule (`temporal:q=0.8`, see seqrec.data.split); the default is leave-one-out.
+    `split` may name another rule (`temporal:q0.8`, see seqrec.data.split); the default is leave-one-out.
 
     Args:
         name: dataset name for logs.
@@ -518,7 +518,7 @@ def synthetic(
         p_pattern: otherwise, probability that the next item is the last item's successor.
         num_topics: topics for the per-user preference of the non-pattern draws.
         topic_strength: probability that a non-pattern draw comes from the user's topic.
-        split: leave-one-out | temporal:q=<quantile> | temporal:t=<unix seconds> (see `seqrec.data.split`).
+        split: leave-one-out | temporal:q<quantile> | temporal:t<unix seconds> (see `seqrec.data.split`).
 
     Returns:
         SeqData named "synthetic", with timestamps.
@@ -573,7 +573,7 @@ def from_file(
         min_user_interactions: then drop users with fewer interactions.
         titles_path: optional movies.dat / u.item / movies.csv / titles.tsv for item titles.
         duplicates: drop | keep | error: what to do with exact duplicate rows (see `find_duplicates`).
-        split: leave-one-out | temporal:q=<quantile> | temporal:t=<unix seconds> (see `seqrec.data.split`).
+        split: leave-one-out | temporal:q<quantile> | temporal:t<unix seconds> (see `seqrec.data.split`).
 
     Returns:
         SeqData named after the file.
@@ -603,7 +603,7 @@ def prepared(
         name: the dataset folder under root (e.g. "ml-1m").
         root: the data folder, relative to the current directory.
         duplicates: drop | keep | error: what to do with exact duplicate rows (see `find_duplicates`).
-        split: leave-one-out | temporal:q=<quantile> | temporal:t=<unix seconds> (see `seqrec.data.split`).
+        split: leave-one-out | temporal:q<quantile> | temporal:t<unix seconds> (see `seqrec.data.split`).
 
     Returns:
         SeqData named `name`.

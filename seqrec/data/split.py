@@ -4,7 +4,7 @@
   last the validation target, the rest is training. "Last" follows the order `seqrec.data.dataset.build` gives each
   user's interactions: a stable sort by timestamp, so interactions with equal timestamps keep their file order (file
   order alone without timestamps).
-- `temporal:q=0.8` or `temporal:t=<unix seconds>`: one global cutoff time T (given, or the q-quantile of all
+- `temporal:q0.8` or `temporal:t<unix seconds>`: one global cutoff time T (given, or the q-quantile of all
   timestamps). Training is every interaction strictly before T. A user with at least one interaction before T and
   two at or after it is evaluated: the first interaction at or after T is the validation target, the second the test
   target (the test input is the training history plus the validation target, as in leave-one-out); later
@@ -25,12 +25,12 @@ TEMPORAL = "temporal"
 
 
 def parse_split(spec: str, source: str = "dataset.split") -> dict:
-    """`leave-one-out` | `temporal:q=0.8` | `temporal:t=1700000000` -> {"rule": ..., "quantile"/"cutoff": ...}."""
+    """`leave-one-out` | `temporal:q0.8` | `temporal:t1700000000` -> {"rule": ..., "quantile"/"cutoff": ...}."""
     rule, _, arg = str(spec).partition(":")
     if rule == LEAVE_ONE_OUT and not arg:
         return {"rule": LEAVE_ONE_OUT}
     if rule == TEMPORAL:
-        key, _, value = arg.partition("=")
+        key, value = arg[:1], arg[1:]  # no "=" inside: Hydra would need the override quoted
         try:
             number = float(value) if key == "q" else int(value)
         except ValueError:
@@ -40,7 +40,8 @@ def parse_split(spec: str, source: str = "dataset.split") -> dict:
         if key == "t" and number is not None:
             return {"rule": TEMPORAL, "cutoff": number}
     raise DataError(
-        f"{source}={spec!r}: expected leave-one-out, temporal:q=<quantile in (0, 1)> or temporal:t=<unix seconds>"
+        f"{source}={spec!r}: expected leave-one-out, temporal:q<quantile in (0, 1)> (e.g. temporal:q0.8) or "
+        "temporal:t<unix seconds> (e.g. temporal:t1700000000)"
     )
 
 
