@@ -171,3 +171,8 @@ def test_the_evaluator_itself_gives_the_fingerprint_of_its_config(data):
         "seed": 3,
         "excluded": "every item of the user (train, valid, test)",
     }
+
+
+def test_a_cutoff_that_leaves_no_targets_is_a_one_line_error(tmp_path):
+    with pytest.raises(DataError, match="cutoff 1000 and two after it"):
+        from_file(path=write(tmp_path, temporal_rows()), split="temporal:t1000")

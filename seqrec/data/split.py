@@ -160,6 +160,11 @@ def split_sequences(
         train, evaluated, valid_rows, test_rows = temporal_positions(user_index, item_index, times, num_users, cutoff)
         if not train.any():
             raise DataError(f"{source}: dataset.split cutoff {cutoff} is before every interaction: nothing to train on")
+        if not evaluated.any():
+            raise DataError(
+                f"{source}: no user has an interaction before the dataset.split cutoff {cutoff} and two after it "
+                "with items known before it, so there is nothing to validate and test on; move the cutoff"
+            )
         used = train.copy()
         used[valid_rows] = used[test_rows] = True
         item_index, item_ids, item_titles = keep_known_items(item_index, train, used, item_ids, item_titles)
