@@ -31,6 +31,7 @@ ADDED_SINCE = {
     "loss.chunk_tokens": None,
     "residual.kernel": "auto",
     "residual.compile": False,
+    "dataset.split": "leave-one-out",  # runs before the split rule was a setting were leave-one-out
 }
 # Older spellings of the same setting: recorded key and value -> today's key and value.
 RENAMED = {("residual.compile", True): ("residual.kernel", "compile")}
