@@ -56,6 +56,7 @@ class Kernel:
 PLUGINS: dict[tuple[str, str], list[str]] = {
     ("mhc", "cpu"): ["seqrec.kernels.mhc_cpu:MHC"],
     ("attention", "cpu"): ["seqrec.kernels.attention_cpu:ATTENTION"],
+    ("attention", "cuda"): ["seqrec.kernels.attention_cpu:ATTENTION"],  # its float mask; SDPA's dropout
     ("dropout", "cpu"): ["seqrec.kernels.attention_cpu:DROPOUT"],
     ("relation_attention", "cpu"): ["seqrec.kernels.relation_attention:BUCKETED"],
     ("relation_attention", "cuda"): ["seqrec.kernels.relation_attention:BUCKETED"],
