@@ -166,8 +166,8 @@ def _build(directory: Path, stem: str, cxx: str, source: Path, flags: list[str])
     return library
 
 
-def load_library(name: str, source: Path, flags: list[str]) -> ctypes.CDLL:
-    """Compile `source` with `flags` (once per source, flags, compiler and CPU) and load it; raises BuildError."""
+def build(name: str, source: Path, flags: list[str]) -> Path:
+    """The verified library for `source` and `flags` (this compiler, this CPU), built if the cache has none."""
     cxx = compiler()
     if cxx is None:
         raise BuildError("no C++ compiler found ($CXX, g++, c++, clang++)")
@@ -178,7 +178,15 @@ def load_library(name: str, source: Path, flags: list[str]) -> ctypes.CDLL:
     stem = f"{name}-{key}"
     directory = kernel_dir()
     try:
-        library = _verified(directory, stem) or _build(directory, stem, cxx, source, flags)
-        return ctypes.CDLL(str(library))
+        return _verified(directory, stem) or _build(directory, stem, cxx, source, flags)
     except (OSError, subprocess.SubprocessError) as error:
+        raise BuildError(str(error)) from error
+
+
+def load_library(name: str, source: Path, flags: list[str]) -> ctypes.CDLL:
+    """build(), then load the library into this process; raises BuildError."""
+    library = build(name, source, flags)
+    try:
+        return ctypes.CDLL(str(library))
+    except OSError as error:
         raise BuildError(str(error)) from error
