@@ -41,7 +41,7 @@ def resolve_device(device: str) -> torch.device:
 
 RESUME_MUST_MATCH = ("model", "residual", "loss", "dataset", "seed")  # what a resumed run may not change
 # ...except these, which choose how the same maths is computed (a resumed job may land where no compiler exists)
-RESUME_MAY_CHANGE = ("loss.chunk_tokens", "residual.kernel", "residual.compile")
+RESUME_MAY_CHANGE = ("loss.chunk_tokens", "kernels", "residual.kernel", "residual.compile")
 
 
 def _flatten(node, prefix: str = "") -> dict:

@@ -139,3 +139,15 @@ def test_cheap_dropout_mask_has_the_requested_rate():
     assert abs((y == 0).float().mean().item() - 0.2) < 0.005
     assert torch.equal(y[y != 0], torch.full_like(y[y != 0], 1 / 0.8))
     assert attention_cpu.dropout(x, 0.2, training=False) is x
+
+
+def test_the_config_switch_reaches_the_run_and_a_bad_value_stops_it_before_any_data(tmp_path, monkeypatch):
+    from seqrec.run import run
+    from tests.conftest import TINY, compose_config
+
+    monkeypatch.setattr(kernels, "_mode", "auto")
+    with pytest.raises(ConfigError, match="kernels='fast'"):
+        run(compose_config(TINY + ["kernels=fast"], tmp_path / "bad"))
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
+    results = run(compose_config(TINY + ["kernels=reference", "residual=mhc", "trainer.num_epochs=1"], tmp_path / "ok"))
+    assert kernels.mode() == "reference" and results

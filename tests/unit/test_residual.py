@@ -8,12 +8,20 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from seqrec import kernels
 from seqrec.errors import ConfigError
 from seqrec.models.sasrec import SASRec
 from seqrec.nn.residual import MHC, MHCConnection, Plain
 from tests.conftest import CONF
 
 NUM_ITEMS, MAXLEN = 40, 12
+
+
+@pytest.fixture(autouse=True, params=["reference", "auto"])
+def kernels_mode(request, monkeypatch):
+    """Every test runs on the reference layers and on the fast kernels (the CPU plug-ins)."""
+    monkeypatch.setattr(kernels, "_mode", request.param)
+    return request.param
 
 
 def make(residual, norm_first=True, cls=SASRec, **kw):
