@@ -55,9 +55,9 @@ class Kernel:
 # (operation, device type) -> plug-ins in order of preference, as "module:attribute" (imported on first use)
 PLUGINS: dict[tuple[str, str], list[str]] = {
     ("mhc", "cpu"): ["seqrec.kernels.mhc_cpu:MHC"],
-    ("attention", "cpu"): ["seqrec.kernels.attention_cpu:ATTENTION"],
-    ("attention", "cuda"): ["seqrec.kernels.attention_cpu:ATTENTION"],  # its float mask; SDPA's dropout
-    ("dropout", "cpu"): ["seqrec.kernels.attention_cpu:DROPOUT"],
+    ("attention", "cpu"): ["seqrec.kernels.attention:ATTENTION"],
+    ("attention", "cuda"): ["seqrec.kernels.attention:ATTENTION"],  # its float mask; SDPA's dropout
+    ("dropout", "cpu"): ["seqrec.kernels.attention:DROPOUT"],
     ("relation_attention", "cpu"): ["seqrec.kernels.relation_attention:BUCKETED"],
     ("relation_attention", "cuda"): ["seqrec.kernels.relation_attention:BUCKETED"],
 }

@@ -1,8 +1,8 @@
 // mHC connection kernels for the CPU (seqrec.kernels.mhc_cpu): the read before a sublayer and the write-back after
 // it, forward and backward, one pass over each token's S x D stream state at a time.
 //
-// Why hand-written: the reference form (seqrec.nn.residual.MHCConnection) and even a torch.compile fused form pass over the
-// (N, S, D) state ~15-20 times per connection and step; at hidden 50 those passes, not the arithmetic, are what
+// Why hand-written: the reference (seqrec.nn.residual.MHCConnection) and even a torch.compile fused form pass
+// over the (N, S, D) state ~15-20 times per connection and step; at hidden 50 those passes, not the arithmetic, are what
 // mHC costs. Here each kernel visits a token's state once, and the per-token S x S work (sigmoids, Sinkhorn and its
 // reverse) runs on blocks of TB tokens laid out [entry][token], so that the compiler vectorises it across tokens.
 //

@@ -2,7 +2,7 @@
 
 The plug-in for "relation_attention" (CPU and CUDA) of seqrec.kernels; the reference, with the maths, is
 seqrec.nn.time_attention.relation_attention, and tests/unit/test_kernels.py checks values and gradients against it.
-Dropout on the attention weights uses the cheap mask of seqrec.kernels.attention_cpu.
+Dropout on the attention weights uses the cheap mask of seqrec.kernels.attention.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from seqrec.kernels import Kernel
-from seqrec.kernels.attention_cpu import keep_mask
+from seqrec.kernels.attention import keep_mask
 
 
 def _head_forward(q, k, v, time_k, time_v, index, p: float):

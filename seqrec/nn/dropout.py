@@ -1,4 +1,4 @@
-"""Dropout (the reference; a cheaper CPU mask is a plug-in in seqrec.kernels.attention_cpu)."""
+"""Dropout (the reference; a cheaper CPU mask is a plug-in in seqrec.kernels.attention)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,8 @@ import torch
 
 from seqrec import kernels
 from seqrec.errors import ConfigError
-from seqrec.kernels import attention_cpu, relation_attention
+from seqrec.kernels import attention as attention_kernels
+from seqrec.kernels import relation_attention
 from seqrec.nn.attention import AttentionContext, attention, causal_padding_mask
 from seqrec.nn.dropout import dropout
 from seqrec.nn.time_attention import relation_attention as reference_relation_attention
@@ -27,7 +28,7 @@ def kernels_mode(mode):
 
 def test_auto_finds_the_cpu_plugins_and_reference_finds_none():
     with kernels_mode("auto"):
-        assert kernels.find("dropout", torch.device("cpu")) is attention_cpu.dropout
+        assert kernels.find("dropout", torch.device("cpu")) is attention_kernels.dropout
         assert kernels.find("relation_attention", "cpu", torch.zeros(1)) is relation_attention.bucketed_attention
         assert kernels.find("no-such-op", "cpu") is None
         assert kernels.find("dropout", "meta") is None  # no plug-in for that device type: the reference runs
@@ -124,21 +125,21 @@ def test_cpu_attention_with_dropout_is_unbiased_and_masked():
     q, k = torch.randn(64, 2, 8, 4), torch.randn(64, 2, 8, 4)
     v = torch.ones(64, 2, 8, 4)
     torch.manual_seed(0)
-    out = attention_cpu.attention(q, k, v, ctx, 0.3, training=True)
+    out = attention_kernels.attention(q, k, v, ctx, 0.3, training=True)
     assert abs(out.mean().item() - 1) < 0.03 and out.std() > 0.1
     v_future = v.clone()
     v_future[:, :, -1] = 100.0  # the last key is visible to the last query only
     torch.manual_seed(0)
-    assert torch.equal(attention_cpu.attention(q, k, v_future, ctx, 0.3, training=True)[:, :, :-1], out[:, :, :-1])
+    assert torch.equal(attention_kernels.attention(q, k, v_future, ctx, 0.3, training=True)[:, :, :-1], out[:, :, :-1])
 
 
 def test_cheap_dropout_mask_has_the_requested_rate():
     torch.manual_seed(0)
     x = torch.ones(400_000)
-    y = attention_cpu.dropout(x, 0.2, training=True)
+    y = attention_kernels.dropout(x, 0.2, training=True)
     assert abs((y == 0).float().mean().item() - 0.2) < 0.005
     assert torch.equal(y[y != 0], torch.full_like(y[y != 0], 1 / 0.8))
-    assert attention_cpu.dropout(x, 0.2, training=False) is x
+    assert attention_kernels.dropout(x, 0.2, training=False) is x
 
 
 def test_the_config_switch_reaches_the_run_and_a_bad_value_stops_it_before_any_data(tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ import torch
 from omegaconf import OmegaConf
 
 from seqrec.errors import ConfigError
-from seqrec.kernels.attention_cpu import keep_mask
+from seqrec.kernels.attention import keep_mask
 from seqrec.models.sasrec import SASRec
 from seqrec.models.tisasrec import TiSASRec, check_time_available
 from seqrec.nn import residual as residual_module

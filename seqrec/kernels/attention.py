@@ -1,4 +1,4 @@
-"""Attention and dropout tricks for the CPU: a cheaper dropout mask, a float attention mask, an unfused path.
+"""Attention and dropout plug-ins: a cheaper CPU dropout mask, a float attention mask, an unfused CPU path.
 
 Plug-ins for "dropout" (CPU) and "attention" (CPU and CUDA) of seqrec.kernels; the reference layers are
 seqrec.nn.dropout.Dropout and seqrec.nn.attention.attention.
