@@ -16,6 +16,7 @@ Loading a shared library runs its code, so the cache must not load what someone 
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
 import logging
@@ -77,6 +78,7 @@ def kernel_dir() -> Path:
         return directory
     except OSError as error:
         _private_fallback = Path(tempfile.mkdtemp(prefix="seqrec-kernels-"))  # 0700, ours
+        atexit.register(shutil.rmtree, _private_fallback, ignore_errors=True)  # a loaded library stays mapped
         log.warning("kernel cache refused (%s); building in %s for this process instead", error, _private_fallback)
         return _private_fallback
 
