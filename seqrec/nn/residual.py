@@ -10,6 +10,7 @@ connection (C++ kernels for the CPU) is a plug-in in seqrec.kernels, tested agai
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 
@@ -18,6 +19,8 @@ from torch import Tensor, nn
 
 from seqrec import kernels
 from seqrec.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 LN_EPS = 1e-8  # as the SASRec TF code and SASRec.pytorch
 RMS_EPS = 1e-6  # mHC's RMSNorm; only matters for all-zero (padded) tokens (the paper's 1e-20 overflows in float16)
@@ -222,6 +225,9 @@ class MHC:
             problems.append(f"residual.readout={readout!r} must be 'sum' or 'mean'")
         if problems:
             raise ConfigError("; ".join(problems))
+        if kernel is not None or compile is not None:
+            log.warning("residual.kernel and residual.compile are ignored; set kernels=auto|reference instead")
+
         self.expansion_rate, self.sinkhorn_iters, self.init_gate = expansion_rate, sinkhorn_iters, init_gate
         self.fp32_mappings, self.readout, self.res_diag_init = fp32_mappings, readout, res_diag_init
 
