@@ -108,7 +108,7 @@ def test_reference_connection_equals_the_frozen_eager_numbers(norm_first, monkey
     from seqrec import kernels
 
     monkeypatch.setattr(kernels, "_mode", "reference")
-    frozen = torch.load(FROZEN)[f"connection_norm_first={norm_first}"]
+    frozen = torch.load(FROZEN, weights_only=True)[f"connection_norm_first={norm_first}"]
     connection = MHCConnection(
         8, norm_first, streams=4, sinkhorn_iters=20, init_gate=0.8, res_diag_init=None, fp32_mappings=True, ln_eps=1e-8
     )
@@ -128,7 +128,7 @@ def test_reference_model_equals_the_frozen_eager_numbers(norm_first, monkeypatch
     from seqrec import kernels
 
     monkeypatch.setattr(kernels, "_mode", "reference")
-    frozen = torch.load(FROZEN)[f"sasrec_mhc_norm_first={norm_first}"]
+    frozen = torch.load(FROZEN, weights_only=True)[f"sasrec_mhc_norm_first={norm_first}"]
     model = SASRec(
         num_items=30, maxlen=6, hidden_units=8, num_blocks=2, num_heads=2, dropout_rate=0.0, norm_first=norm_first,
         residual=MHC(expansion_rate=4, init_gate=0.7),
