@@ -1,7 +1,12 @@
 """Epoch time and peak RSS of SASRec with residual=plain vs residual=mhc on ML-1M.
 
     python bench/bench_mhc.py [--epochs 3] [--steps 0] [--norm-first true] [--threads 1] [--device cpu]
-                              [--kernel auto|native|compile|eager] [--hidden 50] [--model sasrec|tisasrec]
+                              [--kernels auto|reference] [--hidden 50] [--model sasrec|tisasrec]
+                              [--compare OLD_CHECKOUT]
+
+`--compare /path/to/older/checkout` times the older checkout and this one in one run: one warm process per
+checkout, epochs alternating between them, each epoch interleaving plain and mHC step by step; the table gives
+both trees' epoch times and mHC/plain ratios (medians), and new/old per variant.
 
 `--model tisasrec` compares TiSASRec + mHC with TiSASRec (the product default against its plain residual) on the
 timestamped ML-1M users 1-2,999 (`--data` to change), with the TiSASRec paper's time settings.
@@ -61,6 +66,12 @@ def setup(args):
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:  # the kernels switch (a checkout from before it has only its own default)
+        from seqrec import kernels
+    except ImportError:
+        pass
+    else:
+        kernels.use(args.kernels)
     if args.device == "cpu" and args.reuse_memory:  # as the Trainer on a CPU (an older checkout may lack it)
         try:
             from seqrec.utils.memory import reuse_freed_memory
@@ -84,7 +95,7 @@ def build(variant: str, num_items: int, args):
     from seqrec.train.losses import BCE
 
     torch.manual_seed(0)
-    residual = Plain() if variant == "plain" else MHC(expansion_rate=args.streams, kernel=args.kernel)
+    residual = Plain() if variant == "plain" else MHC(expansion_rate=args.streams)
     shape = dict(maxlen=args.maxlen, hidden_units=args.hidden, num_blocks=2, num_heads=args.heads, dropout_rate=0.2)
     if args.model == "sasrec":
         model = SASRec(num_items=num_items, **shape, norm_first=args.norm_first, residual=residual)
@@ -136,36 +147,112 @@ def peak_rss(args) -> dict:
     return memory
 
 
-def interleaved_times(args) -> tuple[dict[str, list[float]], list[int], dict[str, float]]:
-    """Per variant, the seconds of each timed epoch (both variants in this process, alternating step by step), the
-    batch widths, and the warm-up seconds (which include any compilation)."""
+def warmed_up_steps(args) -> tuple:
+    """The sampler and each variant's training step, warmed up (allocator, Adam state) on the widest and the
+    narrowest batch; also the warm-up seconds per variant."""
     data, sampler = setup(args)
     steps = {v: build(v, data.num_items, args)[1] for v in VARIANTS}
     warm = epoch_batches(sampler, 0, 0, args.device)
     warmup_s = {}
-    for variant, step in steps.items():  # warm-up (allocator, Adam state, compiling) on the widest, narrowest batch
+    for variant, step in steps.items():
         t0 = time.perf_counter()
         for batch in (max(warm, key=lambda b: b.seq.shape[1]), min(warm, key=lambda b: b.seq.shape[1])):
             step(batch)
         warmup_s[variant] = time.perf_counter() - t0
-        print(f"{variant}: warm-up (2 steps, incl. any compilation) {warmup_s[variant]:.1f} s", flush=True)
+        print(f"{variant}: warm-up (2 steps) {warmup_s[variant]:.1f} s", file=sys.stderr, flush=True)
+    return sampler, steps, warmup_s
+
+
+def timed_epoch(sampler, steps, epoch: int, args) -> tuple[dict[str, float], list[int]]:
+    """One epoch, both variants alternating step by step over identical batches: seconds per variant, widths."""
+    total = dict.fromkeys(VARIANTS, 0.0)
+    widths = []
+    for i, batch in enumerate(epoch_batches(sampler, epoch, args.steps, args.device)):
+        widths.append(batch.seq.shape[1])
+        for variant in VARIANTS if i % 2 == 0 else VARIANTS[::-1]:
+            sync(args.device)
+            t0 = time.perf_counter()
+            steps[variant](batch)
+            sync(args.device)
+            total[variant] += time.perf_counter() - t0
+    return total, widths
+
+
+def interleaved_times(args) -> tuple[dict[str, list[float]], list[int], dict[str, float]]:
+    """Per variant, the seconds of each timed epoch (both variants in this process), the batch widths, and the
+    warm-up seconds."""
+    sampler, steps, warmup_s = warmed_up_steps(args)
     seconds = {v: [] for v in VARIANTS}
     widths = []
     for epoch in range(args.epochs):
-        total = dict.fromkeys(VARIANTS, 0.0)
-        for i, batch in enumerate(epoch_batches(sampler, epoch + 1, args.steps, args.device)):
-            widths.append(batch.seq.shape[1])
-            for variant in VARIANTS if i % 2 == 0 else VARIANTS[::-1]:
-                sync(args.device)
-                t0 = time.perf_counter()
-                steps[variant](batch)
-                sync(args.device)
-                total[variant] += time.perf_counter() - t0
+        total, epoch_widths = timed_epoch(sampler, steps, epoch + 1, args)
+        widths += epoch_widths
         for variant in VARIANTS:
             seconds[variant].append(total[variant])
         ratio = total["mhc"] / total["plain"]
         print(f"epoch {epoch + 1}: plain {total['plain']:.2f} s, mhc {total['mhc']:.2f} s, ratio {ratio:.3f}")
     return seconds, widths, warmup_s
+
+
+def serve(args) -> None:
+    """Child of --compare: warm up, then time the epoch named by each line on stdin, answering one JSON line."""
+    sampler, steps, _ = warmed_up_steps(args)
+    print(json.dumps({"seqrec": sys.modules["seqrec"].__file__}), flush=True)
+    for line in sys.stdin:
+        total, widths = timed_epoch(sampler, steps, int(line), args)
+        print(json.dumps({"seconds": total, "mean_width": statistics.mean(widths)}), flush=True)
+
+
+def compare_trees(args) -> None:
+    """Old checkout vs this one in one run: a warm child process per tree, epochs alternating between them (and
+    which goes first), so that background load hits both alike. Prints a table and writes JSON."""
+    trees = {"old": args.compare.resolve(), "new": ROOT}
+    child = [sys.executable, __file__, *[a for a in sys.argv[1:]], "--serve"]
+    servers = {}
+    for name, tree in trees.items():
+        env = dict(os.environ, PYTHONPATH=str(tree))
+        servers[name] = subprocess.Popen(child, env=env, cwd=tree, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         text=True)  # fmt: skip
+        print(f"{name}: {json.loads(servers[name].stdout.readline())['seqrec']}", flush=True)
+    seconds = {name: {v: [] for v in VARIANTS} for name in trees}
+    for epoch in range(args.epochs):
+        for name in list(trees) if epoch % 2 == 0 else list(trees)[::-1]:
+            servers[name].stdin.write(f"{epoch + 1}\n")
+            servers[name].stdin.flush()
+            answer = json.loads(servers[name].stdout.readline())
+            for variant in VARIANTS:
+                seconds[name][variant].append(answer["seconds"][variant])
+            plain, mhc = answer["seconds"]["plain"], answer["seconds"]["mhc"]
+            print(
+                f"epoch {epoch + 1} {name}: plain {plain:.2f} s, mhc {mhc:.2f} s, ratio {mhc / plain:.3f}", flush=True
+            )
+    for server in servers.values():
+        server.stdin.close()
+        server.wait()
+    summary = {}
+    for name in trees:
+        plain, mhc = (statistics.median(seconds[name][v]) for v in VARIANTS)
+        per_epoch = [m / p for p, m in zip(seconds[name]["plain"], seconds[name]["mhc"], strict=True)]
+        summary[name] = {"plain_s": plain, "mhc_s": mhc, "ratio_of_medians": mhc / plain,
+                         "median_ratio": statistics.median(per_epoch), "seconds": seconds[name]}  # fmt: skip
+    print(
+        f"{args.model}, norm_first={args.norm_first}, D={args.hidden}, {args.threads} thread(s), {args.epochs} "
+        f"epochs per tree alternating; kernels={args.kernels}"
+    )
+    print(f"{'tree':5} {'plain s':>9} {'mhc s':>9} {'mhc/plain':>10} {'median of ratios':>17}")
+    for name, row in summary.items():
+        print(
+            f"{name:5} {row['plain_s']:9.2f} {row['mhc_s']:9.2f} {row['ratio_of_medians']:10.3f} "
+            f"{row['median_ratio']:17.3f}"
+        )
+    for variant in VARIANTS:
+        change = summary["new"][f"{variant}_s"] / summary["old"][f"{variant}_s"]
+        print(f"new/old {variant}: {change:.3f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "variant"}
+    args.out.write_text(json.dumps({"config": config, "trees": {k: str(v) for k, v in trees.items()},
+                                    "load_average_after": os.getloadavg(), "summary": summary}, indent=2))  # fmt: skip
+    print(f"wrote {args.out}")
 
 
 def true_false(text: str) -> bool:
@@ -185,8 +272,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="intra-op threads for both variants; 0: torch's default")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--amp", action="store_true", help="bf16 autocast, as hardware=1gpu (trainer.amp=true)")
-    kernels = ["auto", "native", "compile", "eager"]
-    p.add_argument("--kernel", choices=kernels, default="auto", help="residual.kernel (mHC's implementation)")
+    p.add_argument("--kernels", choices=["auto", "reference"], default="auto", help="the top-level kernels setting")
+    p.add_argument("--compare", type=Path, help="an older checkout: time it against this one in one run")
+    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # child process of --compare
     p.add_argument("--model", choices=["sasrec", "tisasrec"], default="sasrec", help="tisasrec: needs timestamps")
     p.add_argument("--data", type=Path, default=None, help=f"default: {DATA} (sasrec), {DATA_TIMED} (tisasrec)")
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # child process: peak RSS
@@ -201,6 +289,12 @@ def main() -> None:
         return
     if args.variant:
         print(json.dumps(peak_rss(args)))
+        return
+    if args.serve:
+        serve(args)
+        return
+    if args.compare:
+        compare_trees(args)
         return
 
     memory = dict.fromkeys(VARIANTS, {})

@@ -17,7 +17,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from seqrec.nn import mhc_native
+from seqrec.kernels import mhc_cpu as mhc_native
 from seqrec.train.distributed import (
     ENV_KEYS,
     SLURM_KEYS,

@@ -180,10 +180,15 @@ def _environment_defaults(defaults: dict[str, str]):
 
 def _launch_error(error, watcher: StallWatcher) -> BaseException:
     """One line for a failed launch: the stalled rank if the watcher killed one, else the first failure."""
+    if watcher.stalled is not None and watcher.stalled.rank is None:
+        return WorkerLost(
+            f"no DDP rank made progress for {watcher.stalled.seconds:.0f} s (a rank stuck in a loop or a deadlock); "
+            "ended all ranks"
+        )
     if watcher.stalled is not None:
         return WorkerLost(
             f"DDP rank {watcher.stalled.rank} made no progress for {watcher.stalled.seconds:.0f} s (stopped or "
-            "stuck); ended all ranks"
+            "frozen); ended all ranks"
         )
     rank, failure = error.get_first_failure()
     if failure.exitcode == 130:  # the worker's own Ctrl-C exit (see _worker): the parent reports it

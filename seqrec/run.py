@@ -19,6 +19,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from seqrec import kernels
 from seqrec.errors import SeqrecError
 from seqrec.launch import WorkerLost, launch, run_distributed, should_launch
 from seqrec.models.tisasrec import check_time_available
@@ -46,6 +47,7 @@ def build(node: DictConfig, **runtime):
 def run(cfg: DictConfig, rank: int = 0, world_size: int = 1) -> dict:
     """Train and test one configuration; returns results.json's content."""
     check_config(cfg)
+    kernels.use(cfg.get("kernels", "auto"))  # fast plug-ins or the reference layers, for this process
     seed_everything(cfg.seed)  # identical initial weights on every rank
     data = build(cfg.dataset)
     log.info("data: %s", data.summary())

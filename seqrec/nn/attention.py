@@ -6,14 +6,13 @@ A padded query may attend to itself only, so no softmax row is empty (no NaN); i
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from seqrec.nn.dropout import keep_mask
+from seqrec import kernels
 
 
 @dataclass
@@ -24,50 +23,21 @@ class AttentionContext:
         valid: (B, L) bool, True at real items.
         attn_mask: (B, 1, L, L) bool, True where query i may attend to key j.
         extras: model-specific tensors (e.g. TiSASRec's interval buckets), keyed by name.
+        cache: tensors a kernel plug-in derives once per forward pass (e.g. a float form of the mask).
     """
 
     valid: Tensor
     attn_mask: Tensor
     extras: dict
-    _bias: Tensor | None = None
-
-    @property
-    def attn_bias(self) -> Tensor:
-        """(B, 1, L, L) float32 additive form of `attn_mask` (0 or -inf), built once per forward pass.
-
-        torch's CPU flash kernel converts a bool mask on every call (~40 % of its time); a float one it uses as is.
-        """
-        if self._bias is None:
-            self._bias = torch.zeros(self.attn_mask.shape, device=self.attn_mask.device).masked_fill_(
-                ~self.attn_mask, -torch.inf
-            )
-        return self._bias
+    cache: dict = field(default_factory=dict)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext, dropout: float, training: bool) -> Tensor:
-    """softmax(q kᵀ / sqrt(d) masked) v with dropout on the weights; (B, H, L, Dh) in and out.
-
-    Without dropout this is torch's fused SDPA (flash kernel on the CPU too). With dropout on the CPU, torch
-    falls back to its unfused path and draws the (B, H, L, L) mask with the slow `bernoulli_` (~5x slower
-    than below), so we write the unfused path ourselves with the cheap mask of `seqrec.nn.dropout`.
-    """
-    # every row keeps its diagonal, so -inf never fills a whole row
-    mask = ctx.attn_bias if q.dtype == torch.float32 else ctx.attn_mask
-    if not training or dropout == 0.0 or q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout if training else 0.0)
-    logits = torch.baddbmm(  # (B·H, L, L): q kᵀ / sqrt(Dh) + bias in one kernel
-        mask.expand(-1, q.shape[1], -1, -1).reshape(-1, *mask.shape[-2:])
-        if mask.dtype != torch.bool
-        else torch.zeros((), dtype=q.dtype),
-        q.flatten(0, 1),
-        k.flatten(0, 1).transpose(-1, -2),
-        alpha=1.0 / math.sqrt(q.shape[-1]),
-    ).view(q.shape[:2] + mask.shape[-2:])
-    if mask.dtype == torch.bool:
-        logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
-    weights = torch.softmax(logits, dim=-1)
-    weights = torch.where(keep_mask(weights.shape, dropout, q.device), weights, 0.0)
-    return (weights @ v).mul_(1.0 / (1.0 - dropout))  # rescaling the (B, H, L, Dh) output is cheaper
+    """softmax(q kᵀ / sqrt(Dh), masked) v with dropout on the weights; (B, H, L, Dh) in and out."""
+    if (fast := kernels.find("attention", q.device)) is not None:
+        return fast(q, k, v, ctx, dropout, training)
+    # every row keeps its diagonal, so no softmax row is empty
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.attn_mask, dropout_p=dropout if training else 0.0)
 
 
 def causal_padding_mask(valid: Tensor) -> Tensor:

@@ -261,11 +261,21 @@ def local_launch_config(nproc: int, run_id: str, port: int, **extra):
     )
 
 
-# --- liveness: a rank that stops (SIGSTOP, a frozen host, a C call that never lets go of the GIL) ends the launch ----
+# --- liveness: a rank that stops or gets stuck ends the launch -------------------------------------------------------
 # Each worker beats from a daemon thread, not from the training loop: a rank waiting in a barrier while rank 0
-# evaluates, or reading a big file, keeps beating; only a process whose threads no longer run goes quiet. A rank that
-# is alive but never reaches the next collective (a Python loop, a deadlock) keeps beating too: the collective
-# timeout (`distributed.timeout_s`) bounds that case.
+# evaluates, or reading a big file, keeps beating; only a process whose threads no longer run (SIGSTOP, a frozen
+# host, a C call that never lets go of the GIL) goes quiet. Each beat also carries the rank's progress: the number of
+# module forward calls so far (a global forward pre-hook: every training step and evaluation batch makes some). A
+# rank alive but stuck (a Python loop, a deadlock) keeps beating, but then no rank makes progress, since the others
+# soon wait for it in a collective: once training has started, a launch in which no rank has made progress for the
+# stall timeout is stuck.
+
+_forward_calls = 0
+
+
+def _count_forward(module, args) -> None:
+    global _forward_calls
+    _forward_calls += 1
 
 
 def beat_interval(stall_timeout_s: float) -> float:
@@ -274,14 +284,15 @@ def beat_interval(stall_timeout_s: float) -> float:
 
 
 def start_heartbeat(path: Path, interval_s: float) -> None:
-    """Write this process's pid to `path` and touch it every `interval_s` seconds from a daemon thread."""
+    """Write `<pid> <progress>` to `path` every `interval_s` seconds from a daemon thread (the rewrite is the beat)."""
     path = Path(path)
-    path.write_text(str(os.getpid()))
+    path.write_text(f"{os.getpid()} 0")
+    torch.nn.modules.module.register_module_forward_pre_hook(_count_forward)
 
     def beat() -> None:
         while True:
             try:
-                os.utime(path)
+                path.write_text(f"{os.getpid()} {_forward_calls}")
             except OSError:  # the launcher removed the directory: the launch is over
                 return
             time.sleep(interval_s)
@@ -296,7 +307,7 @@ def stop_heartbeat(path: Path) -> None:
 
 @dataclass(frozen=True)
 class Stall:
-    rank: int
+    rank: int | None  # None: every rank is alive, none makes progress (stuck)
     seconds: float
 
 
@@ -328,23 +339,34 @@ class StallWatcher:
 
     def _watch(self) -> None:
         last_change: dict[int, tuple[int, float]] = {}  # rank -> (mtime_ns, monotonic time it was first seen)
+        progress: dict[int, int] = {}  # rank -> forward calls at its last beat
+        progressed_at: float | None = None  # when any rank last made progress; None until training starts
         while not self._stop.wait(self.poll_s):
             now = time.monotonic()
-            for rank, mtime_ns, pid in self._beats():
+            beats = list(self._beats())
+            for rank, mtime_ns, pid, calls in beats:
                 seen, since = last_change.get(rank, (None, now))
                 if mtime_ns != seen:
                     last_change[rank] = (mtime_ns, now)
-                elif now - since >= self.stall_timeout_s:
+                elif now - since >= self.stall_timeout_s:  # this process no longer runs
                     self.stalled = Stall(rank, now - since)
                     _kill(pid)
                     return
+                if calls > progress.get(rank, 0):
+                    progress[rank], progressed_at = calls, now
+            if progressed_at is not None and beats and now - progressed_at >= self.stall_timeout_s:
+                self.stalled = Stall(None, now - progressed_at)  # alive, but nobody moves: stuck
+                for _, _, pid, _ in beats:
+                    _kill(pid)
+                return
 
     def _beats(self):
-        """(rank, mtime_ns, pid) of every rank that is beating now."""
+        """(rank, mtime_ns, pid, forward calls) of every rank that is beating now."""
         for path in self.directory.glob("rank*"):
             try:
-                yield int(path.name[4:]), path.stat().st_mtime_ns, int(path.read_text())
-            except (OSError, ValueError):  # removed as its rank returned, or the pid not written yet
+                pid, calls = path.read_text().split()
+                yield int(path.name[4:]), path.stat().st_mtime_ns, int(pid), int(calls)
+            except (OSError, ValueError):  # removed as its rank returned, or caught mid-write
                 continue
 
 

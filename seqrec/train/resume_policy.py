@@ -21,9 +21,9 @@ new command. Every setting is compared with the one the run was trained under, k
 | `trainer.progress`, `trainer.num_workers`,                  | allowed   | display, prefetching, bookkeeping       |
 | `trainer.log_every_steps`, `trainer.resume`,                |           |                                         |
 | `trainer.output_dir`, `logger.*`, `sweep_name`              |           |                                         |
-| `residual.kernel`, `residual.compile`, `loss.chunk_tokens`, | allowed   | how the same maths is computed (a       |
-| `eval.batch_size`, `distributed.*`, `slurm.*`               |           | requeued job may land where no compiler |
-|                                                             |           | exists)                                 |
+| `kernels`, `residual.kernel`, `residual.compile`,           | allowed   | how the same maths is computed (a       |
+| `loss.chunk_tokens`, `eval.batch_size`, `distributed.*`,    |           | requeued job may land where no compiler |
+| `slurm.*`                                                   |           | exists)                                 |
 
 A refused resume is one line per command naming every changed key (`trainer.lr: 0.001 -> 0.002`) and writes nothing
 into the run directory. An allowed change is used from the resume on and recorded: in `launches.jsonl` (old -> new)
@@ -47,6 +47,7 @@ RESUME_MAY_CHANGE = (
     "trainer.output_dir",
     "logger.",
     "sweep_name",
+    "kernels",
     "residual.kernel",
     "residual.compile",
     "loss.chunk_tokens",

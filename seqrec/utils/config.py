@@ -126,6 +126,7 @@ PLAIN_KEYS = {
     "distributed.backend": (str, _one_of("auto", "nccl", "gloo")),
     "distributed.master_port": (int, (lambda v: 0 <= v <= 65535, "must be a port in [0, 65535]")),
     "distributed.timeout_s": (int, positive),
+    "distributed.stall_timeout_s": (float, non_negative),
     "slurm.timeout_min": (int, positive),
     "slurm.max_num_timeout": (int, non_negative),
     "slurm.signal_delay_s": (int, non_negative),

@@ -1,19 +1,25 @@
 """Sinkhorn-Knopp for mHC's H_res (docs/MODELS.md, section 4.3): doubly stochastic, non-expansive, closed under
-products, the fast form equal to the log-space one (values and gradients), n = 1 exact, no NaN at any spread."""
+products, equal to the log-space form (values and gradients), n = 1 exact, no NaN at any spread; and the reference
+mHC connection and model equal, to float32 rounding, the numbers the earlier hand-written eager path produced."""
+
+from pathlib import Path
 
 import pytest
 import torch
 
-from seqrec.nn.mhc import default_res_diag
-from seqrec.nn.sinkhorn import sinkhorn, sinkhorn_log
+from seqrec.models.sasrec import SASRec
+from seqrec.nn.residual import MHC, MHCConnection, default_res_diag, sinkhorn
+
+FROZEN = Path(__file__).with_name("data") / "mhc_frozen.pt"
 
 
-def batch_last(m):  # (N, n, n) -> (n, n, N), the layout `sinkhorn` takes
-    return m.permute(1, 2, 0)
-
-
-def batch_first(m):
-    return m.permute(2, 0, 1)
+def sinkhorn_log(logits, iters):
+    """Log-space Sinkhorn: (..., n, n) logits -> (..., n, n), columns then rows, exp at the end."""
+    log_m = logits
+    for _ in range(iters):
+        log_m = log_m - log_m.logsumexp(dim=-2, keepdim=True)  # columns
+        log_m = log_m - log_m.logsumexp(dim=-1, keepdim=True)  # rows
+    return log_m.exp()
 
 
 def init_logits(count, n=4, std=0.5, seed=0):
@@ -28,13 +34,13 @@ def random_logits(count, n=4, std=1.0, seed=0):
 
 
 def test_init_logits_give_point_nine_on_the_diagonal():
-    H = batch_first(sinkhorn(batch_last(init_logits(1, std=0.0)), 20))[0]
+    H = sinkhorn(init_logits(1, std=0.0), 20)[0]
     expected = torch.full((4, 4), 0.1 / 3) + torch.eye(4) * (0.9 - 0.1 / 3)
     torch.testing.assert_close(H, expected, rtol=0, atol=1e-6)
 
 
 def test_rows_and_columns_sum_to_one_after_20_iterations():
-    H = batch_first(sinkhorn(batch_last(init_logits(5_000)), 20))  # float32
+    H = sinkhorn(init_logits(5_000), 20)  # float32
     assert (H >= 0).all()
     assert (H.sum(-1) - 1).abs().max() < 1e-6  # rows: normalised last
     # columns, measured (log-space gives the same): median 4e-4, p99 4.6e-3, max 1.03e-2 over 20,000 such matrices;
@@ -44,20 +50,20 @@ def test_rows_and_columns_sum_to_one_after_20_iterations():
 
 
 def test_columns_converge_with_more_iterations():
-    H = batch_first(sinkhorn(batch_last(random_logits(2_000, std=1.0, seed=1).double()), 200))
+    H = sinkhorn(random_logits(2_000, std=1.0, seed=1).double(), 200)
     assert (H.sum(-2) - 1).abs().max() < 1e-5
     # std 3 converges more slowly: measured max 3.0e-3, p99 5.5e-4 after 200 iterations
-    H = batch_first(sinkhorn(batch_last(random_logits(2_000, std=3.0, seed=1).double()), 200))
+    H = sinkhorn(random_logits(2_000, std=3.0, seed=1).double(), 200)
     assert (H.sum(-2) - 1).abs().amax(-1).median() < 1e-5
 
 
 def test_spectral_norm_at_most_one():
-    H = batch_first(sinkhorn(batch_last(random_logits(2_000, std=1.0, seed=2)), 20))
+    H = sinkhorn(random_logits(2_000, std=1.0, seed=2), 20)
     assert torch.linalg.matrix_norm(H.double(), ord=2).max() <= 1 + 1e-3
 
 
 def test_product_of_60_stays_doubly_stochastic():
-    H = batch_first(sinkhorn(batch_last(random_logits(60, std=1.0, seed=3)), 20)).double()
+    H = sinkhorn(random_logits(60, std=1.0, seed=3), 20).double()
     P = torch.eye(4, dtype=torch.float64)
     for h in H:
         P = h @ P
@@ -65,137 +71,71 @@ def test_product_of_60_stays_doubly_stochastic():
     assert (P.sum(-2) - 1).abs().max() < 1e-2
 
 
-def test_fast_form_equals_log_space():
+def test_scaling_form_equals_log_space():
     Z = random_logits(500, std=2.0, seed=4)
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
-        fast = batch_first(sinkhorn(batch_last(Z.to(dtype)), 20))
+        fast = sinkhorn(Z.to(dtype), 20)
         torch.testing.assert_close(fast, sinkhorn_log(Z.to(dtype), 20), rtol=0, atol=tol)
 
 
-def test_hand_written_backward_is_the_unrolled_gradient():
+def test_gradient_is_the_log_space_gradient():
     Z = random_logits(6, std=1.5, seed=5).double().requires_grad_()
-    assert torch.autograd.gradcheck(lambda z: sinkhorn(batch_last(z), 7), (Z,))
+    assert torch.autograd.gradcheck(lambda z: sinkhorn(z, 7), (Z,))
     G = torch.randn(6, 4, 4, dtype=torch.float64)
-    fast = torch.autograd.grad((batch_first(sinkhorn(batch_last(Z), 20)) * G).sum(), Z)[0]
+    fast = torch.autograd.grad((sinkhorn(Z, 20) * G).sum(), Z)[0]
     log = torch.autograd.grad((sinkhorn_log(Z, 20) * G).sum(), Z)[0]  # autograd through the unrolled loop
     torch.testing.assert_close(fast, log, rtol=0, atol=1e-10)
 
 
 def test_one_stream_is_exactly_one():
-    Z = 100 * torch.randn(1, 1, 50)
-    assert torch.equal(sinkhorn(Z, 20), torch.ones(1, 1, 50))
+    Z = 100 * torch.randn(50, 1, 1)
+    assert torch.equal(sinkhorn(Z, 20), torch.ones(50, 1, 1))
     assert default_res_diag(1) == 0.0
 
 
 def test_extreme_spreads_stay_finite():
     Z = random_logits(1_000, std=60.0, seed=6).requires_grad_()
-    H = batch_first(sinkhorn(batch_last(Z), 20))
+    H = sinkhorn(Z, 20)
     H.sum().backward()
     assert torch.isfinite(H).all() and torch.isfinite(Z.grad).all()
     assert (H.sum(-1) - 1).abs().max() < 1e-5  # rows still normalised
 
 
-def test_fused_connection_read_is_the_autograd_formula():
-    """MHCConnection's hand-written forward and backward (RMS, mappings, Sinkhorn, read and mix in one autograd
-    node) against Eq. 7-9 written with plain autograd and log-space Sinkhorn, in float64, padding token included."""
-    from seqrec.nn.mhc import RMS_EPS, _MHCRead
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_reference_connection_equals_the_frozen_eager_numbers(norm_first, monkeypatch):
+    """tests/unit/data/mhc_frozen.pt holds inputs, weights, output and gradients of the connection and of a small
+    SASRec+mHC, computed by the hand-written eager path (`_MHCRead`, residual.kernel=eager) this reference replaced."""
+    from seqrec import kernels
 
-    N, S, D, iters = 6, 4, 5, 7
-    g = torch.Generator().manual_seed(7)
-    X = torch.randn(N, S, D, generator=g, dtype=torch.float64)
-    X[2] = 0  # a padded token: all-zero state
-    W = 0.5 * torch.randn(S * D, 2 * S + S * S, generator=g, dtype=torch.float64)
-    b = torch.randn(2 * S + S * S, generator=g, dtype=torch.float64)
-
-    def fused(X, W, b):
-        return _MHCRead.apply(X, W, b, iters, None)[:3]
-
-    def reference(X, W, b):
-        x = X.reshape(N, S * D)
-        logits = (x @ W) * torch.rsqrt(x.square().mean(-1, keepdim=True) + RMS_EPS) + b
-        pre, post = torch.sigmoid(logits[:, :S]), 2 * torch.sigmoid(logits[:, S : 2 * S])
-        res = sinkhorn_log(logits[:, 2 * S :].view(N, S, S), iters)
-        return (pre[:, None] @ X)[:, 0], res @ X, post
-
-    inputs = [t.clone().requires_grad_() for t in (X, W, b)]
-    outs, refs = fused(*inputs), reference(*inputs)
-    for out, ref in zip(outs, refs, strict=True):
-        torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
-    weights = [torch.randn(r.shape, generator=g, dtype=torch.float64) for r in refs]
-    grads = torch.autograd.grad(sum((o * w).sum() for o, w in zip(outs, weights)), inputs)
-    ref_grads = torch.autograd.grad(sum((r * w).sum() for r, w in zip(refs, weights)), inputs)
-    for grad, ref in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(grad, ref, rtol=0, atol=1e-10)
-    assert torch.autograd.gradcheck(fused, inputs)
+    monkeypatch.setattr(kernels, "_mode", "reference")
+    frozen = torch.load(FROZEN, weights_only=True)[f"connection_norm_first={norm_first}"]
+    connection = MHCConnection(
+        8, norm_first, streams=4, sinkhorn_iters=20, init_gate=0.8, res_diag_init=None, fp32_mappings=True, ln_eps=1e-8
+    )
+    connection.load_state_dict(frozen["params"])
+    state, A = frozen["state"].clone().requires_grad_(), frozen["A"].clone().requires_grad_()
+    out = connection(state, lambda u: torch.tanh(u @ A), keep=frozen["keep"])
+    (out * frozen["G"]).sum().backward()
+    torch.testing.assert_close(out, frozen["out"], rtol=1e-5, atol=1e-5)
+    grads = {"state": state.grad, "A": A.grad} | {k: p.grad for k, p in connection.named_parameters()}
+    assert grads.keys() == frozen["grads"].keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, frozen["grads"][name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def _read_case(dtype=torch.float64):
-    """(B, L, S, D) streams with a padded (all-zero) token, a weight and a bias, for the two read paths."""
-    B, L, S, D = 2, 3, 4, 5
-    g = torch.Generator().manual_seed(11)
-    state = torch.randn(B, L, S, D, generator=g, dtype=dtype)
-    state[0, 0] = 0
-    W = 0.5 * torch.randn(S * D, 2 * S + S * S, generator=g, dtype=dtype)
-    b = torch.randn(2 * S + S * S, generator=g, dtype=dtype)
-    return state, W, b
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_reference_model_equals_the_frozen_eager_numbers(norm_first, monkeypatch):
+    from seqrec import kernels
 
-
-def _eager_read(state, W, b, iters):
-    from seqrec.nn.mhc import _MHCRead
-
-    B, L, S, D = state.shape
-    return [t.view(B, L, *t.shape[1:]) for t in _MHCRead.apply(state.view(B * L, S, D), W, b, iters, None)]
-
-
-@pytest.mark.slow
-def test_compiled_read_is_the_eager_read():
-    """residual.kernel=compile: the token-by-token read through torch.compile gives _MHCRead's values and gradients
-    (float64, padding token included), and the diagnostics outputs too."""
-    from seqrec.nn.mhc_compiled import CompiledRead
-
-    iters = 3
-    state, W, b = _read_case()
-    compiled = CompiledRead()
-    inputs = [t.clone().requires_grad_() for t in (state, W, b)]
-    eager_inputs = [t.clone().requires_grad_() for t in (state, W, b)]
-    B, L, S, D = state.shape
-    outs = compiled(inputs[0], inputs[0].flatten(-2) @ inputs[1], inputs[2], iters)
-    assert outs is not None, compiled.failure
-    refs = _eager_read(*eager_inputs, iters)
-    for out, ref in zip(outs, refs, strict=True):
-        torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
-    g = torch.Generator().manual_seed(3)
-    weights = [torch.randn(r.shape, generator=g, dtype=torch.float64) for r in refs[:3]]
-    grads = torch.autograd.grad(sum((o * w).sum() for o, w in zip(outs, weights)), inputs)
-    ref_grads = torch.autograd.grad(sum((r * w).sum() for r, w in zip(refs, weights)), eager_inputs)
-    for grad, ref in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(grad, ref, rtol=0, atol=1e-10)
-
-
-def test_compile_failure_falls_back_to_the_eager_read(monkeypatch, caplog):
-    """Where torch.compile cannot work (no C++ compiler, say), the connection warns once and computes eagerly."""
-    import seqrec.nn.mhc_compiled as mhc_compiled
-    from seqrec.nn.mhc import MHCConnection
-
-    def broken_compile(fn, **kwargs):
-        def run(*args):
-            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
-
-        return run
-
-    monkeypatch.setattr(mhc_compiled.torch, "compile", broken_compile)
-    monkeypatch.setattr(mhc_compiled, "compiled_read", mhc_compiled.CompiledRead())
-    kwargs = dict(streams=4, sinkhorn_iters=5, init_gate=0.1, res_diag_init=None, fp32_mappings=True, ln_eps=1e-8)
-    torch.manual_seed(0)
-    fast = MHCConnection(5, True, kernel="compile", **kwargs)
-    plain = MHCConnection(5, True, kernel="eager", **kwargs)
-    plain.load_state_dict(fast.state_dict())
-    state = torch.randn(2, 3, 4, 5)
-    with caplog.at_level("WARNING"):
-        out = fast(state, torch.tanh)
-        fast(state, torch.tanh)
-    torch.testing.assert_close(out, plain(state, torch.tanh))
-    assert [r.message for r in caplog.records if "torch.compile failed" in r.message] == [
-        "mHC: torch.compile failed (RuntimeError: InvalidCxxCompiler: No working C++ compiler found); "
-        "using the eager kernels (as residual.kernel=eager)"
-    ]
+    monkeypatch.setattr(kernels, "_mode", "reference")
+    frozen = torch.load(FROZEN, weights_only=True)[f"sasrec_mhc_norm_first={norm_first}"]
+    model = SASRec(
+        num_items=30, maxlen=6, hidden_units=8, num_blocks=2, num_heads=2, dropout_rate=0.0, norm_first=norm_first,
+        residual=MHC(expansion_rate=4, init_gate=0.7),
+    )  # fmt: skip
+    model.load_state_dict(frozen["params"])
+    h = model(frozen["seq"])
+    h.square().sum().backward()
+    torch.testing.assert_close(h, frozen["out"], rtol=1e-5, atol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, frozen["grads"][name], rtol=1e-4, atol=1e-5, msg=name)

@@ -1,40 +1,51 @@
-"""residual.kernel=native: mHC's C++ kernels (seqrec/nn/mhc_kernels.cpp) give the eager PyTorch path's values and
-gradients, padding and Post-LN included; without a C++ compiler the connection warns once and runs eagerly."""
+"""The mHC CPU plug-in (seqrec/kernels/mhc_cpu.cpp) gives the reference connection's values and gradients, padding
+and Post-LN included; without a C++ compiler `auto` warns once and runs the reference."""
 
+import contextlib
 import logging
 
 import pytest
 import torch
 
+from seqrec import kernels
+from seqrec.kernels import cache, mhc_cpu
 from seqrec.models.sasrec import SASRec
 from seqrec.models.tisasrec import TiSASRec
-from seqrec.nn import mhc_native
-from seqrec.nn.mhc import MHCConnection
-from seqrec.nn.residual import MHC
+from seqrec.nn.residual import MHC, MHCConnection
 
-pytestmark = pytest.mark.skipif(mhc_native.library() is None, reason="no C++ compiler to build the kernels")
+pytestmark = pytest.mark.skipif(mhc_cpu.library() is None, reason="no C++ compiler to build the kernels")
 
 KW = dict(res_diag_init=None, fp32_mappings=True, ln_eps=1e-8)
 
 
+@contextlib.contextmanager
+def kernels_mode(mode):
+    previous = kernels.use(mode)
+    try:
+        yield
+    finally:
+        kernels.use(previous)
+
+
 def connection_pair(streams, norm_first, dim=12, iters=20, seed=0):
-    """An eager and a native connection with the same, deliberately non-neutral, weights."""
+    """Two connections with the same, deliberately non-neutral, weights: run one as reference, one as `auto`."""
     torch.manual_seed(seed)
-    eager = MHCConnection(dim, norm_first, streams=streams, sinkhorn_iters=iters, init_gate=0.8, kernel="eager", **KW)
+    reference = MHCConnection(dim, norm_first, streams=streams, sinkhorn_iters=iters, init_gate=0.8, **KW)
     with torch.no_grad():
-        eager.bias.add_(torch.randn_like(eager.bias))
-        eager.gain.add_(0.3 * torch.randn_like(eager.gain))
-        eager.norm.weight.add_(0.2 * torch.randn_like(eager.norm.weight))
-    native = MHCConnection(dim, norm_first, streams=streams, sinkhorn_iters=iters, init_gate=0.8, kernel="native", **KW)
-    native.load_state_dict(eager.state_dict())
-    return eager, native
+        reference.bias.add_(torch.randn_like(reference.bias))
+        reference.gain.add_(0.3 * torch.randn_like(reference.gain))
+        reference.norm.weight.add_(0.2 * torch.randn_like(reference.norm.weight))
+    native = MHCConnection(dim, norm_first, streams=streams, sinkhorn_iters=iters, init_gate=0.8, **KW)
+    native.load_state_dict(reference.state_dict())
+    return reference, native
 
 
-def run_connection(connection, state, keep, sublayer, out_weight):
+def run_connection(connection, state, keep, sublayer, out_weight, mode="auto"):
     """Output and the gradients of a fixed projection of it w.r.t. the state and every parameter."""
     state = state.clone().requires_grad_()
     connection.zero_grad()
-    out = connection(state, sublayer, keep=keep)
+    with kernels_mode(mode):
+        out = connection(state, sublayer, keep=keep)
     (out * out_weight).sum().backward()
     grads = {"state": state.grad}
     grads.update({name: p.grad.clone() for name, p in connection.named_parameters()})
@@ -44,7 +55,7 @@ def run_connection(connection, state, keep, sublayer, out_weight):
 @pytest.mark.parametrize("streams", [1, 3, 4])
 @pytest.mark.parametrize("norm_first", [True, False])
 @pytest.mark.parametrize("with_keep", [True, False])
-def test_native_connection_is_the_eager_connection(streams, norm_first, with_keep):
+def test_native_connection_is_the_reference_connection(streams, norm_first, with_keep):
     B, L, D = 3, 37, 12  # 111 tokens: several 16-token blocks and a ragged last one
     g = torch.Generator().manual_seed(1)
     state = torch.randn(B, L, streams, D, generator=g)
@@ -54,25 +65,25 @@ def test_native_connection_is_the_eager_connection(streams, norm_first, with_kee
     state[~keep] = 0  # padding tokens carry all-zero streams, as in the model
     linear = torch.nn.Linear(D, D)
     out_weight = torch.randn(B, L, streams, D, generator=g)
-    eager, native = connection_pair(streams, norm_first, D)
+    reference, native = connection_pair(streams, norm_first, D)
     results = [
-        run_connection(c, state, keep if with_keep else None, lambda u: torch.tanh(linear(u)), out_weight)
-        for c in (eager, native)
+        run_connection(c, state, keep if with_keep else None, lambda u: torch.tanh(linear(u)), out_weight, mode)
+        for c, mode in ((reference, "reference"), (native, "auto"))
     ]
-    (out_e, grads_e), (out_n, grads_n) = results
-    torch.testing.assert_close(out_n, out_e, rtol=1e-5, atol=1e-5)
-    assert grads_e.keys() == grads_n.keys()
-    for name in grads_e:
-        scale = grads_e[name].abs().max().clamp_min(1e-6)
-        assert (grads_n[name] - grads_e[name]).abs().max() / scale < 1e-4, name
+    (out_r, grads_r), (out_n, grads_n) = results
+    torch.testing.assert_close(out_n, out_r, rtol=1e-5, atol=1e-5)
+    assert grads_r.keys() == grads_n.keys()
+    for name in grads_r:
+        scale = grads_r[name].abs().max().clamp_min(1e-6)
+        assert (grads_n[name] - grads_r[name]).abs().max() / scale < 1e-4, name
     if with_keep:
         assert torch.equal(out_n[~keep], torch.zeros_like(out_n[~keep]))
-    for key in ("read_mix", "post", "real"):
-        torch.testing.assert_close(native.last[key], eager.last[key], rtol=1e-5, atol=1e-6)
+    for key in ("pre", "post", "res", "real"):
+        torch.testing.assert_close(native.last[key], reference.last[key], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("cls", [SASRec, TiSASRec])
-def test_native_model_matches_eager_model_in_training_and_evaluation(cls):
+def test_native_model_matches_reference_model_in_training_and_evaluation(cls):
     """Whole models (two blocks, dropout off): outputs and every parameter's gradient, then a no-grad pass."""
     seq = torch.randint(1, 41, (4, 16))
     seq[1, :6] = 0
@@ -80,29 +91,33 @@ def test_native_model_matches_eager_model_in_training_and_evaluation(cls):
     times = torch.cumsum(torch.randint(0, 5, (4, 16)), dim=1) * (seq > 0)
     target = torch.randn(4, 16, 16)
     models = []
-    for kernel in ("eager", "native"):
+    for _ in range(2):
         torch.manual_seed(0)
         extra = {"time_span": 8} if cls is TiSASRec else {}
         models.append(
             cls(num_items=40, maxlen=16, hidden_units=16, num_blocks=2, num_heads=2, dropout_rate=0.0,
-                residual=MHC(kernel=kernel, init_gate=0.5), **extra)
+                residual=MHC(init_gate=0.5), **extra)
         )  # fmt: skip
+    modes = ("reference", "auto")
     outs = []
-    for model in models:
-        h = model(seq, times) if cls is TiSASRec else model(seq)
+    for model, mode in zip(models, modes):
+        with kernels_mode(mode):
+            h = model(seq, times) if cls is TiSASRec else model(seq)
         (h * target).sum().backward()
         outs.append(h.detach())
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
     scale = max(p.grad.abs().max().item() for p in models[0].parameters())
-    for (name, p_e), (_, p_n) in zip(models[0].named_parameters(), models[1].named_parameters(), strict=True):
-        assert (p_n.grad - p_e.grad).abs().max() < 1e-5 * scale, name
-    with torch.no_grad():
-        evals = [m.eval()(seq, times) if cls is TiSASRec else m.eval()(seq) for m in models]
+    for (name, p_r), (_, p_n) in zip(models[0].named_parameters(), models[1].named_parameters(), strict=True):
+        assert (p_n.grad - p_r.grad).abs().max() < 1e-5 * scale, name
+    evals = []
+    for model, mode in zip(models, modes):
+        with torch.no_grad(), kernels_mode(mode):
+            evals.append(model.eval()(seq, times) if cls is TiSASRec else model.eval()(seq))
     torch.testing.assert_close(evals[1], evals[0], rtol=1e-5, atol=1e-5)
 
 
 def test_threads_split_the_tokens_without_changing_the_result():
-    eager, native = connection_pair(4, True)
+    reference, native = connection_pair(4, True)
     state = torch.randn(4, 400, 4, 12)  # 1,600 tokens: several TOKENS_PER_TASK chunks
     threads = torch.get_num_threads()
     try:
@@ -117,34 +132,21 @@ def test_threads_split_the_tokens_without_changing_the_result():
         torch.testing.assert_close(three[1][name], one[1][name], rtol=1e-4, atol=1e-4)
 
 
-def test_without_a_compiler_auto_warns_once_and_runs_eagerly(monkeypatch, caplog, tmp_path):
+def test_without_a_compiler_auto_warns_once_and_runs_the_reference(monkeypatch, caplog, tmp_path):
     monkeypatch.setenv("SEQREC_CACHE", str(tmp_path))  # no built library to find there either
-    monkeypatch.setattr(mhc_native, "_compiler", lambda: None)
-    mhc_native.library.cache_clear()
+    monkeypatch.setattr(cache, "compiler", lambda: None)
+    mhc_cpu.library.cache_clear()
     try:
-        eager, native = connection_pair(4, True)
-        native.kernel = "auto"
+        reference, native = connection_pair(4, True)
         state = torch.randn(2, 5, 4, 12)
         with caplog.at_level(logging.WARNING):
             out = native(state, torch.tanh)
             native(state, torch.tanh)
-        torch.testing.assert_close(out, eager(state, torch.tanh))
+        with kernels_mode("reference"):
+            torch.testing.assert_close(out, reference(state, torch.tanh))
         assert [r.message for r in caplog.records if "C++" in r.message] == [
-            "mHC: no C++ compiler found ($CXX, g++, c++, clang++); using the eager PyTorch kernels"
+            "mHC: the C++ kernels are unavailable (no C++ compiler found ($CXX, g++, c++, clang++)); "
+            "using the reference layer"
         ]
     finally:
-        mhc_native.library.cache_clear()
-
-
-def test_the_build_is_cached_by_source_and_cpu(monkeypatch, tmp_path):
-    monkeypatch.setenv("SEQREC_CACHE", str(tmp_path))
-    mhc_native.library.cache_clear()
-    try:
-        assert mhc_native.library() is not None
-        built = list((tmp_path / "kernels").glob("mhc_kernels-*.so"))
-        assert len(built) == 1 and len(list((tmp_path / "kernels").iterdir())) == 1  # no temporary left
-        mhc_native.library.cache_clear()
-        mtime = built[0].stat().st_mtime_ns
-        assert mhc_native.library() is not None and built[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
-    finally:
-        mhc_native.library.cache_clear()
+        mhc_cpu.library.cache_clear()

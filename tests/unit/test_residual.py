@@ -8,13 +8,20 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from seqrec import kernels
 from seqrec.errors import ConfigError
 from seqrec.models.sasrec import SASRec
-from seqrec.nn.mhc import MHCConnection
-from seqrec.nn.residual import MHC, Plain
+from seqrec.nn.residual import MHC, MHCConnection, Plain
 from tests.conftest import CONF
 
 NUM_ITEMS, MAXLEN = 40, 12
+
+
+@pytest.fixture(autouse=True, params=["reference", "auto"])
+def kernels_mode(request, monkeypatch):
+    """Every test runs on the reference layers and on the fast kernels (the CPU plug-ins)."""
+    monkeypatch.setattr(kernels, "_mode", request.param)
+    return request.param
 
 
 def make(residual, norm_first=True, cls=SASRec, **kw):
@@ -88,7 +95,7 @@ def test_one_stream_is_the_plain_residual():
     seq = batch()
     torch.testing.assert_close(mhc(seq), plain(seq), rtol=1e-5, atol=1e-5)
     for c in connections(mhc):
-        assert torch.equal(c.last["read_mix"][..., 1:, :], torch.ones(seq.shape + (1, 1)))  # H_res = [[1]]
+        assert torch.equal(c.last["res"], torch.ones(seq.shape + (1, 1)))  # H_res = [[1]]
     default = make(MHC(expansion_rate=1)).train()
     default(seq).sum().backward()  # the gated dynamic part alone: finite
     assert all(torch.isfinite(p.grad).all() for p in default.parameters() if p.grad is not None)
@@ -140,7 +147,7 @@ def test_bf16_autocast_step_is_finite(fp32_mappings):
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     if fp32_mappings:  # else only the mapping matmul runs in bf16 (the fp32 bias then promotes the logits)
-        assert all(c.last["read_mix"].dtype == torch.float32 for c in connections(model))
+        assert all(c.last["res"].dtype == torch.float32 for c in connections(model))
 
 
 def test_diagnostics_at_init():

@@ -5,10 +5,10 @@ import torch
 from omegaconf import OmegaConf
 
 from seqrec.errors import ConfigError
+from seqrec.kernels.attention import keep_mask
 from seqrec.models.sasrec import SASRec
 from seqrec.models.tisasrec import TiSASRec, check_time_available
 from seqrec.nn import residual as residual_module
-from seqrec.nn.dropout import keep_mask
 from seqrec.nn.residual import Plain
 from seqrec.nn.time_attention import TimeIntervalAttention
 

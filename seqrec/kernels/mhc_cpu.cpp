@@ -1,8 +1,8 @@
-// mHC connection kernels for the CPU (seqrec.nn.mhc_native): the read before a sublayer and the write-back after
+// mHC connection kernels for the CPU (seqrec.kernels.mhc_cpu): the read before a sublayer and the write-back after
 // it, forward and backward, one pass over each token's S x D stream state at a time.
 //
-// Why hand-written: the eager form (seqrec.nn.mhc._MHCRead) and even torch.compile's fused form pass over the
-// (N, S, D) state ~15-20 times per connection and step; at hidden 50 those passes, not the arithmetic, are what
+// Why hand-written: the reference (seqrec.nn.residual.MHCConnection) and even a torch.compile fused form pass
+// over the (N, S, D) state ~15-20 times per connection and step; at hidden 50 those passes, not the arithmetic, are what
 // mHC costs. Here each kernel visits a token's state once, and the per-token S x S work (sigmoids, Sinkhorn and its
 // reverse) runs on blocks of TB tokens laid out [entry][token], so that the compiler vectorises it across tokens.
 //
@@ -14,7 +14,7 @@
 // so that maps[:, S:] is [H_pre; H_res] as one (1 + S, S) block. keep (N) is 1 for real tokens, 0 for padding.
 // Every function handles tokens [n0, n1), so callers can split N across threads.
 //
-// The maths is seqrec.nn.mhc._MHCRead's (mHC, arXiv 2512.24880, Eq. 7-9): logits = rstd * (x W) + b with
+// The maths is seqrec.nn.residual.MHCConnection's (mHC, arXiv 2512.24880, Eq. 7-9): logits = rstd * (x W) + b with
 // rstd = (|x|^2 / (S D) + eps)^-1/2; H_pre = sigma, H_post = 2 sigma; H_res = Sinkhorn(logits_res) with
 // K = exp(max(l - column max, -FLOOR)), then `iters` rounds of v = 1 / K^T u, u = 1 / K v, H_res = diag(u) K diag(v).
 
@@ -28,7 +28,7 @@ namespace {
 
 constexpr int TB = 64;            // tokens per block, G vectors of VL lanes per entry: G independent Sinkhorn
                                   // chains interleaved, so that each hides the others' division latency
-constexpr int MAX_ITERS = 64;     // mhc_native.MAX_ITERS
+constexpr int MAX_ITERS = 64;     // mhc_cpu.MAX_ITERS
 constexpr int CHUNK = 128;        // state entries per register tile in the backward's x W^T (8 vectors)
 constexpr int VL = 16;            // floats per vector register (the compiler splits them where registers are shorter)
 constexpr int G = TB / VL;
@@ -51,8 +51,8 @@ inline vf vmin(vf a, vf b) { return a < b ? a : b; }
 #else
 #define NO_AUTOVEC
 #endif
-constexpr float FLOOR = 20.0f;    // seqrec.nn.sinkhorn.FLOOR
-constexpr float RMS_EPS = 1e-6f;  // seqrec.nn.mhc_compiled.RMS_EPS
+constexpr float FLOOR = 20.0f;    // seqrec.nn.residual.SINKHORN_FLOOR
+constexpr float RMS_EPS = 1e-6f;  // seqrec.nn.residual.RMS_EPS
 
 // exp for x in [-87, 88] (clamped), Cephes' polynomial, ~1 ulp: plain vector arithmetic, where libm's expf would
 // be a scalar call per lane.

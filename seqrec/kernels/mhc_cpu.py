@@ -1,8 +1,11 @@
-"""mHC's connection kernels in C++ for the CPU (mhc_kernels.cpp), built on first use and called through ctypes.
+"""mHC's connection on the CPU as C++ kernels (mhc_cpu.cpp), built on first use and called through ctypes.
+
+The plug-in for operation "mhc" on device type "cpu" (seqrec.kernels); the maths is the reference
+seqrec.nn.residual.MHCConnection's, and tests/unit/test_kernels.py checks values and gradients against it.
 
 One connection is two autograd nodes around its sublayer: `read` (X -> u = H_pre X and the per-token mappings)
 and `write` (X, mappings, sublayer output -> X' = (H_res X + H_post^T out) * keep, with Post-LN's per-stream
-LayerNorm before the keep). Each kernel visits a token's S x D state once (see mhc_kernels.cpp for why that is
+LayerNorm before the keep). Each kernel visits a token's S x D state once (see mhc_cpu.cpp for why that is
 what matters at small D). X may be a stride-0 view over the streams (MHC.expand's), read as it is.
 
 The two nodes share one gradient: d loss / d X through the write, H_res^T dX', is not formed by the write's
@@ -11,22 +14,16 @@ backward, which reads dX' from the `Link` the write left it (and writes dX over 
 is exact because the write consumes the read's mappings, so autograd always runs the write's backward first; it
 does not support double backward.
 
-The library is compiled with the system C++ compiler (`$CXX`, else g++/c++/clang++; ~20 s for S = 1..8) into
-`$SEQREC_CACHE/kernels` (default ~/.cache/seqrec), keyed by the source, the flags and the CPU, and written
-atomically so that parallel workers can build it at once. Without a compiler `library()` is None (one warning)
-and mHC runs its eager PyTorch path.
+The library is compiled with the system C++ compiler (~20 s) into the private, verified kernel cache of
+seqrec.kernels.cache. The ABI is plain pointers and sizes (no torch headers: a build with
+torch.utils.cpp_extension took longer and its cache loads whatever library its directory holds). Without a
+compiler `library()` is None (one warning) and mHC runs the reference layer.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
@@ -34,13 +31,16 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from seqrec.kernels import Kernel
+from seqrec.kernels.cache import BuildError, load_library
+
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("mhc_kernels.cpp")
+SOURCE = Path(__file__).with_name("mhc_cpu.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC"]
-MAX_STREAMS, MAX_ITERS = 8, 64  # mhc_kernels.cpp instantiates S = 1..8; its MAX_ITERS
+MAX_STREAMS, MAX_ITERS = 8, 64  # mhc_cpu.cpp instantiates S = 1..8; its MAX_ITERS
 TOKENS_PER_TASK = 512  # the least work worth a thread
-CHUNK, LANES = 128, 16  # mhc_kernels.cpp's CHUNK and VL: W^T and W are read zero-padded to multiples of them
+CHUNK, LANES = 128, 16  # mhc_cpu.cpp's CHUNK and VL: W^T and W are read zero-padded to multiples of them
 
 _i64, _int, _ptr, _float = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
 _SIGNATURES = {
@@ -55,70 +55,64 @@ _SIGNATURES = {
 }
 
 
-def _cpu_signature() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = [line for line in f if line.startswith(("model name", "flags"))][:2]
-    except OSError:
-        lines = []
-    return platform.machine() + "".join(lines)
-
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
-        if name and shutil.which(name):
-            return name
-    return None
-
-
 @cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None (with one warning) where they cannot be built or loaded."""
-    compiler = _compiler()
-    if compiler is None:
-        log.warning("mHC: no C++ compiler found ($CXX, g++, c++, clang++); using the eager PyTorch kernels")
-        return None
-    source = SOURCE.read_bytes()
     try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    except (OSError, subprocess.SubprocessError):
-        version = ""
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(), _cpu_signature().encode()]))
-    cache_dir = Path(os.environ.get("SEQREC_CACHE", Path.home() / ".cache" / "seqrec")) / "kernels"
-    target = cache_dir / f"mhc_kernels-{key.hexdigest()[:16]}.so"
-    try:
-        if not target.exists():
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir)
-            os.close(fd)
-            try:
-                subprocess.run(
-                    [compiler, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True, timeout=300
-                )
-                os.replace(tmp, target)  # atomic: a concurrent builder's copy is identical
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-        lib = ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError) as error:
-        detail = getattr(error, "stderr", None) or str(error)
-        log.warning("mHC: building the C++ kernels failed (%s); using the eager PyTorch kernels", detail.strip()[:300])
+        lib = load_library("mhc_cpu", SOURCE, FLAGS)
+        for name, argtypes in _SIGNATURES.items():
+            getattr(lib, name).argtypes = argtypes
+            getattr(lib, name).restype = None
+    except (BuildError, AttributeError) as error:
+        log.warning("mHC: the C++ kernels are unavailable (%s); using the reference layer", str(error)[:300])
         return None
-    for name, argtypes in _SIGNATURES.items():
-        getattr(lib, name).argtypes = argtypes
-        getattr(lib, name).restype = None
     return lib
 
 
-def supports(state: Tensor, streams: int, iters: int) -> bool:
-    """Whether the native kernels can run this connection: float32 on the CPU, S <= 8, iters <= 64, built."""
+def supports(connection, state: Tensor) -> bool:
+    """Whether the kernels can run this connection: a float32 state (or fp32 mappings) on the CPU, S <= 8,
+    iters <= 64, no low-precision mapping matmuls, and the library built."""
+    low_precision_maps = not connection.fp32_mappings and (
+        state.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
+    )
     return (
         state.device.type == "cpu"
-        and state.dtype == torch.float32
-        and streams <= MAX_STREAMS
-        and 1 <= iters <= MAX_ITERS
+        and not low_precision_maps
+        and connection.streams <= MAX_STREAMS
+        and 1 <= connection.sinkhorn_iters <= MAX_ITERS
         and library() is not None
     )
+
+
+def fused_weight(connection) -> Tensor:
+    """phi with the RMSNorm gain (rows) and the gates alpha (columns) folded in: (S*D, 2S + S^2).
+
+    RMSNorm(x) phi scaled per column by alpha = (x phi') / RMS(x) with phi' = diag(gain) phi diag(gates), so the
+    kernel runs the matmul on the raw state and scales each token's logits by 1/RMS afterwards."""
+    S, alpha = connection.streams, connection.alpha
+    gates = torch.cat([alpha[:2].repeat_interleave(S), alpha[2].expand(S * S)])  # (2S + S^2,)
+    return connection.phi * (connection.gain[:, None] * gates)
+
+
+def forward(connection, state: Tensor, sublayer, keep: Tensor | None) -> Tensor:
+    """MHCConnection.forward through the kernels: (B, L, S, D) state -> (B, L, S, D)."""
+    B, L, S, D = state.shape
+    X = state.float().reshape(B * L, S, D)  # a view, also of the expanded embedding (stream stride 0)
+    link = Link()
+    with torch.autocast("cpu", enabled=False):
+        u, maps, mean_square = read(X, fused_weight(connection), connection.bias, connection.sinkhorn_iters, link)
+    # maps per token: [H_post | H_pre | H_res]; kept for MHC.diagnostics (no copy); all-zero tokens are padding
+    maps_ = maps.detach().view(B, L, 2 + S, S)
+    connection.last = {"post": maps_[:, :, 0], "pre": maps_[:, :, 1], "res": maps_[:, :, 2:]}
+    connection.last["real"] = (mean_square > 0).view(B, L)
+    norm = connection.norm
+    out = sublayer((norm(u) if connection.norm_first else u).view(B, L, D))  # (B, L, D)
+    # Post-LN: the per-stream LayerNorm runs inside the write too, before the padding mask
+    keep = None if keep is None else keep.reshape(B * L).to(X.dtype)
+    out = out.reshape(B * L, D).to(X.dtype)
+    with torch.autocast("cpu", enabled=False):
+        state = write(X, maps, out, keep, link, norm=None if connection.norm_first else norm)
+    return state.view(B, L, S, D)
 
 
 @cache
@@ -269,3 +263,6 @@ def write(
     if norm is None:
         return _Write.apply(X, maps, out.contiguous(), keep, link, None, None, 0.0)
     return _Write.apply(X, maps, out.contiguous(), keep, link, norm.weight, norm.bias, norm.eps)
+
+
+MHC = Kernel(run=forward, supports=supports)
