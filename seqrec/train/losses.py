@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from seqrec.errors import ConfigError
 from seqrec.models.head import ItemHead
 
 
@@ -159,20 +160,61 @@ class CrossEntropy(Loss):
 
 
 class SampledSoftmax(Loss):
-    """Softmax over the target and N uniform negatives shared by all positions of a sequence (SASRec+N).
+    """Softmax over the target and N negatives shared by all positions of a sequence (SASRec+N), with the logQ
+    correction (docs/MODELS.md, Eq. 22-22b).
 
-    Uniform sampling makes the logQ correction a constant, so it is dropped.
+    negatives:
+        uniform: N items drawn by the sampler uniformly outside the user's history. Their sampling probability is
+            the same for every item, so the correction is a constant that cancels in the softmax and is skipped.
+        in_batch: N of the batch's own targets, drawn uniformly with replacement among its non-padding
+            positions, so item j is drawn with probability c_j / M (c_j: its count among the M targets);
+            popular items are drawn more often and the correction subtracts log(N c_j / M) from their logits.
+        mixed: N - N // 2 uniform negatives and N // 2 in-batch ones; each candidate is corrected by its expected
+            count in the union, N_u / I + N_b c_j / M.
+    A negative equal to the position's target (an accidental hit) is masked out of the softmax.
     """
 
     shared_negatives = True
+    NEGATIVES = ("uniform", "in_batch", "mixed")
 
-    def __init__(self, *, num_negatives: int = 256):
-        self.num_negatives = num_negatives
+    def __init__(self, *, num_negatives: int = 256, negatives: str = "uniform", logq: bool = True):
+        if negatives not in self.NEGATIVES:
+            raise ConfigError(f"loss.negatives={negatives!r}: expected one of {', '.join(self.NEGATIVES)}")
+        self.pool_size, self.negatives, self.logq = num_negatives, negatives, logq
+        self.in_batch = {"uniform": 0, "in_batch": num_negatives, "mixed": num_negatives // 2}[negatives]
+        self.num_negatives = num_negatives - self.in_batch  # what the sampler draws (uniform, per sequence)
 
     def __call__(self, h, head, pos, neg):
-        s_pos = head.score_one(h, pos)  # (B, L)
-        s_neg = head.score(h, neg)  # (B, L, N): each sequence's N negatives are shared by its L positions
-        logits = torch.cat([s_pos.unsqueeze(-1), s_neg], dim=-1).float()  # (B, L, 1 + N)
-        nll = torch.logsumexp(logits, dim=-1) - logits[..., 0]  # (B, L)
         mask = pos != 0
+        cand = self._candidates(pos, mask, neg)  # (B, N)
+        s_pos = head.score_one(h, pos)  # (B, L)
+        s_neg = head.score(h, cand)  # (B, L, N): each sequence's N negatives are shared by its L positions
+        logits = torch.cat([s_pos.unsqueeze(-1), s_neg], dim=-1).float()  # (B, L, 1 + N)
+        if self.in_batch and self.logq:  # with uniform negatives only, log Q is a constant: skipped
+            log_q_pos, log_q_neg = self.log_expected_counts(pos, mask, cand, head.num_items)  # (B, L), (B, N)
+            logits[..., 0] -= log_q_pos
+            logits[..., 1:] -= log_q_neg[:, None, :]
+        hit = cand[:, None, :] == pos[..., None]  # (B, L, N): a negative that is the target does not compete
+        logits[..., 1:] = logits[..., 1:].masked_fill(hit, -torch.inf)
+        nll = torch.logsumexp(logits, dim=-1) - logits[..., 0]  # (B, L)
         return nll[mask].mean()
+
+    def _candidates(self, pos: Tensor, mask: Tensor, neg: Tensor | None) -> Tensor:
+        """(B, N) item ids: the sampler's uniform negatives, then the in-batch draws (the same for every row)."""
+        parts = [] if neg is None else [neg]
+        if self.in_batch:
+            targets = pos[mask]  # (M,)
+            draw = torch.randint(0, targets.numel(), (self.in_batch,), device=pos.device)
+            parts.append(targets[draw].expand(pos.shape[0], -1))
+        return torch.cat(parts, dim=-1)
+
+    def log_expected_counts(self, pos: Tensor, mask: Tensor, cand: Tensor, num_items: int) -> tuple[Tensor, Tensor]:
+        """log Q: the log of an item's expected number of copies in a sequence's candidate pool,
+        N_u / I + N_b c_j / M, for the targets pos (B, L) (0 at padding) and the candidates cand (B, N)."""
+        counts = torch.bincount(pos[mask], minlength=num_items + 1).float()  # (I + 1,): c_j over the M targets
+        per_draw = self.in_batch / mask.sum().clamp_min(1)
+
+        def log_q(items: Tensor) -> Tensor:
+            return (self.num_negatives / num_items + per_draw * counts[items]).log()
+
+        return log_q(pos).masked_fill(~mask, 0.0), log_q(cand)  # padding targets have no count and no loss
