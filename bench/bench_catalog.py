@@ -117,38 +117,41 @@ def step_setup(num_items: int, sparse: bool):
     ]
 
 
-def time_steps(num_items: int, sparse: bool, steps: int, negatives: int) -> list[float]:
-    from seqrec.train.losses import SampledSoftmax
-
-    model, optimizers = step_setup(num_items, sparse)
-    loss_fn = SampledSoftmax(num_negatives=negatives)
-    seconds = []
-    for step in range(steps + 1):  # the first step (allocations, optimizer state) is not timed
-        seq, pos, neg = random_batch(num_items, negatives, seed=step)
-        start = time.perf_counter()
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        loss_fn(model(seq), model.head, pos, neg).backward()
-        for opt in optimizers:
-            opt.step()
-        if step:
-            seconds.append(time.perf_counter() - start)
-    return seconds
+def one_step(model, optimizers, loss_fn, batch) -> float:
+    seq, pos, neg = batch
+    start = time.perf_counter()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    loss_fn(model(seq), model.head, pos, neg).backward()
+    for opt in optimizers:
+        opt.step()
+    return time.perf_counter() - start
 
 
 def step_cost(small: int, large: int, steps: int, negatives: int) -> list[dict]:
+    """Median step time of each (optimizer, size) setup; the setups take turns step by step, so the machine's
+    noise (other processes on shared cores) hits them alike."""
+    from seqrec.train.losses import SampledSoftmax
+
+    loss_fn = SampledSoftmax(num_negatives=negatives)
+    setups = {(sparse, n): step_setup(n, sparse) for sparse in (False, True) for n in (small, large)}
+    seconds = {key: [] for key in setups}
+    for step in range(steps + 1):  # the first step (allocations, optimizer state) is not timed
+        for (sparse, n), (model, optimizers) in setups.items():
+            elapsed = one_step(model, optimizers, loss_fn, random_batch(n, negatives, seed=step))
+            if step:
+                seconds[(sparse, n)].append(elapsed)
     rows = []
     for sparse in (False, True):
-        medians = {}
-        for num_items in (small, large):
-            medians[num_items] = statistics.median(time_steps(num_items, sparse, steps, negatives))
+        small_s, large_s = (statistics.median(seconds[(sparse, n)]) for n in (small, large))
         name = "sparse grad + SparseAdam (table)" if sparse else "dense grad + Adam (trainer)"
-        row = {"variant": name, "small_items": small, "large_items": large}
-        row.update(small_step_s=medians[small], large_step_s=medians[large], ratio=medians[large] / medians[small])
-        rows.append(row)
+        rows.append(
+            {"variant": name, "small_items": small, "large_items": large, "small_step_s": small_s}
+            | {"large_step_s": large_s, "ratio": large_s / small_s}
+        )
         print(
-            f"step       {name:34s} {small:>9,} items {medians[small] * 1e3:7.1f} ms   {large:>9,} items "
-            f"{medians[large] * 1e3:7.1f} ms   x{row['ratio']:.2f}"
+            f"step       {name:34s} {small:>9,} items {small_s * 1e3:7.1f} ms   {large:>9,} items "
+            f"{large_s * 1e3:7.1f} ms   x{large_s / small_s:.2f}"
         )
     return rows
 
