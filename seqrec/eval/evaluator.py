@@ -8,8 +8,9 @@ are all-reduced, so a sharded evaluation gives exactly the single-process number
 
 Full ranking streams the catalogue in blocks of `item_chunk` items: each block's scores are compared with the
 target's and counted, so memory is O(users per batch x item_chunk) whatever the catalogue size, and no sort or
-top-k over all items is ever made. `valid_users` evaluates validation on a fixed sample of users (the same every
-epoch, drawn once per seed); test always ranks every user.
+top-k over all items is ever made. A user whose count reaches max(ks) is done: every metric is 0 from there on.
+`valid_users` evaluates validation on a fixed sample of users (the same every epoch, drawn once per seed); test
+always ranks every user.
 """
 
 from __future__ import annotations
@@ -157,30 +158,49 @@ class Evaluator:
         return out
 
     def _full_ranks(self, head, h: Tensor, users: np.ndarray, target: Tensor, target_scores: Tensor, split: str):
-        """(b,) pessimistic ranks against every item, the catalogue scored `item_chunk` items at a time.
+        """(b,) pessimistic ranks against every item, capped at max(ks): the catalogue is scored `item_chunk` items
+        at a time, and a user leaves the loop once max(ks) competitors beat its target.
 
-        Exactly rank_of_target over score_all with the target and the seen items at -inf: the same scores
-        (column by column the same products), the same >= comparison, summed block by block.
+        Every metric is 0 at a rank >= max(ks), so the cap changes no reported number; below it the rank is
+        exactly rank_of_target over score_all with the target and the seen items at -inf (the same products,
+        the same >= comparison, summed block by block).
         """
         weight, bias = head.linear()  # (I, D), (I,) or None
-        rows = torch.arange(len(users), device=h.device)
-        excluded_rows, excluded_cols = rows, target - 1  # the target is not its own competitor
-        if self.filter_seen:
-            r, items = self._seen(users, split)
-            excluded_rows = torch.cat([rows, r.to(h.device)])
-            excluded_cols = torch.cat([excluded_cols, items.to(h.device) - 1])
-        order = torch.argsort(excluded_cols)  # by column, so each block takes one contiguous slice
-        excluded_rows, excluded_cols = excluded_rows[order], excluded_cols[order]
+        cap = max(self.ks)
+        excluded_rows, excluded_cols = self._excluded(users, target, split)  # sorted by column
         ranks = torch.zeros(len(users), dtype=torch.int64, device=h.device)
+        active = torch.arange(len(users), device=h.device)  # users whose rank is still below the cap
+        slot = torch.arange(len(users), device=h.device)  # a user's row in the active block
         for start in range(0, weight.shape[0], self.item_chunk):
             stop = min(start + self.item_chunk, weight.shape[0])
-            scores = h @ weight[start:stop].to(h.dtype).T  # (b, c)
+            scores = h[active] @ weight[start:stop].to(h.dtype).T  # (a, c)
             if bias is not None:
                 scores = scores + bias[start:stop]
             lo, hi = torch.searchsorted(excluded_cols, torch.tensor([start, stop], device=h.device)).tolist()
-            scores[excluded_rows[lo:hi], excluded_cols[lo:hi] - start] = -torch.inf
-            ranks += rank_of_target(scores, target_scores)
+            rows, cols = excluded_rows[lo:hi], excluded_cols[lo:hi]
+            live = slot[rows] >= 0
+            scores[slot[rows[live]], cols[live] - start] = -torch.inf
+            ranks[active] += rank_of_target(scores, target_scores[active])
+            still = ranks[active] < cap
+            if not still.all():
+                slot[active[~still]] = -1
+                active = active[still]
+                slot[active] = torch.arange(len(active), device=h.device)
+                if len(active) == 0:
+                    break
         return ranks
+
+    def _excluded(self, users: np.ndarray, target: Tensor, split: str) -> tuple[Tensor, Tensor]:
+        """(row, column) pairs left out of the full ranking, sorted by column: each user's target (it is not its
+        own competitor) and, with filter_seen, the items it has seen."""
+        rows = torch.arange(len(users), device=target.device)
+        excluded_rows, excluded_cols = rows, target - 1
+        if self.filter_seen:
+            r, items = self._seen(users, split)
+            excluded_rows = torch.cat([rows, r.to(target.device)])
+            excluded_cols = torch.cat([excluded_cols, items.to(target.device) - 1])
+        order = torch.argsort(excluded_cols)  # by column, so each block takes one contiguous slice
+        return excluded_rows[order], excluded_cols[order]
 
     def _seen(self, users: np.ndarray, split: str) -> tuple[Tensor, Tensor]:
         """Row/item pairs the batch's users have seen as input (train items, + the valid item for test)."""
