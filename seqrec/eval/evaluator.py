@@ -159,7 +159,8 @@ class Evaluator:
 
     def _full_ranks(self, head, h: Tensor, users: np.ndarray, target: Tensor, target_scores: Tensor, split: str):
         """(b,) pessimistic ranks against every item, capped at max(ks): the catalogue is scored `item_chunk` items
-        at a time, and a user leaves the loop once max(ks) competitors beat its target.
+        at a time (wider once users have left, the same batch x item_chunk scores), and a user leaves the loop
+        once max(ks) competitors beat its target.
 
         Every metric is 0 at a rank >= max(ks), so the cap changes no reported number; below it the rank is
         exactly rank_of_target over score_all with the target and the seen items at -inf (the same products,
@@ -171,8 +172,10 @@ class Evaluator:
         ranks = torch.zeros(len(users), dtype=torch.int64, device=h.device)
         active = torch.arange(len(users), device=h.device)  # users whose rank is still below the cap
         slot = torch.arange(len(users), device=h.device)  # a user's row in the active block
-        for start in range(0, weight.shape[0], self.item_chunk):
-            stop = min(start + self.item_chunk, weight.shape[0])
+        start, budget = 0, len(users) * self.item_chunk  # scores per block
+        while start < weight.shape[0] and len(active):
+            # fewer users left: a wider block keeps the products large and the loop short, at the same memory
+            stop = min(start + max(self.item_chunk, budget // len(active)), weight.shape[0])
             scores = h[active] @ weight[start:stop].to(h.dtype).T  # (a, c)
             if bias is not None:
                 scores = scores + bias[start:stop]
@@ -186,8 +189,7 @@ class Evaluator:
                 slot[active[~still]] = -1
                 active = active[still]
                 slot[active] = torch.arange(len(active), device=h.device)
-                if len(active) == 0:
-                    break
+            start = stop
         return ranks
 
     def _excluded(self, users: np.ndarray, target: Tensor, split: str) -> tuple[Tensor, Tensor]:
