@@ -5,6 +5,12 @@ Full: the target is ranked against every item; items the user has already seen a
 interacted with, drawn once per (seed, split) and cached, so every epoch and every model faces the same
 candidates. Users are processed in length-sorted, trimmed batches and sharded across ranks; the metric sums
 are all-reduced, so a sharded evaluation gives exactly the single-process numbers.
+
+Full ranking streams the catalogue in blocks of `item_chunk` items: each block's scores are compared with the
+target's and counted, so memory is O(users per batch x item_chunk) whatever the catalogue size, and no sort or
+top-k over all items is ever made. A user whose count reaches max(ks) is done: every metric is 0 from there on.
+`valid_users` evaluates validation on a fixed sample of users (the same every epoch, drawn once per seed); test
+always ranks every user.
 """
 
 from __future__ import annotations
@@ -37,7 +43,10 @@ class Evaluator:
         filter_seen: exclude already-seen items from the full ranking.
         batch_size: users per forward pass.
         maxlen: the model's window length.
-        seed: fixes the sampled negatives.
+        seed: fixes the sampled negatives and the validation user sample.
+        valid_users: validate on this many users, a sample drawn once per seed; 0 = every user. Test is always
+            on every user.
+        item_chunk: items scored at a time in full ranking (memory is batch_size x item_chunk floats).
         rank, world_size: shard of users for this process.
     """
 
@@ -53,12 +62,15 @@ class Evaluator:
         batch_size: int = 512,
         maxlen: int = 200,
         seed: int = 0,
+        valid_users: int = 0,
+        item_chunk: int = 8192,
         rank: int = 0,
         world_size: int = 1,
     ):
         self.data, self.protocol, self.num_negatives, self.ks = data, protocol, num_negatives, list(ks)
         self.also_sampled, self.filter_seen = also_sampled, filter_seen
         self.batch_size, self.maxlen, self.seed = batch_size, maxlen, seed
+        self.valid_users, self.item_chunk = valid_users, item_chunk
         self.rank, self.world_size = rank, world_size
         self.time_scale = user_time_scale(data)
         if protocol == "full" and max(self.ks) >= data.num_items:  # every item is in the top k: hr@k is 1
@@ -73,6 +85,9 @@ class Evaluator:
         """Evaluated users of `split`, length-sorted so batches trim well."""
         target = self.data.valid_item if split == "valid" else self.data.test_item
         users = np.flatnonzero(target > 0)
+        if split == "valid" and 0 < self.valid_users < len(users):
+            # the same sample every epoch and on every rank: it depends on the seed only
+            users = np.sort(np.random.default_rng([self.seed, 0, 13]).choice(users, self.valid_users, replace=False))
         return users[np.argsort(np.diff(self.data.train_ptr)[users], kind="stable")]
 
     def negatives(self, split: str) -> np.ndarray:
@@ -135,18 +150,59 @@ class Evaluator:
         out = []
         target_scores = model.head.score_one(h, target)  # (b,)
         if self.protocol == "full":
-            scores = model.head.score_all(h)  # (b, I)
-            rows = torch.arange(len(users), device=h.device)
-            scores[rows, target - 1] = -torch.inf  # the target is not its own competitor
-            if self.filter_seen:
-                r, items = self._seen(users, split)
-                scores[r.to(h.device), items.to(h.device) - 1] = -torch.inf
-            out.append(rank_of_target(scores, target_scores))
+            out.append(self._full_ranks(model.head, h, users, target, target_scores, split))
         if self.needs_sampled:
             cand = torch.from_numpy(self.negatives(split)[users]).to(h.device)  # (b, n)
             neg_scores = model.head.score(h, cand)  # (b, n)
             out.append(rank_of_target(neg_scores, target_scores))
         return out
+
+    def _full_ranks(self, head, h: Tensor, users: np.ndarray, target: Tensor, target_scores: Tensor, split: str):
+        """(b,) pessimistic ranks against every item, capped at max(ks): the catalogue is scored `item_chunk` items
+        at a time (wider once users have left, the same batch x item_chunk scores), and a user leaves the loop
+        once max(ks) competitors beat its target.
+
+        Every metric is 0 at a rank >= max(ks), so the cap changes no reported number; below it the rank is
+        exactly rank_of_target over score_all with the target and the seen items at -inf (the same products,
+        the same >= comparison, summed block by block).
+        """
+        weight, bias = head.linear()  # (I, D), (I,) or None
+        cap = max(self.ks)
+        excluded_rows, excluded_cols = self._excluded(users, target, split)  # sorted by column
+        ranks = torch.zeros(len(users), dtype=torch.int64, device=h.device)
+        active = torch.arange(len(users), device=h.device)  # users whose rank is still below the cap
+        slot = torch.arange(len(users), device=h.device)  # a user's row in the active block
+        start, budget = 0, len(users) * self.item_chunk  # scores per block
+        while start < weight.shape[0] and len(active):
+            # fewer users left: a wider block keeps the products large and the loop short, at the same memory
+            stop = min(start + max(self.item_chunk, budget // len(active)), weight.shape[0])
+            scores = h[active] @ weight[start:stop].to(h.dtype).T  # (a, c)
+            if bias is not None:
+                scores = scores + bias[start:stop]
+            lo, hi = torch.searchsorted(excluded_cols, torch.tensor([start, stop], device=h.device)).tolist()
+            rows, cols = excluded_rows[lo:hi], excluded_cols[lo:hi]
+            live = slot[rows] >= 0
+            scores[slot[rows[live]], cols[live] - start] = -torch.inf
+            ranks[active] += rank_of_target(scores, target_scores[active])
+            still = ranks[active] < cap
+            if not still.all():
+                slot[active[~still]] = -1
+                active = active[still]
+                slot[active] = torch.arange(len(active), device=h.device)
+            start = stop
+        return ranks
+
+    def _excluded(self, users: np.ndarray, target: Tensor, split: str) -> tuple[Tensor, Tensor]:
+        """(row, column) pairs left out of the full ranking, sorted by column: each user's target (it is not its
+        own competitor) and, with filter_seen, the items it has seen."""
+        rows = torch.arange(len(users), device=target.device)
+        excluded_rows, excluded_cols = rows, target - 1
+        if self.filter_seen:
+            r, items = self._seen(users, split)
+            excluded_rows = torch.cat([rows, r.to(target.device)])
+            excluded_cols = torch.cat([excluded_cols, items.to(target.device) - 1])
+        order = torch.argsort(excluded_cols)  # by column, so each block takes one contiguous slice
+        return excluded_rows[order], excluded_cols[order]
 
     def _seen(self, users: np.ndarray, split: str) -> tuple[Tensor, Tensor]:
         """Row/item pairs the batch's users have seen as input (train items, + the valid item for test)."""

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from seqrec.errors import ConfigError
 from seqrec.models.head import ItemHead
 
 
@@ -65,10 +66,11 @@ class GBCE(Loss):
 class _SoftmaxCrossEntropy(torch.autograd.Function):
     """Mean of -log softmax(h W^T + b)[target] over rows, with the logits never leaving a row block.
 
-    F.cross_entropy on materialised logits makes several full passes over the (M, I) matrix (log_softmax out,
-    the one-hot gradient, log_softmax backward); here each block of rows is multiplied, normalised and
-    exponentiated in place while it is still in cache, and the backward uses softmax - onehot directly.
-    On the CPU this makes an ML-1M full-CE training step ~1.5x faster (bench/bench_ce.py).
+    Memory is O(block x I): the forward keeps only h, W, the targets and one logsumexp per row; the backward
+    recomputes each block's logits and turns them into softmax - onehot in place. Saving the (M, I) probabilities
+    instead would need M x I x 4 bytes (25.6 GB at 6400 positions and 10^6 items) for one extra matmul saved.
+    F.cross_entropy on materialised logits makes several full passes over the (M, I) matrix and keeps it for the
+    backward; here each block is multiplied, normalised and exponentiated while it is still in cache.
     """
 
     @staticmethod
@@ -79,34 +81,33 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
         # dtype: the matmuls' dtype (autocast's, else float32); the bias is added to the float32 logits
         h_mm, w_mm = h.to(dtype), weight.to(dtype)
         b32 = bias.float() if bias is not None else None
-        probs = torch.empty(h.shape[0], weight.shape[0], dtype=torch.float32, device=h.device)  # (M, I)
+        lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)  # (M,)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
+        buffer = _logit_buffer(h, weight, block)
         for start in range(0, h.shape[0], block):
             rows = slice(start, start + block)
-            p = probs[rows]
-            p.copy_(h_mm[rows] @ w_mm.T)  # logits (m, I)
-            if b32 is not None:
-                p.add_(b32)
-            lse = torch.logsumexp(p, dim=1)  # (m,)
-            total += (lse - p.gather(1, target[rows, None]).squeeze(1)).sum()
-            p.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-        ctx.save_for_backward(h_mm, w_mm, target, probs)
+            logits = _block_logits(buffer, h_mm[rows], w_mm, b32)  # (m, I)
+            lse[rows] = torch.logsumexp(logits, dim=1)
+            total += (lse[rows] - logits.gather(1, target[rows, None]).squeeze(1)).sum()
+        ctx.save_for_backward(h_mm, w_mm, b32, target, lse)
         ctx.block, ctx.dtypes = block, (h.dtype, weight.dtype, bias.dtype if bias is not None else None)
         return total / max(h.shape[0], 1)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
-        h_mm, w_mm, target, probs = ctx.saved_tensors
+        h_mm, w_mm, b32, target, lse = ctx.saved_tensors
         scale = grad / max(h_mm.shape[0], 1)
         grad_h = torch.empty(h_mm.shape, dtype=torch.float32, device=h_mm.device)  # (M, D)
         grad_w = torch.zeros(w_mm.shape, dtype=torch.float32, device=h_mm.device)  # (I, D)
         h_dtype, w_dtype, b_dtype = ctx.dtypes
         grad_b = torch.zeros(w_mm.shape[0], dtype=torch.float32, device=h_mm.device) if b_dtype is not None else None
+        buffer = _logit_buffer(h_mm, w_mm, ctx.block)
         for start in range(0, h_mm.shape[0], ctx.block):
             rows = slice(start, start + ctx.block)
-            g = probs[rows]  # d loss_sum / d logits = softmax - onehot, built in place (backward runs once)
-            g[torch.arange(g.shape[0], device=g.device), target[rows]] -= 1
+            g = _block_logits(buffer, h_mm[rows], w_mm, b32)  # recomputed logits (m, I)
+            g.sub_(lse[rows, None]).exp_()  # softmax
+            g[torch.arange(g.shape[0], device=g.device), target[rows]] -= 1  # d loss_sum / d logits
             if grad_b is not None:
                 grad_b += g.sum(0)  # float32, before the cast to the matmul dtype
             g = g.to(w_mm.dtype)
@@ -114,6 +115,23 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
             grad_w += (g.T @ h_mm[rows]).float()
         grad_b = (grad_b * scale).to(b_dtype) if grad_b is not None else None
         return (grad_h * scale).to(h_dtype), (grad_w * scale).to(w_dtype), grad_b, None, None, None
+
+
+def _logit_buffer(h: Tensor, weight: Tensor, block: int) -> Tensor:
+    """One (block, I) float32 buffer reused by every row block."""
+    return torch.empty(min(block, h.shape[0]), weight.shape[0], dtype=torch.float32, device=h.device)
+
+
+def _block_logits(buffer: Tensor, h_rows: Tensor, w_mm: Tensor, b32: Tensor | None) -> Tensor:
+    """float32 logits h_rows @ w_mm.T (+ b32) of one row block, written into `buffer`: (m, D) -> (m, I)."""
+    logits = buffer[: h_rows.shape[0]]
+    if h_rows.dtype == torch.float32:
+        torch.matmul(h_rows, w_mm.T, out=logits)
+    else:  # autocast's bfloat16 / float16 product, widened
+        logits.copy_(h_rows @ w_mm.T)
+    if b32 is not None:
+        logits.add_(b32)
+    return logits
 
 
 def softmax_cross_entropy(
@@ -142,20 +160,61 @@ class CrossEntropy(Loss):
 
 
 class SampledSoftmax(Loss):
-    """Softmax over the target and N uniform negatives shared by all positions of a sequence (SASRec+N).
+    """Softmax over the target and N negatives shared by all positions of a sequence (SASRec+N), with the logQ
+    correction (docs/MODELS.md, Eq. 22-22b).
 
-    Uniform sampling makes the logQ correction a constant, so it is dropped.
+    negatives:
+        uniform: N items drawn by the sampler uniformly outside the user's history. Their sampling probability is
+            the same for every item, so the correction is a constant that cancels in the softmax and is skipped.
+        in_batch: N of the batch's own targets, drawn uniformly with replacement among its non-padding
+            positions, so item j is drawn with probability c_j / M (c_j: its count among the M targets);
+            popular items are drawn more often and the correction subtracts log(N c_j / M) from their logits.
+        mixed: N - N // 2 uniform negatives and N // 2 in-batch ones; each candidate is corrected by its expected
+            count in the union, N_u / I + N_b c_j / M.
+    A negative equal to the position's target (an accidental hit) is masked out of the softmax.
     """
 
     shared_negatives = True
+    NEGATIVES = ("uniform", "in_batch", "mixed")
 
-    def __init__(self, *, num_negatives: int = 256):
-        self.num_negatives = num_negatives
+    def __init__(self, *, num_negatives: int = 256, negatives: str = "uniform", logq: bool = True):
+        if negatives not in self.NEGATIVES:
+            raise ConfigError(f"loss.negatives={negatives!r}: expected one of {', '.join(self.NEGATIVES)}")
+        self.pool_size, self.negatives, self.logq = num_negatives, negatives, logq
+        self.in_batch = {"uniform": 0, "in_batch": num_negatives, "mixed": num_negatives // 2}[negatives]
+        self.num_negatives = num_negatives - self.in_batch  # what the sampler draws (uniform, per sequence)
 
     def __call__(self, h, head, pos, neg):
-        s_pos = head.score_one(h, pos)  # (B, L)
-        s_neg = head.score(h, neg)  # (B, L, N): each sequence's N negatives are shared by its L positions
-        logits = torch.cat([s_pos.unsqueeze(-1), s_neg], dim=-1).float()  # (B, L, 1 + N)
-        nll = torch.logsumexp(logits, dim=-1) - logits[..., 0]  # (B, L)
         mask = pos != 0
+        cand = self._candidates(pos, mask, neg)  # (B, N)
+        s_pos = head.score_one(h, pos)  # (B, L)
+        s_neg = head.score(h, cand)  # (B, L, N): each sequence's N negatives are shared by its L positions
+        logits = torch.cat([s_pos.unsqueeze(-1), s_neg], dim=-1).float()  # (B, L, 1 + N)
+        if self.in_batch and self.logq:  # with uniform negatives only, log Q is a constant: skipped
+            log_q_pos, log_q_neg = self.log_expected_counts(pos, mask, cand, head.num_items)  # (B, L), (B, N)
+            logits[..., 0] -= log_q_pos
+            logits[..., 1:] -= log_q_neg[:, None, :]
+        hit = cand[:, None, :] == pos[..., None]  # (B, L, N): a negative that is the target does not compete
+        logits[..., 1:] = logits[..., 1:].masked_fill(hit, -torch.inf)
+        nll = torch.logsumexp(logits, dim=-1) - logits[..., 0]  # (B, L)
         return nll[mask].mean()
+
+    def _candidates(self, pos: Tensor, mask: Tensor, neg: Tensor | None) -> Tensor:
+        """(B, N) item ids: the sampler's uniform negatives, then the in-batch draws (the same for every row)."""
+        parts = [] if neg is None else [neg]
+        if self.in_batch:
+            targets = pos[mask]  # (M,)
+            draw = torch.randint(0, targets.numel(), (self.in_batch,), device=pos.device)
+            parts.append(targets[draw].expand(pos.shape[0], -1))
+        return torch.cat(parts, dim=-1)
+
+    def log_expected_counts(self, pos: Tensor, mask: Tensor, cand: Tensor, num_items: int) -> tuple[Tensor, Tensor]:
+        """log Q: the log of an item's expected number of copies in a sequence's candidate pool,
+        N_u / I + N_b c_j / M, for the targets pos (B, L) (0 at padding) and the candidates cand (B, N)."""
+        counts = torch.bincount(pos[mask], minlength=num_items + 1).float()  # (I + 1,): c_j over the M targets
+        per_draw = self.in_batch / mask.sum().clamp_min(1)
+
+        def log_q(items: Tensor) -> Tensor:
+            return (self.num_negatives / num_items + per_draw * counts[items]).log()
+
+        return log_q(pos).masked_fill(~mask, 0.0), log_q(cand)  # padding targets have no count and no loss

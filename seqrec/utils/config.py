@@ -78,6 +78,7 @@ RULES = {
     "loss.num_negatives": positive,
     "loss.t": unit_interval,
     "loss.chunk_tokens": positive,
+    "loss.negatives": _one_of("uniform", "in_batch", "mixed"),
     "sampler.batch_size": positive,
     "sampler.maxlen": positive,
     "sampler.seed": seed_range,
@@ -112,6 +113,8 @@ RULES = {
     "eval.num_negatives": positive,
     "eval.batch_size": positive,
     "eval.maxlen": positive,
+    "eval.valid_users": non_negative,
+    "eval.item_chunk": positive,
     "eval.seed": seed_range,
     "eval.ks": (
         lambda v: len(v) > 0 and all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in v),

@@ -20,6 +20,11 @@ def head_of(w, bias=None):
     return head
 
 
+def hit_free_negatives(pos, k, num_items=20):
+    """(B, k) negatives per sequence that equal none of its targets, as the sampler's (which avoid the history)."""
+    return torch.stack([torch.tensor([i for i in range(1, num_items + 1) if i not in row.tolist()][:k]) for row in pos])
+
+
 def setup(k=1, shared=False):
     torch.manual_seed(0)
     B, L, D, I = 3, 5, 8, 20
@@ -66,13 +71,26 @@ def test_cross_entropy_gradients_match_torch(block):
     assert head.weight.grad[0].abs().sum() == 0  # the padding item's row gets nothing
 
 
-def test_cross_entropy_refuses_a_second_backward_through_its_reused_buffer():
+def test_cross_entropy_saves_no_probabilities_so_a_second_backward_repeats_the_first():
     h, w, pos, _ = setup()
     h.requires_grad_(True)
-    loss = CrossEntropy()(h, head_of(w), pos, None)
+    loss = CrossEntropy(chunk_tokens=4)(h, head_of(w), pos, None)
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="inplace"):
-        loss.backward()
+    first = h.grad.clone()
+    loss.backward()  # the logits are recomputed from h, W and the saved logsumexp, nothing was overwritten
+    assert torch.allclose(h.grad, 2 * first, atol=1e-6)
+
+
+def test_cross_entropy_keeps_one_block_of_logits_not_the_whole_matrix():
+    """Saved for the backward: h, W, targets and one float per row; nothing of size positions x items."""
+    torch.manual_seed(3)
+    m, num_items, d = 64, 500, 8
+    h, w = torch.randn(1, m, d, requires_grad=True), torch.randn(num_items + 1, d)
+    pos = torch.randint(1, num_items + 1, (1, m))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        CrossEntropy(chunk_tokens=16)(h, head_of(w), pos, None)
+    assert max(saved) < m * num_items / 4
 
 
 def test_cross_entropy_under_bfloat16_autocast_stays_close_and_in_float32():
@@ -130,7 +148,9 @@ def test_bce_and_gbce_are_bitwise_what_they_were(k):
 
 
 def test_sampled_softmax_is_bitwise_what_it_was():
-    h, w, pos, neg = setup(k=7, shared=True)
+    """With the sampler's uniform negatives, which avoid the user's history and so never equal a target."""
+    h, w, pos, _ = setup(k=7, shared=True)
+    neg = hit_free_negatives(pos, 7)
     assert torch.equal(
         SampledSoftmax(num_negatives=7)(h, head_of(w), pos, neg), previous_sampled_softmax(h, w, pos, neg)
     )
@@ -157,7 +177,8 @@ def test_bce_and_gbce_add_the_bias_to_every_score():
 
 
 def test_sampled_softmax_adds_the_bias_to_every_score():
-    h, w, bias, pos, neg = biased_setup(k=5, shared=True)
+    h, w, bias, pos, _ = biased_setup(k=5, shared=True)
+    neg = hit_free_negatives(pos, 5)
     loss = SampledSoftmax(num_negatives=5)(h, head_of(w, bias), pos, neg)
     items = torch.cat([pos[..., None], neg[:, None, :].expand(-1, pos.shape[1], -1)], -1)  # (B, L, 1 + N)
     logits = (h[..., None, :] * w[items]).sum(-1) + bias[items]
@@ -184,3 +205,89 @@ def test_chunked_cross_entropy_with_a_bias_matches_torch_in_value_and_gradients(
     for got, want in zip((h.grad, head.weight.grad, head.bias.grad), expected):
         assert torch.allclose(got, want, atol=1e-6)
     assert head.bias.grad[0] == 0 and head.bias.grad.abs().sum() > 0  # the padding item is never a class
+
+
+# --- sampled softmax: logQ correction, in-batch and mixed negatives, accidental hits -------------------------------
+
+
+def manual_sampled_softmax(h, w, pos, cand, log_q_pos=None, log_q_neg=None):
+    """Eq. 22b by loops: per target position, softmax over the target and the non-hit candidates, logits - log Q."""
+    terms = []
+    for b in range(pos.shape[0]):
+        for t in range(pos.shape[1]):
+            if pos[b, t] == 0:
+                continue
+            target = h[b, t] @ w[pos[b, t]] - (0 if log_q_pos is None else log_q_pos[b, t])
+            others = [
+                h[b, t] @ w[j] - (0 if log_q_neg is None else log_q_neg[b, k])
+                for k, j in enumerate(cand[b].tolist())
+                if j != pos[b, t]
+            ]
+            terms.append(torch.logsumexp(torch.stack([target, *others]), 0) - target)
+    return torch.stack(terms).mean()
+
+
+def test_logq_of_uniform_negatives_is_one_constant_that_leaves_the_loss_unchanged():
+    h, w, pos, neg = setup(k=7, shared=True)
+    loss = SampledSoftmax(num_negatives=7)
+    log_q_pos, log_q_neg = loss.log_expected_counts(pos, pos != 0, neg, 20)
+    q = torch.cat([log_q_pos[pos != 0], log_q_neg.flatten()])
+    assert torch.allclose(q, torch.full_like(q, torch.log(torch.tensor(7 / 20)).item()))
+    corrected = manual_sampled_softmax(h, w, pos, neg, log_q_pos, log_q_neg)
+    assert torch.allclose(loss(h, head_of(w), pos, neg), corrected, atol=1e-5)
+
+
+def test_in_batch_negatives_of_a_skewed_batch_are_corrected_by_their_batch_frequency():
+    h, w, pos, _ = setup()
+    pos[1:] = torch.tensor([[3, 3, 3, 3, 5], [3, 3, 7, 3, 3]])  # item 3 dominates the batch's targets
+    loss = SampledSoftmax(num_negatives=6, negatives="in_batch")
+    assert loss.num_negatives == 0  # the sampler draws nothing, the candidates come from the batch
+    torch.manual_seed(4)
+    value = loss(h, head_of(w), pos, None)
+    torch.manual_seed(4)
+    cand = loss._candidates(pos, pos != 0, None)  # the same draws
+    m = int((pos != 0).sum())
+    counts = torch.bincount(pos[pos != 0], minlength=21).float()
+    expected = manual_sampled_softmax(
+        h,
+        w,
+        pos,
+        cand,
+        (6 * counts[pos] / m).log(),
+        (6 * counts[cand] / m).log(),  # log(N c_j / M)
+    )
+    assert torch.allclose(value, expected, atol=1e-5)
+    torch.manual_seed(4)
+    uncorrected = SampledSoftmax(num_negatives=6, negatives="in_batch", logq=False)(h, head_of(w), pos, None)
+    assert not torch.allclose(uncorrected, value, atol=1e-3)  # the skew changes the objective
+
+
+def test_in_batch_candidates_equal_to_the_target_are_masked():
+    h, w, pos, _ = setup()
+    pos[pos != 0] = 4  # every target is item 4: every in-batch candidate is an accidental hit
+    value = SampledSoftmax(num_negatives=5, negatives="in_batch")(h, head_of(w), pos, None)
+    assert value.item() == 0.0  # the target is alone in its softmax
+
+
+def test_mixed_negatives_split_the_pool_and_mask_a_uniform_hit():
+    h, w, pos, _ = setup()
+    loss = SampledSoftmax(num_negatives=8, negatives="mixed")
+    assert (loss.num_negatives, loss.in_batch) == (4, 4)
+    neg = torch.randint(1, 21, (3, 4))
+    neg[2, 0] = pos[2, 3]  # a uniform negative that is one position's target
+    torch.manual_seed(5)
+    value = loss(h, head_of(w), pos, neg)
+    torch.manual_seed(5)
+    cand = loss._candidates(pos, pos != 0, neg)
+    assert cand.shape == (3, 8) and torch.equal(cand[:, :4], neg)
+    log_q_pos, log_q_neg = loss.log_expected_counts(pos, pos != 0, cand, 20)
+    counts = torch.bincount(pos[pos != 0], minlength=21).float()
+    assert torch.allclose(log_q_neg, (4 / 20 + 4 * counts[cand] / int((pos != 0).sum())).log())
+    assert torch.allclose(value, manual_sampled_softmax(h, w, pos, cand, log_q_pos, log_q_neg), atol=1e-5)
+
+
+def test_unknown_negatives_mode_is_a_config_error():
+    from seqrec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="loss.negatives"):
+        SampledSoftmax(negatives="popular")

@@ -141,3 +141,55 @@ def test_a_model_gets_bitwise_the_metrics_of_the_previous_scoring(protocol):
     for split in ("valid", "test"):
         now, before = Evaluator(data, **kwargs), PreviousScoring(data, **kwargs)
         assert now.evaluate(model, split) == before.evaluate(model, split)
+
+
+# --- evaluation at scale: item-chunked full ranking, a fixed validation user sample --------------------------------
+
+
+def random_data(num_users=120, num_items=90, per_user=10, seed=3):
+    rng = np.random.default_rng(seed)
+    users = np.repeat(np.arange(num_users), per_user)
+    items = np.concatenate(
+        [rng.choice(np.arange(1, num_items + 1), per_user, replace=False) for _ in users[::per_user]]
+    )
+    return split_leave_one_out("r", users, items, None, np.arange(num_users), np.arange(num_items + 1))
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+@pytest.mark.parametrize("filter_seen", [True, False])
+def test_item_chunked_ranking_is_bitwise_the_whole_catalogue_ranking(chunk, filter_seen):
+    data = random_data()
+    # scores on a coarse grid: many exact ties, which must count against the target in every block alike
+    model = FixedScores((np.random.default_rng(4).integers(0, 6, size=91) / 2).tolist())
+    kwargs = dict(ks=[1, 5, 10, 20], maxlen=10, filter_seen=filter_seen, batch_size=32)
+    for split in ("valid", "test"):
+        whole = PreviousScoringByHead(data, **kwargs).evaluate(model, split)
+        assert Evaluator(data, item_chunk=chunk, **kwargs).evaluate(model, split) == whole
+
+
+class PreviousScoringByHead(Evaluator):
+    """Full ranking over the materialised (users, items) score matrix, as before the catalogue was chunked."""
+
+    def _full_ranks(self, head, h, users, target, target_scores, split):
+        scores = head.score_all(h)
+        scores[torch.arange(len(users)), target - 1] = -torch.inf
+        if self.filter_seen:
+            r, items = self._seen(users, split)
+            scores[r, items - 1] = -torch.inf
+        return rank_of_target(scores, target_scores)
+
+
+def test_validation_user_sample_is_fixed_per_seed_and_test_keeps_everyone():
+    data = random_data()
+    ev = Evaluator(data, valid_users=30, seed=5, maxlen=10)
+    sample = ev.users("valid")
+    assert len(sample) == 30 and len(set(sample.tolist())) == 30
+    assert set(sample.tolist()) <= set(data.eval_users("valid").tolist())
+    assert np.array_equal(np.sort(sample), np.sort(Evaluator(data, valid_users=30, seed=5, maxlen=10).users("valid")))
+    assert np.array_equal(sample, ev.users("valid"))  # the same users every epoch
+    other = Evaluator(data, valid_users=30, seed=6, maxlen=10).users("valid")
+    assert set(other.tolist()) != set(sample.tolist())
+    assert len(ev.users("test")) == len(data.eval_users("test"))  # test is never sampled
+    assert len(Evaluator(data, valid_users=0, maxlen=10).users("valid")) == len(data.eval_users("valid"))
+    model = FixedScores(np.random.default_rng(7).normal(size=91).tolist())
+    assert ev.evaluate(model, "valid") == ev.evaluate(model, "valid")
