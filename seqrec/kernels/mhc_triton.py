@@ -125,6 +125,12 @@ def _sinkhorn_kernel_matrix(logit, valid, FLOOR):
 
 
 @triton.jit
+def _reciprocal_in(sums, valid):
+    """1 / sums where valid, 0 in the padding streams (whose sums are 0)."""
+    return tl.where(valid, 1.0 / tl.where(valid, sums, 1.0), 0.0)
+
+
+@triton.jit
 def _read_forward_kernel(
     X_ptr, xt, xs, z_ptr, b_ptr, rstd_ptr, u_ptr, maps_ptr, maxabs_ptr, us_ptr, vs_ptr, N, D, iters, eps, FLOOR,
     S: tl.constexpr, SP: tl.constexpr, DP: tl.constexpr, BT: tl.constexpr, SAVE: tl.constexpr,
@@ -162,8 +168,8 @@ def _read_forward_kernel(
     if SAVE:
         tl.store(us_ptr + tok[:, None] * (iters + 1) * SP + s, u, mask=tok_ok[:, None])
     for k in range(iters):
-        v = tl.where(s < S, 1.0 / tl.sum(K * u[:, :, None], axis=1), 0.0)
-        u = tl.where(s < S, 1.0 / tl.sum(K * v[:, None, :], axis=2), 0.0)
+        v = _reciprocal_in(tl.sum(K * u[:, :, None], axis=1), s < S)
+        u = _reciprocal_in(tl.sum(K * v[:, None, :], axis=2), s < S)
         if SAVE:
             tl.store(vs_ptr + (tok[:, None] * iters + k) * SP + s, v, mask=tok_ok[:, None])
             tl.store(us_ptr + (tok[:, None] * (iters + 1) + k + 1) * SP + s, u, mask=tok_ok[:, None])
@@ -267,7 +273,6 @@ def _write_forward_kernel(
     POST_LN: tl.constexpr,
 ):  # fmt: skip
     """X' = (H_res X + H_post^T out) keep, or LN(...) keep per stream (Post-LN); X' (N, S, D) contiguous."""
-    C: tl.constexpr = 2 * S + S * S
     tok = tl.program_id(0) * BT + tl.arange(0, BT)
     tok_ok = tok < N
     y = _write_streams(X_ptr, xt, xs, maps_ptr, out_ptr, tok, tok_ok, D, S, SP, DP, BT)  # (BT, SP, DP)

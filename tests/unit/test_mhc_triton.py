@@ -1,0 +1,165 @@
+"""The mHC Triton plug-in (seqrec/kernels/mhc_triton.py) gives the reference connection's values and gradients,
+run on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1): Pre-LN and Post-LN, padding, S not a power
+of two, the stride-0 expanded embedding, the sum readout's stride-0 gradient, and an evaluation pass.
+tests/test_gpu.py repeats the comparison compiled, on CUDA."""
+
+import contextlib
+import importlib
+import os
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from seqrec import kernels
+from seqrec.nn.residual import MHC, MHCConnection
+
+if torch.cuda.is_available():  # tests/test_gpu.py runs the compiled kernels there; the interpreter is for CPUs
+    pytest.skip("CUDA present: the compiled kernels are tested in tests/test_gpu.py", allow_module_level=True)
+if "triton" in sys.modules and not os.environ.get("TRITON_INTERPRET"):
+    pytest.skip("triton was imported without TRITON_INTERPRET=1 before this module", allow_module_level=True)
+
+
+def _interpreted_module():
+    """seqrec.kernels.mhc_triton run by Triton's interpreter: whether triton.language and the kernels are
+    interpreted is decided when they are decorated, i.e. imported."""
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        pytest.importorskip("triton")
+        return importlib.import_module("seqrec.kernels.mhc_triton")
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+mhc_triton = _interpreted_module()
+
+
+@pytest.fixture(autouse=True)
+def interpreter(monkeypatch):
+    """The interpreter also reads TRITON_INTERPRET while it runs the kernels."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+KW = dict(res_diag_init=None, fp32_mappings=True, ln_eps=1e-8)
+
+
+@contextlib.contextmanager
+def reference_mode():
+    previous = kernels.use("reference")
+    try:
+        yield
+    finally:
+        kernels.use(previous)
+
+
+def make_connection(streams, dim, norm_first, iters=20, seed=0):
+    """A connection with deliberately non-neutral weights (gates, bias, gain, LayerNorm weight all moved)."""
+    torch.manual_seed(seed)
+    connection = MHCConnection(dim, norm_first, streams=streams, sinkhorn_iters=iters, init_gate=0.8, **KW)
+    with torch.no_grad():
+        connection.bias.add_(torch.randn_like(connection.bias))
+        connection.gain.add_(0.3 * torch.randn_like(connection.gain))
+        connection.norm.weight.add_(0.2 * torch.randn_like(connection.norm.weight))
+        connection.norm.bias.add_(0.1 * torch.randn_like(connection.norm.bias))
+    return connection
+
+
+def run_both(connection, state, keep, loss_of):
+    """(output, gradients of loss_of(output) w.r.t. the state, the connection's and the sublayer's parameters)
+    for the reference (first) and the Triton plug-in (second), on the same weights."""
+    linear = torch.nn.Linear(connection.dim, connection.dim)
+    results = []
+    for run in (connection, lambda *args: mhc_triton.forward(connection, *args)):
+        x = state.detach().clone().requires_grad_()
+        connection.zero_grad()
+        linear.zero_grad()
+        with reference_mode():
+            out = run(x, lambda u: torch.tanh(linear(u)), keep)
+        loss_of(out).backward()
+        grads = {"state": x.grad}
+        grads.update({name: p.grad.clone() for name, p in connection.named_parameters()})
+        grads.update({f"sublayer.{name}": p.grad.clone() for name, p in linear.named_parameters()})
+        last = {key: value.clone() for key, value in connection.last.items()}
+        results.append((out.detach(), grads, last))
+    return results
+
+
+def assert_same(reference, plugin, rtol=1e-5):
+    (out_r, grads_r, last_r), (out_t, grads_t, last_t) = reference, plugin
+    torch.testing.assert_close(out_t, out_r, rtol=rtol, atol=rtol * out_r.abs().max().item())
+    assert grads_t.keys() == grads_r.keys()
+    for name in grads_r:
+        scale = grads_r[name].abs().max().clamp_min(1e-6)
+        assert (grads_t[name] - grads_r[name]).abs().max() / scale < 10 * rtol, name
+    for key in ("pre", "post", "res", "real"):
+        torch.testing.assert_close(last_t[key], last_r[key], rtol=rtol, atol=1e-6)
+
+
+def padded_state(B, L, S, D, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    state = torch.randn(B, L, S, D, generator=g)
+    keep = torch.ones(B, L, dtype=torch.bool)
+    keep[0, :3] = False
+    keep[2, :6] = False
+    state[~keep] = 0  # padding tokens carry all-zero streams, as in the model
+    return state, keep, torch.randn(B, L, S, D, generator=g)
+
+
+@pytest.mark.parametrize("streams", [1, 2, 4])
+@pytest.mark.parametrize("dim", [16, 50])
+@pytest.mark.parametrize("norm_first", [True, False])
+@pytest.mark.parametrize("with_keep", [True, False])
+def test_triton_connection_is_the_reference_connection(streams, dim, norm_first, with_keep):
+    state, keep, out_weight = padded_state(3, 7, streams, dim)  # 21 tokens: two token blocks at S=4, D=50
+    connection = make_connection(streams, dim, norm_first)
+    reference, plugin = run_both(connection, state, keep if with_keep else None, lambda y: (y * out_weight).sum())
+    assert_same(reference, plugin)
+    if with_keep:
+        assert torch.equal(plugin[0][~keep], torch.zeros_like(plugin[0][~keep]))
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_expanded_embedding_sum_readout_and_three_streams(norm_first):
+    """S = 3 (padded to 4 inside the kernels), the state as MHC.expand's stride-0 view, the loss through the sum
+    readout (whose gradient has stride 0 over the streams), few Sinkhorn rounds."""
+    residual = MHC(expansion_rate=3, sinkhorn_iters=3)
+    g = torch.Generator().manual_seed(2)
+    embedding = torch.randn(2, 9, 24, generator=g)
+    state = residual.expand(embedding)
+    assert state.stride(-2) == 0
+    target = torch.randn(2, 9, 24, generator=g)
+    connection = make_connection(3, 24, norm_first, iters=3)
+    reference, plugin = run_both(connection, state, None, lambda y: (residual.reduce(y) * target).sum())
+    assert_same(reference, plugin)
+
+
+def test_evaluation_pass_without_gradients_matches():
+    connection = make_connection(4, 16, False)
+    state, keep, _ = padded_state(3, 7, 4, 16)
+    with torch.no_grad(), reference_mode():
+        expected = connection(state, torch.tanh, keep)
+        got = mhc_triton.forward(connection, state, torch.tanh, keep)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_registered_for_cuda_and_supports_only_what_the_kernels_run():
+    assert kernels.PLUGINS[("mhc", "cuda")] == ["seqrec.kernels.mhc_triton:MHC"]
+
+    def state(device="cuda", dtype=torch.float32):
+        return SimpleNamespace(device=torch.device(device), dtype=dtype)
+
+    four, nine = make_connection(4, 16, True), make_connection(9, 8, True)
+    low = MHCConnection(16, True, streams=4, sinkhorn_iters=20, init_gate=0.8, res_diag_init=None,
+                        fp32_mappings=False, ln_eps=1e-8)  # fmt: skip
+    assert mhc_triton.supports(four, state())
+    assert mhc_triton.supports(four, state(dtype=torch.bfloat16))  # fp32 mappings: the state is taken to float32
+    assert not mhc_triton.supports(four, state("cpu"))
+    assert not mhc_triton.supports(four, state(dtype=torch.float64))
+    assert not mhc_triton.supports(nine, state())  # S > 8: the Sinkhorn no longer fits in registers
+    assert not mhc_triton.supports(low, state(dtype=torch.bfloat16))  # low-precision mapping matmuls
+    assert mhc_triton.supports(low, state())
