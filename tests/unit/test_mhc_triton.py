@@ -163,3 +163,40 @@ def test_registered_for_cuda_and_supports_only_what_the_kernels_run():
     assert not mhc_triton.supports(nine, state())  # S > 8: the Sinkhorn no longer fits in registers
     assert not mhc_triton.supports(low, state(dtype=torch.bfloat16))  # low-precision mapping matmuls
     assert mhc_triton.supports(low, state())
+
+
+def test_sasrec_through_the_plugin_matches_the_reference_model(monkeypatch):
+    """A whole model (two blocks, padding, dropout off) with the plug-in found through seqrec.kernels as it is on
+    CUDA (here registered for the CPU): output and every parameter's gradient."""
+    from seqrec.kernels import Kernel
+    from seqrec.models.sasrec import SASRec
+
+    monkeypatch.setitem(kernels.PLUGINS, ("mhc", "cpu"), ["test:TRITON"])
+    calls = []
+
+    def counted(*args):
+        calls.append(1)
+        return mhc_triton.forward(*args)
+
+    monkeypatch.setattr(kernels, "_loaded", {"test:TRITON": Kernel(run=counted)})
+    seq = torch.randint(1, 41, (3, 8))
+    seq[1, :3] = 0
+    target = torch.randn(3, 8, 16)
+    outputs, models = [], []
+    for mode in ("reference", "auto"):
+        torch.manual_seed(0)
+        model = SASRec(num_items=40, maxlen=8, hidden_units=16, num_blocks=2, num_heads=2, dropout_rate=0.0,
+                       residual=MHC(init_gate=0.5))  # fmt: skip
+        previous = kernels.use(mode)
+        try:
+            h = model(seq)
+        finally:
+            kernels.use(previous)
+        (h * target).sum().backward()
+        outputs.append(h.detach())
+        models.append(model)
+    assert len(calls) == 4  # two blocks, two connections each, all through the plug-in
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+    scale = max(p.grad.abs().max().item() for p in models[0].parameters())
+    for (name, p_r), (_, p_t) in zip(models[0].named_parameters(), models[1].named_parameters(), strict=True):
+        assert (p_t.grad - p_r.grad).abs().max() < 1e-5 * scale, name
