@@ -6,6 +6,10 @@ seqrec.nn.residual.MHCConnection; tests/test_gpu.py::test_mhc_triton_matches_ref
 on the first GPU. Until that has passed, and its speed has been measured, `kernels=reference` is the safe choice on
 CUDA.
 
+As a guard until then, `supports` runs `self_check` once per (S, D, LayerNorm placement, device) in a process: the
+kernels on a few tokens against the reference; if they fail to compile or disagree, one warning, and the reference
+layer runs.
+
 One connection is two autograd nodes around its sublayer, as in the CPU plug-in (mhc_cpu.py):
 
     read   X (N, S, D) -> u = H_pre X (N, D), maps [H_post | H_pre | H_res] (N, 2S + S^2)
@@ -25,13 +29,19 @@ round when a gradient is needed; the backward differentiates the unrolled rounds
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from seqrec.kernels import Kernel
+from seqrec.kernels.mhc_cpu import fused_weight
 from seqrec.nn.residual import RMS_EPS, SINKHORN_FLOOR
+
+log = logging.getLogger(__name__)
 
 MAX_STREAMS = 8  # the S x S Sinkhorn is held in registers
 MAX_DIM = 4096  # one token's D values of one stream are held in registers
@@ -39,9 +49,9 @@ BLOCK_ELEMENTS = 4096  # about how many floats a program holds in one (tokens, s
 
 
 def supports(connection, state: Tensor) -> bool:
-    """Whether the kernels can run this connection: CUDA, S <= 8, D <= MAX_DIM, and float32 mapping maths (a
-    float32 state, or fp32_mappings); low-precision mapping matmuls (fp32_mappings=False under autocast) are left to
-    the reference."""
+    """Whether the kernels can run this connection: CUDA, S <= 8, D <= MAX_DIM, float32 mapping maths (a float32
+    state, or fp32_mappings; low-precision mapping matmuls, fp32_mappings=False under autocast, are left to the
+    reference), and the kernels, compiled for this S, D and LayerNorm placement, passed `self_check` here."""
     low_precision_maps = not connection.fp32_mappings and (
         state.dtype != torch.float32 or torch.is_autocast_enabled(state.device.type)
     )
@@ -52,14 +62,59 @@ def supports(connection, state: Tensor) -> bool:
         and connection.streams <= MAX_STREAMS
         and connection.dim <= MAX_DIM
         and connection.sinkhorn_iters >= 1
+        and verified(connection.streams, connection.dim, connection.norm_first, state.device)
     )
 
 
-def fused_weight(connection) -> Tensor:
-    """phi with the RMSNorm gain (rows) and the gates alpha (columns) folded in: (S*D, 2S + S^2)."""
-    S, alpha = connection.streams, connection.alpha
-    gates = torch.cat([alpha[:2].repeat_interleave(S), alpha[2].expand(S * S)])  # (2S + S^2,)
-    return connection.phi * (connection.gain[:, None] * gates)
+@functools.cache
+def verified(streams: int, dim: int, norm_first: bool, device: torch.device) -> bool:
+    """self_check once per shape and device in a process; False (one warning) where it fails: the reference runs."""
+    try:
+        problem = self_check(streams, dim, norm_first, device)
+    except Exception as error:  # the check itself could not run there (no memory, a driver error): do not trust it
+        problem = f"{type(error).__name__}: {str(error)[:300]}"
+    if problem is not None:
+        log.warning("mHC: the Triton kernels failed their check on %s (%s); using the reference layer", device, problem)
+    return problem is None
+
+
+def self_check(streams: int, dim: int, norm_first: bool, device: torch.device, tolerance: float = 1e-2) -> str | None:
+    """Run the kernels once on a few padded tokens against the reference connection (values and every gradient);
+    None if they agree, else what went wrong (a compile error, a mismatch). The tolerance is loose on purpose (TF32
+    matmuls may be on): it is there to catch a kernel that does not compile or computes something else, before a
+    run trains on it. The caller's random state, autocast and gradient mode are left as they were."""
+    from seqrec import kernels  # the module, for its reference switch
+    from seqrec.nn.residual import LN_EPS, MHCConnection
+
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+        torch.manual_seed(0)
+        connection = MHCConnection(dim, norm_first, streams=streams, sinkhorn_iters=4, init_gate=0.5,
+                                   res_diag_init=None, fp32_mappings=True, ln_eps=LN_EPS).to(device)  # fmt: skip
+        state = torch.randn(2, 37, streams, dim, device=device)
+        keep = torch.ones(2, 37, dtype=torch.bool, device=device)
+        keep[0, :5] = False
+        state[~keep] = 0
+        weight = torch.randn_like(state)
+        results = []
+        for run in (connection, lambda *args: forward(connection, *args)):
+            x = state.clone().requires_grad_()
+            connection.zero_grad()
+            previous = kernels.use("reference")
+            try:
+                out = run(x, torch.tanh, keep)
+                (out * weight).sum().backward()
+            except Exception as error:  # a compile or launch error: whatever type triton raises
+                return f"{type(error).__name__}: {str(error)[:300]}"
+            finally:
+                kernels.use(previous)
+            results.append([out.detach(), x.grad] + [p.grad.clone() for p in connection.parameters()])
+    names = ["output", "state"] + [f"{name}'s gradient" for name, _ in connection.named_parameters()]
+    for name, reference, plugin in zip(names, *results):
+        error = ((plugin - reference).abs().max() / reference.abs().max().clamp_min(1e-6)).item()
+        if not error <= tolerance:
+            return f"{name} differs from the reference's by {error:.2g} (relative)"
+    return None
 
 
 def forward(connection, state: Tensor, sublayer, keep: Tensor | None) -> Tensor:

@@ -5,6 +5,7 @@ tests/test_gpu.py repeats the comparison compiled, on CUDA."""
 
 import contextlib
 import importlib
+import logging
 import os
 import sys
 from types import SimpleNamespace
@@ -147,7 +148,8 @@ def test_evaluation_pass_without_gradients_matches():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_registered_for_cuda_and_supports_only_what_the_kernels_run():
+def test_registered_for_cuda_and_supports_only_what_the_kernels_run(monkeypatch):
+    monkeypatch.setattr(mhc_triton, "verified", lambda *args: True)  # the self-check needs CUDA: tested below
     assert kernels.PLUGINS[("mhc", "cuda")] == ["seqrec.kernels.mhc_triton:MHC"]
 
     def state(device="cuda", dtype=torch.float32):
@@ -163,6 +165,8 @@ def test_registered_for_cuda_and_supports_only_what_the_kernels_run():
     assert not mhc_triton.supports(nine, state())  # S > 8: the Sinkhorn no longer fits in registers
     assert not mhc_triton.supports(low, state(dtype=torch.bfloat16))  # low-precision mapping matmuls
     assert mhc_triton.supports(low, state())
+    monkeypatch.setattr(mhc_triton, "verified", lambda *args: False)
+    assert not mhc_triton.supports(four, state())
 
 
 def test_sasrec_through_the_plugin_matches_the_reference_model(monkeypatch):
@@ -200,3 +204,36 @@ def test_sasrec_through_the_plugin_matches_the_reference_model(monkeypatch):
     scale = max(p.grad.abs().max().item() for p in models[0].parameters())
     for (name, p_r), (_, p_t) in zip(models[0].named_parameters(), models[1].named_parameters(), strict=True):
         assert (p_t.grad - p_r.grad).abs().max() < 1e-5 * scale, name
+
+
+def test_self_check_passes_the_kernels_and_catches_wrong_or_failing_ones(monkeypatch):
+    cpu = torch.device("cpu")
+    assert mhc_triton.self_check(3, 16, False, cpu) is None
+    assert mhc_triton.self_check(2, 16, True, cpu) is None
+    monkeypatch.setattr(mhc_triton, "RMS_EPS", 1.0)  # the kernels now compute something else
+    assert mhc_triton.self_check(2, 16, True, cpu).startswith("output differs from the reference's by")
+    monkeypatch.undo()
+
+    def failing(*args):
+        raise RuntimeError("no kernel image for this device")
+
+    monkeypatch.setattr(mhc_triton._Read, "apply", failing)
+    assert mhc_triton.self_check(2, 16, True, cpu) == "RuntimeError: no kernel image for this device"
+
+
+def test_a_failed_self_check_warns_once_and_the_reference_runs(monkeypatch, caplog):
+    monkeypatch.setattr(mhc_triton, "self_check", lambda *args: "CompilationError: boom")
+    mhc_triton.verified.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING):
+            assert not mhc_triton.verified(4, 16, True, torch.device("cuda"))
+            assert not mhc_triton.verified(4, 16, True, torch.device("cuda"))
+            monkeypatch.setattr(mhc_triton, "self_check", lambda *args: 1 / 0)  # the check itself fails
+            assert not mhc_triton.verified(4, 16, False, torch.device("cuda"))
+    finally:
+        mhc_triton.verified.cache_clear()
+    assert [r.message for r in caplog.records] == [
+        "mHC: the Triton kernels failed their check on cuda (CompilationError: boom); using the reference layer",
+        "mHC: the Triton kernels failed their check on cuda (ZeroDivisionError: division by zero); using the "
+        "reference layer",
+    ]
