@@ -7,7 +7,9 @@ import contextlib
 import importlib
 import logging
 import os
+import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -46,6 +48,7 @@ def interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
+REPO = Path(__file__).resolve().parents[2]
 KW = dict(res_diag_init=None, fp32_mappings=True, ln_eps=1e-8)
 
 
@@ -237,3 +240,44 @@ def test_a_failed_self_check_warns_once_and_the_reference_runs(monkeypatch, capl
         "mHC: the Triton kernels failed their check on cuda (ZeroDivisionError: division by zero); using the "
         "reference layer",
     ]
+
+
+COMPILE_SCRIPT = """
+import inspect, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from seqrec.kernels import mhc_triton as m
+
+arch, S, D = (int(a) for a in sys.argv[1:])
+BT, SP, DP = m._tiles(S, D)
+tiles = dict(S=S, SP=SP, DP=DP, BT=BT)
+for kernel, flags in [
+    (m._read_forward_kernel, dict(SAVE=True)),
+    (m._read_backward_kernel, dict(HAS_GU=True, HAS_GMAPS=True)),
+    (m._write_forward_kernel, dict(HAS_KEEP=True, POST_LN=True)),
+    (m._write_backward_kernel, dict(HAS_KEEP=True, POST_LN=True)),
+]:
+    names = list(inspect.signature(kernel.fn).parameters)
+    constants = dict(tiles, **flags)
+    types = {"xt": "i32", "xs": "i32", "gt": "i32", "gs": "i32", "N": "i32", "D": "i32", "iters": "i32",
+             "eps": "fp32", "FLOOR": "fp32"}
+    signature = {n: "constexpr" if n in constants else types.get(n, "*fp32") for n in names}
+    source = ASTSource(kernel, signature, constexprs={(names.index(n),): v for n, v in constants.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32))
+    assert compiled.asm["cubin"], kernel.fn.__name__
+    print("compiled", kernel.fn.__name__)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [70, 90])  # V100, H100/H200
+def test_the_kernels_compile_to_gpu_code_without_a_gpu(arch, tmp_path):
+    """Triton's real compiler (front end to ptxas) on every kernel, in a process without TRITON_INTERPRET: what the
+    interpreter cannot show (a construct the compiler rejects) shows here, on a machine without a GPU."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # compiled afresh, not found in a cache
+    cmd = [sys.executable, "-c", COMPILE_SCRIPT, str(arch), "3", "50"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("compiled") == 4
