@@ -87,7 +87,12 @@ def self_check(streams: int, dim: int, norm_first: bool, device: torch.device, t
     from seqrec.nn.residual import LN_EPS, MHCConnection
 
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+    with (
+        torch.random.fork_rng(devices=devices),
+        torch.inference_mode(False),  # gradients, even when the first call comes from an inference-mode pass
+        torch.enable_grad(),
+        torch.autocast(device.type, enabled=False),
+    ):
         torch.manual_seed(0)
         connection = MHCConnection(dim, norm_first, streams=streams, sinkhorn_iters=4, init_gate=0.5,
                                    res_diag_init=None, fp32_mappings=True, ln_eps=LN_EPS).to(device)  # fmt: skip

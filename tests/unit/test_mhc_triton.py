@@ -211,8 +211,11 @@ def test_sasrec_through_the_plugin_matches_the_reference_model(monkeypatch):
 
 def test_self_check_passes_the_kernels_and_catches_wrong_or_failing_ones(monkeypatch):
     cpu = torch.device("cpu")
+    rng = torch.get_rng_state()
     assert mhc_triton.self_check(3, 16, False, cpu) is None
-    assert mhc_triton.self_check(2, 16, True, cpu) is None
+    assert torch.equal(torch.get_rng_state(), rng)  # a training run's random stream is left as it was
+    with torch.inference_mode():  # the caller's modes do not reach the check
+        assert mhc_triton.self_check(2, 16, True, cpu) is None
     monkeypatch.setattr(mhc_triton, "RMS_EPS", 1.0)  # the kernels now compute something else
     assert mhc_triton.self_check(2, 16, True, cpu).startswith("output differs from the reference's by")
     monkeypatch.undo()
