@@ -46,3 +46,54 @@ def test_two_nccl_workers(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "parameters identical on all 2 ranks" in (tmp_path / "train.log").read_text()
     assert json.loads((tmp_path / "results.json").read_text())["epochs_run"] == 2
+
+
+@pytest.mark.parametrize("streams", [1, 3, 4])
+@pytest.mark.parametrize("norm_first", [True, False])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_mhc_triton_matches_reference_on_cuda(streams, norm_first, autocast):
+    """The compiled Triton plug-in (what kernels=auto runs for mHC on CUDA) against the reference connection:
+    output, the gradients of the state, the sublayer and every parameter; float32, and bf16 autocast around the
+    sublayer (fp32 mappings), where only the sublayer's rounding of nearly equal inputs may differ."""
+    pytest.importorskip("triton")
+    from seqrec import kernels
+    from seqrec.kernels import mhc_triton
+    from seqrec.nn.residual import MHCConnection
+
+    if autocast and not torch.cuda.is_bf16_supported():
+        pytest.skip("GPU without bf16")
+    D = 50
+    torch.manual_seed(0)
+    connection = MHCConnection(D, norm_first, streams=streams, sinkhorn_iters=20, init_gate=0.8,
+                               res_diag_init=None, fp32_mappings=True, ln_eps=1e-8).cuda()  # fmt: skip
+    with torch.no_grad():
+        connection.bias.add_(torch.randn_like(connection.bias))
+        connection.gain.add_(0.3 * torch.randn_like(connection.gain))
+    linear = torch.nn.Linear(D, D).cuda()
+    state = torch.randn(8, 200, streams, D, device="cuda")  # several thousand tokens: many token blocks
+    keep = torch.rand(8, 200, device="cuda") > 0.2
+    state[~keep] = 0
+    weight = torch.randn_like(state)
+    results = []
+    for mode in ("reference", "auto"):
+        previous = kernels.use(mode)
+        try:
+            found = kernels.find("mhc", state.device, connection, state)
+            assert (found is mhc_triton.forward) == (mode == "auto")
+            x = state.clone().requires_grad_()
+            connection.zero_grad()
+            linear.zero_grad()
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                out = connection(x, lambda u: torch.tanh(linear(u)), keep)
+            (out.float() * weight).sum().backward()
+        finally:
+            kernels.use(previous)
+        grads = {"state": x.grad, **{n: p.grad.clone() for n, p in connection.named_parameters()}}
+        grads.update({f"sublayer.{n}": p.grad.clone() for n, p in linear.named_parameters()})
+        results.append((out.detach().float(), grads))
+    (out_r, grads_r), (out_t, grads_t) = results
+    tol = 2e-2 if autocast else 1e-4
+    assert ((out_t - out_r).abs().max() / out_r.abs().max()).item() < tol
+    for name in grads_r:
+        scale = grads_r[name].abs().max().clamp_min(1e-6)
+        assert ((grads_t[name] - grads_r[name]).abs().max() / scale).item() < 10 * tol, name

@@ -55,6 +55,7 @@ class Kernel:
 # (operation, device type) -> plug-ins in order of preference, as "module:attribute" (imported on first use)
 PLUGINS: dict[tuple[str, str], list[str]] = {
     ("mhc", "cpu"): ["seqrec.kernels.mhc_cpu:MHC"],
+    ("mhc", "cuda"): ["seqrec.kernels.mhc_triton:MHC"],  # not yet run on a real GPU (see its docstring)
     ("attention", "cpu"): ["seqrec.kernels.attention:ATTENTION"],
     ("attention", "cuda"): ["seqrec.kernels.attention:ATTENTION"],  # its float mask; SDPA's dropout
     ("dropout", "cpu"): ["seqrec.kernels.attention:DROPOUT"],
