@@ -279,6 +279,10 @@ def build(
     user_ids, user_index = _first_appearance(users)
     item_raw, item_index = _first_appearance(items)
     item_index += 1
+    if table.user_names is not None:  # text ids: users/items are ranks into the names, which sort the same way
+        user_ids = table.user_names[user_ids]
+    if table.item_names is not None:
+        item_raw = table.item_names[item_raw]
     item_ids = np.concatenate([np.zeros(1, dtype=item_raw.dtype), item_raw])
     item_titles = None
     if titles is not None:
@@ -573,36 +577,100 @@ def from_file(
     min_user_interactions: int = 0,
     titles_path: str | None = None,
     duplicates: str = "drop",
+    ids: str = "integer",
+    cache: bool = True,
 ) -> SeqData:
-    """Any interaction file: SASRec `user item`, MovieLens u.data / ratings.csv / ratings.dat, or a generic
-    `user item [timestamp]` file (whitespace, comma or tab separated, optional header).
+    """Any interaction file: SASRec `user item`, MovieLens u.data / ratings.csv / ratings.dat, a generic
+    `user item [timestamp]` file (whitespace, comma or tab separated, optional header), Parquet or JSON lines.
 
     Args:
         path: the interaction file, relative to the current directory.
-        format: auto | sasrec | udata | csv | dat | generic.
+        format: auto | sasrec | udata | csv | dat | generic (Parquet and JSON lines are recognised with auto).
         min_item_interactions: drop items with fewer interactions (one pass; SASRec's ML-1M uses 5).
         min_user_interactions: then drop users with fewer interactions.
         titles_path: optional movies.dat / u.item / movies.csv / titles.tsv for item titles.
         duplicates: drop | keep | error: what to do with exact duplicate rows (see `find_duplicates`).
+        ids: integer | string: integer ids only, or any text ids (Amazon, Yelp); predictions name the original ids.
+        cache: keep the built dataset in the processed cache (`seqrec.data.cache`) and load it from there.
 
     Returns:
         SeqData named after the file.
     """
-    table = readers.load_interactions(path, format)
-    titles = readers.read_titles(titles_path) if titles_path else None
-    data = build(
-        Path(path).stem,
-        table,
+
+    def load() -> SeqData:
+        table = readers.load_interactions(path, format, ids)
+        titles = readers.read_titles(titles_path) if titles_path else None
+        return build(
+            Path(path).stem,
+            table,
+            min_item_interactions=int(min_item_interactions),
+            min_user_interactions=int(min_user_interactions),
+            titles=titles,
+            duplicates=duplicates,
+        )
+
+    settings = dict(
+        factory="from_file",
+        name=Path(path).stem,
+        format=format,
         min_item_interactions=int(min_item_interactions),
         min_user_interactions=int(min_user_interactions),
-        titles=titles,
         duplicates=duplicates,
+        ids=ids,
     )
+    data = _through_cache(load, [path, titles_path], settings, cache)
     log.info("%s", data.summary())
     return data
 
 
-def prepared(*, name: str = "ml-1m", root: str = "data", duplicates: str = "drop") -> SeqData:
+def _through_cache(load, files: list, settings: dict, use_cache: bool) -> SeqData:
+    """`load()`, or the processed-cache entry of the same files and settings (written after a fresh load).
+
+    The warnings of the fresh load (duplicates, suspicious timestamps, missing titles) are stored with the entry
+    and repeated on every cached load, so a cached run tells the user what the first one did.
+    """
+    if not use_cache:
+        return load()
+    from seqrec.data import cache
+
+    for f in files:  # a missing file is reported by the loader, with its usual message
+        if f is not None and not Path(f).is_file():
+            return load()
+    settings = dict(settings, files=[None if f is None else str(Path(f).resolve()) for f in files])
+    key = cache.entry_key(files, settings)
+    entry = cache.load(key, SeqData)
+    if entry is not None:
+        data, warnings = entry
+        for message in warnings:
+            log.warning("%s", message)
+        log.info("%s: loaded from the processed cache (%s)", files[0], key)
+        return validate(data, str(files[0]))
+    with _Recorder() as recorded:
+        data = load()
+    cache.store(key, data, recorded.messages)
+    return data
+
+
+class _Recorder(logging.Handler):
+    """Collects the warnings logged under `seqrec.data` while it is active."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+        self._logger = logging.getLogger("seqrec.data")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self):
+        self._logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        self._logger.removeHandler(self)
+
+
+def prepared(*, name: str = "ml-1m", root: str = "data", duplicates: str = "drop", cache: bool = True) -> SeqData:
     """A dataset written by `python -m seqrec.data.prepare NAME --root ROOT` (`ROOT/NAME/interactions.tsv`, plus
     `titles.tsv` when available).
 
@@ -610,6 +678,7 @@ def prepared(*, name: str = "ml-1m", root: str = "data", duplicates: str = "drop
         name: the dataset folder under root (e.g. "ml-1m").
         root: the data folder, relative to the current directory.
         duplicates: drop | keep | error: what to do with exact duplicate rows (see `find_duplicates`).
+        cache: keep the built dataset in the processed cache (`seqrec.data.cache`) and load it from there.
 
     Returns:
         SeqData named `name`.
@@ -621,9 +690,15 @@ def prepared(*, name: str = "ml-1m", root: str = "data", duplicates: str = "drop
             f"{path}: not found; prepare the dataset first with `python -m seqrec.data.prepare {name} --root {root}` "
             f"(add --source PATH/TO/{name}.zip when offline)"
         )
-    table = readers.load_interactions(path, "generic")
     titles_file = folder / "titles.tsv"
-    titles = readers.read_titles(titles_file) if titles_file.is_file() else None
-    data = build(name, table, titles=titles, duplicates=duplicates)
+
+    def load() -> SeqData:
+        table = readers.load_interactions(path, "generic")
+        titles = readers.read_titles(titles_file) if titles_file.is_file() else None
+        return build(name, table, titles=titles, duplicates=duplicates)
+
+    settings = dict(factory="prepared", name=name, duplicates=duplicates)
+    files = [path, titles_file if titles_file.is_file() else None]
+    data = _through_cache(load, files, settings, cache)
     log.info("%s", data.summary())
     return data
