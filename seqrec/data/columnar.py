@@ -23,11 +23,12 @@ IDS = ("integer", "string")
 PARQUET_MAGIC = b"PAR1"
 
 
-def text_columns(data: bytes, layout, ids: str, first_lineno: int) -> dict | None:
+def text_columns(source, head: bytes, layout, ids: str, first_lineno: int) -> dict | None:
     """Parse a delimited text file with pyarrow.
 
     Args:
-        data: the whole file (BOM already blanked).
+        source: the file's path or a pyarrow buffer of its bytes (BOM already blanked).
+        head: the file's first bytes (to choose the delimiter).
         layout: the general reader's `_Layout` (separator, column count and roles, header).
         ids: "integer" or "string".
         first_lineno: line number of the first non-empty line (the header, or the first row).
@@ -38,7 +39,7 @@ def text_columns(data: bytes, layout, ids: str, first_lineno: int) -> dict | Non
     """
     if first_lineno != 1:
         return None  # leading blank lines: pyarrow would number the rows differently
-    delimiter = _delimiter(data, layout.sep)
+    delimiter = _delimiter(head, layout.sep)
     if delimiter is None:
         return None
     ncols = 2 * layout.ncols - 1 if layout.sep == "::" else layout.ncols
@@ -49,11 +50,15 @@ def text_columns(data: bytes, layout, ids: str, first_lineno: int) -> dict | Non
     types = {wanted["users"]: id_type, wanted["items"]: id_type}
     try:
         table = pacsv.read_csv(
-            pa.py_buffer(data),
+            source,
             read_options=pacsv.ReadOptions(
                 column_names=[f"f{c}" for c in range(ncols)], skip_rows=1 if layout.header else 0, use_threads=True
             ),
-            parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if layout.sep == "," else False),
+            parse_options=pacsv.ParseOptions(
+                delimiter=delimiter,
+                quote_char='"' if layout.sep == "," else False,
+                ignore_empty_lines=False,  # a blank line fails the parse: the general reader keeps line numbers
+            ),
             convert_options=pacsv.ConvertOptions(
                 column_types=types, include_columns=list(wanted.values()), strings_can_be_null=False
             ),
@@ -63,8 +68,6 @@ def text_columns(data: bytes, layout, ids: str, first_lineno: int) -> dict | Non
     n = table.num_rows
     if n == 0 or any(table.column(c).null_count for c in wanted.values()):
         return None
-    if _physical_lines(data) != n + layout.header:
-        return None  # blank lines in between: the general reader keeps their line numbers
     out = {"lines": np.arange(1 + layout.header, n + 1 + layout.header, dtype=np.int64)}
     for role in ("users", "items"):
         out[role], out[role[:-1] + "_names"] = id_codes(table.column(wanted[role]))
@@ -101,7 +104,7 @@ def _times(column: pa.ChunkedArray) -> np.ndarray | None:
     return None
 
 
-def _delimiter(data: bytes, sep: str) -> str | None:
+def _delimiter(head: bytes, sep: str) -> str | None:
     """pyarrow's one-character delimiter for the general reader's separator; None when the file's whitespace is
     not a single kind of byte (runs of spaces, tabs and spaces mixed)."""
     if sep == ",":
@@ -111,15 +114,9 @@ def _delimiter(data: bytes, sep: str) -> str | None:
     if sep == "\t":
         return "\t"
     # "ws": any run of whitespace separates fields; pyarrow needs exactly one tab or one space
-    head = data[: 1 << 16]
     if b"\t" in head:
         return "\t" if b" " not in head else None
     return " " if b"  " not in head else None
-
-
-def _physical_lines(data: bytes) -> int:
-    """Lines in the file (a last line without a newline counts)."""
-    return data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1)
 
 
 # --------------------------------------------------------------------------- Parquet and JSON lines

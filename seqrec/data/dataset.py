@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from seqrec.data import readers
 from seqrec.errors import DataError
@@ -253,10 +255,11 @@ def build(
     if duplicates not in DUPLICATES:
         raise DataError(f"{source}: dataset.duplicates must be one of {', '.join(DUPLICATES)}, got {duplicates!r}")
     users, items, times, lines = table.users, table.items, table.times, table.lines
-    # np.lexsort is stable, so file order breaks timestamp ties
-    order = np.argsort(users, kind="stable") if times is None else np.lexsort((times, users))
-    users, items, lines = users[order], items[order], lines[order]
-    times = None if times is None else times[order]
+    order = _user_time_order(users, times)
+    if order is not None:
+        users, items, lines = users[order], items[order], lines[order]
+        times = None if times is None else times[order]
+        del order
     if times is not None:
         warn_about_timestamps(times, lines, source)
 
@@ -328,7 +331,14 @@ def find_duplicates(
         order = np.arange(n)
         same = (users[1:] == users[:-1]) & (items[1:] == items[:-1])
     else:
-        order = np.lexsort((lines, items, times, users))  # duplicates become neighbours, earliest line first
+        # Only rows that share (user, timestamp) with a neighbour can be duplicates (rows are sorted by user and
+        # time); sorting just those by item makes duplicates neighbours, earliest line first.
+        tie = (users[1:] == users[:-1]) & (times[1:] == times[:-1])
+        candidate = np.zeros(n, dtype=bool)
+        candidate[1:] |= tie
+        candidate[:-1] |= tie
+        order = np.flatnonzero(candidate)
+        order = order[np.lexsort((lines[order], items[order], times[order], users[order]))]
         u, i, t = users[order], items[order], times[order]
         same = (u[1:] == u[:-1]) & (i[1:] == i[:-1]) & (t[1:] == t[:-1])
     dup[order[1:][same]] = True
@@ -488,12 +498,34 @@ def _in_range(values: np.ndarray, low: int, high: int) -> bool:
 
 
 def _first_appearance(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(distinct values in order of first appearance, (N,) int64 index of each value into them)."""
-    uniq, first, inverse = np.unique(values, return_index=True, return_inverse=True)
-    order = np.argsort(first, kind="stable")
-    rank = np.empty(len(uniq), dtype=np.int64)
-    rank[order] = np.arange(len(uniq), dtype=np.int64)
-    return uniq[order], rank[inverse.reshape(-1)]
+    """(distinct values in order of first appearance, (N,) int64 index of each value into them).
+
+    Arrow's hash table keeps its distinct values in insertion order, i.e. in order of first appearance, in one
+    pass instead of numpy's sorts.
+    """
+    column = pa.array(values)
+    distinct = pc.unique(column)
+    index = pc.index_in(column, value_set=distinct).to_numpy().astype(np.int64, copy=False)
+    return distinct.to_numpy(zero_copy_only=False).astype(values.dtype, copy=False), index
+
+
+def _user_time_order(users: np.ndarray, times: np.ndarray | None) -> np.ndarray | None:
+    """The stable order by user, then timestamp (file order breaks ties), or None when rows are in it already.
+
+    Both keys are packed into one int64 when they fit (one stable sort instead of np.lexsort's two); the order is
+    the same as np.lexsort((times, users)).
+    """
+    if times is None:
+        key = users
+    else:
+        u_low, t_low = int(users.min()), int(times.min())
+        span = int(times.max()) - t_low + 1
+        if (int(users.max()) - u_low + 1) * span >= 2**63:
+            return np.lexsort((times, users))
+        key = (users - u_low) * span + (times - t_low)
+    if not np.any(key[1:] < key[:-1]):
+        return None
+    return np.argsort(key, kind="stable")
 
 
 def _plain(x):

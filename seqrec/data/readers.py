@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from seqrec.data import columnar
 from seqrec.errors import DataError
@@ -103,10 +104,45 @@ def load_interactions(path: str | Path, format: str = "auto", ids: str = "intege
     if not path.is_file():
         raise DataError(f"{path}: is a directory, expected an interaction file ('user item [timestamp]' lines)")
     try:
+        with open(path, "rb") as f:
+            head = f.read(_HEAD)
+        table = _fast_text_file(path, head, format, ids)
+        if table is not None:
+            return table
         data = path.read_bytes()
     except OSError as e:
         raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
     return parse_table(data, str(path), format, ids)
+
+
+_HEAD = 1 << 16  # bytes read to detect the layout (and binary content) before the whole file is parsed
+
+
+def _fast_text_file(path: Path, head: bytes, format: str, ids: str) -> Interactions | None:
+    """A plain-text file parsed by pyarrow straight from disk (no copy of the file in memory), or None when the
+    general path must read it (Parquet, JSON lines, a BOM, a first line longer than the head, bad arguments)."""
+    if format not in FORMATS or ids not in columnar.IDS or _columnar_kind(head) or head.startswith(b"\xef\xbb\xbf"):
+        return None
+    if b"\r" in head.replace(b"\r\n", b""):
+        return None  # a lone CR: pyarrow ends a line there, the general reader does not
+    source = str(path)
+    _refuse_binary(head, source)  # looks at the first 64 KiB only, as in parse_table
+    first = _first_lines(head, 1)
+    if not first or (len(head) == _HEAD and b"\n" not in head[: head.find(first[0][1]) + len(first[0][1]) + 1]):
+        return None
+    layout = _detect(first, source, format, ids)
+    found = columnar.text_columns(source, head, layout, ids, first[0][0])
+    if found is None:
+        return None
+    return _checked(found, source, lambda lineno: _show(_read_line(path, lineno)))
+
+
+def _read_line(path: Path, lineno: int) -> bytes:
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if number == lineno:
+                return line
+    return b""
 
 
 def parse_interactions(
@@ -133,8 +169,8 @@ def parse_table(data: bytes, source: str, format: str = "auto", ids: str = "inte
     first = _first_lines(data, 1)
     if not first:
         raise DataError(f"{source}: empty file, expected at least one 'user item [timestamp]' line")
-    layout = _detect(first, source, format)
-    found = columnar.text_columns(data, layout, ids, first[0][0])
+    layout = _detect(first, source, format, ids)
+    found = columnar.text_columns(pa.py_buffer(data), data[:_HEAD], layout, ids, first[0][0])
     if found is not None:
         return _checked(found, source, lambda lineno: _show(data.split(b"\n", lineno)[lineno - 1]))
     return _parse_bulk(data, source, layout, ids)
@@ -327,8 +363,11 @@ def _split(line: bytes, sep: str) -> list[bytes]:
     return [f.strip() for f in line.split(sep.encode())]
 
 
-def _detect(first: list[tuple[int, bytes]], source: str, format: str) -> _Layout:
-    """Choose the column layout from the first non-empty line (or check the forced `format`)."""
+def _detect(first: list[tuple[int, bytes]], source: str, format: str, ids: str = "integer") -> _Layout:
+    """Choose the column layout from the first non-empty line (or check the forced `format`).
+
+    With integer ids a first line whose first field is not an integer is a header; with text ids, a first line
+    that names a user and an item column (`_ID_NAMES`)."""
     line0 = first[0][1]
     if format == "auto":
         if b"::" in line0:
@@ -359,6 +398,8 @@ def _detect(first: list[tuple[int, bytes]], source: str, format: str) -> _Layout
     names = [f.decode("utf-8", "replace").strip().strip('"').lower() for f in _split(line0, sep)]
     ncols = len(names)
     header = not _is_int(_split(line0, sep)[0].strip(b'\x27"'))
+    if ids == "string":
+        header = any(n in _ID_NAMES["user"] for n in names) and any(n in _ID_NAMES["item"] for n in names)
     if header:
         cols = {}
         for role, aliases in _ID_NAMES.items():
