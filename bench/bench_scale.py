@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's seqrec, not another installed copy
 # (users, items, rows): rows grow 10x per step with users and items (about 100 rows per user)
 FULL_GRID = [
     (10_000, 10_000, 1_000_000),

@@ -676,11 +676,30 @@ def _through_cache(load, files: list, settings: dict, use_cache: bool) -> SeqDat
         for message in warnings:
             log.warning("%s", message)
         log.info("%s: loaded from the processed cache (%s)", files[0], key)
-        return validate(data, str(files[0]))
+        with _Silenced(log):  # its warnings were recorded and repeated above
+            return validate(data, str(files[0]))
     with _Recorder() as recorded:
         data = load()
     cache.store(key, data, recorded.messages)
     return data
+
+
+class _Silenced(logging.Filter):
+    """Drops the warnings of `logger` while active."""
+
+    def __init__(self, logger: logging.Logger):
+        super().__init__()
+        self._logger = logger
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.WARNING
+
+    def __enter__(self):
+        self._logger.addFilter(self)
+        return self
+
+    def __exit__(self, *exc):
+        self._logger.removeFilter(self)
 
 
 class _Recorder(logging.Handler):

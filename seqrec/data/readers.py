@@ -132,6 +132,7 @@ def _fast_text_file(path: Path, head: bytes, format: str, ids: str) -> Interacti
         return None
     layout = _detect(first, source, format, ids)
     found = columnar.text_columns(source, head, layout, ids, first[0][0])
+    pa.default_memory_pool().release_unused()  # hand the parser's buffers back to the OS before the build
     if found is None:
         return None
     return _checked(found, source, lambda lineno: _show(_read_line(path, lineno)))

@@ -189,7 +189,18 @@ def test_warnings_are_repeated_on_a_cached_load(tmp_path, caplog):
         caplog.clear()
         with caplog.at_level(logging.WARNING):
             from_file(path=str(path))
-        assert "1 duplicate row in all, dropped" in caplog.text
+        assert caplog.text.count("1 duplicate row in all, dropped") == 1
+
+
+def test_validation_warnings_are_not_doubled_on_a_cached_load(tmp_path, caplog):
+    path = tmp_path / "cold.txt"
+    rows = [(u, i) for u in range(1, 6) for i in (1, 2, 3, 4)] + [(6, 1), (6, 2), (6, 3), (6, 9)]  # item 9: cold
+    path.write_text("".join(f"{u} {i}\n" for u, i in rows))
+    for _ in range(2):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            from_file(path=str(path))
+        assert caplog.text.count("appear only as validation/test targets") == 1
 
 
 def test_cache_dir_writable_by_others_is_refused(tmp_path, private_cache, caplog):
@@ -208,7 +219,8 @@ def test_cache_dir_is_created_private(tmp_path):
 
 
 def test_fast_path_on_the_shared_files(shared_data):
-    for name in ("ml-1m.txt", "ml-100k/u.data", "ml-latest-small/ratings.csv", "ml-1m/ratings.dat"):
-        path = shared_data / name
+    names = ["ml-1m.txt", "ml-1m_original_ids_bert4rec_order.txt", "ml-100k/u.data", "ml-latest-small/ratings.csv"]
+    paths = [shared_data / name for name in names] + sorted((shared_data / "ml-1m").glob("ratings*.dat"))
+    for path in paths:
         if path.is_file():
             _assert_same(readers.load_interactions(path), _general(path))
