@@ -224,3 +224,23 @@ def test_fast_path_on_the_shared_files(shared_data):
     for path in paths:
         if path.is_file():
             _assert_same(readers.load_interactions(path), _general(path))
+
+
+@pytest.mark.slow  # trains a tiny run (~10 s quiet, 100 s under load)
+def test_predictions_name_text_ids(tmp_path):
+    from tests.test_predict import main as predict
+    from tests.test_predict import read_csv, train_run
+
+    rng = np.random.default_rng(0)
+    lines = []
+    for u in range(30):
+        items = rng.choice(np.arange(1, 25), size=rng.integers(5, 10), replace=False)
+        lines += [f"A{u:03d}X,{i:010d},2020-01-{1 + t:02d}" for t, i in enumerate(items)]
+    path = tmp_path / "reviews.csv"
+    path.write_text("user_id,item_id,date\n" + "\n".join(lines) + "\n")
+    run_dir = train_run(tmp_path / "run", ["dataset=file", f"dataset.path={path}", "dataset.ids=string"])
+    out = tmp_path / "recs.csv"
+    assert predict([str(run_dir), "--users", "A007X", "--k", "3", "--out", str(out)]) == 0
+    rows = read_csv(out)
+    assert [r["user"] for r in rows] == ["A007X"] * 3
+    assert all(len(r["item"]) == 10 and r["item"].startswith("0") for r in rows)  # leading zeros kept
