@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from seqrec.data import readers
 from seqrec.data.split import check_no_leak, parse_split, split_sequences
@@ -238,10 +240,11 @@ def build(
     if duplicates not in DUPLICATES:
         raise DataError(f"{source}: dataset.duplicates must be one of {', '.join(DUPLICATES)}, got {duplicates!r}")
     users, items, times, lines = table.users, table.items, table.times, table.lines
-    # np.lexsort is stable, so file order breaks timestamp ties
-    order = np.argsort(users, kind="stable") if times is None else np.lexsort((times, users))
-    users, items, lines = users[order], items[order], lines[order]
-    times = None if times is None else times[order]
+    order = _user_time_order(users, times)
+    if order is not None:
+        users, items, lines = users[order], items[order], lines[order]
+        times = None if times is None else times[order]
+        del order
     if times is not None:
         warn_about_timestamps(times, lines, source)
 
@@ -264,6 +267,10 @@ def build(
     user_ids, user_index = _first_appearance(users)
     item_raw, item_index = _first_appearance(items)
     item_index += 1
+    if table.user_names is not None:  # text ids: users/items are ranks into the names, which sort the same way
+        user_ids = table.user_names[user_ids]
+    if table.item_names is not None:
+        item_raw = table.item_names[item_raw]
     item_ids = np.concatenate([np.zeros(1, dtype=item_raw.dtype), item_raw])
     item_titles = None
     if titles is not None:
@@ -309,7 +316,14 @@ def find_duplicates(
         order = np.arange(n)
         same = (users[1:] == users[:-1]) & (items[1:] == items[:-1])
     else:
-        order = np.lexsort((lines, items, times, users))  # duplicates become neighbours, earliest line first
+        # Only rows that share (user, timestamp) with a neighbour can be duplicates (rows are sorted by user and
+        # time); sorting just those by item makes duplicates neighbours, earliest line first.
+        tie = (users[1:] == users[:-1]) & (times[1:] == times[:-1])
+        candidate = np.zeros(n, dtype=bool)
+        candidate[1:] |= tie
+        candidate[:-1] |= tie
+        order = np.flatnonzero(candidate)
+        order = order[np.lexsort((lines[order], items[order], times[order], users[order]))]
         u, i, t = users[order], items[order], times[order]
         same = (u[1:] == u[:-1]) & (i[1:] == i[:-1]) & (t[1:] == t[:-1])
     dup[order[1:][same]] = True
@@ -469,12 +483,34 @@ def _in_range(values: np.ndarray, low: int, high: int) -> bool:
 
 
 def _first_appearance(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(distinct values in order of first appearance, (N,) int64 index of each value into them)."""
-    uniq, first, inverse = np.unique(values, return_index=True, return_inverse=True)
-    order = np.argsort(first, kind="stable")
-    rank = np.empty(len(uniq), dtype=np.int64)
-    rank[order] = np.arange(len(uniq), dtype=np.int64)
-    return uniq[order], rank[inverse.reshape(-1)]
+    """(distinct values in order of first appearance, (N,) int64 index of each value into them).
+
+    Arrow's hash table keeps its distinct values in insertion order, i.e. in order of first appearance, in one
+    pass instead of numpy's sorts.
+    """
+    column = pa.array(values)
+    distinct = pc.unique(column)
+    index = pc.index_in(column, value_set=distinct).to_numpy().astype(np.int64, copy=False)
+    return distinct.to_numpy(zero_copy_only=False).astype(values.dtype, copy=False), index
+
+
+def _user_time_order(users: np.ndarray, times: np.ndarray | None) -> np.ndarray | None:
+    """The stable order by user, then timestamp (file order breaks ties), or None when rows are in it already.
+
+    Both keys are packed into one int64 when they fit (one stable sort instead of np.lexsort's two); the order is
+    the same as np.lexsort((times, users)).
+    """
+    if times is None:
+        key = users
+    else:
+        u_low, t_low = int(users.min()), int(times.min())
+        span = int(times.max()) - t_low + 1
+        if (int(users.max()) - u_low + 1) * span >= 2**63:
+            return np.lexsort((times, users))
+        key = (users - u_low) * span + (times - t_low)
+    if not np.any(key[1:] < key[:-1]):
+        return None
+    return np.argsort(key, kind="stable")
 
 
 def _plain(x):
@@ -562,39 +598,128 @@ def from_file(
     titles_path: str | None = None,
     duplicates: str = "drop",
     split: str = "leave-one-out",
+    ids: str = "integer",
+    cache: bool = True,
 ) -> SeqData:
-    """Any interaction file: SASRec `user item`, MovieLens u.data / ratings.csv / ratings.dat, or a generic
-    `user item [timestamp]` file (whitespace, comma or tab separated, optional header).
+    """Any interaction file: SASRec `user item`, MovieLens u.data / ratings.csv / ratings.dat, a generic
+    `user item [timestamp]` file (whitespace, comma or tab separated, optional header), Parquet or JSON lines.
 
     Args:
         path: the interaction file, relative to the current directory.
-        format: auto | sasrec | udata | csv | dat | generic.
+        format: auto | sasrec | udata | csv | dat | generic (Parquet and JSON lines are recognised with auto).
         min_item_interactions: drop items with fewer interactions (one pass; SASRec's ML-1M uses 5).
         min_user_interactions: then drop users with fewer interactions.
         titles_path: optional movies.dat / u.item / movies.csv / titles.tsv for item titles.
         duplicates: drop | keep | error: what to do with exact duplicate rows (see `find_duplicates`).
         split: leave-one-out | temporal:q<quantile> | temporal:t<unix seconds> (see `seqrec.data.split`).
+        ids: integer | string: integer ids only, or any text ids (Amazon, Yelp); predictions name the original ids.
+        cache: keep the built dataset in the processed cache (`seqrec.data.cache`) and load it from there.
 
     Returns:
         SeqData named after the file.
     """
-    table = readers.load_interactions(path, format)
-    titles = readers.read_titles(titles_path) if titles_path else None
-    data = build(
-        Path(path).stem,
-        table,
+
+    def load() -> SeqData:
+        table = readers.load_interactions(path, format, ids)
+        titles = readers.read_titles(titles_path) if titles_path else None
+        return build(
+            Path(path).stem,
+            table,
+            min_item_interactions=int(min_item_interactions),
+            min_user_interactions=int(min_user_interactions),
+            titles=titles,
+            duplicates=duplicates,
+            split=parse_split(split, "dataset.split"),
+        )
+
+    settings = dict(
+        factory="from_file",
+        name=Path(path).stem,
+        format=format,
         min_item_interactions=int(min_item_interactions),
         min_user_interactions=int(min_user_interactions),
-        titles=titles,
         duplicates=duplicates,
-        split=parse_split(split, "dataset.split"),
+        split=split,
+        ids=ids,
     )
+    data = _through_cache(load, [path, titles_path], settings, cache)
     log.info("%s", data.summary())
     return data
 
 
+def _through_cache(load, files: list, settings: dict, use_cache: bool) -> SeqData:
+    """`load()`, or the processed-cache entry of the same files and settings (written after a fresh load).
+
+    The warnings of the fresh load (duplicates, suspicious timestamps, missing titles) are stored with the entry
+    and repeated on every cached load, so a cached run tells the user what the first one did.
+    """
+    if not use_cache:
+        return load()
+    from seqrec.data import cache
+
+    for f in files:  # a missing file is reported by the loader, with its usual message
+        if f is not None and not Path(f).is_file():
+            return load()
+    settings = dict(settings, files=[None if f is None else str(Path(f).resolve()) for f in files])
+    key = cache.entry_key(files, settings)
+    entry = cache.load(key, SeqData)
+    if entry is not None:
+        data, warnings = entry
+        for message in warnings:
+            log.warning("%s", message)
+        log.info("%s: loaded from the processed cache (%s)", files[0], key)
+        with _Silenced(log):  # its warnings were recorded and repeated above
+            return validate(data, str(files[0]))
+    with _Recorder() as recorded:
+        data = load()
+    cache.store(key, data, recorded.messages)
+    return data
+
+
+class _Silenced(logging.Filter):
+    """Drops the warnings of `logger` while active."""
+
+    def __init__(self, logger: logging.Logger):
+        super().__init__()
+        self._logger = logger
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.WARNING
+
+    def __enter__(self):
+        self._logger.addFilter(self)
+        return self
+
+    def __exit__(self, *exc):
+        self._logger.removeFilter(self)
+
+
+class _Recorder(logging.Handler):
+    """Collects the warnings logged under `seqrec.data` while it is active."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+        self._logger = logging.getLogger("seqrec.data")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self):
+        self._logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        self._logger.removeHandler(self)
+
+
 def prepared(
-    *, name: str = "ml-1m", root: str = "data", duplicates: str = "drop", split: str = "leave-one-out"
+    *,
+    name: str = "ml-1m",
+    root: str = "data",
+    duplicates: str = "drop",
+    split: str = "leave-one-out",
+    cache: bool = True,
 ) -> SeqData:
     """A dataset written by `python -m seqrec.data.prepare NAME --root ROOT` (`ROOT/NAME/interactions.tsv`, plus
     `titles.tsv` when available).
@@ -604,6 +729,7 @@ def prepared(
         root: the data folder, relative to the current directory.
         duplicates: drop | keep | error: what to do with exact duplicate rows (see `find_duplicates`).
         split: leave-one-out | temporal:q<quantile> | temporal:t<unix seconds> (see `seqrec.data.split`).
+        cache: keep the built dataset in the processed cache (`seqrec.data.cache`) and load it from there.
 
     Returns:
         SeqData named `name`.
@@ -615,9 +741,15 @@ def prepared(
             f"{path}: not found; prepare the dataset first with `python -m seqrec.data.prepare {name} --root {root}` "
             f"(add --source PATH/TO/{name}.zip when offline)"
         )
-    table = readers.load_interactions(path, "generic")
     titles_file = folder / "titles.tsv"
-    titles = readers.read_titles(titles_file) if titles_file.is_file() else None
-    data = build(name, table, titles=titles, duplicates=duplicates, split=parse_split(split, "dataset.split"))
+
+    def load() -> SeqData:
+        table = readers.load_interactions(path, "generic")
+        titles = readers.read_titles(titles_file) if titles_file.is_file() else None
+        return build(name, table, titles=titles, duplicates=duplicates, split=parse_split(split, "dataset.split"))
+
+    settings = dict(factory="prepared", name=name, duplicates=duplicates, split=split)
+    files = [path, titles_file if titles_file.is_file() else None]
+    data = _through_cache(load, files, settings, cache)
     log.info("%s", data.summary())
     return data

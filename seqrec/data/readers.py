@@ -1,8 +1,11 @@
 """Readers for interaction files (SASRec `user item`, MovieLens u.data / ratings.csv / ratings.dat, generic
 `user item [timestamp]`) and item-title files (movies.dat, u.item, movies.csv, titles.tsv).
 
-Interaction files are parsed in bulk with numpy; only when that fails is the file scanned line by line, so the
-error names the first bad line. Every problem with the input raises `DataError` with one line naming the file.
+Interaction files are parsed by pyarrow, multi-threaded (`seqrec.data.columnar`); when pyarrow refuses a file, it
+is parsed in bulk with numpy, and only when that fails too is the file scanned line by line, so the error names the
+first bad line. Both parsers give the same arrays for every file both accept. Parquet and JSON-lines files
+(recognised by their content) are read by pyarrow with named columns. Every problem with the input raises
+`DataError` with one line naming the file.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
+from seqrec.data import columnar
 from seqrec.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -41,8 +46,10 @@ class Interactions:
     users: np.ndarray  # (N,) int64 raw user ids
     items: np.ndarray  # (N,) int64 raw item ids
     times: np.ndarray | None  # (N,) int64 unix seconds, or None when the format has no timestamps
-    lines: np.ndarray  # (N,) int64 1-based line number of each row in `source`
+    lines: np.ndarray  # (N,) int64 1-based line number of each row in `source` (row number for Parquet)
     source: str  # the file (or archive member) the rows were read from
+    user_names: np.ndarray | None = None  # (U,) str original ids when ids are text; `users` then index into it
+    item_names: np.ndarray | None = None  # (I,) str, likewise for `items`
 
     def where(self, row: int) -> str:
         """`source:line` of row `row`."""
@@ -63,28 +70,33 @@ class _Layout:
     expected: str  # the line shape, for error messages
 
 
-def read_interactions(path: str | Path, format: str = "auto") -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def read_interactions(
+    path: str | Path, format: str = "auto", ids: str = "integer"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Read an interaction file in file order.
 
     Args:
         path: the file: `sasrec` (`user item`), `udata` (`user<TAB>item<TAB>rating<TAB>ts`), `csv`
             (`userId,movieId,rating,timestamp` with a header), `dat` (`UserID::MovieID::Rating::Timestamp`) or
             `generic` (`user item [timestamp]` separated by whitespace, commas or tabs, optional header).
+            Parquet and JSON-lines files are recognised by their content (with `auto`).
         format: one of `FORMATS`; `auto` detects it from the first non-empty lines.
+        ids: "integer" (ids must be integers) or "string" (any text; ids are then returned as their rank among
+            the distinct values, see `load_interactions` for the values themselves).
 
     Returns:
-        (users, items, times): (N,) int64 raw ids in file order, and (N,) int64 unix seconds or None when the
-        format has no timestamps.
+        (users, items, times): (N,) int64 raw ids in file order, and (N,) int64 unix seconds (integers or ISO-8601
+        dates in the file) or None when the format has no timestamps.
 
     Raises:
         DataError: missing or empty file, wrong field count, non-integer ids, non-numeric or out-of-range
             timestamps.
     """
-    table = load_interactions(path, format)
+    table = load_interactions(path, format, ids)
     return table.users, table.items, table.times
 
 
-def load_interactions(path: str | Path, format: str = "auto") -> Interactions:
+def load_interactions(path: str | Path, format: str = "auto", ids: str = "integer") -> Interactions:
     """`read_interactions` that also keeps each row's line number, for later checks that name a line."""
     path = Path(path)
     if not path.exists():
@@ -92,10 +104,46 @@ def load_interactions(path: str | Path, format: str = "auto") -> Interactions:
     if not path.is_file():
         raise DataError(f"{path}: is a directory, expected an interaction file ('user item [timestamp]' lines)")
     try:
+        with open(path, "rb") as f:
+            head = f.read(_HEAD)
+        table = _fast_text_file(path, head, format, ids)
+        if table is not None:
+            return table
         data = path.read_bytes()
     except OSError as e:
         raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
-    return parse_table(data, str(path), format)
+    return parse_table(data, str(path), format, ids)
+
+
+_HEAD = 1 << 16  # bytes read to detect the layout (and binary content) before the whole file is parsed
+
+
+def _fast_text_file(path: Path, head: bytes, format: str, ids: str) -> Interactions | None:
+    """A plain-text file parsed by pyarrow straight from disk (no copy of the file in memory), or None when the
+    general path must read it (Parquet, JSON lines, a BOM, a first line longer than the head, bad arguments)."""
+    if format not in FORMATS or ids not in columnar.IDS or _columnar_kind(head) or head.startswith(b"\xef\xbb\xbf"):
+        return None
+    if b"\r" in head.replace(b"\r\n", b""):
+        return None  # a lone CR: pyarrow ends a line there, the general reader does not
+    source = str(path)
+    _refuse_binary(head, source)  # looks at the first 64 KiB only, as in parse_table
+    first = _first_lines(head, 1)
+    if not first or (len(head) == _HEAD and b"\n" not in head[: head.find(first[0][1]) + len(first[0][1]) + 1]):
+        return None
+    layout = _detect(first, source, format, ids)
+    found = columnar.text_columns(source, head, layout, ids, first[0][0])
+    pa.default_memory_pool().release_unused()  # hand the parser's buffers back to the OS before the build
+    if found is None:
+        return None
+    return _checked(found, source, lambda lineno: _show(_read_line(path, lineno)))
+
+
+def _read_line(path: Path, lineno: int) -> bytes:
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if number == lineno:
+                return line
+    return b""
 
 
 def parse_interactions(
@@ -106,17 +154,54 @@ def parse_interactions(
     return table.users, table.items, table.times
 
 
-def parse_table(data: bytes, source: str, format: str = "auto") -> Interactions:
+def parse_table(data: bytes, source: str, format: str = "auto", ids: str = "integer") -> Interactions:
     """`load_interactions` on bytes already in memory."""
     if format not in FORMATS:
         raise DataError(f"{source}: unknown format {format!r}, expected one of {', '.join(FORMATS)}")
+    if ids not in columnar.IDS:
+        raise DataError(f"{source}: dataset.ids must be one of {', '.join(columnar.IDS)}, got {ids!r}")
+    kind = _columnar_kind(data) if format == "auto" else None
+    if kind:
+        found = columnar.columnar_file_columns(data, source, kind, ids, _ID_NAMES)
+        return _checked(found, source, lambda row: "")
     if data.startswith(b"\xef\xbb\xbf"):  # UTF-8 BOM (Excel exports)
         data = b"   " + data[3:]
     _refuse_binary(data, source)
     first = _first_lines(data, 1)
     if not first:
         raise DataError(f"{source}: empty file, expected at least one 'user item [timestamp]' line")
-    layout = _detect(first, source, format)
+    layout = _detect(first, source, format, ids)
+    found = columnar.text_columns(pa.py_buffer(data), data[:_HEAD], layout, ids, first[0][0])
+    if found is not None:
+        return _checked(found, source, lambda lineno: _show(data.split(b"\n", lineno)[lineno - 1]))
+    return _parse_bulk(data, source, layout, ids)
+
+
+def _columnar_kind(data: bytes) -> str | None:
+    """ "parquet" or "jsonl" when the content is one of them (by its magic bytes / first character)."""
+    if data.startswith(columnar.PARQUET_MAGIC):
+        return "parquet"
+    if data.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"{":
+        return "jsonl"
+    return None
+
+
+def _checked(found: dict, source: str, line_text) -> Interactions:
+    """The fast path's columns as `Interactions`, after the timestamp range check of the general reader."""
+    times, lines = found["times"], found["lines"]
+    if times is not None:
+        out_of_range = np.flatnonzero(np.abs(times) >= MAX_ABS_TIMESTAMP)
+        if len(out_of_range):
+            lineno = int(lines[out_of_range[0]])
+            raise DataError(
+                f"{source}:{lineno}: timestamp out of range, expected unix seconds with absolute value below "
+                f"2**62, got {line_text(lineno)!r}"
+            )
+    return Interactions(found["users"], found["items"], times, lines, source, found["user_names"], found["item_names"])
+
+
+def _parse_bulk(data: bytes, source: str, layout: _Layout, ids: str) -> Interactions:
+    """The general reader: numpy over the whole buffer, then a line scan to name the first bad line."""
 
     # Normalise the separators to whitespace (same byte length, so offsets and line numbers are kept).
     buf = data
@@ -154,8 +239,13 @@ def parse_table(data: bytes, source: str, format: str = "auto") -> Interactions:
 
     fields = buf[body_start:].split()
     del a, ws, starts, line_of_field
-    users = _to_int(fields[layout.user_col :: layout.ncols])
-    items = _to_int(fields[layout.item_col :: layout.ncols])
+    if ids == "string":
+        users, user_names = _to_codes(fields[layout.user_col :: layout.ncols])
+        items, item_names = _to_codes(fields[layout.item_col :: layout.ncols])
+    else:
+        users = _to_int(fields[layout.user_col :: layout.ncols])
+        items = _to_int(fields[layout.item_col :: layout.ncols])
+        user_names = item_names = None
     if users is None or items is None:
         cols = (layout.user_col, layout.item_col)
         lineno, line = _first_bad_line(buf, data, layout, cols, _is_int)
@@ -173,7 +263,7 @@ def parse_table(data: bytes, source: str, format: str = "auto") -> Interactions:
                 f"{source}:{lineno}: timestamp out of range, expected unix seconds with absolute value below "
                 f"2**62, got {_line_text(data, newlines, lineno)!r}"
             )
-    return Interactions(users, items, times, lines, source)
+    return Interactions(users, items, times, lines, source, user_names, item_names)
 
 
 def read_titles(path: str | Path) -> dict:
@@ -274,8 +364,11 @@ def _split(line: bytes, sep: str) -> list[bytes]:
     return [f.strip() for f in line.split(sep.encode())]
 
 
-def _detect(first: list[tuple[int, bytes]], source: str, format: str) -> _Layout:
-    """Choose the column layout from the first non-empty line (or check the forced `format`)."""
+def _detect(first: list[tuple[int, bytes]], source: str, format: str, ids: str = "integer") -> _Layout:
+    """Choose the column layout from the first non-empty line (or check the forced `format`).
+
+    With integer ids a first line whose first field is not an integer is a header; with text ids, a first line
+    that names a user and an item column (`_ID_NAMES`)."""
     line0 = first[0][1]
     if format == "auto":
         if b"::" in line0:
@@ -306,6 +399,8 @@ def _detect(first: list[tuple[int, bytes]], source: str, format: str) -> _Layout
     names = [f.decode("utf-8", "replace").strip().strip('"').lower() for f in _split(line0, sep)]
     ncols = len(names)
     header = not _is_int(_split(line0, sep)[0].strip(b'\x27"'))
+    if ids == "string":
+        header = any(n in _ID_NAMES["user"] for n in names) and any(n in _ID_NAMES["item"] for n in names)
     if header:
         cols = {}
         for role, aliases in _ID_NAMES.items():
@@ -355,6 +450,12 @@ def _to_int(col: list[bytes]) -> np.ndarray | None:
         return None
 
 
+def _to_codes(col: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """Text ids -> ((N,) int64 rank among the distinct values in byte order, (K,) str distinct values)."""
+    names, codes = np.unique(np.array(col, dtype=bytes), return_inverse=True)
+    return codes.reshape(-1).astype(np.int64), np.char.decode(names, "utf-8", "replace").astype(str)
+
+
 def _to_time(col: list[bytes]) -> np.ndarray | None:
     out = _to_int(col)
     if out is not None:
@@ -362,11 +463,20 @@ def _to_time(col: list[bytes]) -> np.ndarray | None:
     try:
         f = np.array(col, dtype=np.float64)
     except ValueError:
-        return None
+        return _iso_seconds(col)
     if not np.isfinite(f).all():
         return None
     # fractional unix seconds; values past int64 are clipped here and refused by the range check after
     return np.floor(np.clip(f, -(2.0**63), 2.0**62)).astype(np.int64)
+
+
+def _iso_seconds(col: list[bytes]) -> np.ndarray | None:
+    """ISO-8601 dates (`2020-01-31`, `2020-01-31T10:00:00`, a trailing `Z`) as int64 unix seconds, or None."""
+    try:
+        text = np.char.rstrip(np.char.decode(np.array(col, dtype=bytes), "ascii"), "Z")
+        return np.array(text, dtype="datetime64[s]").astype(np.int64)
+    except (ValueError, UnicodeDecodeError):
+        return None
 
 
 def _is_int(s: bytes) -> bool:
@@ -380,7 +490,7 @@ def _is_time(s: bytes) -> bool:
     try:
         return bool(np.isfinite(float(s)))
     except ValueError:
-        return False
+        return _iso_seconds([s]) is not None
 
 
 def _first_bad_line(buf: bytes, data: bytes, layout: _Layout, cols: tuple, ok) -> tuple[int, str]:

@@ -207,3 +207,24 @@ def _check_arguments(args: dict) -> None:
         problems.append(f"dataset.min_length={args['min_length']}: must be <= dataset.max_length={args['max_length']}")
     if problems:
         raise ConfigError("invalid synthetic data settings: " + "; ".join(problems))
+
+
+def power_law_interactions(
+    num_users: int, num_items: int, num_rows: int, seed: int = 0, zipf_exponent: float = 1.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Interaction rows shaped like a large public log, for scale benchmarks: every user active, item popularity
+    ~ 1 / rank ** zipf_exponent, rows grouped by user with increasing timestamps (like ML-20M's ratings file).
+
+    Returns:
+        (users, items, times): (num_rows,) int64 each; users 1..num_users, items 1..num_items (raw ids).
+    """
+    if num_rows < 3 * num_users:
+        raise ValueError("num_rows must allow >= 3 interactions per user")
+    rng = np.random.default_rng(seed)
+    extra = rng.multinomial(num_rows - 3 * num_users, rng.dirichlet(np.full(num_users, 0.5)))
+    users = np.repeat(np.arange(1, num_users + 1, dtype=np.int64), 3 + extra)  # (num_rows,)
+    weights = 1.0 / np.arange(1, num_items + 1) ** zipf_exponent
+    cdf = np.cumsum(weights / weights.sum())
+    items = np.searchsorted(cdf, rng.random(num_rows), side="right").clip(max=num_items - 1) + 1
+    times = 1_000_000_000 + rng.integers(0, 300_000_000, size=num_rows)  # about 10 years
+    return users, items.astype(np.int64), times.astype(np.int64)
