@@ -65,6 +65,18 @@ def test_temporal_split_trains_before_the_cutoff_and_tests_after(tmp_path):
     assert 99 not in ids.tolist() and data.num_items == 3
 
 
+def test_a_cached_load_keeps_the_split_rule(tmp_path, monkeypatch):
+    """The processed cache stores the split rule with the arrays: a cached temporal split is not fingerprinted as
+    leave-one-out."""
+    monkeypatch.setenv("SEQREC_CACHE", str(tmp_path / "cache"))
+    path = write(tmp_path, temporal_rows())
+    first = from_file(path=path, split="temporal:t100", cache=True)
+    again = from_file(path=path, split="temporal:t100", cache=True)
+    assert list((tmp_path / "cache" / "datasets").glob("*.seqdata"))  # the second load came from the cache
+    assert again.split_rule == first.split_rule and again.split_rule["rule"] == "temporal"
+    assert protocol_fingerprint(again, {"protocol": "full"}) == protocol_fingerprint(first, {"protocol": "full"})
+
+
 def test_temporal_quantile_picks_an_observed_time(tmp_path):
     times = np.array([t for *_, t in temporal_rows()])
     data = from_file(path=write(tmp_path, temporal_rows()), split="temporal:q0.5")
