@@ -30,8 +30,8 @@ TINY = [
     "trainer.num_epochs=2",
     "trainer.eval_every=1",
     "trainer.progress=false",
-    "trainer.warmup_steps=0",
-    "trainer.batch_size=32",
+    "schedule.warmup_steps=0",
+    "sampler.batch_size=32",
 ]
 
 
