@@ -84,7 +84,8 @@ class Components:
 
 def build(cfg: DictConfig, rank: int = 0, world_size: int = 1) -> Components:
     """Every component of one run, for this rank. Seeds as a run does: identical initial weights on every rank,
-    then per-rank dropout streams."""
+    then per-rank dropout streams. Sets the process-wide flags first, so whatever builds here trains as train.py."""
+    set_process_flags(cfg)
     seed_everything(cfg.seed)
     data, model = build_data_and_model(cfg)
     log.info("data: %s", data.summary())

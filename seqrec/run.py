@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from seqrec.compose import build, set_process_flags
+from seqrec.compose import build
 from seqrec.errors import SeqrecError
 from seqrec.launch import WorkerLost, launch, run_distributed, should_launch
 from seqrec.train.run_record import open_run
@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig, rank: int = 0, world_size: int = 1) -> dict:
     """Train and test one configuration; returns results.json's content."""
     check_config(cfg)
-    set_process_flags(cfg)
     parts = build(cfg, rank, world_size)
     try:
         parts.trainer.fit()

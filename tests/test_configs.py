@@ -3,7 +3,6 @@ are all reported at once with their config paths."""
 
 import itertools
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from hydra.utils import instantiate
 from seqrec.data.dataset import synthetic
 from seqrec.errors import ConfigError
 from seqrec.utils.config import check_config
-from tests.conftest import CONF, REPO, TINY, compose_config
+from tests.conftest import CONF, REPO, TINY, compose_config, train_cli
 
 
 def options(group: str) -> list[str]:
@@ -80,9 +79,7 @@ def test_missing_required_value_is_reported(tmp_path):
 
 
 def run_cli(*overrides: str, cwd=REPO) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "train.py", *overrides], cwd=cwd, capture_output=True, text=True, timeout=120
-    )
+    return train_cli(*overrides, cwd=cwd, timeout=120)
 
 
 @pytest.mark.parametrize(

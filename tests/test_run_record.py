@@ -15,15 +15,14 @@ from seqrec.errors import CheckpointError, DataError
 from seqrec.run import run
 from seqrec.train.resume_policy import allowed_changes, check_resume, config_differences
 from seqrec.utils.logging import MetricLogger
-from tests.conftest import REPO, TINY, compose_config
+from tests.conftest import REPO, TINY, compose_config, train_cli
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def train(run_dir, *overrides, base=TINY, timeout=300):
     """`python train.py TINY overrides hydra.run.dir=run_dir` as a user types it."""
-    args = [sys.executable, "train.py", *base, *overrides, f"hydra.run.dir={run_dir}"]
-    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=ENV)
+    return train_cli(*base, *overrides, run_dir=run_dir, timeout=timeout)
 
 
 def fingerprint(folder) -> dict:

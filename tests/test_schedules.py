@@ -6,9 +6,12 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from seqrec.errors import CheckpointError
+from seqrec.run import run
+from seqrec.train.checkpoint import load_checkpoint, save_checkpoint
 from seqrec.train.early_stopping import EarlyStopping
 from seqrec.train.resume_policy import config_differences, schedule_moved, upgrade_layout
-from tests.conftest import compose_config
+from tests.conftest import TINY, compose_config
 
 
 def former_lr_factor(step, *, steps_per_epoch, num_epochs, warmup_steps, decay_step, decay_rate, cosine, plateau):
@@ -91,3 +94,30 @@ def test_a_run_recorded_with_trainer_lr_is_refused_a_real_change_under_the_new_k
         "schedule._target_: 'seqrec.train.schedules.constant' -> 'seqrec.train.schedules.cosine'"
     ]
     assert "schedule=constant over 4 epochs, now schedule=cosine over 4" in schedule_moved(FORMER, cosine)
+
+
+def _as_recorded_before_the_rename(config: dict) -> dict:
+    """The config a run made before `optimizer=`/`schedule=` existed would have saved for the same settings."""
+    optimizer, schedule = config.pop("optimizer"), config.pop("schedule")
+    config["trainer"] |= {
+        "lr": optimizer["lr"],
+        "betas": optimizer["betas"],
+        "warmup_steps": schedule["warmup_steps"],
+        "lr_decay_step": schedule["decay_step"],
+        "lr_decay_rate": schedule["decay_rate"],
+        "lr_schedule": schedule["_target_"].rsplit(".", 1)[-1],
+        "batch_size": config["sampler"]["batch_size"],
+    }
+    return config
+
+
+def test_a_checkpoint_saved_with_trainer_lr_resumes_and_refuses_a_new_lr(tmp_path):
+    run(compose_config(TINY + ["trainer.num_epochs=1"], tmp_path))
+    last = tmp_path / "checkpoints" / "last.pt"
+    state = load_checkpoint(last)
+    state["config"] = _as_recorded_before_the_rename(state["config"])
+    save_checkpoint(state, last)
+    with pytest.raises(CheckpointError, match=r"optimizer.lr: 0.001 -> 0.002"):
+        run(compose_config(TINY + ["trainer.num_epochs=2", "optimizer.lr=0.002"], tmp_path))
+    results = run(compose_config(TINY + ["trainer.num_epochs=2"], tmp_path))
+    assert results["epochs_run"] == 2 and results["steps"] == 2 * state["step"]

@@ -18,9 +18,8 @@ from seqrec.eval.baselines import Popularity
 from seqrec.run import run
 from seqrec.train import losses
 from seqrec.train.resume_policy import config_differences
-from tests.conftest import REPO, TINY, compose_config
+from tests.conftest import REPO, TINY, TINY_FILE, compose_config
 
-TINY_FILE = [o for o in TINY if not o.startswith("dataset.")]  # for dataset=file, which has no generator knobs
 LEARN = [
     "dataset.num_users=600",
     "dataset.num_items=300",

@@ -29,6 +29,7 @@ from seqrec.train.placement import AMP_DTYPES, autocast, resolve_device, wrap_dd
 from seqrec.train.resume_policy import allowed_changes, check_resume, check_world_size, schedule_moved
 from seqrec.train.run_record import append_launch, write_run_record
 from seqrec.train.sampler import prefetch
+from seqrec.train.time_limit import TimeLimit
 from seqrec.utils.memory import release_free_memory
 
 log = logging.getLogger(__name__)
@@ -51,9 +52,8 @@ class Trainer:
         num_workers: 0 = build batches inline, >= 1 = in a background thread.
         device: "auto" | "cpu" | "cuda[:N]".   amp, amp_dtype: autocast with bfloat16 or float16 (+ GradScaler).
         log_every_steps: progress-bar loss interval.   progress: tqdm progress bars.
-        time_limit_min: stop training after this many wall-clock minutes of this process (0 = no limit), validate
-            if the last epoch was not, then test the best checkpoint; results.json says `time_limited: true`.
-            A resumed run gets a fresh limit.
+        time_limit_min: stop training after this many wall-clock minutes (0 = off; seqrec/train/time_limit.py),
+            validate if the last epoch was not, then test the best checkpoint.
         run_config: the resolved config, saved in checkpoints and results.json.
     """
 
@@ -68,13 +68,13 @@ class Trainer:
         self.num_epochs, self.l2_emb, self.grad_clip, self.eval_every = num_epochs, l2_emb, grad_clip, eval_every
         self.num_workers, self.log_every_steps, self.progress = num_workers, log_every_steps, progress
         self.run_config = run_config or {}
-        self.time_limit_s, self.started_at = 60.0 * time_limit_min, time.perf_counter()
         self.time_limited = False  # not checkpointed: a resumed run continues under its own, fresh limit
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.device = resolve_device(device)
         self.raw_model = model.to(self.device)
         self.model = wrap_ddp(self.raw_model, self.device, self.world_size)
+        self.time_limit = TimeLimit(time_limit_min, self.device, self.world_size)
         self.amp_dtype = AMP_DTYPES[amp_dtype] if amp else None
         self.stopping = EarlyStopping(monitor, patience, plateau_decays, plateau_factor)
         self.checkpoints = Checkpointing(self.output_dir, resume, self.rank, self.world_size)
@@ -171,7 +171,7 @@ class Trainer:
             record = {"train/loss": self.train_epoch()}
             self.epoch += 1
             record.update({"train/lr": self.scheduler.get_last_lr()[0], "train/seconds": self.train_seconds})
-            self.time_limited = self._out_of_time()
+            self.time_limited = self.time_limit.passed()
             if self.epoch % self.eval_every == 0 or self.epoch == self.num_epochs or self.time_limited:
                 record.update(self.validate())
                 record.update(self.residual_diagnostics())
@@ -181,20 +181,10 @@ class Trainer:
                 release_free_memory()  # the epoch's fragmented heap (seqrec/utils/memory.py)
             if self.time_limited:
                 log.info("time limit of %.1f min reached after epoch %d; testing the best checkpoint",
-                         self.time_limit_s / 60, self.epoch)  # fmt: skip
+                         self.time_limit.minutes, self.epoch)  # fmt: skip
                 break
         assert_replicas_equal(self.raw_model)  # DDP keeps ranks identical; a difference is a bug, not noise
         return self.stopping.best_metrics
-
-    def _out_of_time(self) -> bool:
-        """Whether trainer.time_limit_min has passed, decided by rank 0 so that every rank stops together."""
-        if self.time_limit_s <= 0:
-            return False
-        flag = torch.tensor([time.perf_counter() - self.started_at > self.time_limit_s], dtype=torch.int32)
-        if self.world_size > 1:
-            flag = flag.to(self.device)
-            dist.broadcast(flag, src=0)
-        return bool(flag.item())
 
     def train_epoch(self) -> float:
         self.model.train()

@@ -185,7 +185,8 @@ def _type_ok(value, annotation) -> bool:
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         # `float | Tensor` (torch.optim's lr): a config value can only be the plain alternative
-        options = [a for a in typing.get_args(annotation) if a in PLAIN_TYPES] or typing.get_args(annotation)
+        args = typing.get_args(annotation)
+        options = [a for a in args if (typing.get_origin(a) or a) in PLAIN_TYPES] or args
         return any(_type_ok(value, a) for a in options)
     if annotation is type(None):
         return value is None
