@@ -70,9 +70,7 @@ def setup(args):
             reuse_freed_memory()
     if args.device == "cuda":  # as the trainer on a GPU: TF32 off is torch's default, deterministic kernels on
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(
-        True, warn_only=True
-    )  # as train.py (trainer.deterministic=true)
+    torch.use_deterministic_algorithms(True, warn_only=True)  # as train.py (trainer.deterministic=true)
     torch.utils.deterministic.fill_uninitialized_memory = False
     data = from_file(path=str(args.data), format="sasrec" if args.model == "sasrec" else "auto")
     sampler = TrainSampler(data, batch_size=args.batch_size, maxlen=args.maxlen, num_negatives=1, seed=0)
