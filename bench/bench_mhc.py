@@ -14,7 +14,7 @@ timestamped ML-1M users 1-2,999 (`--data` to change), with the TiSASRec paper's 
 Measures what `python train.py dataset=file dataset.path=ml-1m.txt` runs: the product's TrainSampler
 (bucket_by_length=true: users of similar length batched together, each batch trimmed to its longest sequence),
 BCE with one negative per position weighted by the batch's `loss_weight`, Adam(lr 1e-3, betas 0.9/0.98),
-deterministic kernels as the trainer sets them, and the same number of intra-op threads for both variants (default 1:
+deterministic kernels as train.py sets them, and the same number of intra-op threads for both variants (default 1:
 on the 2 shared cores of the dev machine a second OpenMP thread stalls whenever the other core is busy, which
 penalises mHC's many small ops far more than plain's few large ones; `--threads 0` keeps torch's default, what
 train.py uses). An epoch is the sampler's 48 batches of ML-1M (6,040 users, batch 128).
@@ -72,7 +72,7 @@ def setup(args):
         pass
     else:
         kernels.use(args.kernels)
-    if args.device == "cpu" and args.reuse_memory:  # as the Trainer on a CPU (an older checkout may lack it)
+    if args.device == "cpu" and args.reuse_memory:  # as train.py on a CPU (an older checkout may lack it)
         try:
             from seqrec.utils.memory import reuse_freed_memory
         except ImportError:
@@ -81,7 +81,7 @@ def setup(args):
             reuse_freed_memory()
     if args.device == "cuda":  # as the trainer on a GPU: TF32 off is torch's default, deterministic kernels on
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)  # as Trainer(deterministic=true), the default
+    torch.use_deterministic_algorithms(True, warn_only=True)  # as train.py (trainer.deterministic=true)
     torch.utils.deterministic.fill_uninitialized_memory = False
     data = from_file(path=str(args.data), format="sasrec" if args.model == "sasrec" else "auto")
     sampler = TrainSampler(data, batch_size=args.batch_size, maxlen=args.maxlen, num_negatives=1, seed=0)
@@ -278,7 +278,7 @@ def main() -> None:
     p.add_argument("--model", choices=["sasrec", "tisasrec"], default="sasrec", help="tisasrec: needs timestamps")
     p.add_argument("--data", type=Path, default=None, help=f"default: {DATA} (sasrec), {DATA_TIMED} (tisasrec)")
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # child process: peak RSS
-    p.add_argument("--reuse-memory", type=true_false, default=True, help="glibc thresholds as the Trainer sets them")
+    p.add_argument("--reuse-memory", type=true_false, default=True, help="glibc thresholds as seqrec.compose sets them")
     p.add_argument("--skip-rss", action="store_true", help="time only (no peak-RSS subprocesses)")
     p.add_argument("--out", type=Path, default=OUT, help="where to write the JSON")
     args = p.parse_args()

@@ -26,7 +26,7 @@ PAPER = [
     "model.num_blocks=2",
     "model.num_heads=1",
     "model.dropout_rate=0.2",
-    "trainer.batch_size=128",
+    "sampler.batch_size=128",
     "loss=bce",
     "trainer.device=cpu",
     "trainer.progress=false",
@@ -41,34 +41,17 @@ CASES = {
 
 
 def build(data_path: str, overrides: list[str], out_dir: str):
+    """The run's components as train.py builds them (seqrec/compose.py), with the sampled protocol reported too."""
     from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
 
     import seqrec.launch  # noqa: F401  (config resolvers)
-    from seqrec.run import build as build_node
+    from seqrec.compose import build as build_components
 
+    paths = [f"dataset.path={data_path}", f"trainer.output_dir={out_dir}", f"logger.output_dir={out_dir}"]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=PAPER
-            + overrides
-            + [
-                "dataset=file",
-                f"dataset.path={data_path}",
-                f"trainer.output_dir={out_dir}",
-                f"logger.output_dir={out_dir}",
-            ],
-        )
-    data = instantiate(cfg.dataset)
-    model = build_node(cfg.model, num_items=data.num_items)
-    loss = instantiate(cfg.loss)
-    sampler = build_node(
-        cfg.sampler, data=data, num_negatives=loss.num_negatives, shared_negatives=loss.shared_negatives
-    )
-    evaluator = build_node(cfg.eval, data=data, also_sampled=True)
-    logger = build_node(cfg.logger)
-    trainer = build_node(cfg.trainer, model=model, sampler=sampler, evaluator=evaluator, loss=loss, logger=logger)
-    return data, model, sampler, trainer, evaluator
+        cfg = compose("train", overrides=PAPER + overrides + ["dataset=file", "eval.also_sampled=true", *paths])
+    parts = build_components(cfg)
+    return parts.data, parts.model, parts.sampler, parts.trainer, parts.evaluator
 
 
 def use_native_dropout() -> None:

@@ -170,8 +170,7 @@ def rebuild_config(run: Path, ckpt: Path, state: dict) -> tuple[dict, str]:
 
 def load_run(run_dir: str | Path, checkpoint: str = "best"):
     """(data, model in eval mode, {"dataset": ..., "model": ...} config) rebuilt from a run directory."""
-    from hydra.utils import instantiate
-
+    from seqrec.compose import build_data_and_model
     from seqrec.train.checkpoint import load_checkpoint
 
     run = Path(run_dir)
@@ -183,8 +182,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "best"):
     state = load_checkpoint(ckpt)
     cfg, source = rebuild_config(run, ckpt, state)
     try:
-        data = instantiate(cfg["dataset"])
-        model = instantiate(cfg["model"], num_items=data.num_items)
+        data, model = build_data_and_model({"dataset": cfg["dataset"], "model": cfg["model"]})
     except SeqrecError:
         raise
     except Exception as e:  # noqa: BLE001 - instantiate wraps the real cause

@@ -1,7 +1,11 @@
-"""Shared fixtures: the real composed config shrunk to seconds, tiny datasets, the shared data folder."""
+"""Shared fixtures: the real composed config shrunk to seconds (`TINY`, `TINY_FILE`), one way to run `train.py` as a
+user types it (`train_cli`), tiny datasets, the shared data folder."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,11 +25,25 @@ TINY = [
     "model.hidden_units=32",
     "trainer.num_epochs=2",
     "trainer.eval_every=1",
-    "trainer.warmup_steps=0",
+    "schedule.warmup_steps=0",
     "trainer.progress=false",
     "trainer.device=cpu",
     "eval.batch_size=128",
 ]
+
+TINY_FILE = [o for o in TINY if not o.startswith("dataset.")]  # for dataset=file, which has no generator knobs
+CLI_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+
+
+def train_cli(
+    *overrides: str, run_dir: Path | None = None, cwd: Path = REPO, timeout: float = 300, launcher: list | None = None
+) -> subprocess.CompletedProcess:
+    """`python train.py <overrides> [hydra.run.dir=<run_dir>]` in a subprocess, as a user types it (one thread, W&B
+    off); `launcher` replaces `python` (e.g. torchrun). Returns the finished process, whatever its status."""
+    command = [*(launcher or [sys.executable]), str(REPO / "train.py"), *overrides]
+    if run_dir is not None:
+        command.append(f"hydra.run.dir={run_dir}")
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=CLI_ENV)
 
 
 def compose_config(overrides: list[str], output_dir: Path | None = None) -> DictConfig:

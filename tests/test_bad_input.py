@@ -114,13 +114,13 @@ CONFIG_CASES = {
     "model.maxlen=-5": r"model.maxlen=-5: must be > 0",
     "model.num_heads=3": r"model.hidden_units=32: must be divisible by model.num_heads=3",
     "model.dropout_rate=1": r"model.dropout_rate=1: must be in \[0, 1\)",
-    "trainer.lr=abc": r"trainer.lr='abc': expected float",
-    "trainer.lr=inf": r"trainer.lr=inf: must be a finite number",
-    "trainer.lr=nan": r"trainer.lr=nan: must be a finite number",
-    "trainer.batch_size=1.5": r"invalid config: trainer.batch_size=1.5: expected int$",  # reported once
+    "optimizer.lr=abc": r"optimizer.lr='abc': expected float",
+    "optimizer.lr=inf": r"optimizer.lr=inf: must be a finite number",
+    "optimizer.lr=nan": r"optimizer.lr=nan: must be a finite number",
+    "sampler.batch_size=1.5": r"invalid config: sampler.batch_size=1.5: expected int$",  # reported once
     "trainer.num_epochs=0": r"trainer.num_epochs=0: must be > 0",
     "trainer.devices=0": r"trainer.devices=0: must be > 0",
-    "trainer.betas=[0.9,1.5]": r"trainer.betas=\[0.9, 1.5\]: must be \[b1, b2\] in \[0, 1\)",
+    "optimizer.betas=[0.9,1.5]": r"optimizer.betas=\[0.9, 1.5\]: must be \[b1, b2\] in \[0, 1\)",
     "+trainer.lrr=0.1": r"trainer.lrr: unknown key for seqrec.train.trainer.Trainer \(accepted: ",
     "eval.ks=5": r"eval.ks=5: expected list",
     "eval.ks=[]": r"eval.ks=\[\]: must be a non-empty list of positive ints",
@@ -146,7 +146,7 @@ PAIRED_CONFIG_CASES = {
 COMPOSITION_CASES = {
     "model=foo": r"^model=foo: no such option \(available: sasrec, tisasrec\)$",
     "dataset=nope": r"^dataset=nope: no such option \(available: .*synthetic\)$",
-    "trainer.lrr=0.1": r"^trainer.lrr: no such key in the config \(did you mean trainer.lr\?\)$",
+    "optimizer.lrr=0.1": r"^optimizer.lrr: no such key in the config \(did you mean optimizer.lr\?\)$",
     "model.maxln=3": r"^model.maxln: no such key in the config \(did you mean model.maxlen\?\)$",
     "dataset.min_length=3": r"^dataset.min_length: no such key .*to add a key the config does not list: "
     r"\+dataset.min_length=3\)$",
@@ -217,13 +217,13 @@ def test_command_line_hydra_cannot_compose_gets_one_line(override):
 
 def test_batch_smaller_than_the_ranks_is_refused(tmp_path):
     # checked directly: through `main`, trainer.devices=2 starts the DDP workers before the check (tens of seconds)
-    cfg = compose_config(TINY + ["trainer.devices=2", "trainer.batch_size=1"], tmp_path)
-    with pytest.raises(ConfigError, match=r"^invalid config: trainer.batch_size=1: must be >= trainer.devices=2"):
+    cfg = compose_config(TINY + ["trainer.devices=2", "sampler.batch_size=1"], tmp_path)
+    with pytest.raises(ConfigError, match=r"^invalid config: sampler.batch_size=1: must be >= trainer.devices=2"):
         check_config(cfg)
 
 
 def test_several_config_problems_are_listed_under_one_error_line(tmp_path, capsys):
-    cfg = compose_config(TINY + ["seed=-1", "model.maxlen=0", "trainer.lr=abc"], tmp_path)
+    cfg = compose_config(TINY + ["seed=-1", "model.maxlen=0", "optimizer.lr=abc"], tmp_path)
     err = _assert_one_error_line(_refused(cfg, capsys), r"^error: invalid config \(3 problems\):$")
     assert err
 
@@ -323,7 +323,7 @@ SUBPROCESS_CASES = {
     "one_line_file": (["model=sasrec", "dataset=file", "dataset.path={tmp}/one.txt"], r"one.txt: no user has a valid"),
     "negative_seed": (["seed=-1"], r"^error: invalid config: seed=-1: must be in \[0, 2\*\*63\)$"),
     "unknown_model_option": (["model=foo"], r"^error: model=foo: no such option \(available: sasrec, tisasrec\)$"),
-    "misspelled_key": (["trainer.lrr=0.1"], r"^error: trainer.lrr: no such key in the config \(did you mean"),
+    "misspelled_key": (["optimizer.lrr=0.1"], r"^error: optimizer.lrr: no such key in the config \(did you mean"),
 }
 SLOW = pytest.mark.slow  # a few seconds each (python + torch start); the first one stays in the default run
 

@@ -252,35 +252,35 @@ def test_job_that_failed_before_its_first_epoch_is_skipped_with_a_note(sweep, tm
 
 
 def test_settings_come_from_run_json_not_from_a_hydra_folder_a_later_command_rewrote(tmp_path, capsys):
-    # run a: launched with trainer.lr=0.002 and model=tisasrec (a group default in its config); a later command in
+    # run a: launched with optimizer.lr=0.002 and model=tisasrec (a group default in its config); a later command in
     # the same directory, refused, rewrote .hydra/ with other overrides, another config and other choices
     recorded_run(
         tmp_path / "a",
-        ["trainer.lr=0.002"],
-        {"seed": 1, "trainer": {"lr": 0.002}, "model": {"hidden_units": 64}},
+        ["optimizer.lr=0.002"],
+        {"seed": 1, "optimizer": {"lr": 0.002}, "model": {"hidden_units": 64}},
         {"model": "tisasrec", "residual": "plain"},
         [0.3],
     )
     write_hydra_folder(
         tmp_path / "a",
-        ["trainer.lr=0.05", "model=sasrec", "model.hidden_units=256"],
-        "seed: 1\ntrainer:\n  lr: 0.05\nmodel:\n  hidden_units: 256\n",
+        ["optimizer.lr=0.05", "model=sasrec", "model.hidden_units=256"],
+        "seed: 1\noptimizer:\n  lr: 0.05\nmodel:\n  hidden_units: 256\n",
         choices={"model": "sasrec", "residual": "mhc"},
     )
     # run b: made with run.json only (seqrec no longer writes .hydra/)
     recorded_run(
         tmp_path / "b",
-        ["trainer.lr=0.001", "model=sasrec"],
-        {"seed": 1, "trainer": {"lr": 0.001}, "model": {"hidden_units": 64}},
+        ["optimizer.lr=0.001", "model=sasrec"],
+        {"seed": 1, "optimizer": {"lr": 0.001}, "model": {"hidden_units": 64}},
         {"model": "sasrec", "residual": "plain"},
         [0.2],
     )
     text, best, _ = compare([str(tmp_path)], out=str(tmp_path / "o"), plots=False)
     header, *rows = table_rows(text)
-    assert header[1:3] == ["model", "trainer.lr"]  # not model.hidden_units: only the rewritten .hydra had it
+    assert header[1:3] == ["model", "optimizer.lr"]  # not model.hidden_units: only the rewritten .hydra had it
     assert [row[1:3] for row in rows] == [["tisasrec", "0.002"], ["sasrec", "0.001"]]
     assert "0.05" not in text and "256" not in text and "mhc" not in text
-    assert best.startswith("best by val/ndcg@10: model=tisasrec trainer.lr=0.002")
+    assert best.startswith("best by val/ndcg@10: model=tisasrec optimizer.lr=0.002")
 
 
 def test_a_legacy_run_without_a_config_yaml_reads_results_json_config(tmp_path):

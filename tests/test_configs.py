@@ -3,15 +3,15 @@ are all reported at once with their config paths."""
 
 import itertools
 import subprocess
-import sys
 
 import pytest
+import torch
 from hydra.utils import instantiate
 
 from seqrec.data.dataset import synthetic
 from seqrec.errors import ConfigError
 from seqrec.utils.config import check_config
-from tests.conftest import CONF, REPO, TINY, compose_config
+from tests.conftest import CONF, REPO, TINY, compose_config, train_cli
 
 
 def options(group: str) -> list[str]:
@@ -44,14 +44,14 @@ def test_hardware_and_dataset_options_compose_and_check(hardware, dataset, tmp_p
 def test_all_bad_values_are_reported_together_with_their_paths(tmp_path):
     cfg = compose_config(
         [
-            "trainer.lr=-0.1",
+            "optimizer.lr=-0.1",
             "model.maxlen=0",
             "model.num_heads=3",
             "+model.dmodel=64",
             "trainer.patience=abc",
             "trainer.plateau_factor=1",
             "sampler.history=every",
-            "trainer.lr_schedule=linear",
+            "schedule.decay_rate=2",
         ],
         tmp_path,
     )
@@ -60,14 +60,14 @@ def test_all_bad_values_are_reported_together_with_their_paths(tmp_path):
     msg = str(err.value)
     assert "8 problems" in msg
     for needle in (
-        "trainer.lr=-0.1: must be > 0",
+        "optimizer.lr=-0.1: must be > 0",
         "model.maxlen=0: must be > 0",
         "model.hidden_units=50: must be divisible by model.num_heads=3",
         "model.dmodel: unknown key for seqrec.models.tisasrec.TiSASRec",
         "trainer.patience='abc': expected int",
         "trainer.plateau_factor=1: must be in (0, 1)",
         "sampler.history='every': must be one of last, all",
-        "trainer.lr_schedule='linear': must be one of constant, cosine",
+        "schedule.decay_rate=2: must be in (0, 1]",
     ):
         assert needle in msg
 
@@ -79,16 +79,14 @@ def test_missing_required_value_is_reported(tmp_path):
 
 
 def run_cli(*overrides: str, cwd=REPO) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "train.py", *overrides], cwd=cwd, capture_output=True, text=True, timeout=120
-    )
+    return train_cli(*overrides, cwd=cwd, timeout=120)
 
 
 @pytest.mark.parametrize(
     "overrides,needle",
     [
         (["model.num_heads=3"], "must be divisible by model.num_heads=3"),
-        (["trainer.lr=-1"], "trainer.lr=-1: must be > 0"),
+        (["optimizer.lr=-1"], "optimizer.lr=-1: must be > 0"),
         (["model=transformerxl"], "model=transformerxl: no such option (available: sasrec, tisasrec)"),
         (["model.not_a_key=1"], "model.not_a_key: no such key in the config"),
         (["dataset=file", "dataset.path=/nonexistent/ratings.txt"], "/nonexistent/ratings.txt"),
@@ -118,7 +116,7 @@ def test_every_numeric_key_of_every_option_has_a_range_rule(tmp_path):
     from seqrec.utils.config import PLAIN_KEYS, RULES
 
     numeric = {f"dataset.{name}" for name in generator.ARGUMENT_RULES}  # +dataset.<knob> reaches these
-    for group in ("model", "residual", "loss", "hardware", "dataset"):
+    for group in ("model", "residual", "loss", "hardware", "dataset", "optimizer", "schedule"):
         for option in options(group):
             extra = ["dataset.path=x.txt"] if option == "file" else []
             cfg = OmegaConf.to_container(compose_config([f"{group}={option}"] + extra, tmp_path), resolve=False)
@@ -126,3 +124,38 @@ def test_every_numeric_key_of_every_option_has_a_range_rule(tmp_path):
             numeric.update(_numeric_leaves(cfg))
     unruled = sorted(key for key in numeric if key not in RULES and key not in PLAIN_KEYS)
     assert numeric and not unruled, unruled
+
+
+def test_distributed_and_slurm_keys_are_bound_to_their_schemas(tmp_path):
+    cfg = compose_config(
+        ["+distributed.bakend=gloo", "slurm.nodes=0", "+slurm.gpus=1", "distributed.timeout_s=x"], tmp_path
+    )
+    with pytest.raises(ConfigError) as err:
+        check_config(cfg)
+    msg = str(err.value)
+    assert "4 problems" in msg, msg
+    for needle in (
+        "distributed.bakend: unknown key for seqrec.settings.DistributedSettings (accepted: backend, master_port",
+        "slurm.gpus: unknown key for seqrec.settings.SlurmSettings",
+        "slurm.nodes=0: must be > 0",
+        "distributed.timeout_s='x': expected int",
+    ):
+        assert needle in msg, needle
+
+
+@pytest.mark.parametrize("optimizer", options("optimizer"))
+@pytest.mark.parametrize("schedule", options("schedule"))
+def test_optimizer_and_schedule_options_check_and_build_as_partials(optimizer, schedule, tmp_path):
+    cfg = compose_config(TINY + [f"optimizer={optimizer}", f"schedule={schedule}"], tmp_path)
+    check_config(cfg)
+    weights = torch.nn.Parameter(torch.zeros(3))
+    built = instantiate(cfg.optimizer)([weights])
+    assert type(built).__name__.lower() == optimizer and built.param_groups[0]["lr"] == cfg.optimizer.lr
+    scheduler = instantiate(cfg.schedule)(built, steps_per_epoch=4, num_epochs=2)
+    assert scheduler.get_last_lr()[0] == cfg.optimizer.lr  # TINY turns warm-up off: step 0 has the full lr
+
+
+def test_tisasrec_inherits_every_sasrec_key():
+    sasrec, tisasrec = compose_config(["model=sasrec"]).model, compose_config(["model=tisasrec"]).model
+    assert set(tisasrec) - set(sasrec) == {"time_unit", "time_span"}
+    assert all(tisasrec[k] == sasrec[k] for k in sasrec if k not in ("_target_", "residual", "num_items"))

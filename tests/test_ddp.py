@@ -6,7 +6,6 @@ Every test starts real processes; nothing is mocked. Tiny config so each stays w
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,23 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import TINY as SHARED_TINY
+from tests.conftest import train_cli
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-TINY = [
-    "dataset.num_users=300",
-    "trainer.num_epochs=2",
-    "model.maxlen=20",
-    "trainer.progress=false",
-    "trainer.eval_every=1",
-    "hardware=cpu",
-]
+TINY = [*SHARED_TINY, "hardware=cpu", "trainer.device=cpu", "model.maxlen=20"]
 
 
 def _train(args: list[str], cwd: Path, launcher: list[str] | None = None, timeout: int = 90):
-    cmd = (launcher or [sys.executable]) + [str(ROOT / "train.py"), *TINY, *args]
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    proc = train_cli(*TINY, *args, cwd=cwd, timeout=timeout, launcher=launcher)
+    assert proc.returncode == 0, f"{' '.join(proc.args)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 
 

@@ -11,6 +11,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
+from seqrec.train.resume_policy import upgrade_layout
 from seqrec.utils.config import check_config
 from tests.conftest import CONF, REPO, compose_config
 
@@ -27,7 +28,6 @@ NOT_SETTING_GROUPS = ("slurm.", "distributed.", "hydra.")
 # Keys added to the product after a run, with the default that does what the code did before they existed.
 ADDED_SINCE = {
     "sampler.history": "last",
-    "trainer.lr_schedule": "constant",
     "trainer.plateau_decays": 0,
     "trainer.plateau_factor": 0.1,
     "loss.chunk_tokens": None,
@@ -59,6 +59,14 @@ def recorded_config(run: Path) -> tuple[dict, bool] | None:
             return config, True
     hydra = run / ".hydra" / "config.yaml"
     return (yaml.safe_load(hydra.read_text()), False) if hydra.is_file() else None
+
+
+def in_todays_layout(record: dict) -> dict:
+    """A record from before `optimizer=`/`schedule=` (trainer.lr & co.), read as the resume policy reads it."""
+    sampler = record.get("sampler") or {}
+    if sampler.get("batch_size") == "${trainer.batch_size}":  # unresolved .hydra/config.yaml: the value it meant
+        record = {**record, "sampler": {**sampler, "batch_size": record["trainer"]["batch_size"]}}
+    return upgrade_layout(record)
 
 
 def flat(node: dict, prefix: str = "") -> dict:
@@ -96,7 +104,7 @@ def test_the_experiment_composes_and_passes_the_preflight_check(name, tmp_path):
 def test_the_experiment_is_what_its_published_runs_recorded(name, tmp_path):
     for seed_dir in filter(recorded_config, run_directories(name)):
         record, resolved = recorded_config(seed_dir)
-        recorded = flat(record)
+        recorded = flat(in_todays_layout(record))
         overrides = [f"experiment={name}", f"seed={recorded['seed']}", f"trainer.device={recorded['trainer.device']}"]
         if name == "ml1m_sasrec_ce_h128":  # the three seeds had different shares of the machine's time
             overrides.append(f"trainer.time_limit_min={recorded['trainer.time_limit_min']}")

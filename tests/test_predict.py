@@ -21,18 +21,10 @@ from omegaconf import OmegaConf
 from seqrec.predict import main
 from seqrec.run import run
 from seqrec.train.checkpoint import load_checkpoint, save_checkpoint
+from tests.conftest import TINY_FILE
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-TINY = [
-    "hardware=cpu",
-    "model.maxlen=12",
-    "model.hidden_units=16",
-    "trainer.num_epochs=2",
-    "trainer.eval_every=1",
-    "trainer.progress=false",
-    "trainer.warmup_steps=0",
-    "trainer.batch_size=32",
-]
+TINY = ["hardware=cpu", *TINY_FILE, "model.maxlen=12", "model.hidden_units=16", "sampler.batch_size=32"]
 
 
 def compose_run(run_dir: Path, overrides: list[str]):

@@ -118,7 +118,7 @@ def test_settings_sharing_a_folder_are_named_by_their_overrides(tmp_path):
 def test_seeds_with_different_time_limits_are_one_setting(tmp_path):
     for seed, limit in [(1, 120), (2, 85)]:
         fake_run(tmp_path / "row" / f"seed{seed}", [f"seed={seed}", f"trainer.time_limit_min={limit}"], [0.1])
-    fake_run(tmp_path / "row" / "seed3", ["seed=3", "trainer.lr=0.002"], [0.1])
+    fake_run(tmp_path / "row" / "seed3", ["seed=3", "optimizer.lr=0.002"], [0.1])
     _, summaries, _ = results_table([str(tmp_path)], ["test/ndcg@10"])
     assert sorted(len(v) for v in group_by_setting(find_runs([str(tmp_path)])).values()) == [1, 2]
     assert len(summaries) == 2

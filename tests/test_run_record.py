@@ -15,15 +15,14 @@ from seqrec.errors import CheckpointError, DataError
 from seqrec.run import run
 from seqrec.train.resume_policy import allowed_changes, check_resume, config_differences
 from seqrec.utils.logging import MetricLogger
-from tests.conftest import REPO, TINY, compose_config
+from tests.conftest import REPO, TINY, compose_config, train_cli
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def train(run_dir, *overrides, base=TINY, timeout=300):
     """`python train.py TINY overrides hydra.run.dir=run_dir` as a user types it."""
-    args = [sys.executable, "train.py", *base, *overrides, f"hydra.run.dir={run_dir}"]
-    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=ENV)
+    return train_cli(*base, *overrides, run_dir=run_dir, timeout=timeout)
 
 
 def fingerprint(folder) -> dict:
@@ -58,7 +57,9 @@ def test_the_first_launch_writes_run_json_and_hydra_writes_nothing_into_the_run(
     assert record["overrides"] == TINY  # the task overrides, as overrides.yaml had them (hydra.* apart)
     assert record["choices"]["model"] == "tisasrec" and record["choices"]["residual"] == "mhc"
     assert not any(key.startswith("hydra/") for key in record["choices"])
-    assert record["config"]["trainer"]["lr"] == 0.001 and record["config"]["trainer"]["output_dir"] == str(finished_run)
+    assert record["config"]["optimizer"]["lr"] == 0.001 and record["config"]["trainer"]["output_dir"] == str(
+        finished_run
+    )
     assert not (finished_run / ".hydra").exists()
     results = json.loads((finished_run / "results.json").read_text())
     assert results["config"] == record["config"]
@@ -68,10 +69,10 @@ def test_the_first_launch_writes_run_json_and_hydra_writes_nothing_into_the_run(
 
 def test_a_resume_with_another_lr_is_refused_in_one_line_and_changes_no_file(run_dir):
     before = fingerprint(run_dir)
-    refused = train(run_dir, "trainer.lr=0.002", "trainer.num_epochs=4")
+    refused = train(run_dir, "optimizer.lr=0.002", "trainer.num_epochs=4")
     assert refused.returncode == 1
     errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "trainer.lr: 0.001 -> 0.002" in errors[0], refused.stderr
+    assert len(errors) == 1 and "optimizer.lr: 0.001 -> 0.002" in errors[0], refused.stderr
     assert "Traceback" not in refused.stderr
     assert fingerprint(run_dir) == before  # train.log included
 
@@ -85,8 +86,8 @@ def test_resume_never_on_an_existing_run_changes_no_file(run_dir):
 
 def test_a_config_error_on_a_finished_run_changes_no_file(run_dir):
     before = fingerprint(run_dir)
-    refused = train(run_dir, "trainer.lr=-1")
-    assert refused.returncode == 1 and "trainer.lr=-1: must be > 0" in refused.stderr
+    refused = train(run_dir, "optimizer.lr=-1")
+    assert refused.returncode == 1 and "optimizer.lr=-1: must be > 0" in refused.stderr
     assert fingerprint(run_dir) == before
 
 
@@ -102,8 +103,8 @@ def test_relaunching_a_finished_run_reports_its_results_and_rewrites_nothing(run
 @pytest.mark.parametrize("error", ["config", "data"])
 def test_a_launch_that_fails_before_training_leaves_no_run_record(tmp_path, error):
     if error == "config":
-        failed = train(tmp_path / "run", "trainer.lr=-1")
-        needle = "trainer.lr=-1: must be > 0"
+        failed = train(tmp_path / "run", "optimizer.lr=-1")
+        needle = "optimizer.lr=-1: must be > 0"
     else:
         (tmp_path / "bad.txt").write_text("1 2\n3 x\n")
         tiny_file = [o for o in TINY if not o.startswith("dataset.")]
@@ -190,7 +191,7 @@ def test_a_slurm_step_keeps_its_run_dir_id_on_every_task_and_requeue():
 
 
 # lr 1e-12 moves no fp32 weight: validation never improves after epoch 1, so patience alone decides the stop
-FLAT = TINY + ["trainer.num_epochs=10", "trainer.lr=1e-12"]
+FLAT = TINY + ["trainer.num_epochs=10", "optimizer.lr=1e-12"]
 
 
 def test_a_resume_with_more_patience_is_allowed_used_and_recorded(tmp_path):
@@ -209,19 +210,19 @@ def test_a_resume_with_more_patience_is_allowed_used_and_recorded(tmp_path):
 def test_a_resume_with_another_lr_is_refused_by_the_trainer_too(tmp_path):
     run(compose_config(TINY + ["trainer.time_limit_min=1e-6"], tmp_path))
     before = fingerprint(tmp_path)
-    with pytest.raises(CheckpointError, match=r"trainer.lr: 0.001 -> 0.002\)"):
-        run(compose_config(TINY + ["trainer.lr=0.002"], tmp_path))
+    with pytest.raises(CheckpointError, match=r"optimizer.lr: 0.001 -> 0.002\)"):
+        run(compose_config(TINY + ["optimizer.lr=0.002"], tmp_path))
     assert fingerprint(tmp_path) == before
 
 
 @pytest.mark.parametrize(
     "key,old,new",
     [
-        ("trainer.batch_size", 128, 256),
+        ("optimizer.lr", 0.001, 0.002),
         ("sampler.batch_size", 128, 256),
         ("trainer.devices", 1, 2),
         ("trainer.amp_dtype", "bfloat16", "float16"),
-        ("trainer.warmup_steps", 100, 0),
+        ("schedule.warmup_steps", 100, 0),
         ("trainer.grad_clip", 0.0, 1.0),
         ("trainer.deterministic", True, False),
         ("seed", 42, 43),
@@ -230,7 +231,7 @@ def test_a_resume_with_another_lr_is_refused_by_the_trainer_too(tmp_path):
     ],
 )
 def test_settings_that_change_the_trajectory_are_refused(key, old, new):
-    saved = {"trainer": {"lr": 0.001}, "sampler": {}, "eval": {}}
+    saved = {"optimizer": {"lr": 0.001}, "trainer": {}, "sampler": {}, "eval": {}}
     current = json.loads(json.dumps(saved))
     *parents, leaf = key.split(".")
     for node in (saved, current):
@@ -286,12 +287,12 @@ def test_a_resume_after_a_kill_mid_write_of_metrics_goes_on(tmp_path):
 
 
 def test_each_job_of_a_sweep_gets_its_own_run_json_with_its_overrides(tmp_path):
-    args = [sys.executable, "train.py", "-m", *TINY, "trainer.lr=0.001,0.002", f"hydra.sweep.dir={tmp_path}"]
+    args = [sys.executable, "train.py", "-m", *TINY, "optimizer.lr=0.001,0.002", f"hydra.sweep.dir={tmp_path}"]
     done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV)
     assert done.returncode == 0, done.stderr
     records = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/run.json"))]
-    assert sorted(r["config"]["trainer"]["lr"] for r in records) == [0.001, 0.002]
+    assert sorted(r["config"]["optimizer"]["lr"] for r in records) == [0.001, 0.002]
     for record in records:
-        assert f"trainer.lr={record['config']['trainer']['lr']}" in record["overrides"]
+        assert f"optimizer.lr={record['config']['optimizer']['lr']}" in record["overrides"]
         assert [o.split("=")[0] for o in TINY] == [o.split("=")[0] for o in record["overrides"][:-1]]
     assert not list(tmp_path.rglob(".hydra"))

@@ -22,11 +22,11 @@ TINY = [
     "trainer.eval_every=1",
     "model.maxlen=20",
     "trainer.progress=false",
-    "trainer.warmup_steps=0",
+    "schedule.warmup_steps=0",
 ]
-# stage 3 sweeps trainer.lr over 3 values; the command line narrows it to 2 jobs
-SWEEP = ["tuning=stage3", "trainer.lr=0.001,0.002"]
-JOBS = ["trainer.lr=0.001", "trainer.lr=0.002"]
+# stage 3 sweeps optimizer.lr over 3 values; the command line narrows it to 2 jobs
+SWEEP = ["tuning=stage3", "optimizer.lr=0.001,0.002"]
+JOBS = ["optimizer.lr=0.001", "optimizer.lr=0.002"]
 
 
 def run_sweep(sweep_dir: Path, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -75,7 +75,7 @@ def wandb_sweep(tmp_path_factory) -> Path:
 def test_sweep_writes_one_run_directory_per_job_named_by_its_overrides(wandb_sweep):
     assert (wandb_sweep / "multirun.yaml").is_file()
     jobs = assert_run_dirs(wandb_sweep)
-    lrs = [json.loads((j / "run.json").read_text())["config"]["trainer"]["lr"] for j in jobs]
+    lrs = [json.loads((j / "run.json").read_text())["config"]["optimizer"]["lr"] for j in jobs]
     assert lrs == [0.001, 0.002]
 
 
@@ -87,7 +87,7 @@ def test_sweep_jobs_are_one_wandb_group_with_readable_names(wandb_sweep):
     assert [r["run"].display_name for r in runs] == [job_dir_name(j) for j in JOBS]
     assert len({r["run"].run_id for r in runs}) == 2
     for r, job in zip(runs, JOBS, strict=False):
-        assert r["config"]["trainer"]["lr"] == float(job.split("=")[1])  # the resolved config
+        assert r["config"]["optimizer"]["lr"] == float(job.split("=")[1])  # the resolved config
         assert [h["epoch"] for h in r["history"]] == [1, 2]
         assert all("val/ndcg@10" in h and "train/loss" in h for h in r["history"])
         assert r["summary"]["best_checkpoint"].endswith("checkpoints/best.pt")
@@ -98,14 +98,14 @@ def test_compare_builds_a_table_and_plots_from_the_sweep(wandb_sweep, tmp_path):
     text, best, written = compare([str(wandb_sweep)], "val/ndcg@10", "md", str(tmp_path / "cmp"))
     lines = text.strip().splitlines()
     header = next(ln for ln in lines if ln.startswith("| #"))
-    assert "trainer.lr" in header and "val/ndcg@10" in header and "test/ndcg@10" in header
+    assert "optimizer.lr" in header and "val/ndcg@10" in header and "test/ndcg@10" in header
     rows = [ln for ln in lines if ln.startswith("| 1 ") or ln.startswith("| 2 ")]
     assert len(rows) == 2
     values = [float(r.split("|")[header.split("|").index(" val/ndcg@10 ")]) for r in rows]
     assert values == sorted(values, reverse=True)
-    assert best.startswith("best by val/ndcg@10: trainer.lr=")
+    assert best.startswith("best by val/ndcg@10: optimizer.lr=")
     names = {p.name for p in written}
-    assert {"runs.md", "learning_curves.png", "val_ndcg@10_vs_trainer.lr.png"} <= names
+    assert {"runs.md", "learning_curves.png", "val_ndcg@10_vs_optimizer.lr.png"} <= names
     for p in written:
         assert p.stat().st_size > 0
         if p.suffix == ".png":
@@ -122,7 +122,7 @@ def test_compare_cli_on_the_sweep_prints_csv(wandb_sweep, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
-    assert lines[0].startswith("#,trainer.lr,") and len(lines) == 3
+    assert lines[0].startswith("#,optimizer.lr,") and len(lines) == 3
     assert (tmp_path / "runs.csv").read_text() == proc.stdout
 
 

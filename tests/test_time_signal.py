@@ -20,9 +20,9 @@ BUDGET = [
     "model.hidden_units=32",
     "trainer.num_epochs=40",
     "trainer.eval_every=10",
-    "trainer.warmup_steps=0",
-    "trainer.lr=0.005",
-    "trainer.batch_size=64",
+    "schedule.warmup_steps=0",
+    "optimizer.lr=0.005",
+    "sampler.batch_size=64",
     "trainer.progress=false",
     "trainer.device=cpu",
 ]

@@ -18,20 +18,19 @@ from seqrec.eval.baselines import Popularity
 from seqrec.run import run
 from seqrec.train import losses
 from seqrec.train.resume_policy import config_differences
-from tests.conftest import REPO, TINY, compose_config
+from tests.conftest import REPO, TINY, TINY_FILE, compose_config
 
-TINY_FILE = [o for o in TINY if not o.startswith("dataset.")]  # for dataset=file, which has no generator knobs
 LEARN = [
     "dataset.num_users=600",
     "dataset.num_items=300",
     "model.maxlen=50",
     "trainer.num_epochs=15",
     "trainer.eval_every=5",
-    "trainer.warmup_steps=0",
+    "schedule.warmup_steps=0",
     "trainer.progress=false",
     "trainer.device=cpu",
-    "trainer.lr=0.005",
-    "trainer.batch_size=64",
+    "optimizer.lr=0.005",
+    "sampler.batch_size=64",
 ]
 
 
@@ -67,7 +66,7 @@ def test_best_checkpoint_is_chosen_on_validation_and_test_runs_once_on_it(tmp_pa
             "trainer.eval_every=2",
             "trainer.progress=false",
             "trainer.device=cpu",
-            "trainer.lr=0.005",
+            "optimizer.lr=0.005",
         ],
         tmp_path,
     )
@@ -114,7 +113,7 @@ def test_resume_reaches_the_same_result_as_an_unbroken_run(tmp_path):
 
 
 # lr 1e-12 moves no fp32 weight, so validation never improves after epoch 1 and patience 1 runs out every epoch
-FLAT = TINY + ["trainer.num_epochs=10", "trainer.lr=1e-12", "trainer.patience=1"]
+FLAT = TINY + ["trainer.num_epochs=10", "optimizer.lr=1e-12", "trainer.patience=1"]
 
 
 def logged(folder, key):
@@ -140,7 +139,7 @@ def test_an_early_stopped_run_resumed_with_a_plateau_decay_continues_as_an_unbro
 
 
 def test_cosine_schedule_anneals_the_lr_to_zero_at_the_end_of_the_epoch_budget(tmp_path):
-    overrides = ["trainer.num_epochs=4", "trainer.lr=0.01", "trainer.warmup_steps=0", "trainer.lr_schedule=cosine"]
+    overrides = ["trainer.num_epochs=4", "optimizer.lr=0.01", "schedule.warmup_steps=0", "schedule=cosine"]
     run(compose_config(TINY + overrides, tmp_path))
     # each epoch logs the lr set for the step after its last: lr * (1 + cos(pi * epoch / 4)) / 2
     expected = [0.01 * (1 + np.cos(np.pi * epoch / 4)) / 2 for epoch in (1, 2, 3, 4)]
@@ -148,11 +147,11 @@ def test_cosine_schedule_anneals_the_lr_to_zero_at_the_end_of_the_epoch_budget(t
 
 
 def test_a_cosine_run_stopped_and_resumed_follows_the_same_lr_and_weights_as_an_unbroken_one(tmp_path):
-    cosine = TINY + ["trainer.num_epochs=4", "trainer.lr_schedule=cosine"]
-    unbroken, unbroken_results = final_state(tmp_path / "a", ["trainer.lr_schedule=cosine"])
+    cosine = TINY + ["trainer.num_epochs=4", "schedule=cosine"]
+    unbroken, unbroken_results = final_state(tmp_path / "a", ["schedule=cosine"])
     stopped = run(compose_config(cosine + ["trainer.time_limit_min=1e-6"], tmp_path / "b"))  # stops after epoch 1
     assert stopped["epochs_run"] == 1
-    resumed, resumed_results = final_state(tmp_path / "b", ["trainer.lr_schedule=cosine"])
+    resumed, resumed_results = final_state(tmp_path / "b", ["schedule=cosine"])
     assert logged(tmp_path / "b", "train/lr") == logged(tmp_path / "a", "train/lr")
     assert logged(tmp_path / "a", "train/lr")[-1] == pytest.approx(0.0, abs=1e-12)
     for name, tensor in unbroken["model"].items():
@@ -161,11 +160,11 @@ def test_a_cosine_run_stopped_and_resumed_follows_the_same_lr_and_weights_as_an_
 
 
 def test_resuming_a_cosine_run_under_a_longer_budget_warns_that_the_lr_curve_changes(tmp_path, caplog):
-    cosine = TINY + ["trainer.lr_schedule=cosine", "trainer.time_limit_min=1e-6"]
+    cosine = TINY + ["schedule=cosine", "trainer.time_limit_min=1e-6"]
     run(compose_config(cosine + ["trainer.num_epochs=4"], tmp_path))
     with caplog.at_level("WARNING", logger="seqrec.train.trainer"):
         run(compose_config(cosine + ["trainer.num_epochs=6"], tmp_path))
-    assert "lr_schedule=cosine over 4 epochs under lr_schedule=cosine over 6" in caplog.text
+    assert "schedule=cosine over 4 epochs, now schedule=cosine over 6" in caplog.text
 
 
 @pytest.mark.slow
@@ -204,7 +203,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
         value = original(self, *args)
         return value * float("nan") if calls["n"] > 3 else value
 
-    cfg = compose_config(TINY + ["trainer.num_epochs=3", "trainer.batch_size=128"], tmp_path)
+    cfg = compose_config(TINY + ["trainer.num_epochs=3", "sampler.batch_size=128"], tmp_path)
     monkeypatch.setattr(losses.BCE, "__call__", poisoned)
     with pytest.raises(TrainingError, match=r"loss became nan in epoch 2.*last.pt \(epoch 1\)"):
         run(cfg)

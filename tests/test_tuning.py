@@ -17,7 +17,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 EXPECTED = {
     "stage1": {"seed": ["42"]},
     "stage2": {"model.hidden_units": ["50", "128", "256"], "model.num_blocks": ["2", "3"]},
-    "stage3": {"trainer.lr": ["0.0005", "0.001", "0.002"]},
+    "stage3": {"optimizer.lr": ["0.0005", "0.001", "0.002"]},
     "stage4": {"model.dropout_rate": ["0.2", "0.3", "0.4"]},
 }
 
@@ -69,7 +69,7 @@ def test_winners_are_carried_forward_consistently():
     stage3, stage4 = compose_hydra(["tuning=stage3"]), compose_hydra(["tuning=stage4"])
     for key in ("hidden_units", "num_blocks"):  # stage 2's winner, written into both files
         assert stage3.model[key] == stage4.model[key]
-    assert stage4.trainer.lr in (0.0005, 0.001, 0.002)  # stage 3's winner is one of its candidates
+    assert stage4.optimizer.lr in (0.0005, 0.001, 0.002)  # stage 3's winner is one of its candidates
 
 
 def test_job_folders_are_named_by_the_swept_overrides_only():

@@ -7,13 +7,13 @@ new command. Every setting is compared with the one the run was trained under, k
 |-------------------------------------------------------------|-----------|-----------------------------------------|
 | every key not listed below, among them: `model.*`,          | refused   | they change the optimisation trajectory |
 | `residual.*`, `loss.*`, `dataset.*`, `seed`, `sampler.*`    |           | (maths, data, batches, step sizes) or   |
-| (batching, history), `eval.*` (protocol, ks, negatives,     |           | what "best" means: the resumed run      |
+| (batch_size, history), `eval.*` (protocol, ks, negatives,   |           | what "best" means: the resumed run      |
 | filter_seen), `optimized_metric`, `trainer.monitor`,        |           | would be neither the old run nor a new  |
-| `trainer.lr`, `betas`, `warmup_steps`, `lr_decay_*`,        |           | one                                     |
-| `lr_schedule`, `plateau_factor`, `batch_size`, `l2_emb`,    |           |                                         |
-| `grad_clip`, `devices`, `device`, `amp`, `amp_dtype`,       |           |                                         |
-| `deterministic`; the number of processes (checked against   |           |                                         |
-| the checkpoint's per-rank RNG states)                       |           |                                         |
+| `optimizer.*` (lr, betas, eps, weight_decay),               |           | one                                     |
+| `schedule.*` (warmup_steps, decay_*, constant|cosine),      |           |                                         |
+| `trainer.plateau_factor`, `l2_emb`, `grad_clip`, `devices`, |           |                                         |
+| `device`, `amp`, `amp_dtype`, `deterministic`; the number   |           |                                         |
+| of processes (checked against the per-rank RNG states)      |           |                                         |
 | `trainer.num_epochs`                                        | allowed   | the budget (a cosine schedule bends;    |
 |                                                             |           | a warning says so)                      |
 | `trainer.patience`, `trainer.plateau_decays`,               | allowed   | when to stop or decay, decided again at |
@@ -25,7 +25,13 @@ new command. Every setting is compared with the one the run was trained under, k
 | `loss.chunk_tokens`, `eval.batch_size`, `distributed.*`,    |           | requeued job may land where no compiler |
 | `slurm.*`                                                   |           | exists)                                 |
 
-A refused resume is one line per command naming every changed key (`trainer.lr: 0.001 -> 0.002`) and writes nothing
+Runs recorded before the optimizer and the schedule became config groups kept Adam's and the schedule's keys under
+`trainer.` (`trainer.lr`, `betas`, `warmup_steps`, `lr_decay_step`, `lr_decay_rate`, `lr_schedule`, `batch_size`).
+Their saved config is read in today's layout (`upgrade_layout`: the settings that Trainer hard-coded, Adam with
+eps 1e-8 and no weight decay, become `optimizer=adam` and `schedule=constant|cosine`), then compared as above: such
+a run resumes under the same settings spelled the new way, and a real change is refused under the new key names.
+
+A refused resume is one line per command naming every changed key (`optimizer.lr: 0.001 -> 0.002`) and writes nothing
 into the run directory. An allowed change is used from the resume on and recorded: in `launches.jsonl` (old -> new)
 and in `results.json["config"]`.
 """
@@ -58,8 +64,65 @@ RESUME_MAY_CHANGE = (
 NOT_RECORDED = ("sweep_name",)  # `${now:}` of each command: it differs at every launch and means nothing to the run
 
 
+# trainer.<old key> -> (node, new key) in runs recorded before optimizer=/schedule= existed
+RENAMED = {
+    "lr": ("optimizer", "lr"),
+    "betas": ("optimizer", "betas"),
+    "warmup_steps": ("schedule", "warmup_steps"),
+    "lr_decay_step": ("schedule", "decay_step"),
+    "lr_decay_rate": ("schedule", "decay_rate"),
+}
+# what the Trainer of those runs used without a key: torch.optim.Adam(lr=, betas=) and its own schedule
+IMPLIED = {
+    "optimizer": {
+        "_target_": "torch.optim.Adam",
+        "_partial_": True,
+        "_convert_": "all",
+        "eps": 1e-08,
+        "weight_decay": 0.0,
+    },
+    "schedule": {"_partial_": True},
+}
+
+
+def upgrade_layout(config: dict) -> dict:
+    """A saved config in today's layout: one recorded with `trainer.lr` & co. is translated, others are returned as
+    they are."""
+    trainer = config.get("trainer") or {}
+    if "optimizer" in config or "lr" not in trainer:
+        return config
+    upgraded = {**config, "trainer": dict(trainer)}
+    for node, implied in IMPLIED.items():
+        upgraded[node] = dict(implied)
+    for old, (node, new) in RENAMED.items():
+        if old in trainer:
+            upgraded[node][new] = upgraded["trainer"].pop(old)
+    kind = upgraded["trainer"].pop("lr_schedule", "constant")
+    upgraded["schedule"]["_target_"] = f"seqrec.train.schedules.{kind}"
+    upgraded["trainer"].pop("batch_size", None)  # sampler.batch_size held it too (an interpolation of it)
+    return upgraded
+
+
+def schedule_moved(saved: dict, current: dict) -> str:
+    """ "schedule X over N epochs, now Y over M" when a cosine schedule is involved and its end moves, else "".
+    A cosine ends at `num_epochs`: resuming under another budget (or schedule) bends the lr curve mid-run. Allowed,
+    as more epochs are a common wish, but said out loud."""
+
+    def shape(config: dict) -> tuple:
+        target = (config.get("schedule") or {}).get("_target_", "constant")
+        return target.rsplit(".", 1)[-1], (config.get("trainer") or {}).get("num_epochs")
+
+    old, new = shape(upgrade_layout(saved)), shape(current)
+    if "cosine" not in (old[0], new[0]) or old == new:
+        return ""
+    return (
+        f"schedule={old[0]} over {old[1]} epochs, now schedule={new[0]} over {new[1]} "
+        "(the cosine ends at trainer.num_epochs)"
+    )
+
+
 def flatten(node, prefix: str = "") -> dict:
-    """{'trainer.lr': 0.001, ...}: nested dicts as dotted keys; lists stay values (compared whole)."""
+    """{'optimizer.lr': 0.001, ...}: nested dicts as dotted keys; lists stay values (compared whole)."""
     if isinstance(node, dict):
         return {k: v for key, sub in node.items() for k, v in flatten(sub, f"{prefix}{key}.").items()}
     return {prefix.rstrip("."): node}
@@ -71,7 +134,7 @@ def may_change(key: str) -> bool:
 
 def _changed(saved: dict, current: dict) -> dict:
     """{key: (old, new)} for every leaf that differs; a key missing on one side counts as None there."""
-    old, new = flatten(saved), flatten(current)
+    old, new = flatten(upgrade_layout(saved)), flatten(current)
     return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
 
 

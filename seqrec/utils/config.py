@@ -1,6 +1,7 @@
 """Pre-flight config check: every problem in the composed config, reported at once with its config path.
 
-The schema is each `_target_`'s constructor: keys are bound to its signature (unknown or missing keys) and
+The schema is each `_target_`'s constructor (a `_partial_` node's callable; `distributed` and `slurm` have the
+dataclasses of seqrec/settings.py): keys are bound to its signature (unknown or missing keys) and
 checked against its int/float/bool/str/list annotations. Value rules (`RULES`, `PLAIN_KEYS`) give every numeric
 key its range (tests/test_configs.py checks that none is missing); floats must be finite; a few rules span two
 keys (hidden_units divisible by num_heads). Runs before any data is read or any file written. One problem is one
@@ -26,6 +27,7 @@ from seqrec.data import synthetic
 from seqrec.data.dataset import DUPLICATES
 from seqrec.data.readers import FORMATS
 from seqrec.errors import ConfigError
+from seqrec.settings import SCHEMAS
 
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 # constructor arguments that run.py passes at runtime rather than YAML
@@ -43,7 +45,24 @@ RUNTIME_ARGS = {
     "num_negatives",
     "shared_negatives",
 }
-RUNTIME_NODES = ("dataset", "model", "residual", "loss", "sampler", "trainer", "eval", "logger")
+RUNTIME_NODES = (
+    "dataset",
+    "model",
+    "residual",
+    "loss",
+    "sampler",
+    "optimizer",
+    "schedule",
+    "trainer",
+    "eval",
+    "logger",
+)
+# arguments a `_partial_` node's callable receives from the Trainer (seqrec/train/trainer.py), per node
+PARTIAL_ARGS = {
+    "optimizer": {"params"},
+    "schedule": {"optimizer", "steps_per_epoch", "num_epochs", "lr_scale"},
+    "trainer": {"optimizer", "schedule"},
+}
 
 
 def _one_of(*choices: str) -> tuple:
@@ -83,24 +102,23 @@ RULES = {
     "sampler.maxlen": positive,
     "sampler.seed": seed_range,
     "sampler.history": _one_of("last", "all"),
-    "trainer.lr": positive,
-    "trainer.betas": (
+    "optimizer.lr": positive,
+    "optimizer.betas": (
         lambda v: len(v) == 2 and all(_is_number(b) and 0 <= b < 1 for b in v),
         "must be [b1, b2] in [0, 1)",
     ),
-    "trainer.batch_size": positive,
+    "optimizer.eps": positive,
+    "optimizer.weight_decay": non_negative,
     "trainer.num_epochs": positive,
     "trainer.eval_every": positive,
     "trainer.patience": non_negative,
     "trainer.plateau_decays": non_negative,
     "trainer.plateau_factor": (lambda v: 0 < v < 1, "must be in (0, 1)"),
-    "trainer.warmup_steps": non_negative,
-    "trainer.lr_decay_step": positive,
-    "trainer.lr_decay_rate": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
-    "trainer.lr_schedule": _one_of("constant", "cosine"),
+    "schedule.warmup_steps": non_negative,
+    "schedule.decay_step": positive,
+    "schedule.decay_rate": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
     "trainer.l2_emb": non_negative,
     "trainer.grad_clip": non_negative,
-    "trainer.devices": positive,
     "trainer.num_workers": non_negative,
     "trainer.log_every_steps": positive,
     "trainer.time_limit_min": non_negative,
@@ -109,6 +127,18 @@ RULES = {
         "must be auto, cpu or cuda[:N]",
     ),
     "trainer.amp_dtype": _one_of("bfloat16", "float16"),
+    "distributed.backend": _one_of("auto", "nccl", "gloo"),
+    "distributed.master_port": (lambda v: 0 <= v <= 65535, "must be a port in [0, 65535]"),
+    "distributed.timeout_s": positive,
+    "distributed.stall_timeout_s": non_negative,
+    "slurm.timeout_min": positive,
+    "slurm.max_num_timeout": non_negative,
+    "slurm.signal_delay_s": non_negative,
+    "slurm.nodes": positive,
+    "slurm.tasks_per_node": positive,
+    "slurm.gpus_per_node": non_negative,
+    "slurm.cpus_per_task": positive,
+    "slurm.mem_gb": positive,
     "eval.protocol": _one_of("full", "sampled"),
     "eval.num_negatives": positive,
     "eval.batch_size": positive,
@@ -122,24 +152,15 @@ RULES = {
     ),
 }
 
-# Keys of plain nodes (no `_target_`, so no signature to read the types from): path -> (type, rule or None).
+# Keys outside any schema: top-level keys, and the `trainer` keys the entry point reads before the Trainer exists
+# (seqrec/compose.py ENTRY_POINT_KEYS): path -> (type, rule or None).
 PLAIN_KEYS = {
     "seed": (int, seed_range),
     "optimized_metric": (str, None),
-    "distributed.backend": (str, _one_of("auto", "nccl", "gloo")),
-    "distributed.master_port": (int, (lambda v: 0 <= v <= 65535, "must be a port in [0, 65535]")),
-    "distributed.timeout_s": (int, positive),
-    "distributed.stall_timeout_s": (float, non_negative),
-    "slurm.timeout_min": (int, positive),
-    "slurm.max_num_timeout": (int, non_negative),
-    "slurm.signal_delay_s": (int, non_negative),
-    "slurm.nodes": (int, positive),
-    "slurm.tasks_per_node": (int, positive),
-    "slurm.gpus_per_node": (int | None, non_negative),
-    "slurm.cpus_per_task": (int, positive),
-    "slurm.mem_gb": (int, positive),
+    "trainer.devices": (int, positive),
+    "trainer.deterministic": (bool, None),
 }
-# a value that only points at another key (`${trainer.batch_size}`) is checked there, not reported twice
+# a value that only points at another key (`${sampler.batch_size}`) is checked there, not reported twice
 _REFERENCE = re.compile(r"^\$\{[\w.]+\}$")
 
 
@@ -158,12 +179,18 @@ def _value_problem(path: str, value, annotation, rule) -> str | None:
     return None
 
 
+PLAIN_TYPES = (bool, int, float, str, list, tuple, type(None))
+
+
 def _type_ok(value, annotation) -> bool:
     if annotation is inspect.Parameter.empty or isinstance(annotation, str):
         return True
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+        # `float | Tensor` (torch.optim's lr): a config value can only be the plain alternative
+        args = typing.get_args(annotation)
+        options = [a for a in args if (typing.get_origin(a) or a) in PLAIN_TYPES] or args
+        return any(_type_ok(value, a) for a in options)
     if annotation is type(None):
         return value is None
     if annotation is bool:
@@ -198,24 +225,26 @@ def _signature(obj) -> tuple[dict, dict, bool]:
     return params, hints, bool(var_kw)
 
 
-def _check_node(path: str, node: DictConfig, problems: list[str]) -> None:
-    target = node.get("_target_")
+def _check_node(path: str, node: DictConfig, problems: list[str], schema=None) -> None:
+    """Bind `node` to its `_target_`'s signature (or to `schema`, a dataclass) and check every value."""
+    target = node.get("_target_") if schema is None else f"{schema.__module__}.{schema.__name__}"
     try:
-        obj = get_object(target)
+        obj = get_object(target) if schema is None else schema
     except Exception:
         problems.append(f"{path}._target_: cannot import '{target}'")
         return
+    runtime = RUNTIME_ARGS | PARTIAL_ARGS.get(path, set())
     params, hints, takes_any = _signature(obj)
     raw = OmegaConf.to_container(node, resolve=False)  # interpolations as written
     for key in node:
-        if key in HYDRA_KEYS:
+        if key in HYDRA_KEYS or f"{path}.{key}" in PLAIN_KEYS:
             continue
         if key not in params and not takes_any:
-            accepted = ", ".join(k for k in params if k not in RUNTIME_ARGS and k != "self")
+            accepted = ", ".join(k for k in params if k not in runtime and k != "self")
             problems.append(f"{path}.{key}: unknown key for {target} (accepted: {accepted})")
             continue
         if OmegaConf.is_missing(node, key):
-            if key not in RUNTIME_ARGS:
+            if key not in runtime:
                 problems.append(f"{path}.{key}: required value is missing (???)")
             continue
         if key not in params or OmegaConf.is_interpolation(node, key) and isinstance(node[key], DictConfig):
@@ -236,7 +265,7 @@ def _check_node(path: str, node: DictConfig, problems: list[str]) -> None:
             p.default is inspect.Parameter.empty
             and p.kind is p.KEYWORD_ONLY
             and name not in node
-            and name not in RUNTIME_ARGS
+            and name not in runtime
         ):
             problems.append(f"{path}.{name}: required by {target} but not set")
 
@@ -253,6 +282,13 @@ def check_config(cfg: DictConfig) -> None:
             _check_node(path, node, problems)
         except Exception as e:  # an unresolvable interpolation, say
             problems.append(f"{path}: {type(e).__name__}: {e}".splitlines()[0])
+    for path, schema in SCHEMAS.items():
+        node = cfg.get(path)
+        if isinstance(node, DictConfig):  # absent in a composition without a hardware profile
+            try:
+                _check_node(path, node, problems, schema)
+            except Exception as e:
+                problems.append(f"{path}: {type(e).__name__}: {e}".splitlines()[0])
     _check_plain_keys(cfg, problems)
     _check_across_keys(cfg, problems)
     if len(problems) == 1:
@@ -282,15 +318,15 @@ def _check_plain_keys(cfg: DictConfig, problems: list[str]) -> None:
 
 def _check_across_keys(cfg: DictConfig, problems: list[str]) -> None:
     """Rules that involve two keys."""
-    model, trainer, evaluation = (cfg.get(k) for k in ("model", "trainer", "eval"))
+    model, trainer, evaluation, sampler = (cfg.get(k) for k in ("model", "trainer", "eval", "sampler"))
     if isinstance(model, DictConfig):
         heads, hidden = model.get("num_heads"), model.get("hidden_units")
         if isinstance(heads, int) and isinstance(hidden, int) and heads > 0 and hidden % heads:
             problems.append(f"model.hidden_units={hidden}: must be divisible by model.num_heads={heads}")
-    if isinstance(trainer, DictConfig):
-        batch, devices = trainer.get("batch_size"), trainer.get("devices")
+    if isinstance(trainer, DictConfig) and isinstance(sampler, DictConfig):
+        batch, devices = sampler.get("batch_size"), trainer.get("devices")
         if isinstance(batch, int) and isinstance(devices, int) and 0 < batch < devices:
-            problems.append(f"trainer.batch_size={batch}: must be >= trainer.devices={devices} (a row per rank)")
+            problems.append(f"sampler.batch_size={batch}: must be >= trainer.devices={devices} (a row per rank)")
     if isinstance(evaluation, DictConfig):
         ks, negatives = evaluation.get("ks"), evaluation.get("num_negatives")
         sampled = evaluation.get("protocol") == "sampled" or evaluation.get("also_sampled") is True
@@ -341,7 +377,7 @@ def _compose(args: list[str], config_dir: str) -> DictConfig:
 
 
 def _closest_keys(key: str, args: list[str], config_dir: str) -> str:
-    """ " (did you mean trainer.lr?)" from the keys next to `key` in the config composed without it, or ""."""
+    """ " (did you mean optimizer.lr?)" from the keys next to `key` in the config composed without it, or ""."""
     parent, _, name = key.rpartition(".")
     try:
         cfg = _compose([a for a in args if a.split("=")[0] != key], config_dir)
