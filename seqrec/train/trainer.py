@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from seqrec.errors import CheckpointError, ConfigError, TrainingError
+from seqrec.fingerprint import protocol_fingerprint
 from seqrec.train.checkpoint import load_checkpoint, write_json
 from seqrec.train.checkpointing import Checkpointing
 from seqrec.train.distributed import assert_replicas_equal
@@ -164,7 +165,8 @@ class Trainer:
         if self.rank == 0 and not self.checkpoints.continues_itself(self.resumed_from):
             write_run_record(self.output_dir, self.run_config)  # once, when this launch starts the run
         # after resuming, so a requeued job continues the W&B run whose id its checkpoint saved
-        self.wandb_id = self.logger.start(self.run_config, self.wandb_id) or self.wandb_id
+        record = {**self.run_config, "protocol": self.protocol()}  # W&B groups and filters runs by protocol too
+        self.wandb_id = self.logger.start(record, self.wandb_id) or self.wandb_id
         if self.finished:
             log.info("training already finished (epoch %d); nothing to do", self.epoch)
         while not self.finished:
@@ -249,6 +251,10 @@ class Trainer:
         log.info("epoch %d  %s  (best %.4f at epoch %d)", self.epoch, shown, s.best_value, s.best_epoch)
         return metrics
 
+    def protocol(self) -> dict:
+        """The evaluation protocol's fingerprint (data, split, targets, metrics): which runs may be compared."""
+        return protocol_fingerprint(self.evaluator.data, self.evaluator)
+
     def test(self) -> dict:
         """Evaluate the test split once, on the best (validation-selected) checkpoint; write results.json.
         A finished run relaunched is not tested again: its results.json is read and returned as it is."""
@@ -266,10 +272,10 @@ class Trainer:
         results = dict(best_epoch=s.best_epoch, epochs_run=self.epoch, stopped_early=s.stopped_early,
                        time_limited=self.time_limited, train_seconds=round(self.train_seconds, 3),
                        eval_seconds=round(self.eval_seconds, 3), monitor=s.monitor, steps=self.step)  # fmt: skip
-        results |= {**s.best_metrics, **test_metrics, "config": self.run_config}  # config: what produced them
+        results |= {**s.best_metrics, **test_metrics, "protocol": self.protocol(), "config": self.run_config}
         if self.rank == 0:
             write_json(results, self.output_dir / "results.json")
-        self.logger.summary({k: v for k, v in results.items() if k != "config"})
+        self.logger.summary({k: v for k, v in results.items() if k not in ("config", "protocol")})
         shown = "  ".join(f"{k}={v:.4f}" for k, v in test_metrics.items() if "@10" in k)
         log.info("test (best epoch %d): %s", s.best_epoch, shown)
         return results
