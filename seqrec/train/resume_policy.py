@@ -22,8 +22,12 @@ new command. Every setting is compared with the one the run was trained under, k
 | `trainer.log_every_steps`, `trainer.resume`,                |           |                                         |
 | `trainer.output_dir`, `logger.*`, `sweep_name`              |           |                                         |
 | `kernels`, `residual.kernel`, `residual.compile`,           | allowed   | how the same maths is computed (a       |
-| `loss.chunk_tokens`, `eval.batch_size`, `distributed.*`,    |           | requeued job may land where no compiler |
-| `slurm.*`                                                   |           | exists)                                 |
+| `loss.chunk_tokens`, `eval.batch_size`, `eval.item_chunk`, |           | requeued job may land where no compiler |
+| `dataset.cache`, `distributed.*`, `slurm.*`                 |           | exists)                                 |
+
+A key added to seqrec after a run was recorded (e.g. `dataset.split`) counts, for that run, as the value that does
+what the code did before the key existed (`ADDED_SINCE`): the run resumes when the new key holds that value and is
+refused in one line otherwise (`dataset.duplicates: 'keep' -> 'drop'`: add `dataset.duplicates=keep`).
 
 Runs recorded before the optimizer and the schedule became config groups kept Adam's and the schedule's keys under
 `trainer.` (`trainer.lr`, `betas`, `warmup_steps`, `lr_decay_step`, `lr_decay_rate`, `lr_schedule`, `batch_size`).
@@ -58,6 +62,8 @@ RESUME_MAY_CHANGE = (
     "residual.compile",
     "loss.chunk_tokens",
     "eval.batch_size",
+    "eval.item_chunk",
+    "dataset.cache",
     "distributed.",
     "slurm.",
 )  # an entry ending in "." covers every key under it
@@ -132,9 +138,25 @@ def may_change(key: str) -> bool:
     return any(key == rule or (rule.endswith(".") and key.startswith(rule)) for rule in RESUME_MAY_CHANGE)
 
 
+# Keys added after runs were recorded without them -> the value that does what the code did before the key existed.
+# A run recorded without the key resumes when the key holds that value, and is refused (one line) otherwise.
+ADDED_SINCE = {
+    "dataset.duplicates": "keep",  # exact duplicate rows were kept
+    "dataset.split": "leave-one-out",
+    "dataset.ids": "integer",
+    "loss.negatives": "uniform",
+    "loss.logq": True,  # with uniform negatives the correction is one constant: no change
+    "eval.valid_users": 0,  # every user validated
+}
+
+
 def _changed(saved: dict, current: dict) -> dict:
-    """{key: (old, new)} for every leaf that differs; a key missing on one side counts as None there."""
+    """{key: (old, new)} for every leaf that differs; a key missing on one side counts as None there (or as its
+    former behaviour, for a key added since the run was recorded)."""
     old, new = flatten(upgrade_layout(saved)), flatten(current)
+    for key, former in ADDED_SINCE.items():
+        if key in new and key not in old and key.split(".")[0] in saved:
+            old[key] = former
     return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
 
 
