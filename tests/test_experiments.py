@@ -23,7 +23,7 @@ RESULTS = REPO / "docs" / "results"
 NOT_SETTINGS = {"dataset.path", "trainer.output_dir", "logger.output_dir", "trainer.progress", "sweep_name"}
 NOT_SETTINGS |= {"model.num_items"}  # filled in from the data at run time
 # how the same maths is computed, not what is computed (the compile path recorded by older runs is gone)
-NOT_SETTINGS |= {"kernels", "residual.kernel", "residual.compile"}
+NOT_SETTINGS |= {"kernels", "residual.kernel", "residual.compile", "dataset.cache", "eval.item_chunk"}
 NOT_SETTING_GROUPS = ("slurm.", "distributed.", "hydra.")
 # Keys added to the product after a run, with the default that does what the code did before they existed.
 ADDED_SINCE = {
@@ -31,6 +31,10 @@ ADDED_SINCE = {
     "trainer.plateau_decays": 0,
     "trainer.plateau_factor": 0.1,
     "loss.chunk_tokens": None,
+    "dataset.ids": "integer",
+    "eval.valid_users": 0,
+    "loss.negatives": "uniform",
+    "loss.logq": True,
     "dataset.duplicates": "drop",  # the MovieLens files hold no exact duplicate rows: dropping none is what was done
     "dataset.split": "leave-one-out",  # runs before the split rule was a setting were leave-one-out
 }
