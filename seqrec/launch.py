@@ -133,7 +133,7 @@ def stall_timeout_s(cfg: DictConfig) -> float:
     return float(cfg.distributed.get("stall_timeout_s", 60))
 
 
-def launch(cfg: DictConfig) -> dict:
+def launch(cfg: DictConfig, run_fn: RunFn) -> dict:
     """Run `trainer.devices` local workers (one per GPU, or gloo processes on CPU); returns rank 0's results.
 
     Every worker beats (`start_heartbeat`); a rank silent for `distributed.stall_timeout_s` is killed and the launch
@@ -156,7 +156,7 @@ def launch(cfg: DictConfig) -> dict:
     watcher = StallWatcher(heartbeats, stall_timeout_s(cfg))
     try:
         with watcher, _quiet_elastic_agent(), _environment_defaults({**threads, **QUIET_RESOURCE_TRACKER}):
-            results = elastic_launch(config, _worker)(cfg, hydra_root, str(heartbeats))
+            results = elastic_launch(config, _worker)(cfg, hydra_root, str(heartbeats), run_fn)
     except ChildFailedError as e:
         raise _launch_error(e, watcher) from None
     except SignalException as e:  # Ctrl-C (or SIGTERM) reached the agent: it has stopped the workers
@@ -227,7 +227,7 @@ def _failure_message(failure) -> str:
     return text.splitlines()[-1] if text else f"exit code {failure.exitcode} (see train.log)"
 
 
-def _worker(cfg: DictConfig, hydra_root: DictConfig | None, heartbeats: str) -> dict:
+def _worker(cfg: DictConfig, hydra_root: DictConfig | None, heartbeats: str, run_fn: RunFn) -> dict:
     """One spawned rank: Hydra's config and logging as in the parent (same run dir, same train.log), then run."""
     beat = Path(heartbeats) / f"rank{os.environ.get('RANK', 0)}"
     start_heartbeat(beat, beat_interval(stall_timeout_s(cfg)))
@@ -239,10 +239,8 @@ def _worker(cfg: DictConfig, hydra_root: DictConfig | None, heartbeats: str) -> 
         setup_globals()  # the ${hydra:...} and ${now:...} resolvers
         HydraConfig.instance().set_config(hydra_root)
         configure_log(hydra_root.hydra.job_logging, hydra_root.hydra.verbose)
-    from seqrec.run import run
-
     try:
-        return run_distributed(cfg, run)
+        return run_distributed(cfg, run_fn)  # run_fn travels by reference (seqrec.run.run): no import cycle
     except SeqrecError as e:
         log.error("%s", e)
         raise

@@ -49,7 +49,7 @@ def main(cfg: DictConfig) -> float | None:
     try:
         # trainer.devices > 1 and no launcher around: start the DDP workers here (one Hydra process, one run dir)
         with open_run(cfg):  # the run dir's lock, resume policy and run.json, before anything is written
-            results = launch(cfg) if should_launch(cfg) else run_distributed(cfg, run)
+            results = launch(cfg, run) if should_launch(cfg) else run_distributed(cfg, run)
     except SeqrecError as e:
         log.error("%s", e)
         if _in_multirun():

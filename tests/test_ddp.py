@@ -44,7 +44,7 @@ def test_builtin_launcher_two_gloo_workers_match_one_process(tmp_path):
     log = (ddp / "train.log").read_text()
     assert "starting 2 gloo workers" in log
     assert "parameters identical on all 2 ranks" in log  # checked by the trainer at the end of fit
-    assert log.count("][seqrec.run][INFO] - model: ") == 1  # rank 0 alone logs at INFO
+    assert log.count("][seqrec.compose][INFO] - model: ") == 1  # rank 0 alone logs at INFO
     r_ddp, r_one = (json.loads((d / "results.json").read_text()) for d in (ddp, one))
     assert r_ddp["epochs_run"] == r_one["epochs_run"] == 2
     assert r_ddp["steps"] == r_one["steps"]  # same global batches

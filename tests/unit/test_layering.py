@@ -56,3 +56,9 @@ def test_the_check_sees_every_form_of_import():
         "seqrec.models.head",
         "seqrec.models.head.ItemHead",
     }
+
+
+def test_the_launcher_does_not_import_the_run_it_launches():
+    """seqrec.run imports seqrec.launch; the launcher receives the run function instead of importing it back."""
+    source = (SEQREC / "launch.py").read_text()
+    assert not {n for n in imported_modules(source, "seqrec") if n == "seqrec.run" or n.startswith("seqrec.run.")}
