@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from seqrec.compose import build
 from seqrec.errors import SeqrecError
 from seqrec.launch import WorkerLost, launch, run_distributed, should_launch
+from seqrec.train.checkpoint import CheckpointWriteError
 from seqrec.train.run_record import open_run
 from seqrec.utils.config import check_config
 
@@ -54,7 +55,8 @@ def main(cfg: DictConfig) -> float | None:
         log.error("%s", e)
         if _in_multirun():
             raise  # let the sweep record this job as failed and go on
-        message = f"{e}; resume with: {resume_command()}" if isinstance(e, WorkerLost) else str(e)
+        resumable = isinstance(e, (WorkerLost, CheckpointWriteError))
+        message = f"{e}; resume with: {resume_command()}" if resumable else str(e)
         _exit(f"error: {message}", 1)
     except KeyboardInterrupt as e:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not turn this line into a traceback

@@ -128,6 +128,10 @@ def check_plain(node, where: str = "state") -> None:
         )
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (full disk, read-only folder): the run can resume once that is fixed."""
+
+
 def save_checkpoint(state: dict, path: Path) -> None:
     """Write `state` atomically to `path` and its SHA-256 to `<path>.sha256`; CheckpointError if the disk refuses."""
     check_plain(state)
@@ -149,9 +153,9 @@ def save_checkpoint(state: dict, path: Path) -> None:
         os.replace(digest_tmp, digest)
     except OSError as e:
         _remove_quietly(tmp, digest_tmp)
-        raise CheckpointError(
-            f"{path}: cannot write the checkpoint ({e.strerror or e}); the previous one is kept; free space or "
-            "fix the folder's permissions, then resume with trainer.resume=auto"
+        raise CheckpointWriteError(
+            f"{path}: cannot write the checkpoint ({(e.strerror or str(e)).lower()}); the previous one is kept; free "
+            "space or fix the folder's permissions"
         ) from None
     except BaseException:
         _remove_quietly(tmp, digest_tmp)

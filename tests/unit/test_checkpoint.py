@@ -135,7 +135,7 @@ def test_a_full_disk_leaves_the_previous_checkpoint_and_no_tmp_file(tmp_path, mo
     monkeypatch.setattr(checkpoint.torch, "save", disk_full)
     with pytest.raises(CheckpointError) as error:
         save_checkpoint({**trainer_like_state(), "epoch": 4}, path)
-    assert "No space left on device" in one_line(error) and "previous one is kept" in str(error.value)
+    assert "no space left on device" in one_line(error) and "previous one is kept" in str(error.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "last.pt.sha256"]
     assert (path.read_bytes(), digest_path(path).read_text()) == before
     monkeypatch.undo()
