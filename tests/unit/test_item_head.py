@@ -99,7 +99,7 @@ def test_a_biased_model_trains_under_every_loss(loss, tmp_path):
     cfg = compose_config(overrides + ["trainer.num_epochs=1", "eval.also_sampled=true"], tmp_path)
     results = run(cfg)
     assert np.isfinite(results["val/ndcg@10"]) and np.isfinite(results["val_sampled/ndcg@10"])
-    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)["model"]
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["model"]
     bias = state["head.bias"]
     assert torch.isfinite(bias).all() and bias[1:].abs().sum() > 0  # trained
     model = instantiate(cfg.model, num_items=bias.shape[0] - 1)
@@ -159,5 +159,5 @@ def test_a_biased_model_trains_under_ddp_with_identical_replicas(tmp_path):
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=180, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "parameters identical on all 2 ranks" in (run_dir / "train.log").read_text()
-    bias = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["model"]["head.bias"]
+    bias = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]["head.bias"]
     assert bias[1:].abs().sum() > 0
