@@ -76,8 +76,7 @@ def test_mhc_triton_matches_reference_on_cuda(streams, norm_first, autocast):
     weight = torch.randn_like(state)
     results = []
     for mode in ("reference", "auto"):
-        previous = kernels.use(mode)
-        try:
+        with kernels.using(mode):
             found = kernels.find("mhc", state.device, connection, state)
             assert (found is mhc_triton.forward) == (mode == "auto")
             x = state.clone().requires_grad_()
@@ -86,8 +85,6 @@ def test_mhc_triton_matches_reference_on_cuda(streams, norm_first, autocast):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
                 out = connection(x, lambda u: torch.tanh(linear(u)), keep)
             (out.float() * weight).sum().backward()
-        finally:
-            kernels.use(previous)
         grads = {"state": x.grad, **{n: p.grad.clone() for n, p in connection.named_parameters()}}
         grads.update({f"sublayer.{n}": p.grad.clone() for n, p in linear.named_parameters()})
         results.append((out.detach().float(), grads))

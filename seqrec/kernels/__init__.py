@@ -33,6 +33,7 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -74,6 +75,16 @@ def use(mode: str) -> str:
         raise ConfigError(f"kernels={mode!r} must be one of {', '.join(MODES)}")
     previous, _mode = _mode, mode
     return previous
+
+
+@contextmanager
+def using(mode: str):
+    """`with kernels.using("reference"): ...`: the choice for a block (checking a plug-in against the reference)."""
+    previous = use(mode)
+    try:
+        yield
+    finally:
+        use(previous)
 
 
 def mode() -> str:

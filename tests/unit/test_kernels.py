@@ -2,7 +2,6 @@
 error), lazy plug-in loading, and each non-mHC plug-in against its reference layer, values and gradients
 (gradcheck in float64 where the plug-in supports it). The mHC plug-in is tested in test_mhc_native.py."""
 
-import contextlib
 import logging
 
 import pytest
@@ -17,22 +16,13 @@ from seqrec.nn.dropout import dropout
 from seqrec.nn.time_attention import relation_attention as reference_relation_attention
 
 
-@contextlib.contextmanager
-def kernels_mode(mode):
-    previous = kernels.use(mode)
-    try:
-        yield
-    finally:
-        kernels.use(previous)
-
-
 def test_auto_finds_the_cpu_plugins_and_reference_finds_none():
-    with kernels_mode("auto"):
+    with kernels.using("auto"):
         assert kernels.find("dropout", torch.device("cpu")) is attention_kernels.dropout
         assert kernels.find("relation_attention", "cpu", torch.zeros(1)) is relation_attention.bucketed_attention
         assert kernels.find("no-such-op", "cpu") is None
         assert kernels.find("dropout", "meta") is None  # no plug-in for that device type: the reference runs
-    with kernels_mode("reference"):
+    with kernels.using("reference"):
         assert kernels.find("dropout", "cpu") is None
 
 
@@ -46,7 +36,7 @@ def test_a_plugin_that_cannot_be_imported_warns_once_and_the_reference_runs(monk
     monkeypatch.setitem(kernels.PLUGINS, ("dropout", "cpu"), ["seqrec.kernels.not_installed:DROPOUT"])
     monkeypatch.setattr(kernels, "_loaded", {})
     x = torch.ones(1000)
-    with caplog.at_level(logging.WARNING), kernels_mode("auto"):
+    with caplog.at_level(logging.WARNING), kernels.using("auto"):
         torch.manual_seed(0)
         y = dropout(x, 0.5, training=True)
         dropout(x, 0.5, training=True)
@@ -79,7 +69,7 @@ def test_bucketed_relation_attention_passes_gradcheck_and_equals_the_reference()
     q, k, v, tk, tv, index = relation_inputs(torch.float64)
     tensors = [t.requires_grad_() for t in (q, k, v, tk, tv)]
     assert torch.autograd.gradcheck(lambda *t: relation_attention.bucketed_attention(*t, index, 0.0), tensors)
-    with kernels_mode("reference"):
+    with kernels.using("reference"):
         assert torch.autograd.gradcheck(lambda *t: reference_relation_attention(*t, index, 0.0), tensors)
         reference = reference_relation_attention(*tensors, index, 0.0)
     fast = relation_attention.bucketed_attention(*tensors, index, 0.0)
@@ -96,7 +86,7 @@ def test_relation_attention_with_dropout_keeps_the_expected_mass():
     v = torch.ones_like(v)  # each output is sum_j dropout(A)_ij: 1 in expectation
     torch.manual_seed(0)
     fast = relation_attention.bucketed_attention(q, k, v, tk * 0, tv * 0, index, 0.25)
-    with kernels_mode("reference"):
+    with kernels.using("reference"):
         reference = reference_relation_attention(q, k, v, tk * 0, tv * 0, index, 0.25)
     for out in (fast, reference):
         assert abs(out.mean().item() - 1) < 0.05 and out.std() > 0.1  # dropped, rescaled, unbiased
@@ -110,7 +100,7 @@ def test_cpu_attention_equals_the_reference_without_dropout(training):
     outs = []
     for mode in ("reference", "auto"):
         ctx = AttentionContext(valid=valid, attn_mask=causal_padding_mask(valid), extras={})
-        with kernels_mode(mode):
+        with kernels.using(mode):
             out = attention(q, k, v, ctx, 0.0, training)
         outs.append((out, torch.autograd.grad(out.square().sum(), (q, k, v))))
         assert ("float_mask" in ctx.cache) == (mode == "auto")  # built once per forward pass, shared

@@ -1,7 +1,6 @@
 """The mHC CPU plug-in (seqrec/kernels/mhc_cpu.cpp) gives the reference connection's values and gradients, padding
 and Post-LN included; without a C++ compiler `auto` warns once and runs the reference."""
 
-import contextlib
 import logging
 
 import pytest
@@ -16,15 +15,6 @@ from seqrec.nn.residual import MHC, MHCConnection
 pytestmark = pytest.mark.skipif(mhc_cpu.library() is None, reason="no C++ compiler to build the kernels")
 
 KW = dict(res_diag_init=None, fp32_mappings=True, ln_eps=1e-8)
-
-
-@contextlib.contextmanager
-def kernels_mode(mode):
-    previous = kernels.use(mode)
-    try:
-        yield
-    finally:
-        kernels.use(previous)
 
 
 def connection_pair(streams, norm_first, dim=12, iters=20, seed=0):
@@ -44,7 +34,7 @@ def run_connection(connection, state, keep, sublayer, out_weight, mode="auto"):
     """Output and the gradients of a fixed projection of it w.r.t. the state and every parameter."""
     state = state.clone().requires_grad_()
     connection.zero_grad()
-    with kernels_mode(mode):
+    with kernels.using(mode):
         out = connection(state, sublayer, keep=keep)
     (out * out_weight).sum().backward()
     grads = {"state": state.grad}
@@ -101,7 +91,7 @@ def test_native_model_matches_reference_model_in_training_and_evaluation(cls):
     modes = ("reference", "auto")
     outs = []
     for model, mode in zip(models, modes):
-        with kernels_mode(mode):
+        with kernels.using(mode):
             h = model(seq, times) if cls is TiSASRec else model(seq)
         (h * target).sum().backward()
         outs.append(h.detach())
@@ -111,7 +101,7 @@ def test_native_model_matches_reference_model_in_training_and_evaluation(cls):
         assert (p_n.grad - p_r.grad).abs().max() < 1e-5 * scale, name
     evals = []
     for model, mode in zip(models, modes):
-        with torch.no_grad(), kernels_mode(mode):
+        with torch.no_grad(), kernels.using(mode):
             evals.append(model.eval()(seq, times) if cls is TiSASRec else model.eval()(seq))
     torch.testing.assert_close(evals[1], evals[0], rtol=1e-5, atol=1e-5)
 
@@ -142,7 +132,7 @@ def test_without_a_compiler_auto_warns_once_and_runs_the_reference(monkeypatch, 
         with caplog.at_level(logging.WARNING):
             out = native(state, torch.tanh)
             native(state, torch.tanh)
-        with kernels_mode("reference"):
+        with kernels.using("reference"):
             torch.testing.assert_close(out, reference(state, torch.tanh))
         assert [r.message for r in caplog.records if "C++" in r.message] == [
             "mHC: the C++ kernels are unavailable (no C++ compiler found ($CXX, g++, c++, clang++)); "
