@@ -105,14 +105,12 @@ def self_check(streams: int, dim: int, norm_first: bool, device: torch.device, t
         for run in (connection, lambda *args: forward(connection, *args)):
             x = state.clone().requires_grad_()
             connection.zero_grad()
-            previous = kernels.use("reference")
             try:
-                out = run(x, torch.tanh, keep)
-                (out * weight).sum().backward()
+                with kernels.using("reference"):
+                    out = run(x, torch.tanh, keep)
+                    (out * weight).sum().backward()
             except Exception as error:  # a compile or launch error: whatever type triton raises
                 return f"{type(error).__name__}: {str(error)[:300]}"
-            finally:
-                kernels.use(previous)
             results.append([out.detach(), x.grad] + [p.grad.clone() for p in connection.parameters()])
     names = ["output", "state"] + [f"{name}'s gradient" for name, _ in connection.named_parameters()]
     for name, reference, plugin in zip(names, *results):

@@ -9,6 +9,7 @@ point's (seqrec/compose.py); the optimizer and the schedule come in as config pa
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -165,7 +166,7 @@ class Trainer:
         if self.rank == 0 and not self.checkpoints.continues_itself(self.resumed_from):
             write_run_record(self.output_dir, self.run_config)  # once, when this launch starts the run
         # after resuming, so a requeued job continues the W&B run whose id its checkpoint saved
-        record = {**self.run_config, "protocol": self.protocol()}  # W&B groups and filters runs by protocol too
+        record = {**self.run_config, "protocol": self.protocol}  # W&B groups and filters runs by protocol too
         self.wandb_id = self.logger.start(record, self.wandb_id) or self.wandb_id
         if self.finished:
             log.info("training already finished (epoch %d); nothing to do", self.epoch)
@@ -251,8 +252,10 @@ class Trainer:
         log.info("epoch %d  %s  (best %.4f at epoch %d)", self.epoch, shown, s.best_value, s.best_epoch)
         return metrics
 
+    @functools.cached_property
     def protocol(self) -> dict:
-        """The evaluation protocol's fingerprint (data, split, targets, metrics): which runs may be compared."""
+        """The evaluation protocol's fingerprint (data, split, targets, metrics): which runs may be compared.
+        Computed once: it hashes the whole dataset."""
         return protocol_fingerprint(self.evaluator.data, self.evaluator)
 
     def test(self) -> dict:
@@ -272,7 +275,7 @@ class Trainer:
         results = dict(best_epoch=s.best_epoch, epochs_run=self.epoch, stopped_early=s.stopped_early,
                        time_limited=self.time_limited, train_seconds=round(self.train_seconds, 3),
                        eval_seconds=round(self.eval_seconds, 3), monitor=s.monitor, steps=self.step)  # fmt: skip
-        results |= {**s.best_metrics, **test_metrics, "protocol": self.protocol(), "config": self.run_config}
+        results |= {**s.best_metrics, **test_metrics, "protocol": self.protocol, "config": self.run_config}
         if self.rank == 0:
             write_json(results, self.output_dir / "results.json")
         self.logger.summary({k: v for k, v in results.items() if k not in ("config", "protocol")})

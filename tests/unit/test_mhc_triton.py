@@ -3,7 +3,6 @@ run on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1): Pre-LN and
 of two, the stride-0 expanded embedding, the sum readout's stride-0 gradient, and an evaluation pass.
 tests/test_gpu.py repeats the comparison compiled, on CUDA."""
 
-import contextlib
 import importlib
 import logging
 import os
@@ -52,15 +51,6 @@ REPO = Path(__file__).resolve().parents[2]
 KW = dict(res_diag_init=None, fp32_mappings=True, ln_eps=1e-8)
 
 
-@contextlib.contextmanager
-def reference_mode():
-    previous = kernels.use("reference")
-    try:
-        yield
-    finally:
-        kernels.use(previous)
-
-
 def make_connection(streams, dim, norm_first, iters=20, seed=0):
     """A connection with deliberately non-neutral weights (gates, bias, gain, LayerNorm weight all moved)."""
     torch.manual_seed(seed)
@@ -82,7 +72,7 @@ def run_both(connection, state, keep, loss_of):
         x = state.detach().clone().requires_grad_()
         connection.zero_grad()
         linear.zero_grad()
-        with reference_mode():
+        with kernels.using("reference"):
             out = run(x, lambda u: torch.tanh(linear(u)), keep)
         loss_of(out).backward()
         grads = {"state": x.grad}
@@ -145,7 +135,7 @@ def test_expanded_embedding_sum_readout_and_three_streams(norm_first):
 def test_evaluation_pass_without_gradients_matches():
     connection = make_connection(4, 16, False)
     state, keep, _ = padded_state(3, 7, 4, 16)
-    with torch.no_grad(), reference_mode():
+    with torch.no_grad(), kernels.using("reference"):
         expected = connection(state, torch.tanh, keep)
         got = mhc_triton.forward(connection, state, torch.tanh, keep)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
@@ -194,11 +184,8 @@ def test_sasrec_through_the_plugin_matches_the_reference_model(monkeypatch):
         torch.manual_seed(0)
         model = SASRec(num_items=40, maxlen=8, hidden_units=16, num_blocks=2, num_heads=2, dropout_rate=0.0,
                        residual=MHC(init_gate=0.5))  # fmt: skip
-        previous = kernels.use(mode)
-        try:
+        with kernels.using(mode):
             h = model(seq)
-        finally:
-            kernels.use(previous)
         (h * target).sum().backward()
         outputs.append(h.detach())
         models.append(model)
