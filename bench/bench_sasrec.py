@@ -59,7 +59,7 @@ def use_native_dropout() -> None:
     import torch.nn.functional as F
 
     import seqrec.nn.attention as attention
-    import seqrec.nn.dropout as dropout
+    import seqrec.nn.ffn as dropout
 
     dropout.dropout = lambda x, p, training: F.dropout(x, p, training)
     attention.attention = lambda q, k, v, ctx, p, training: F.scaled_dot_product_attention(

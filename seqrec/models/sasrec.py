@@ -14,8 +14,7 @@ from torch import Tensor, nn
 
 from seqrec.models.head import ItemHead
 from seqrec.nn.attention import AttentionContext, CausalSelfAttention, causal_padding_mask
-from seqrec.nn.dropout import Dropout
-from seqrec.nn.ffn import PointwiseFFN
+from seqrec.nn.ffn import Dropout, PointwiseFFN
 from seqrec.nn.residual import LN_EPS, Plain
 
 

@@ -18,7 +18,7 @@ from seqrec.errors import ConfigError
 from seqrec.models.sasrec import SASRec
 from seqrec.models.time_intervals import TIME_UNITS, interval_buckets
 from seqrec.nn.attention import AttentionContext
-from seqrec.nn.dropout import Dropout
+from seqrec.nn.ffn import Dropout
 from seqrec.nn.time_attention import TimeIntervalAttention, relation_index
 
 

@@ -12,7 +12,7 @@ from seqrec.errors import ConfigError
 from seqrec.kernels import attention as attention_kernels
 from seqrec.kernels import relation_attention
 from seqrec.nn.attention import AttentionContext, attention, causal_padding_mask
-from seqrec.nn.dropout import dropout
+from seqrec.nn.ffn import dropout
 from seqrec.nn.time_attention import relation_attention as reference_relation_attention
 
 
