@@ -5,8 +5,9 @@
 ce_memory  peak RSS of one `loss=ce` training step (SASRec, hidden 64, batch 128 x maxlen 50, Adam), each size in
            a fresh subprocess (--ce-items, default 10^6), so the figure is that step's and nothing else's.
 step       time of one sampled-softmax training step (256 negatives per sequence, the same tokens) at --small-items
-           and --large-items, with the trainer's dense Adam and, standalone, with sparse item-table gradients
-           + torch.optim.SparseAdam for the table (a lazy, row-wise Adam: the rows a batch touches are updated).
+           and --large-items: the product's `Trainer.train_step`, built from the composed config (seqrec.compose),
+           with optimizer=adam (dense item-table gradient) and optimizer=lazy_adam (sparse gradient, the rows a batch
+           touches updated); the ratio large/small is the catalogue's cost per step.
 eval       full-ranking test evaluation of --eval-users users over --eval-items items (random histories of
            --history items), exact ranks with the item-chunked evaluator; validation on eval.valid_users users;
            and, on --before-users users, the previous materialised (users x items) ranking for a same-machine ratio.
@@ -33,9 +34,7 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
-from seqrec.models.head import ItemHead  # noqa: E402
 from seqrec.models.sasrec import SASRec  # noqa: E402
 
 BATCH, MAXLEN, HIDDEN = 128, 50, 64
@@ -95,66 +94,96 @@ def ce_memory(sizes: list[int]) -> list[dict]:
 # --- step ---------------------------------------------------------------------------------------------------------
 
 
-class SparseGatherHead(ItemHead):
-    """The tied head, gathering rows with F.embedding(sparse=True) so the table's gradient is sparse (bench only)."""
-
-    def score_one(self, h, items):
-        return (h * F.embedding(items, self.weight, sparse=True)).sum(-1)
-
-    def score(self, h, items):
-        rows = F.embedding(items, self.weight, sparse=True)  # (B, N, D)
-        return torch.einsum("bld,bnd->bln", h, rows)
+STEP_OPTIMIZERS = {"adam": "dense grad + Adam", "lazy_adam": "sparse grad + lazy Adam"}
 
 
-def step_setup(num_items: int, sparse: bool):
-    model = make_model(num_items)
-    if not sparse:
-        return model, [torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.98))]
-    model.item_emb.sparse = True
-    model.head = SparseGatherHead(model.item_emb, tied=True)
-    table = model.item_emb.weight
-    rest = [p for p in model.parameters() if p is not table]
-    return model, [
-        torch.optim.SparseAdam([table], lr=1e-3, betas=(0.9, 0.98)),
-        torch.optim.Adam(rest, lr=1e-3, betas=(0.9, 0.98)),
+def product_config(optimizer: str, negatives: int, output_dir: str):
+    """The composed run config of the timed step: SASRec (plain residual, hidden 64, 2 blocks, 1 head, maxlen 50),
+    sampled softmax with `negatives` per sequence, `optimizer=adam|lazy_adam`, on the CPU in float32."""
+    from hydra import compose, initialize_config_dir
+
+    import seqrec.launch  # noqa: F401  (the ${seqrec.*:} resolvers, as train.py registers them)
+
+    overrides = [
+        "hardware=cpu",
+        "model=sasrec",
+        "residual=plain",
+        f"model.maxlen={MAXLEN}",
+        f"model.hidden_units={HIDDEN}",
+        "model.num_blocks=2",
+        "model.num_heads=1",
+        "model.dropout_rate=0.2",
+        "loss=sampled_softmax",
+        f"loss.num_negatives={negatives}",
+        f"optimizer={optimizer}",
+        f"sampler.batch_size={BATCH}",
+        f"trainer.output_dir={output_dir}",
+        f"logger.output_dir={output_dir}",
+        "trainer.progress=false",
     ]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
 
 
-def one_step(model, optimizers, loss_fn, batch) -> float:
-    seq, pos, neg = batch
-    start = time.perf_counter()
-    for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
-    loss_fn(model(seq), model.head, pos, neg).backward()
-    for opt in optimizers:
-        opt.step()
-    return time.perf_counter() - start
+class FixedLength:
+    """The sampler a Trainer is built with, reduced to what the step needs from it: an epoch length."""
+
+    def __len__(self) -> int:
+        return 1000
+
+
+def step_setup(num_items: int, optimizer: str, negatives: int, output_dir: str):
+    """The product's Trainer (seqrec.compose.build_trainer) over a model of `num_items` items; its `train_step` is
+    what a run calls per batch (forward, loss, backward, optimizer and schedule steps)."""
+    from seqrec.compose import build_node, build_trainer, set_process_flags
+    from seqrec.utils.config import check_config
+
+    cfg = product_config(optimizer, negatives, output_dir)
+    check_config(cfg)  # the combination a user would get: refused ones are not benchmarked
+    set_process_flags(cfg)  # deterministic kernels, as every run
+    torch.manual_seed(0)
+    model = build_node(cfg.model, num_items=num_items)
+    loss = build_node(cfg.loss)
+    return build_trainer(cfg, model=model, sampler=FixedLength(), evaluator=None, loss=loss, logger=None)
+
+
+def one_step(trainer, batch) -> tuple[float, float]:
+    """(wall, CPU) seconds of one training step."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    trainer.train_step(batch)
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def step_cost(small: int, large: int, steps: int, negatives: int) -> list[dict]:
     """Median step time of each (optimizer, size) setup; the setups take turns step by step, so the machine's
     noise (other processes on shared cores) hits them alike."""
-    from seqrec.train.losses import SampledSoftmax
+    import tempfile
 
-    loss_fn = SampledSoftmax(num_negatives=negatives)
-    setups = {(sparse, n): step_setup(n, sparse) for sparse in (False, True) for n in (small, large)}
-    seconds = {key: [] for key in setups}
+    from seqrec.train.sampler import Batch
+
+    output_dir = tempfile.mkdtemp(prefix="bench_catalog_")  # the trainers' run directory; a step writes nothing
+    setups = {(opt, n): step_setup(n, opt, negatives, output_dir) for opt in STEP_OPTIMIZERS for n in (small, large)}
+    seconds = {key: ([], []) for key in setups}
     for step in range(steps + 1):  # the first step (allocations, optimizer state) is not timed
-        for (sparse, n), (model, optimizers) in setups.items():
-            elapsed = one_step(model, optimizers, loss_fn, random_batch(n, negatives, seed=step))
+        for (opt, n), trainer in setups.items():
+            seq, pos, neg = random_batch(n, negatives, seed=step)
+            elapsed = one_step(trainer, Batch(seq=seq, pos=pos, neg=neg))
             if step:
-                seconds[(sparse, n)].append(elapsed)
+                for times, value in zip(seconds[(opt, n)], elapsed):
+                    times.append(value)
     rows = []
-    for sparse in (False, True):
-        small_s, large_s = (statistics.median(seconds[(sparse, n)]) for n in (small, large))
-        name = "sparse grad + SparseAdam (table)" if sparse else "dense grad + Adam (trainer)"
+    for opt, name in STEP_OPTIMIZERS.items():
+        (small_s, small_cpu), (large_s, large_cpu) = (
+            tuple(statistics.median(t) for t in seconds[(opt, n)]) for n in (small, large)
+        )
         rows.append(
-            {"variant": name, "small_items": small, "large_items": large, "small_step_s": small_s}
-            | {"large_step_s": large_s, "ratio": large_s / small_s}
+            {"variant": name, "optimizer": opt, "small_items": small, "large_items": large}
+            | {"small_step_s": small_s, "large_step_s": large_s, "ratio": large_s / small_s}
+            | {"small_step_cpu_s": small_cpu, "large_step_cpu_s": large_cpu, "cpu_ratio": large_cpu / small_cpu}
         )
         print(
-            f"step       {name:34s} {small:>9,} items {small_s * 1e3:7.1f} ms   {large:>9,} items "
-            f"{large_s * 1e3:7.1f} ms   x{large_s / small_s:.2f}"
+            f"step       optimizer={opt:10s} {name:24s} {small:>9,} items {small_s * 1e3:7.1f} ms   {large:>9,} items "
+            f"{large_s * 1e3:7.1f} ms   x{large_s / small_s:.2f} (CPU time x{large_cpu / small_cpu:.2f})"
         )
     return rows
 

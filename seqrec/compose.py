@@ -100,17 +100,19 @@ def build(cfg: DictConfig, rank: int = 0, world_size: int = 1) -> Components:
     evaluator = build_node(cfg.eval, data=data, rank=rank, world_size=world_size)
     logger = build_node(cfg.logger, rank=rank)
     seed_everything(cfg.seed, rank)  # per-rank dropout streams
+    trainer = build_trainer(cfg, model=model, sampler=sampler, evaluator=evaluator, loss=loss, logger=logger)
+    return Components(data, model, loss, sampler, evaluator, logger, trainer)
+
+
+def build_trainer(cfg: DictConfig, **components):
+    """The Trainer of `cfg.trainer` over built components (model, sampler, evaluator, loss, logger), with the
+    optimizer and schedule partials of `cfg` (the benchmarks time its training step on a model of their own)."""
     settings = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_node = OmegaConf.create({k: v for k, v in settings.items() if k not in ENTRY_POINT_KEYS})
-    trainer = build_node(
+    return build_node(
         trainer_node,
-        model=model,
-        sampler=sampler,
-        evaluator=evaluator,
-        loss=loss,
-        logger=logger,
+        **components,
         optimizer=build_node(cfg.optimizer),
         schedule=build_node(cfg.schedule),
         run_config=OmegaConf.to_container(cfg, resolve=True),  # plain dicts for checkpoints and W&B
     )
-    return Components(data, model, loss, sampler, evaluator, logger, trainer)

@@ -140,6 +140,22 @@ PAIRED_CONFIG_CASES = {
     "unknown_file_format": (["dataset=file", "dataset.path=x.txt", "dataset.format=parquet"], r"dataset.format="),
     "unknown_duplicates_rule": (["dataset=file", "dataset.path=x.txt", "dataset.duplicates=maybe"], r"duplicates="),
     "negative_filter": (["dataset=file", "dataset.path=x.txt", "dataset.min_user_interactions=-1"], r"must be >= 0"),
+    "sparse_table_with_a_dense_optimizer": (
+        ["model.sparse_embedding=true"],
+        r"optimizer._target_=torch.optim.Adam with model.sparse_embedding=true: .*use optimizer=lazy_adam",
+    ),
+    "lazy_adam_with_the_full_softmax": (
+        ["optimizer=lazy_adam", "loss=ce"],
+        r"loss._target_=seqrec.train.losses.CrossEntropy with model.sparse_embedding=true: the full softmax",
+    ),
+    "lazy_adam_with_l2_emb": (
+        ["optimizer=lazy_adam", "trainer.l2_emb=0.001"],
+        r"trainer.l2_emb=0.001 with model.sparse_embedding=true: .*set trainer.l2_emb=0",
+    ),
+    "lazy_adam_with_grad_clip": (
+        ["optimizer=lazy_adam", "trainer.grad_clip=1.0"],
+        r"trainer.grad_clip=1.0 with model.sparse_embedding=true: .*clip_grad_norm_",
+    ),
 }
 
 # command lines Hydra cannot compose -> expected one line (the rest of Hydra's report is dropped)

@@ -71,6 +71,22 @@ def test_external_torchrun_shares_one_run_dir(tmp_path):
 
 
 @pytest.mark.slow
+def test_sparse_item_gradients_are_all_reduced_by_gloo(tmp_path):
+    """optimizer=lazy_adam under 2 gloo workers: DDP all-reduces the table's sparse gradient, the replicas stay
+    identical and the run follows the 1-process one."""
+    lazy = ["optimizer=lazy_adam", "loss=sampled_softmax", "loss.num_negatives=16", "model=sasrec"]
+    _train([*lazy, "trainer.devices=2", f"hydra.run.dir={tmp_path / 'ddp'}"], tmp_path)
+    _train([*lazy, "trainer.devices=1", f"hydra.run.dir={tmp_path / 'one'}"], tmp_path)
+    assert "parameters identical on all 2 ranks" in (tmp_path / "ddp" / "train.log").read_text()
+    r_ddp, r_one = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("ddp", "one"))
+    assert r_ddp["steps"] == r_one["steps"]
+    for key in ("val/ndcg@10", "test/ndcg@10"):
+        assert abs(r_ddp[key] - r_one[key]) <= 0.03, (key, r_ddp[key], r_one[key])
+    loss_ddp, loss_one = _metrics(tmp_path / "ddp")[-1]["train/loss"], _metrics(tmp_path / "one")[-1]["train/loss"]
+    assert abs(loss_ddp - loss_one) / loss_one < 0.1
+
+
+@pytest.mark.slow
 def test_launch_failure_is_one_clear_error(tmp_path):
     """A user error inside the workers ends the whole launch with one `error:` line and status 1."""
     cmd = [

@@ -5,6 +5,10 @@
 W is the (I+1, D) output item table (by default the model's input item embedding, as in SASRec), b an optional
 (I+1,) output bias; row 0 is padding and never scored as a candidate. Losses, the evaluator and recommendations
 all score through a model's `head`, so a model with a bias or a separate output table changes this module only.
+
+A table built with `nn.Embedding(sparse=True)` (`model.sparse_embedding=true`) is gathered with a sparse gradient
+here too: `score_one` and `score` then touch only their candidates' rows, while `score_all` / `linear` use the
+whole table (dense gradient), which is why full-softmax losses refuse sparse tables (seqrec/utils/config.py).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -24,6 +29,7 @@ class ItemHead(nn.Module):
             the head keeps only a reference, so checkpoints and parameter lists hold it once. False: the head owns
             `table` (a separate output table).
         bias: add a learned per-item output bias b (zero-initialised).
+    The head gathers rows with a sparse gradient when `table.sparse` is set (the module docstring).
     """
 
     def __init__(self, table: nn.Embedding, *, tied: bool = True, bias: bool = False):
@@ -31,6 +37,7 @@ class ItemHead(nn.Module):
         self._tied_table = (table,) if tied else ()  # a tuple is not registered as a submodule
         if not tied:
             self.table = table
+        self.sparse = table.sparse
         self.bias = nn.Parameter(torch.zeros(table.num_embeddings)) if bias else None
 
     @property
@@ -45,7 +52,7 @@ class ItemHead(nn.Module):
 
     def score_one(self, h: Tensor, items: Tensor) -> Tensor:
         """Score of one item per hidden state: h (..., D), items (...) -> (...), e.g. the targets."""
-        scores = (h * self.weight.to(h.dtype)[items]).sum(-1)  # elementwise: cheaper than many 1 x 1 matmuls
+        scores = (h * self._rows(items, h.dtype)).sum(-1)  # elementwise: cheaper than many 1 x 1 matmuls
         return scores if self.bias is None else scores + self.bias[items]
 
     def score(self, h: Tensor, items: Tensor) -> Tensor:
@@ -64,11 +71,19 @@ class ItemHead(nn.Module):
             raise ValueError(f"items {tuple(items.shape)} do not index the leading dims of h {tuple(h.shape)}")
         shared = h.shape[len(batch) : -1]  # R
         m, d = math.prod(batch), h.shape[-1]
-        rows = self.weight.to(h.dtype)[items].reshape(m, k, d)  # (M, K, D), M = prod(P)
+        rows = self._rows(items, h.dtype).reshape(m, k, d)  # (M, K, D), M = prod(P)
         scores = torch.einsum("mrd,mkd->mrk", h.reshape(m, -1, d), rows).reshape(*h.shape[:-1], k)  # (*P, *R, K)
         if self.bias is not None:
             scores = scores + self.bias[items].reshape(*batch, *(1,) * len(shared), k)
         return scores
+
+    def _rows(self, items: Tensor, dtype: torch.dtype) -> Tensor:
+        """W[items] in `dtype`: (...) -> (..., D)."""
+        if self.sparse:
+            # gather, then cast the rows: indexing W (or casting all of it) would give W a dense (I+1, D) gradient.
+            # Row 0 is padding (a masked target): it gets no gradient, as in the input embedding.
+            return F.embedding(items, self.weight, padding_idx=0, sparse=True).to(dtype)
+        return self.weight.to(dtype)[items]
 
     def score_all(self, h: Tensor) -> Tensor:
         """(..., D) hidden states -> (..., I) scores of items 1..I (column j is item j + 1)."""

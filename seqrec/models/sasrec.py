@@ -44,6 +44,9 @@ class SASRec(nn.Module):
         dropout_rate: dropout on embeddings, attention weights and inside the FFN.
         norm_first: Pre-LN (x + F(LN(x))) if True, Post-LN (LN(x + F(x)), SASRec.pytorch's default) if False.
         residual: residual factory (seqrec.nn.residual.Plain or MHC); plain when None.
+        sparse_embedding: the item table's gradient is a sparse tensor of the rows a batch touches (its input
+            items, targets and negatives) instead of a dense (I+1, D) one; for `optimizer=lazy_adam`, which then
+            updates those rows only (seqrec/train/lazy_adam.py). Losses that score every item refuse it.
     """
 
     def __init__(
@@ -57,12 +60,13 @@ class SASRec(nn.Module):
         dropout_rate: float = 0.2,
         norm_first: bool = False,
         residual=None,
+        sparse_embedding: bool = False,
     ):
         super().__init__()
         self.num_items, self.maxlen, self.dim = num_items, maxlen, hidden_units
         self.num_heads, self.dropout_rate, self.norm_first = num_heads, dropout_rate, norm_first
         self.residual = residual if residual is not None else Plain()
-        self.item_emb = nn.Embedding(num_items + 1, hidden_units, padding_idx=0)
+        self.item_emb = nn.Embedding(num_items + 1, hidden_units, padding_idx=0, sparse=sparse_embedding)
         self.emb_dropout = Dropout(dropout_rate)
         self.add_input_embeddings()
         self.blocks = nn.ModuleList(
@@ -84,7 +88,8 @@ class SASRec(nn.Module):
         return CausalSelfAttention(self.dim, self.num_heads, self.dropout_rate)
 
     def make_head(self) -> ItemHead:
-        """Item scores from the input item embedding (tied, no bias), as in SASRec."""
+        """Item scores from the input item embedding (tied, no bias), as in SASRec; it gathers rows as the table
+        does (sparse gradients with `sparse_embedding`)."""
         return ItemHead(self.item_emb, tied=True)
 
     def embed(self, seq: Tensor, ctx: AttentionContext) -> Tensor:

@@ -20,6 +20,7 @@ class Loss:
 
     num_negatives: int = 0
     shared_negatives: bool = False  # True: one set of negatives per sequence, shared by its positions
+    scores_every_item: bool = False  # True: the item table's gradient is dense (no use for model.sparse_embedding)
 
     def __call__(self, h: Tensor, head: ItemHead, pos: Tensor, neg: Tensor | None) -> Tensor:
         """Args:
@@ -146,6 +147,8 @@ def softmax_cross_entropy(
 
 class CrossEntropy(Loss):
     """Full softmax over items 1..I (the padding logit is excluded)."""
+
+    scores_every_item = True
 
     def __init__(self, *, chunk_tokens: int | None = None):
         # positions per block; a CPU block's (positions, I) logits stay in cache while they are normalised, a GPU

@@ -147,6 +147,7 @@ ADDED_SINCE = {
     "loss.negatives": "uniform",
     "loss.logq": True,  # with uniform negatives the correction is one constant: no change
     "eval.valid_users": 0,  # every user validated
+    "model.sparse_embedding": False,  # the item table's gradient was dense
 }
 
 

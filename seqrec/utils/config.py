@@ -28,6 +28,7 @@ from seqrec.data.dataset import DUPLICATES
 from seqrec.data.readers import FORMATS
 from seqrec.errors import ConfigError
 from seqrec.settings import SCHEMAS
+from seqrec.train.distributed import resolve_backend
 
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 # constructor arguments that run.py passes at runtime rather than YAML
@@ -291,6 +292,7 @@ def check_config(cfg: DictConfig) -> None:
                 problems.append(f"{path}: {type(e).__name__}: {e}".splitlines()[0])
     _check_plain_keys(cfg, problems)
     _check_across_keys(cfg, problems)
+    _check_sparse_gradients(cfg, problems)
     if len(problems) == 1:
         raise ConfigError(f"invalid config: {problems[0]}")
     if problems:
@@ -337,6 +339,54 @@ def _check_across_keys(cfg: DictConfig, problems: list[str]) -> None:
                     f"eval.ks={list(ks)}: k={too_big[0]} must be <= eval.num_negatives={negatives} under the sampled "
                     f"protocol (a target among {negatives + 1} candidates is always in the top {negatives + 1})"
                 )
+
+
+def _check_sparse_gradients(cfg: DictConfig, problems: list[str]) -> None:
+    """What a sparse item-table gradient (`model.sparse_embedding=true`, set by `optimizer=lazy_adam`) cannot meet:
+    a dense optimizer, a whole-table penalty or loss (they would densify it), gradient clipping (torch's
+    clip_grad_norm_ cannot take a sparse tensor's norm) and NCCL (no sparse all-reduce; gloo has one)."""
+    model, trainer, optimizer, loss = (cfg.get(k) for k in ("model", "trainer", "optimizer", "loss"))
+    if not isinstance(model, DictConfig) or model.get("sparse_embedding") is not True:
+        return
+    with_sparse = "with model.sparse_embedding=true"
+
+    def target(node):
+        try:
+            return get_object(node.get("_target_"))
+        except Exception:  # reported by _check_node
+            return None
+
+    if isinstance(optimizer, DictConfig) and not getattr(target(optimizer), "handles_sparse_gradients", False):
+        problems.append(
+            f"optimizer._target_={optimizer.get('_target_')} {with_sparse}: it cannot apply the item table's sparse "
+            "gradient; use optimizer=lazy_adam, or model.sparse_embedding=false"
+        )
+    if isinstance(loss, DictConfig) and getattr(target(loss), "scores_every_item", False):
+        problems.append(
+            f"loss._target_={loss.get('_target_')} {with_sparse}: the full softmax scores every item, so the item "
+            "table's gradient is dense anyway; use loss=sampled_softmax|bce|gbce, or optimizer=adam"
+        )
+    if not isinstance(trainer, DictConfig):
+        return
+    l2, clip, devices, device = (trainer.get(k) for k in ("l2_emb", "grad_clip", "devices", "device"))
+    if _is_number(l2) and l2 > 0:
+        problems.append(
+            f"trainer.l2_emb={l2} {with_sparse}: a penalty over the whole item table would make its gradient dense; "
+            "set trainer.l2_emb=0 (optimizer.weight_decay decays the rows each step touches)"
+        )
+    if _is_number(clip) and clip > 0:
+        problems.append(
+            f"trainer.grad_clip={clip} {with_sparse}: torch's clip_grad_norm_ cannot take a sparse gradient's norm; "
+            "set trainer.grad_clip=0"
+        )
+    distributed = cfg.get("distributed")
+    backend = distributed.get("backend") if isinstance(distributed, DictConfig) else "auto"
+    if isinstance(devices, int) and devices > 1 and isinstance(device, str) and isinstance(backend, str):
+        if resolve_backend(backend, device) == "nccl":
+            problems.append(
+                f"trainer.devices={devices} {with_sparse}: NCCL has no sparse all-reduce; set distributed.backend=gloo "
+                "(or trainer.device=cpu), or train on one device"
+            )
 
 
 def composition_problem(args: list[str], config_dir: str) -> str | None:

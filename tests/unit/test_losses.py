@@ -291,3 +291,31 @@ def test_unknown_negatives_mode_is_a_config_error():
 
     with pytest.raises(ConfigError, match="loss.negatives"):
         SampledSoftmax(negatives="popular")
+
+
+@pytest.mark.parametrize(
+    "make_loss, shared",
+    [
+        (lambda: BCE(num_negatives=3), False),
+        (lambda: GBCE(num_negatives=3), False),
+        (lambda: SampledSoftmax(num_negatives=3), True),
+        (lambda: SampledSoftmax(num_negatives=4, negatives="mixed"), True),
+    ],
+)
+def test_a_sparse_table_gives_the_same_loss_and_gradient_on_the_touched_rows_only(make_loss, shared):
+    """model.sparse_embedding: the head gathers rows with a sparse gradient; the value is bitwise the dense one and the
+    gradient the dense one's, nonzero on the targets' and candidates' rows alone."""
+    h, w, pos, neg = setup(k=3 if not shared else 2, shared=shared)
+    grads, values = [], []
+    for sparse in (False, True):
+        table = nn.Embedding.from_pretrained(w.clone(), freeze=False, sparse=sparse)
+        torch.manual_seed(3)  # the same in-batch draws
+        values.append(make_loss()(h, ItemHead(table, tied=False), pos, neg))
+        values[-1].backward()
+        grads.append(table.weight.grad)
+    assert torch.equal(values[0], values[1])
+    dense, sparse = grads
+    assert sparse.is_sparse and not dense.is_sparse
+    torch.testing.assert_close(sparse.to_dense(), dense, rtol=1e-6, atol=1e-7)
+    rows = sparse.coalesce().indices()[0]
+    assert 0 not in rows.tolist() and set(rows.tolist()) <= set(pos.flatten().tolist()) | set(neg.flatten().tolist())
