@@ -1,6 +1,7 @@
 """`python -m seqrec.results` on hand-made run directories: seeds of one setting become one row, mean ± 95 % CI
-(checked against closed forms of Student's t, no SciPy); the paired test over seeds; rows under different protocols
-are flagged; settings come from run.json before the legacy .hydra files."""
+(checked against closed forms of Student's t, no SciPy); the paired tests over seeds and over users (a planted
+difference is found, identical runs differ by 0, mixed protocols and runs without per-user ranks are refused); rows
+under different protocols are flagged; settings come from run.json before the legacy .hydra files."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import statistics
 
 import pytest
 
-from seqrec.compare import find_runs
-from seqrec.results import group_by_setting, main, results_table, student_t_cdf, student_t_quantile
+from seqrec.results import main, results_table
+from seqrec.stats import student_t_cdf, student_t_quantile, student_t_sf
 from tests.test_compare import fake_run, recorded_run, write_hydra_folder
 
 
@@ -24,23 +25,24 @@ def test_seeds_of_one_setting_become_one_row_with_mean_and_std(tmp_path, capsys)
     limited = tmp_path / "mhc" / "seed1" / "results.json"
     limited.write_text(json.dumps({**json.loads(limited.read_text()), "time_limited": True}))
 
-    text, summaries, unfinished = results_table([str(tmp_path)], ["test/ndcg@10"])
-    assert unfinished == 1
-    assert summaries["plain"]["seeds"] == 3 and summaries["mhc"]["seeds"] == 2
-    mean, std, half = summaries["plain"]["test/ndcg@10"]
-    assert abs(mean - 0.32) < 1e-12 and abs(std - statistics.stdev([0.30, 0.32, 0.34])) < 1e-12
+    text, summary, frame = results_table([str(tmp_path)], ["test/ndcg@10"])
+    assert (frame["status"] != "done").sum() == 1
+    rows = summary.set_index("row")
+    assert rows.loc["plain", "seeds"] == 3 and rows.loc["mhc", "seeds"] == 2
+    assert abs(rows.loc["plain", "test/ndcg@10"] - 0.32) < 1e-12
     # 3 seeds: t(0.975, df=2) = (2p - 1) / sqrt(2p(1 - p)) in closed form
-    assert abs(half - t2(0.975) * 0.02 / math.sqrt(3)) < 1e-9
+    half = rows.loc["plain", "test/ndcg@10 ci95"]
+    assert abs(half - t2(0.975) * statistics.stdev([0.30, 0.32, 0.34]) / math.sqrt(3)) < 1e-9
     # 2 seeds: t(0.975, df=1) = tan(pi (p - 1/2)), the Cauchy quantile
-    _, std2, half2 = summaries["mhc"]["test/ndcg@10"]
+    half2 = rows.loc["mhc", "test/ndcg@10 ci95"]
     assert abs(half2 - math.tan(math.pi * 0.475) * statistics.stdev([0.20, 0.26]) / math.sqrt(2)) < 1e-9
-    assert summaries["mhc"]["time_limited"] == 1
+    assert rows.loc["mhc", "time_limited"] == 1
     assert f"0.3200 ± {t2(0.975) * 0.02 / math.sqrt(3):.4f}" in text and "1/2" in text
     assert "(mean ± 95% CI)" in text.splitlines()[0]
 
     assert main([str(tmp_path), "--format", "csv"]) == 0
     out = capsys.readouterr()
-    assert out.out.splitlines()[0].startswith("row,seeds,test/ndcg@10") and "1 unfinished" in out.err
+    assert out.out.splitlines()[0].startswith("row,seeds,test/ndcg@10,test/ndcg@10 ci95,") and "1 unfinished" in out.err
 
 
 def t2(p: float) -> float:
@@ -63,8 +65,8 @@ def test_student_t_quantile_matches_closed_forms(p):
 
 def test_one_seed_has_no_interval(tmp_path):
     fake_run(tmp_path / "row" / "seed1", ["seed=1"], [0.1], test_ndcg=0.25)
-    text, summaries, _ = results_table([str(tmp_path)], ["test/ndcg@10"])
-    assert math.isnan(summaries["row"]["test/ndcg@10"][2]) and "| 0.2500 " in text.splitlines()[2]
+    text, summary, _ = results_table([str(tmp_path)], ["test/ndcg@10"])
+    assert math.isnan(summary["test/ndcg@10 ci95"].iloc[0]) and "| 0.2500 " in text.splitlines()[2]
     assert "±" not in text.splitlines()[2]
 
 
@@ -90,9 +92,9 @@ def test_paired_test_over_seeds(tmp_path, capsys):
 
 def test_rows_under_different_protocols_are_flagged_and_not_paired(tmp_path, capsys):
     write_pair(tmp_path, [0.30, 0.31], [0.31, 0.34], protocols=("p1", "p2"))
-    text, summaries, _ = results_table([str(tmp_path)], ["test/ndcg@10"])
+    text, summary, _ = results_table([str(tmp_path)], ["test/ndcg@10"])
     assert text.startswith("2 protocols: p1 (d 9u/5i") and "do not compare rows across them" in text.splitlines()[0]
-    assert "| protocol |" in text and summaries["A"]["protocol"] == "p1" and summaries["B"]["protocol"] == "p2"
+    assert "| protocol |" in text and list(summary["protocol"]) == ["p1", "p2"] and list(summary["row"]) == ["A", "B"]
     assert main([str(tmp_path), "--paired", "A", "B"]) == 1
     assert "different protocols" in capsys.readouterr().err
 
@@ -102,26 +104,25 @@ def test_seeds_of_one_setting_under_two_protocols_are_two_rows(tmp_path):
         run = fake_run(tmp_path / "r" / f"seed{seed}", [f"seed={seed}"], [0.1], test_ndcg=0.2)
         results = json.loads((run / "results.json").read_text())
         (run / "results.json").write_text(json.dumps({**results, "protocol": {"id": protocol}}))
-    _, summaries, _ = results_table([str(tmp_path)], ["test/ndcg@10"])
-    assert sorted(s["protocol"] for s in summaries.values()) == ["p1", "p2"]
+    _, summary, _ = results_table([str(tmp_path)], ["test/ndcg@10"])
+    assert sorted(summary["protocol"]) == ["p1", "p2"]
 
 
 def test_settings_sharing_a_folder_are_named_by_their_overrides(tmp_path):
     for seed in (1, 2):
         fake_run(tmp_path / f"ti{seed}", ["model=tisasrec", f"seed={seed}"], [0.1], test_ndcg=0.1 * seed)
     fake_run(tmp_path / "sas1", ["model=sasrec", "seed=1"], [0.1])
-    _, summaries, _ = results_table([str(tmp_path)], ["test/ndcg@10"])
-    assert sorted(summaries) == ["model=sasrec", "model=tisasrec"]
-    assert abs(summaries["model=tisasrec"]["test/ndcg@10"][0] - 0.15) < 1e-12
+    _, summary, _ = results_table([str(tmp_path)], ["test/ndcg@10"])
+    assert sorted(summary["row"]) == ["model=sasrec", "model=tisasrec"]
+    assert abs(summary.set_index("row").loc["model=tisasrec", "test/ndcg@10"] - 0.15) < 1e-12
 
 
 def test_seeds_with_different_time_limits_are_one_setting(tmp_path):
     for seed, limit in [(1, 120), (2, 85)]:
         fake_run(tmp_path / "row" / f"seed{seed}", [f"seed={seed}", f"trainer.time_limit_min={limit}"], [0.1])
     fake_run(tmp_path / "row" / "seed3", ["seed=3", "optimizer.lr=0.002"], [0.1])
-    _, summaries, _ = results_table([str(tmp_path)], ["test/ndcg@10"])
-    assert sorted(len(v) for v in group_by_setting(find_runs([str(tmp_path)])).values()) == [1, 2]
-    assert len(summaries) == 2
+    _, summary, _ = results_table([str(tmp_path)], ["test/ndcg@10"])
+    assert sorted(summary["seeds"]) == [1, 2]
 
 
 def test_a_missing_folder_is_a_one_line_error(tmp_path, capsys):
@@ -150,7 +151,8 @@ def test_rows_follow_run_json_not_a_hydra_folder_rewritten_later(tmp_path):
     # a later, refused command in the second seed's directory left other overrides in .hydra/
     write_hydra_folder(run, ["model=sasrec", "seed=2"], "seed: 2\n")
     fake_run(tmp_path / "runs" / "legacy", ["model=sasrec", "seed=1"], [0.1], test_ndcg=0.2)
-    _, summaries, _ = results_table([str(tmp_path)], ["test/ndcg@10"])
-    assert sorted(summaries) == ["model=sasrec", "model=tisasrec"]
-    assert summaries["model=tisasrec"]["seeds"] == 2 and summaries["model=sasrec"]["seeds"] == 1
-    assert abs(summaries["model=tisasrec"]["test/ndcg@10"][0] - 0.32) < 1e-12
+    _, summary, _ = results_table([str(tmp_path)], ["test/ndcg@10"])
+    rows = summary.set_index("row")
+    assert sorted(rows.index) == ["model=sasrec", "model=tisasrec"]
+    assert rows.loc["model=tisasrec", "seeds"] == 2 and rows.loc["model=sasrec", "seeds"] == 1
+    assert abs(rows.loc["model=tisasrec", "test/ndcg@10"] - 0.32) < 1e-12
