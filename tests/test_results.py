@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 
+import numpy as np
 import pytest
 
+from seqrec.errors import SeqrecError
+from seqrec.eval.user_ranks import read_test_ranks, write_test_ranks
 from seqrec.results import main, results_table
-from seqrec.stats import student_t_cdf, student_t_quantile, student_t_sf
+from seqrec.stats import paired_t_test, student_t_cdf, student_t_quantile, student_t_sf, wilcoxon_signed_rank
 from tests.test_compare import fake_run, recorded_run, write_hydra_folder
 
 
@@ -156,3 +160,111 @@ def test_rows_follow_run_json_not_a_hydra_folder_rewritten_later(tmp_path):
     assert sorted(rows.index) == ["model=sasrec", "model=tisasrec"]
     assert rows.loc["model=tisasrec", "seeds"] == 2 and rows.loc["model=sasrec", "seeds"] == 1
     assert abs(rows.loc["model=tisasrec", "test/ndcg@10"] - 0.32) < 1e-12
+
+
+# --------------------------------------------------------------------------------------------- paired over users
+def ranked_run(path, seed: int, ranks, protocol="p1", users=None):
+    """A finished run in the on-disk format with its per-user test ranks (test_ranks.npy) and the results.json
+    metrics they give."""
+    ranks = np.asarray(ranks)
+    users = np.arange(len(ranks)) if users is None else np.asarray(users)
+    setting = f"optimizer.lr={path.parent.name}"  # the row's folder names its setting
+    run = fake_run(path, [setting, f"seed={seed}"], [0.1], test_ndcg=float(ndcg10(ranks).mean()))
+    results = json.loads((run / "results.json").read_text())
+    results["test/hr@10"] = float((ranks < 10).mean())
+    results["protocol"] = {"id": protocol, "dataset": {"name": "d", "users": len(ranks), "items": 50}}
+    (run / "results.json").write_text(json.dumps(results))
+    write_test_ranks(run, users, ranks)
+    return run
+
+
+def ndcg10(ranks: np.ndarray) -> np.ndarray:
+    return np.where(ranks < 10, 1 / np.log2(ranks + 2.0), 0.0)
+
+
+def paired_line(tmp_path, capsys, *extra: str) -> str:
+    assert main([str(tmp_path), "--metrics", "test/ndcg@10", "--paired", "A", "B", *extra]) == 0
+    return capsys.readouterr().out.splitlines()[-1]
+
+
+def test_paired_over_users_finds_a_planted_difference(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    base = [rng.integers(0, 20, size=400) for _ in range(2)]  # two seeds of row A
+    better = [np.where(np.arange(400) % 4 == 0, 0, r) for r in base]  # B: every 4th user's target ranked first
+    for seed in (1, 2):
+        ranked_run(tmp_path / "A" / f"seed{seed}", seed, base[seed - 1])
+        ranked_run(tmp_path / "B" / f"seed{seed}", seed, better[seed - 1])
+    line = paired_line(tmp_path, capsys, "--over", "users")
+    diff = (ndcg10(better[0]) + ndcg10(better[1]) - ndcg10(base[0]) - ndcg10(base[1])) / 2  # seeds averaged per user
+    half = student_t_quantile(0.975, 399) * diff.std(ddof=1) / math.sqrt(400)
+    assert line.startswith(f"test/ndcg@10: B - A = +{diff.mean():.4f} ± {half:.4f} (95% CI), paired over 400 users")
+    assert "averaged over 2 and 2 seeds" in line
+    p_t, p_w = (float(x) for x in re.findall(r"p = ([0-9.e-]+)", line))
+    assert diff.mean() - half > 0 and p_t < 1e-6 and p_w < 1e-6
+
+
+def test_paired_over_users_of_identical_runs_gives_zero(tmp_path, capsys):
+    ranks = np.random.default_rng(1).integers(0, 20, size=50)
+    for row in ("A", "B"):
+        ranked_run(tmp_path / row / "seed1", 1, ranks)
+    line = paired_line(tmp_path, capsys, "--over", "users")
+    assert line.startswith("test/ndcg@10: B - A = +0.0000 ± 0.0000 (95% CI), paired over 50 users")
+
+
+def test_users_are_matched_by_index_not_by_file_order(tmp_path, capsys):
+    ranks = np.random.default_rng(2).integers(0, 20, size=30)
+    ranked_run(tmp_path / "A" / "seed1", 1, ranks)
+    order = np.random.default_rng(3).permutation(30)
+    ranked_run(tmp_path / "B" / "seed1", 1, ranks[order], users=order)  # the same ranks, users listed shuffled
+    assert "B - A = +0.0000 ± 0.0000" in paired_line(tmp_path, capsys, "--over", "users")
+
+
+@pytest.mark.parametrize("case", ["protocols", "no_ranks", "stale_ranks", "unrecorded", "val_metric"])
+def test_paired_over_users_refuses_with_one_line(tmp_path, capsys, case):
+    ranks = np.arange(20) % 12
+    ranked_run(tmp_path / "A" / "seed1", 1, ranks)
+    b = ranked_run(tmp_path / "B" / "seed1", 1, ranks, protocol="p2" if case == "protocols" else "p1")
+    if case == "no_ranks":
+        (b / "test_ranks.npy").unlink()  # a run made before the evaluator wrote them
+    if case == "stale_ranks":
+        write_test_ranks(b, np.arange(20), ranks // 2)  # not the ranks its results.json came from
+    if case == "unrecorded":
+        for run in (tmp_path / "A" / "seed1", b):
+            results = json.loads((run / "results.json").read_text())
+            (run / "results.json").write_text(json.dumps({k: v for k, v in results.items() if k != "protocol"}))
+    metric = "val/ndcg@10" if case == "val_metric" else "test/ndcg@10"
+    assert main([str(tmp_path), "--metrics", metric, "--paired", "A", "B", "--over", "users"]) == 1
+    err = capsys.readouterr().err.strip()
+    expected = {
+        "protocols": "different protocols",
+        "no_ranks": "test_ranks.npy: missing",
+        "stale_ranks": "not the run's results.json value",
+        "unrecorded": "no recorded protocol",
+        "val_metric": "expected test/ndcg@k",
+    }[case]
+    assert err.startswith("error: ") and expected in err and "\n" not in err
+
+
+def test_a_ranks_file_of_another_format_is_refused_unread(tmp_path):
+    run = ranked_run(tmp_path / "run", 1, np.arange(5))
+    np.save(run / "test_ranks.npy", np.array([{"user": 1}], dtype=object), allow_pickle=True)  # pickled objects
+    with pytest.raises(SeqrecError, match="not readable as per-user test ranks"):
+        read_test_ranks(run)
+    np.save(run / "test_ranks.npy", np.arange(5))
+    with pytest.raises(SeqrecError, match=r"expected int32 records \(user, rank\)"):
+        read_test_ranks(run)
+
+
+def test_tests_agree_with_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(size=300), rng.normal(size=300) + 0.15
+    b[:40] = a[:40]  # zero differences, dropped by Wilcoxon
+    b[40:80] = a[40:80] + 0.5  # tied |differences|
+    ours = paired_t_test(a, b)
+    theirs = stats.ttest_rel(b, a)
+    assert abs(ours["t"] - theirs.statistic) < 1e-9 and abs(ours["p"] - theirs.pvalue) < 1e-7
+    expected = stats.wilcoxon(b - a, method="approx", correction=False, zero_method="wilcox").pvalue
+    assert abs(wilcoxon_signed_rank(b - a) - expected) < 1e-9
+    for x, df in [(40.0, 5), (6.0, 400), (2.0, 3)]:  # small tail probabilities stay accurate
+        assert student_t_sf(x, df) == pytest.approx(stats.t.sf(x, df), rel=1e-6)

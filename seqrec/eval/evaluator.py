@@ -143,10 +143,13 @@ class Evaluator:
 
     def _gather_ranks(self, split: str, parts: list[Tensor], device) -> tuple[np.ndarray, np.ndarray]:
         """(users, their ranks) over every rank's shard, in `users(split)` order: each process fills its own strided
-        slots, and a sum over processes fills them all (the shards are disjoint)."""
+        slots, and a sum over processes fills them all (the shards are disjoint). Full-ranking ranks are capped at
+        max(ks), where `_full_ranks` stops counting (past it, how far it counted depends on the item blocks)."""
         users = self.users(split)
         ranks = torch.zeros(len(users), dtype=torch.int64)
         ranks[self.rank :: self.world_size] = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+        if self.protocol == "full":
+            ranks = ranks.clamp(max=max(self.ks))
         if self.world_size > 1 and dist.is_initialized():
             ranks = ranks.to(device)
             dist.all_reduce(ranks)

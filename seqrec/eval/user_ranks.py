@@ -5,7 +5,7 @@ The file is one NumPy record per test user, by ascending user index (np.save, no
 - `user` (int32): the user's 0-based index in the data set, the same in every run under one protocol fingerprint;
 - `rank` (int32): the 0-based pessimistic rank of the user's test target that the run's test metrics are computed
   from, under the primary protocol (`eval.protocol`). Full ranking stops counting at max(eval.ks), where every
-  reported metric is already 0, so a rank of max(ks) means "max(ks) or worse".
+  reported metric is already 0, and stores max(ks) for "max(ks) or worse".
 """
 
 from __future__ import annotations
