@@ -1,18 +1,16 @@
-"""Compare runs from their directories alone (no W&B): a table of the runs sorted by a metric, each setting's mean ±
-95 % confidence interval over its seeds, and PNG plots.
+"""Compare runs from their directories alone (no W&B): the runs ranked by a metric, each setting's mean ± 95 %
+confidence interval over its seeds, and PNG plots.
 
     python -m seqrec.compare outputs/sweeps/stage2_2025-01-01_10-00-00 [more sweep or run dirs ...]
         [--metric val/ndcg@10] [--format md|csv] [--out DIR] [--no-plots]
 
-Runs are read as `seqrec.run_dirs` describes (nothing is instantiated) into `seqrec.results`' frame. Columns: the
-overrides that differ between runs, the best validation and the test metrics (from `results.json`; a run still
-going shows its best validation epoch so far from `metrics.jsonl`), epochs and time. Runs evaluated under different
-protocols (`seqrec.fingerprint`) are ranked within their protocol, each row says which, and a line above the table
-says not to compare across them. When a setting ran with several seeds, a second table gives each setting's mean ±
-95 % CI over its seeds (`python -m seqrec.results` prints it for any metrics, with paired tests). Plots go to `--out`
-(default `<dir>/compare/` for one directory, else `./compare/`): `learning_curves.png` (train/loss and the metric per
-epoch, one line per run, the seeds of a setting in one colour) and `<metric>_vs_<param>.png` for each swept setting
-(the mean over seeds, its 95 % interval as error bars).
+Columns: the overrides that differ between runs, the best validation and the test metrics (a run still going shows
+its best validation epoch so far), epochs and time. Runs are read and grouped as `seqrec.results` describes; runs
+evaluated under different protocols are ranked within their protocol, each row says which, and a line above the
+table says not to compare across them. When a setting ran with several seeds, a second table gives its mean ± 95 %
+CI. Plots go to `--out` (default `<dir>/compare/` for one directory, else `./compare/`): `learning_curves.png`
+(train/loss and the metric per epoch, one line per run, a setting's seeds in one colour) and
+`<metric>_vs_<param>.png` per swept setting (the mean over seeds, its 95 % interval as error bars).
 """
 
 from __future__ import annotations
@@ -22,12 +20,14 @@ import math
 import os
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
 
 from seqrec.results import (
     NOT_A_SETTING,
+    mean_ci_cell,
     protocols_note,
     render,
     runs_frame,
@@ -56,11 +56,10 @@ def check_metric(runs: list[Run], metric: str) -> None:
 
 
 def runs_table(frame: pd.DataFrame, keys: list[str], metric: str, fmt: str) -> pd.DataFrame:
-    """The runs as printed, numbered, best `metric` first (within each protocol when there are several)."""
-    by_protocol = ["protocol"] if frame["protocol"].nunique() > 1 else []
-    order = [*by_protocol, metric, "dir"]
-    frame = frame.sort_values(order, ascending=[True] * len(by_protocol) + [False, True]).reset_index(drop=True)
-    table = frame[[*by_protocol, *keys, *metric_columns(metric), "best_epoch", "epochs", "minutes", "status"]]
+    """The runs as printed, numbered in the frame's order."""
+    several = frame["protocol"].nunique() > 1
+    table = frame[[*(["protocol"] if several else []), *keys, *metric_columns(metric), "best_epoch", "epochs"]]
+    table = table.assign(minutes=frame["minutes"], status=frame["status"])
     table.insert(0, "#", range(1, len(frame) + 1))
     if fmt == "md":
         table = table.assign(**{m: table[m].map(_four) for m in metric_columns(metric)})
@@ -86,11 +85,13 @@ def compare(
     runs = find_runs(paths)
     check_metric(runs, metric)
     swept, common = swept_keys(runs)
-    shown = swept + sorted(common) if fmt == "csv" else swept  # CSV keeps every override
-    metrics = metric_columns(metric)
+    shown, metrics = swept + sorted(common) if fmt == "csv" else swept, metric_columns(metric)  # CSV: every override
     frame = runs_frame(runs, shown, metrics)
+    several = frame["protocol"].nunique() > 1
+    ranking = {**({"protocol": True} if several else {}), metric: False}  # {column: ascending}: within each protocol
+    frame = frame.sort_values([*ranking, "dir"], ascending=[*ranking.values(), True], ignore_index=True)
     text = render(runs_table(frame, shown, metric, fmt), fmt)
-    summary = summarise(frame, metrics).sort_values(["protocol", metric], ascending=[True, False])
+    summary = summarise(frame, metrics).sort_values(list(ranking), ascending=list(ranking.values()), ignore_index=True)
     seeded = "seed" in swept and (summary["seeds"] > 1).any()  # some setting ran with several seeds
     if fmt == "md":
         if common:
@@ -105,46 +106,33 @@ def compare(
     written[0].write_text(text)
     keys = swept if len(runs) > 1 else []
     if plots:
-        ordered = list(frame.sort_values([metric, "dir"], ascending=[False, True])["run"])
         labels = {r.path: _label(r, keys) or r.path.name for r in runs}
         # the seeds of a setting drawn as one bundle when some setting was run with several seeds
         settings = {r.path: _label(r, [k for k in keys if k != "seed"]) for r in runs}
         bundled = "seed" in keys and len(set(settings.values())) < len(runs) and all(settings.values())
-        written.append(plot_learning_curves(ordered, metric, labels, out_dir, settings if bundled else None))
+        written.append(plot_learning_curves(list(frame["run"]), metric, labels, out_dir, settings if bundled else None))
         written.extend(plot_metric_vs_params(frame, metric, [k for k in keys if k not in NOT_A_SETTING], out_dir))
-    return text, best_line(frame, summary if seeded else None, keys, metric), written
-
-
-def best_line(frame: pd.DataFrame, summary: pd.DataFrame | None, keys: list[str], metric: str) -> str:
-    """`best by <metric>: <its overrides> (...)`: the best setting by its mean over seeds when a setting has
-    several, else the best run."""
-    if summary is not None:
+    if seeded:
         best = summary.iloc[0]
-        spread = f" ± {best[metric + ' ci95']:.4f}" if not math.isnan(best[metric + " ci95"]) else ""
-        return f"best by {metric} (mean over {best['seeds']} seeds): {best['row']}  ({best[metric]:.4f}{spread})"
-    best = frame.sort_values([metric, "dir"], ascending=[False, True]).iloc[0]
+        cell = mean_ci_cell(best[metric], best[f"{metric} ci95"])
+        return text, f"best by {metric} (mean over {best['seeds']} seeds): {best['row']}  ({cell})", written
+    best = frame.iloc[0]
     chosen = " ".join(f"{k}={best['run'].setting(k)}" for k in keys) or "(no swept overrides)"
-    value = "" if math.isnan(best[metric]) else f"{best[metric]:.4f}"
-    return f"best by {metric}: {chosen}  ({metric}={value}, {best['dir']})"
+    return text, f"best by {metric}: {chosen}  ({metric}={_four(best[metric])}, {best['dir']})", written
 
 
 # --------------------------------------------------------------------------------------------- plots
 def line_styles(runs: list[Run], labels: dict[Path, str], groups: dict[Path, str] | None) -> dict[Path, dict]:
     """matplotlib keyword arguments per run: its own label, or with `groups` the group's colour, a line style per
-    seed within the group, and the group's label on its first run only."""
+    seed within the group, and the group's label on its first run only (one legend entry per setting)."""
     if not groups:
         return {r.path: {"label": labels[r.path]} for r in runs}
-    names = list(dict.fromkeys(groups[r.path] for r in runs))
-    seen: dict[str, int] = {}
-    styles = {}
+    names, seen, styles = list(dict.fromkeys(groups[r.path] for r in runs)), Counter(), {}
     for r in runs:
-        group = groups[r.path]
-        k = seen[group] = seen.get(group, -1) + 1
-        styles[r.path] = {
-            "color": f"C{names.index(group) % 10}",
-            "linestyle": ["-", "--", ":", "-."][k % 4],
-            "label": group if k == 0 else "_nolegend_",  # one legend entry per setting
-        }
+        group, k = groups[r.path], seen[groups[r.path]]
+        seen[group] += 1
+        styles[r.path] = {"color": f"C{names.index(group) % 10}", "linestyle": ["-", "--", ":", "-."][k % 4]}
+        styles[r.path]["label"] = group if k == 0 else "_nolegend_"
     return styles
 
 
@@ -229,8 +217,7 @@ def _pyplot():
         import matplotlib.pyplot as plt
     except ImportError:
         raise CompareError(
-            "plots need matplotlib (pip install matplotlib, or pip install -e '.[plots]'); "
-            "use --no-plots for the table only"
+            "plots need matplotlib (pip install -e '.[plots]'); use --no-plots for tables only"
         ) from None
     return plt
 

@@ -4,28 +4,24 @@ its seeds; `--paired A B` tests whether two rows differ, over seeds or over test
     python -m seqrec.results DIR [DIR ...] [--metrics test/ndcg@10,test/hr@10] [--format md|csv]
         [--paired A B [--over seeds|users]]
 
-Runs are read by `seqrec.run_dirs` (as data: nothing is instantiated) into a DataFrame, one row per run
-(`runs_frame`). A setting is a run's values of the config keys that differ between the runs, except `seed` and the
-time budget `trainer.time_limit_min` (output folders and logging switches are never settings). A table row is one
-setting under one evaluation protocol (results.json["protocol"], `seqrec.fingerprint`), named after the folder that
-holds its seeds and nothing else (`<row>/seed1`, `<row>/seed2`, ... as `bench/reproduce.py` lays them out), else after
-its settings. Columns: n, the number of seeds; each metric as mean ± half-width of the 95 % confidence interval of
-the mean (Student t with n - 1 degrees of freedom: t * s / sqrt(n), s the sample standard deviation; one seed has no
-interval); the epochs to the best validation score, the epochs run, minutes of training, and how many runs stopped
-at the time limit. Rows under different protocols get a `protocol` column and a line above the table saying they
-must not be compared; runs that predate the protocol record get a line below it saying nobody checked. Unfinished
-runs (no results.json) are left out and counted on stderr.
+Runs are read by `seqrec.run_dirs` (as data) into a DataFrame, one row per run (`runs_frame`). A setting is a run's
+values of the config keys that differ between the runs, except `seed` and `trainer.time_limit_min`. A table row is
+one setting under one evaluation protocol (results.json["protocol"], `seqrec.fingerprint`), named after the folder
+holding its seeds and nothing else (`<row>/seed1`, ... as `bench/reproduce.py` lays them out), else after its
+settings. Columns: the number of seeds n; each metric as mean ± half-width of the 95 % confidence interval of the
+mean (Student t, n - 1 degrees of freedom: t * s / sqrt(n), s the sample std; one seed has none); epochs to the best
+validation score, epochs run, training minutes, runs stopped by the time limit. Rows under different protocols get
+a `protocol` column and a line above the table saying not to compare them; runs older than the protocol record get
+a line below it saying nothing was checked. Unfinished runs are left out and counted on stderr.
 
 `--paired A B` tests row B - row A and says which pairing it used:
-- `--over seeds` (the default): a paired t-test over the seeds both rows finished (equal seeds: the same initial
-  draws and sampled negatives). It asks whether the difference survives training randomness; with 3 seeds it only
-  sees large effects.
+- `--over seeds` (default): a paired t-test over the seeds both rows finished (equal seeds: the same initial draws
+  and sampled negatives). Whether the difference survives training randomness; 3 seeds see only large effects.
 - `--over users`: each test user's metric from the ranks the evaluator wrote (`test_ranks.npy`,
-  `seqrec.eval.user_ranks`), averaged over the seeds of each row, users matched by index; both rows must share one
-  recorded protocol. A paired t-test over users and the Wilcoxon signed-rank test. It asks whether these trained
-  models differ on this test set, not whether another training draw would. Runs made before the evaluator wrote
-  test_ranks.npy can only be paired over seeds.
-Both give the mean difference, its 95 % interval and two-sided p-values.
+  `seqrec.eval.user_ranks`), averaged over each row's seeds, users matched by index under one recorded protocol; a
+  paired t-test over users and the Wilcoxon signed-rank test. Whether these trained models differ on this test set,
+  not whether another training draw would. Runs older than test_ranks.npy can only be paired over seeds.
+Both print the mean difference, its 95 % interval and two-sided p-values.
 """
 
 from __future__ import annotations
@@ -132,7 +128,7 @@ def summary_table(summary: pd.DataFrame, metrics: list[str], fmt: str) -> pd.Dat
     table = summary.drop(columns=[] if several else ["protocol"])
     if fmt == "md":
         for m in metrics:
-            table[m] = [_mean_ci(mean, half) for mean, half in zip(table[m], table.pop(f"{m} ci95"), strict=True)]
+            table[m] = [mean_ci_cell(mean, half) for mean, half in zip(table[m], table.pop(f"{m} ci95"), strict=True)]
         table = table.rename(columns={m: f"{m} (mean ± 95% CI)" for m in metrics})
         table[["best_epoch", "epochs"]] = table[["best_epoch", "epochs"]].map(lambda v: f"{v:.0f}")
         table["train_min"] = table["train_min"].map(lambda v: f"{v:.1f}")
@@ -141,7 +137,7 @@ def summary_table(summary: pd.DataFrame, metrics: list[str], fmt: str) -> pd.Dat
     return table.rename(columns={**names, "time_limited": "time-limited"})
 
 
-def _mean_ci(mean: float, half: float) -> str:
+def mean_ci_cell(mean: float, half: float) -> str:
     if math.isnan(mean):
         return ""
     return f"{mean:.4f}" if math.isnan(half) else f"{mean:.4f} ± {half:.4f}"
@@ -172,13 +168,11 @@ def protocols_note(runs: list[Run]) -> str:
 def unrecorded_note(runs: list[Run]) -> str:
     """A line below a table holding runs made before results.json recorded the protocol, else ""."""
     finished = [r for r in runs if r.finished]
-    old = sum(r.protocol is None for r in finished)
-    if not old:
-        return ""
-    return (
-        f"\n{old} of {len(finished)} runs predate the protocol record: nothing checked that they share data, split "
-        "and evaluation\n"
-    )
+    if old := sum(r.protocol is None for r in finished):
+        return (
+            f"\n{old} of {len(finished)} runs predate the protocol record: not checked to share data and evaluation\n"
+        )
+    return ""
 
 
 def render(table: pd.DataFrame, fmt: str) -> str:

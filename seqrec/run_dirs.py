@@ -25,16 +25,8 @@ LEGACY_OVERRIDES = Path(".hydra") / "overrides.yaml"  # the record of runs made 
 RUN_MARKERS = ("results.json", "metrics.jsonl")
 # overrides that do not change the experiment (hydra.job.config.override_dirname.exclude_keys in conf/train.yaml, and
 # where the outputs go)
-IGNORED_OVERRIDES = {
-    "logger",
-    "trainer.progress",
-    "trainer.num_workers",
-    "trainer.resume",
-    "trainer.log_every_steps",
-    "sweep_name",
-    "trainer.output_dir",
-    "logger.output_dir",
-}
+IGNORED_OVERRIDES = {"logger", "trainer.progress", "trainer.num_workers", "trainer.resume", "trainer.log_every_steps"}
+IGNORED_OVERRIDES |= {"sweep_name", "trainer.output_dir", "logger.output_dir"}
 UNRECORDED = "unrecorded"  # the protocol of runs made before results.json recorded it
 
 
@@ -60,18 +52,14 @@ class Run:
         choices, config = self._composed
         if key in choices:
             return fmt_setting(choices[key])
-        if isinstance(config, dict):  # a recorded config: already resolved, read as plain data
-            value = _lookup(config, key)
-            return "" if value is None else fmt_setting(value)
-        try:
-            from omegaconf import OmegaConf
+        from omegaconf import OmegaConf
 
-            value = OmegaConf.select(config, key, default=None) if config is not None else None
-            if OmegaConf.is_config(value):
-                value = OmegaConf.to_container(value)
-            return "" if value is None else fmt_setting(value)
+        try:  # a recorded config is plain resolved data; a legacy DictConfig resolves the key on access
+            value = _lookup(config, key)
+            value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
         except Exception:  # noqa: BLE001 - ${hydra:...} and ${now:...} only resolve inside Hydra
             return ""
+        return "" if value is None else fmt_setting(value)
 
     @property
     def finished(self) -> bool:
@@ -232,11 +220,11 @@ def _read_yaml(file: Path, container: bool = True):
         raise CompareError(f"{file}: not readable YAML ({str(e).splitlines()[0][:160]})") from None
 
 
-def _lookup(config: dict, key: str):
-    """config["a"]["b"] for key "a.b"; None where a level is missing."""
+def _lookup(config, key: str):
+    """config["a"]["b"] for key "a.b" (a dict or a DictConfig); None where a level is missing."""
     node = config
     for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
+        if not hasattr(node, "keys") or part not in node:
             return None
         node = node[part]
     return node
