@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import sys
 from collections import Counter
+from pathlib import Path
 
 import pandas as pd
 
@@ -89,17 +91,20 @@ def runs_frame(runs: list[Run], keys: list[str], metrics: list[str]) -> pd.DataF
 
 
 def row_names(frame: pd.DataFrame, setting_keys: list[str]) -> pd.Series:
-    """Each run's setting, named after the folder that holds exactly that setting's runs, else `k=v ...`."""
+    """Each run's setting, named after the folder that holds exactly that setting's runs (with its parents up to
+    their common folder when two such folders share a name), else `k=v ...`."""
     label = frame[setting_keys].apply(lambda s: " ".join(f"{k}={v}" for k, v in s.items() if v != ""), axis=1)
     label = label if setting_keys else pd.Series("", index=frame.index)
-    folder = frame["dir"].map(lambda p: p.parent)
-    names = {}
+    parent = frame["dir"].map(lambda p: p.parent)
+    folders = {}
     for setting, members in frame.groupby(label, sort=False):
-        folders = set(folder[members.index])
-        only_this = len(folders) == 1 and (label[folder == next(iter(folders))] == setting).all()
-        names[setting] = next(iter(folders)).name if only_this else setting or "all runs"
-    clash = Counter(names.values())  # settings in folders of the same name keep their settings as names
-    return label.map({s: n if clash[n] == 1 else s or n for s, n in names.items()})
+        own = set(parent[members.index])
+        folders[setting] = own.pop() if len(own) == 1 and (label[parent.isin(own)] == setting).all() else None
+    named = [f for f in folders.values() if f is not None]
+    clash = Counter(f.name for f in named)
+    root = Path(os.path.commonpath(named)) if len(named) > 1 else None
+    names = {s: f.name if clash[f.name] == 1 else str(f.relative_to(root)) for s, f in folders.items() if f}
+    return label.map(lambda s: names.get(s) or s or "all runs")
 
 
 def _per_minute(seconds) -> float:

@@ -196,13 +196,10 @@ def read_settings(path: Path) -> tuple[dict, object]:
     record = read_record(path)
     if record is not None:
         return dict(record["choices"]), record["config"]
-    from omegaconf import OmegaConf
-
     choices, config = {}, None
     try:
         if (path / ".hydra" / "hydra.yaml").is_file():
-            hydra = _read_yaml(path / ".hydra" / "hydra.yaml", container=False)
-            choices = OmegaConf.select(hydra, "hydra.runtime.choices") or {}
+            choices = _lookup(_read_yaml(path / ".hydra" / "hydra.yaml"), "hydra.runtime.choices") or {}
         config, _ = read_config(path)
     except Exception:  # noqa: BLE001 - labels fall back to the overrides alone
         pass
@@ -210,12 +207,16 @@ def read_settings(path: Path) -> tuple[dict, object]:
 
 
 def _read_yaml(file: Path, container: bool = True):
-    """YAML as data through OmegaConf's safe loader: plain containers (unresolved), or the DictConfig itself."""
-    from omegaconf import OmegaConf
-
+    """YAML as data, through a safe loader: plain containers, or (container=False) OmegaConf's DictConfig, whose
+    interpolations resolve on access."""
     try:
-        config = OmegaConf.load(file)
-        return OmegaConf.to_container(config) if container else config
+        if container:
+            import yaml  # (OmegaConf's own parser; plain containers need no DictConfig, which is slow to build)
+
+            return yaml.safe_load(file.read_text())
+        from omegaconf import OmegaConf
+
+        return OmegaConf.load(file)
     except Exception as e:  # noqa: BLE001 - yaml and omegaconf raise several types
         raise CompareError(f"{file}: not readable YAML ({str(e).splitlines()[0][:160]})") from None
 

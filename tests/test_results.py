@@ -5,10 +5,13 @@ under different protocols are flagged; settings come from run.json before the le
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
+import shlex
 import statistics
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +21,8 @@ from seqrec.eval.user_ranks import read_test_ranks, write_test_ranks
 from seqrec.results import main, results_table
 from seqrec.stats import paired_t_test, student_t_cdf, student_t_quantile, student_t_sf, wilcoxon_signed_rank
 from tests.test_compare import fake_run, recorded_run, write_hydra_folder
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_seeds_of_one_setting_become_one_row_with_mean_and_std(tmp_path, capsys):
@@ -268,3 +273,32 @@ def test_tests_agree_with_scipy():
     assert abs(wilcoxon_signed_rank(b - a) - expected) < 1e-9
     for x, df in [(40.0, 5), (6.0, 400), (2.0, 3)]:  # small tail probabilities stay accurate
         assert student_t_sf(x, df) == pytest.approx(stats.t.sf(x, df), rel=1e-6)
+
+
+def test_clashing_folder_names_are_told_apart_by_their_parents(tmp_path):
+    for parent, lr in (("cpu", "0.001"), ("gpu", "0.002")):
+        for seed in (1, 2):
+            fake_run(tmp_path / parent / "exp" / f"seed{seed}", [f"optimizer.lr={lr}", f"seed={seed}"], [0.1])
+    _, summary, _ = results_table([str(tmp_path)], ["test/ndcg@10"])
+    assert list(summary["row"]) == ["cpu/exp", "gpu/exp"]
+
+
+def test_the_tables_in_docs_results_md_are_the_tools_output(capsys):
+    """Every `python -m seqrec.results` command in docs/RESULTS.md, run on the committed run directories, prints
+    only lines the document holds: its tables are the tool's output, unchanged (for --paired commands, which also
+    print their table, the lines below the table)."""
+    doc = REPO / "docs" / "RESULTS.md"
+    if not (REPO / "docs" / "results").is_dir():
+        pytest.skip("docs/results is absent")
+    text = doc.read_text()
+    lines = set(text.splitlines())
+    commands = re.findall(r"^python -m seqrec\.results (.*?)(?<!\\)$", text.replace("\\\n", " "), flags=re.M)
+    assert len(commands) >= 10
+    for command in commands:
+        args = shlex.split(command, comments=True)
+        with contextlib.chdir(REPO):
+            assert main(args) == 0, command
+        printed = capsys.readouterr().out.splitlines()
+        checked = [ln for ln in printed if ln and not ("--paired" in args and ln.startswith("|"))]
+        missing = [ln for ln in checked if ln not in lines]
+        assert not missing, f"docs/RESULTS.md lacks the output of `{command}`: {missing[:2]}"
