@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} seed {seed}: exit {code} after {seconds:.0f} s", flush=True)
             if code:
                 failed.append(f"{args.out}/{name}/seed{seed}/stdout.log")
-    text, _, unfinished = results_table(
+    text, _, _ = results_table(
         [args.out], ["test/ndcg@10", "test/hr@10", "test_sampled/ndcg@10", "test_sampled/hr@10", "val/ndcg@10"]
     )
     print(text)

@@ -142,7 +142,7 @@ def rebuild_config(run: Path, ckpt: Path, state: dict) -> tuple[dict, str]:
     order."""
     from omegaconf import OmegaConf
 
-    from seqrec.compare import read_config
+    from seqrec.run_dirs import read_config
 
     if isinstance(state.get("config"), dict) and state["config"].get("model"):
         config, source = state["config"], f"{ckpt} (its stored config)"

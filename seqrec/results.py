@@ -1,194 +1,213 @@
-"""Results tables from run directories: the runs that differ only in `seed` become one row, mean ± 95 % confidence
-interval over seeds; `--paired A B` tests whether two rows differ.
+"""Results tables from run directories: the runs of one setting become one row, mean ± 95 % confidence interval over
+its seeds; `--paired A B` tests whether two rows differ, over seeds or over test users.
 
-    python -m seqrec.results DIR [DIR ...] [--metrics test/ndcg@10,test/hr@10] [--format md|csv] [--paired A B]
+    python -m seqrec.results DIR [DIR ...] [--metrics test/ndcg@10,test/hr@10] [--format md|csv]
+        [--paired A B [--over seeds|users]]
 
-A row is named after the folder that holds its seeds and nothing else (`<row>/seed1`, `<row>/seed2`, ... as
-`bench/reproduce.py` lays them out), otherwise after its overrides. Columns: the number of seeds, each metric as
-mean ± half-width of the 95 % confidence interval of the mean (Student t with n - 1 degrees of freedom: t * s / √n,
-s the sample standard deviation; one seed has no interval), the epochs to the best validation score, the epochs
-run, minutes of training, and how many runs stopped at `trainer.time_limit_min` instead of converging. Runs are
-grouped by their evaluation protocol too (results.json["protocol"], see `seqrec.fingerprint`): rows under different
-protocols get a `protocol` column and a header line saying they must not be compared. Unfinished runs (no
-results.json) are left out and counted on stderr. A run's overrides are read from its run.json (the legacy
-.hydra/overrides.yaml for runs made before it), as `seqrec.compare` describes; nothing is instantiated.
+Runs are read by `seqrec.run_dirs` (as data) into a DataFrame, one row per run (`runs_frame`). A setting is a run's
+values of the config keys that differ between the runs, except `seed` and `trainer.time_limit_min`. A table row is
+one setting under one evaluation protocol (results.json["protocol"], `seqrec.fingerprint`), named after the folder
+holding its seeds and nothing else (`<row>/seed1`, ... as `bench/reproduce.py` lays them out), else after its
+settings. Columns: the number of seeds n; each metric as mean ± half-width of the 95 % confidence interval of the
+mean (Student t, n - 1 degrees of freedom: t * s / sqrt(n), s the sample std; one seed has none); epochs to the best
+validation score, epochs run, training minutes, runs stopped by the time limit. Rows under different protocols get
+a `protocol` column and a line above the table saying not to compare them; runs older than the protocol record get
+a line below it saying nothing was checked. Unfinished runs are left out and counted on stderr.
 
-`--paired A B`: a paired t-test over seeds (the runs of A and B with the same seed, so the same initial draws and
-sampled negatives): mean difference B - A, its 95 % interval and the two-sided p-value. Results hold only per-seed
-means, not per-user metrics, so the pairing is over seeds, never over users.
+`--paired A B` tests row B - row A and says which pairing it used:
+- `--over seeds` (default): a paired t-test over the seeds both rows finished (equal seeds: the same initial draws
+  and sampled negatives). Whether the difference survives training randomness; 3 seeds see only large effects.
+- `--over users`: each test user's metric from the ranks the evaluator wrote (`test_ranks.npy`,
+  `seqrec.eval.user_ranks`), averaged over each row's seeds, users matched by index under one recorded protocol; a
+  paired t-test over users and the Wilcoxon signed-rank test. Whether these trained models differ on this test set,
+  not whether another training draw would. Runs older than test_ranks.npy can only be paired over seeds.
+Both print the mean difference, its 95 % interval and two-sided p-values.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import re
 import sys
 from collections import Counter
+from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from seqrec.compare import CompareError, Run, find_runs, format_table, protocols_note
+from seqrec.errors import SeqrecError
+from seqrec.eval.user_ranks import FILE as RANKS_FILE
+from seqrec.eval.user_ranks import read_test_ranks
+from seqrec.fingerprint import describe, differing_fields
+from seqrec.run_dirs import UNRECORDED, CompareError, Run, find_runs, number
+from seqrec.stats import mean_ci, paired_t_test, wilcoxon_signed_rank
 
 DEFAULT_METRICS = ("test/ndcg@10", "test/hr@10")
-CONFIDENCE = 0.95
-
-# overrides that do not make a different setting (beyond compare.IGNORED_OVERRIDES, dropped when runs are read):
-# the seed, and the time budget a run may get per machine (the table's "time-limited" column says which it stopped)
-NOT_A_SETTING = ("seed", "trainer.time_limit_min")
-
-
-# --------------------------------------------------------------------------------------------- Student t
-def student_t_cdf(x: float, df: int) -> float:
-    """P(T <= x) for Student's t with `df` degrees of freedom: Simpson's rule on the density from 0 to |x| (no
-    SciPy; error below 1e-9 for the |x| < 1000 that confidence intervals and p-values need)."""
-    a = abs(float(x))
-    if a == 0.0:
-        return 0.5
-    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-    # substitution u = atan(t): the density's heavy tail becomes a smooth bounded integrand on [0, atan(a)]
-    u = np.linspace(0.0, math.atan(a), 4001)
-    t = np.tan(u)
-    f = np.exp(log_norm - (df + 1) / 2 * np.log1p(t * t / df)) / np.cos(u) ** 2
-    h = u[1] - u[0]
-    area = h / 3 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
-    return 0.5 + math.copysign(area, x)
-
-
-def student_t_quantile(p: float, df: int) -> float:
-    """x with P(T <= x) = p, for 0.5 <= p < 1, by bisection on `student_t_cdf`."""
-    low, high = 0.0, 1e6
-    for _ in range(80):
-        mid = (low + high) / 2
-        low, high = (mid, high) if student_t_cdf(mid, df) < p else (low, mid)
-    return (low + high) / 2
-
-
-def mean_ci(values) -> tuple[float, float, float]:
-    """(mean, sample standard deviation, half-width of the CONFIDENCE interval of the mean); std and half-width are
-    NaN for one value."""
-    values = np.asarray(values, dtype=float)
-    n = len(values)
-    if n < 2:
-        return float(values.mean()), math.nan, math.nan
-    std = float(values.std(ddof=1))
-    return float(values.mean()), std, student_t_quantile((1 + CONFIDENCE) / 2, n - 1) * std / math.sqrt(n)
-
-
-def paired_t_test(a, b) -> dict:
-    """Paired t-test of b - a: {n, mean_diff, ci (half-width), t, p (two-sided)}; t and p are NaN for n < 2 or
-    for identical differences (zero spread)."""
-    diff = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
-    mean, std, half = mean_ci(diff)
-    n = len(diff)
-    t = mean / (std / math.sqrt(n)) if n > 1 and std > 0 else math.nan
-    p = 2 * (1 - student_t_cdf(abs(t), n - 1)) if not math.isnan(t) else math.nan
-    return {"n": n, "mean_diff": mean, "ci": half, "t": t, "p": p}
+NOT_A_SETTING = ("seed", "trainer.time_limit_min")  # the time limit: the budget a machine gave, see "time-limited"
 
 
 # --------------------------------------------------------------------------------------------- runs -> frame
-def group_by_setting(runs: list[Run]) -> dict[str, list[Run]]:
-    """{row name: runs}, runs grouped by their overrides without NOT_A_SETTING and by their protocol, in first-seen
-    order."""
-    groups: dict[tuple, list[Run]] = {}
-    for run in runs:
-        key = tuple(sorted((k, v) for k, v in run.overrides.items() if k not in NOT_A_SETTING))
-        groups.setdefault((key, run.protocol_id), []).append(run)
-    runs_per_parent = Counter(r.path.parent for r in runs)
-    named = {}
-    for (key, _), members in groups.items():
-        parents = {r.path.parent for r in members}
-        # a folder holding exactly this setting's seeds names the row; otherwise its overrides do
-        only_these = len(parents) == 1 and runs_per_parent[next(iter(parents))] == len(members)
-        name = next(iter(parents)).name if only_these else " ".join(f"{k}={v}" for k, v in key)
-        while name in named:
-            name += "'"
-        named[name] = members
-    return named
+def swept_keys(runs: list[Run]) -> tuple[list[str], dict[str, str]]:
+    """(override keys whose value differs between runs, {key: value} of overrides shared by all runs); for one run,
+    all its overrides and no common ones."""
+    keys = sorted({k for r in runs for k in r.overrides})
+    if len(runs) == 1:
+        return keys, {}
+    varying = [k for k in keys if len({r.setting(k) for r in runs}) > 1]
+    return varying, {k: runs[0].setting(k) for k in keys if k not in varying}
 
 
-def runs_frame(groups: dict[str, list[Run]], metrics: list[str]) -> pd.DataFrame:
-    """One row per finished run: row, seed, protocol, the metrics, best_epoch, epochs_run, train_min, time_limited."""
+def runs_frame(runs: list[Run], keys: list[str], metrics: list[str]) -> pd.DataFrame:
+    """One row per run, in `runs` order: `run` (the Run), `dir`, the settings `keys`, `seed`, `row` (see
+    `row_names`), `protocol` (None while running), `metrics` (results.json; for a run still going, its epoch with the
+    best metrics[0] so far), best_epoch, epochs, minutes (training + evaluation), train_min, status, time_limited."""
     records = []
-    for name, members in groups.items():
-        for run in members:
-            r = run.results
-            if not r:
-                continue
-            records.append(
-                {
-                    "row": name,
-                    "seed": run.setting("seed") or str(run.path.name),
-                    "protocol": run.protocol_id,
-                    **{m: float(r[m]) if m in r else math.nan for m in metrics},
-                    "best_epoch": r.get("best_epoch"),
-                    "epochs_run": r.get("epochs_run"),
-                    "train_min": r.get("train_seconds", math.nan) / 60,
-                    "time_limited": bool(r.get("time_limited")),
-                }
-            )
-    columns = ["row", "seed", "protocol", *metrics, "best_epoch", "epochs_run", "train_min", "time_limited"]
-    return pd.DataFrame.from_records(records, columns=columns)
-
-
-def summarise(frame: pd.DataFrame, metrics: list[str]) -> dict[str, dict]:
-    """{row: {"seeds", "protocol", metric: (mean, std, ci half-width) or None, best_epoch, epochs_run, train_min,
-    time_limited}}, rows in first-seen order."""
-    out = {}
-    for name, runs in frame.groupby("row", sort=False):
-        row = {"seeds": len(runs), "protocol": runs["protocol"].iloc[0]}
-        for m in metrics:
-            values = runs[m].dropna()
-            row[m] = mean_ci(values) if len(values) else None
-        row.update({k: float(runs[k].mean()) for k in ("best_epoch", "epochs_run", "train_min")})
-        row["time_limited"] = int(runs["time_limited"].sum())
-        out[name] = row
-    return out
-
-
-def results_table(paths: list[str], metrics: list[str], fmt: str = "md") -> tuple[str, dict[str, dict], int]:
-    """(table text, {row name: summary}, number of unfinished runs left out)."""
-    runs = find_runs(paths)
-    groups = group_by_setting(runs)
-    summaries = summarise(runs_frame(groups, metrics), metrics)
-    unfinished = sum(not r.results for r in runs)
-    ids = list(dict.fromkeys(s["protocol"] for s in summaries.values()))
-    several = len(ids) > 1
-    header = ["row", *(["protocol"] if several else []), "seeds"]
-    header += [f"{m} (mean ± 95% CI)" if fmt == "md" else m for m in metrics]
-    header += ["best epoch", "epochs run", "train min", "time-limited"]
-    rows = []
-    for name, s in summaries.items():
-        cells = [_mean_ci_cell(s[m]) for m in metrics]
-        rows.append(
-            [name, *([s["protocol"]] if several else []), s["seeds"], *cells]
-            + [f"{s['best_epoch']:.0f}", f"{s['epochs_run']:.0f}", f"{s['train_min']:.1f}"]
-            + [f"{s['time_limited']}/{s['seeds']}"]
+    for r in runs:
+        values, last = r.metrics(metrics[0]), (r.history[-1] if r.history else {})
+        seconds = r.results.get("train_seconds", 0) + r.results.get("eval_seconds", 0) if r.finished else None
+        records.append(
+            {
+                "run": r,
+                "dir": r.path,
+                **{k: r.setting(k) for k in keys},
+                "seed": r.setting("seed") or r.path.name,
+                "protocol": r.protocol_id if r.finished else None,
+                **{m: number(values.get(m)) for m in metrics},
+                "best_epoch": values.get("best_epoch", values.get("epoch")),
+                "epochs": r.results.get("epochs_run", last.get("epoch")),
+                "minutes": _per_minute(seconds if r.finished else last.get("train/seconds")),
+                "train_min": _per_minute(r.results.get("train_seconds")),
+                "status": "done" if r.finished else ("running/failed" if r.history else "no epochs"),
+                "time_limited": bool(r.results.get("time_limited")),
+            }
         )
-    text = format_table(header, rows, fmt)
+    columns = ["run", "dir", *dict.fromkeys([*keys, "seed"]), "protocol", *metrics, "best_epoch", "epochs"]
+    frame = pd.DataFrame.from_records(records, columns=columns + ["minutes", "train_min", "status", "time_limited"])
+    frame[metrics] = frame[metrics].astype(float)
+    frame[["best_epoch", "epochs"]] = frame[["best_epoch", "epochs"]].astype("Int64")
+    frame["row"] = row_names(frame, [k for k in keys if k not in NOT_A_SETTING])
+    return frame
+
+
+def row_names(frame: pd.DataFrame, setting_keys: list[str]) -> pd.Series:
+    """Each run's setting, named after the folder that holds exactly that setting's runs (with its parents up to
+    their common folder when two such folders share a name), else `k=v ...`."""
+    label = frame[setting_keys].apply(lambda s: " ".join(f"{k}={v}" for k, v in s.items() if v != ""), axis=1)
+    label = label if setting_keys else pd.Series("", index=frame.index)
+    parent = frame["dir"].map(lambda p: p.parent)
+    folders = {}
+    for setting, members in frame.groupby(label, sort=False):
+        own = set(parent[members.index])
+        folders[setting] = own.pop() if len(own) == 1 and (label[parent.isin(own)] == setting).all() else None
+    named = [f for f in folders.values() if f is not None]
+    clash = Counter(f.name for f in named)
+    root = Path(os.path.commonpath(named)) if len(named) > 1 else None
+    names = {s: f.name if clash[f.name] == 1 else str(f.relative_to(root)) for s, f in folders.items() if f}
+    return label.map(lambda s: names.get(s) or s or "all runs")
+
+
+def _per_minute(seconds) -> float:
+    return number(seconds) / 60 if number(seconds) is not None else math.nan
+
+
+# --------------------------------------------------------------------------------------------- seeds -> rows
+def summarise(frame: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """One row per (row, protocol) of the finished runs, in first-seen order: row, protocol, seeds (n), per metric
+    its mean `<m>` and the half-width of its 95 % interval `<m> ci95` (NaN for one seed), the means of best_epoch,
+    epochs and train_min, and time_limited (a count)."""
+    out = []
+    for (name, protocol), runs in frame[frame["status"] == "done"].groupby(["row", "protocol"], sort=False):
+        row = {"row": name, "protocol": protocol, "seeds": len(runs)}
+        for m in metrics:
+            row[m], _, row[f"{m} ci95"] = mean_ci(runs[m].dropna())
+        row |= {k: runs[k].astype(float).mean() for k in ("best_epoch", "epochs", "train_min")}
+        out.append(row | {"time_limited": int(runs["time_limited"].sum())})
+    columns = ["row", "protocol", "seeds", *[c for m in metrics for c in (m, f"{m} ci95")]]
+    return pd.DataFrame(out, columns=columns + ["best_epoch", "epochs", "train_min", "time_limited"])
+
+
+def summary_table(summary: pd.DataFrame, metrics: list[str], fmt: str) -> pd.DataFrame:
+    """The summary as printed: Markdown cells `mean ± ci`, CSV a number per column."""
+    several = summary["protocol"].nunique() > 1
+    table = summary.drop(columns=[] if several else ["protocol"])
     if fmt == "md":
-        text = protocols_note(runs) + text
-    return text, summaries, unfinished
+        for m in metrics:
+            table[m] = [mean_ci_cell(mean, half) for mean, half in zip(table[m], table.pop(f"{m} ci95"), strict=True)]
+        table = table.rename(columns={m: f"{m} (mean ± 95% CI)" for m in metrics})
+        table[["best_epoch", "epochs"]] = table[["best_epoch", "epochs"]].map(lambda v: f"{v:.0f}")
+        table["train_min"] = table["train_min"].map(lambda v: f"{v:.1f}")
+        table["time_limited"] = [f"{k}/{n}" for k, n in zip(table["time_limited"], table["seeds"], strict=True)]
+    names = {"best_epoch": "best epoch", "epochs": "epochs run", "train_min": "train min"}
+    return table.rename(columns={**names, "time_limited": "time-limited"})
 
 
-def _mean_ci_cell(stats: tuple | None) -> str:
-    if stats is None:
+def mean_ci_cell(mean: float, half: float) -> str:
+    if math.isnan(mean):
         return ""
-    mean, _, half = stats
     return f"{mean:.4f}" if math.isnan(half) else f"{mean:.4f} ± {half:.4f}"
 
 
-def paired_comparison(paths: list[str], metric: str, first: str, second: str) -> str:
-    """One line: the paired t-test over seeds of `second` - `first` on `metric` (see the module docstring)."""
-    groups = group_by_setting(find_runs(paths))
-    frame = runs_frame(groups, [metric])
+def results_table(paths: list[str], metrics: list[str], fmt: str = "md") -> tuple[str, pd.DataFrame, pd.DataFrame]:
+    """(table text, the summary, the runs frame)."""
+    runs = find_runs(paths)
+    frame = runs_frame(runs, swept_keys(runs)[0], metrics)
+    summary = summarise(frame, metrics)
+    text = render(summary_table(summary, metrics, fmt), fmt)
+    if fmt == "md":
+        text = protocols_note(runs) + text + unrecorded_note(runs)
+    return text, summary, frame
+
+
+# --------------------------------------------------------------------------------------------- protocols, output
+def protocols_note(runs: list[Run]) -> str:
+    """A line above a table whose runs were evaluated under several protocols, else ""."""
+    protocols = {r.protocol_id: r.protocol for r in runs if r.finished}
+    if len(protocols) < 2:
+        return ""
+    differ = ", ".join(differing_fields(list(protocols.values()))[:6]) or "fields not recorded"
+    listed = "; ".join(describe(p) if p else UNRECORDED for p in protocols.values())
+    return f"{len(protocols)} protocols: {listed}; they differ in {differ}: do not compare rows across them\n\n"
+
+
+def unrecorded_note(runs: list[Run]) -> str:
+    """A line below a table holding runs made before results.json recorded the protocol, else ""."""
+    finished = [r for r in runs if r.finished]
+    if old := sum(r.protocol is None for r in finished):
+        return (
+            f"\n{old} of {len(finished)} runs predate the protocol record: not checked to share data and evaluation\n"
+        )
+    return ""
+
+
+def render(table: pd.DataFrame, fmt: str) -> str:
+    """CSV, or a Markdown table of the frame's cells (pandas' to_markdown needs tabulate, not a dependency)."""
+    if fmt == "csv":
+        return table.to_csv(index=False, lineterminator="\n")
+    header = [str(c) for c in table.columns]
+    cells = [["" if v is None or v is pd.NA or v != v else str(v) for v in row] for row in table.itertuples(False)]
+    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(header)]
+    line = lambda values: "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)]) + "\n"
+
+
+# --------------------------------------------------------------------------------------------- paired tests
+def paired_rows(frame: pd.DataFrame, first: str, second: str) -> pd.DataFrame:
+    """The finished runs of rows `first` and `second`, refused unless both exist under one protocol."""
+    done = frame[frame["status"] == "done"]
     for name in (first, second):
-        if name not in groups:
-            raise CompareError(f"--paired {name}: no such row; rows: {', '.join(groups)}")
-    protocols = set(frame.loc[frame["row"].isin([first, second]), "protocol"])
-    if len(protocols) > 1:
+        if name not in set(done["row"]):
+            rows = ", ".join(done["row"].unique())
+            raise CompareError(f"--paired {name}: no such row with finished runs; rows: {rows}")
+    pair = done[done["row"].isin([first, second])]
+    if pair["protocol"].nunique() > 1:
         raise CompareError(f"--paired {first} {second}: the rows were evaluated under different protocols")
-    wide = frame.pivot_table(index="seed", columns="row", values=metric).dropna()
+    return pair
+
+
+def paired_over_seeds(frame: pd.DataFrame, metric: str, first: str, second: str) -> str:
+    """One line: the paired t-test over seeds of `second` - `first` on `metric`."""
+    wide = paired_rows(frame, first, second).pivot_table(index="seed", columns="row", values=metric).dropna()
     if first not in wide or second not in wide or len(wide) < 2:
         raise CompareError(f"--paired {first} {second}: fewer than 2 seeds finished in both rows")
     test = paired_t_test(wide[first], wide[second])
@@ -198,24 +217,70 @@ def paired_comparison(paths: list[str], metric: str, first: str, second: str) ->
     )
 
 
+def paired_over_users(frame: pd.DataFrame, metric: str, first: str, second: str) -> str:
+    """One line: `second` - `first` on each test user's `metric` averaged over each row's seeds, the paired t-test
+    over users and the Wilcoxon signed-rank p-value."""
+    if not re.fullmatch(r"test/(ndcg|hr|mrr)@\d+", metric):
+        raise CompareError(f"--over users: {metric}: expected test/ndcg@k, test/hr@k or test/mrr@k (test ranks only)")
+    pair = paired_rows(frame, first, second)
+    if pair["protocol"].iloc[0] == UNRECORDED:
+        raise CompareError(f"--paired {first} {second} --over users: no recorded protocol, so users cannot be matched")
+    per_row, seeds = {}, {}
+    for name in (first, second):
+        runs = pair.loc[pair["row"] == name, "run"]
+        per_seed = pd.concat([user_metric(run, metric) for run in runs], axis=1)  # (users, seeds)
+        if per_seed.isna().any().any():
+            raise CompareError(f"--over users: the seeds of {name} ranked different test users")
+        per_row[name], seeds[name] = per_seed.mean(axis=1), len(runs)
+    a, b = per_row[first], per_row[second]
+    if not a.index.equals(b.index):
+        raise CompareError(f"--paired {first} {second} --over users: the rows ranked different test users")
+    test = paired_t_test(a, b)
+    return (
+        f"{metric}: {second} - {first} = {test['mean_diff']:+.4f} ± {test['ci']:.4f} (95% CI), paired over "
+        f"{test['n']} users (each user's value averaged over {seeds[first]} and {seeds[second]} seeds), "
+        f"t = {test['t']:.3f}, p = {test['p']:.3g}; Wilcoxon signed-rank p = {wilcoxon_signed_rank(b - a):.3g}"
+    )
+
+
+def user_metric(run: Run, metric: str) -> pd.Series:
+    """The run's test `metric` per user (indexed by user) from its test_ranks.npy, which must reproduce the run's
+    results.json value (else the file is not this run's)."""
+    import torch
+
+    from seqrec.eval.metrics import metric_values
+
+    file = run.path / RANKS_FILE
+    if not file.is_file():
+        raise CompareError(f"{file}: missing (the run predates per-user ranks); pair over seeds instead")
+    records = read_test_ranks(run.path)
+    values = metric_values(torch.from_numpy(records["rank"]), [int(metric.split("@")[1])])[metric[len("test/") :]]
+    values = values.numpy()
+    if metric not in run.results or abs(values.mean() - run.results[metric]) > 1e-6:
+        raise CompareError(f"{file}: gives {metric} {values.mean():.6f}, not the run's results.json value")
+    return pd.Series(values, index=records["user"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m seqrec.results", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", help="folders holding run directories")
     parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help="comma-separated results.json keys")
     parser.add_argument("--format", choices=("md", "csv"), default="md")
-    parser.add_argument("--paired", nargs=2, metavar=("A", "B"), help="paired t-test over seeds of row B - row A")
+    parser.add_argument("--paired", nargs=2, metavar=("A", "B"), help="a paired test of row B - row A")
+    parser.add_argument("--over", choices=("seeds", "users"), default="seeds", help="what --paired pairs")
     args = parser.parse_args(argv)
     metrics = [m for m in args.metrics.split(",") if m]
     try:
-        text, _, unfinished = results_table(args.paths, metrics, args.format)
-        paired = [paired_comparison(args.paths, m, *args.paired) for m in metrics] if args.paired else []
-    except CompareError as e:
+        text, _, frame = results_table(args.paths, metrics, args.format)
+        test = paired_over_users if args.over == "users" else paired_over_seeds
+        paired = [test(frame, m, *args.paired) for m in metrics] if args.paired else []
+    except SeqrecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(text, end="")
     for line in paired:
         print(line)
-    if unfinished:
+    if unfinished := int((frame["status"] != "done").sum()):
         print(f"left out {unfinished} unfinished run(s) (no results.json)", file=sys.stderr)
     return 0
 

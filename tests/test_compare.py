@@ -7,6 +7,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +17,7 @@ import pytest
 
 import seqrec.compare
 from seqrec.compare import compare, line_styles, main
+from seqrec.run_dirs import find_runs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -314,7 +317,7 @@ def test_the_legacy_run_directories_in_docs_still_compare():
     folder = REPO / "docs" / "results" / "ml1m_cpu_h256"
     if not folder.is_dir():
         pytest.skip("docs/results/ml1m_cpu_h256 is absent")
-    runs = seqrec.compare.find_runs([str(folder)])
+    runs = find_runs([str(folder)])
     assert len(runs) == 3 and all(not (r.path / "run.json").exists() for r in runs)
     assert {r.setting("seed") for r in runs} == {"1", "2", "3"}
     assert {r.setting("model.hidden_units") for r in runs} == {"256"}
@@ -322,7 +325,7 @@ def test_the_legacy_run_directories_in_docs_still_compare():
 
 def test_runs_under_different_protocols_are_flagged_on_the_table(sweep, tmp_path):
     runs = sorted(p for p in sweep.iterdir() if p.is_dir())
-    for run, protocol in zip(runs, ["p1", "p1", "p2", "p2"], strict=True):
+    for run, protocol in zip(runs, ["p1", "p2", "p1", "p2"], strict=True):
         results = json.loads((run / "results.json").read_text())
         results["protocol"] = {
             "id": protocol,
@@ -334,10 +337,28 @@ def test_runs_under_different_protocols_are_flagged_on_the_table(sweep, tmp_path
     first = text.splitlines()[0]
     assert first.startswith("2 protocols: p1 (ml-1m 6040u/3416i") and first.endswith("do not compare rows across them")
     assert "they differ in evaluation.filter_seen:" in first
-    rows = table_rows(text)
-    assert rows[0][1] == "protocol" and sorted(r[1] for r in rows[1:]) == ["p1", "p1", "p2", "p2"]
+    header, *rows = table_rows(text)
+    assert header[1] == "protocol" and [r[1] for r in rows] == ["p1", "p1", "p2", "p2"]
+    # ranked within each protocol, never across
+    assert [r[header.index("val/ndcg@10")] for r in rows] == ["0.4000", "0.2000", "0.3500", "0.2500"]
+    assert "predate the protocol record" not in text
 
 
 def test_runs_under_one_protocol_get_no_protocol_column(sweep, tmp_path):
     text, _, _ = compare([str(sweep)], out=str(tmp_path / "out"), plots=False)
     assert "protocols" not in text and "protocol" not in table_rows(text)[0]
+    # these runs were made before results.json recorded the protocol: the table says nobody checked
+    assert text.endswith("\n4 of 4 runs predate the protocol record: not checked to share data and evaluation\n")
+
+
+def test_the_seeds_of_a_setting_get_their_mean_and_95_ci(tmp_path):
+    for model, seed, value in [("sasrec", 1, 0.1), ("sasrec", 2, 0.2), ("tisasrec", 1, 0.3), ("tisasrec", 2, 0.4)]:
+        fake_run(tmp_path / f"{model}_{seed}", [f"model={model}", f"seed={seed}"], [value])
+    text, best, _ = compare([str(tmp_path)], out=str(tmp_path / "o"), plots=False)
+    per_run, per_setting = text.split("per setting, over its seeds:")
+    assert len(table_rows(per_run)) == 1 + 4
+    header, *rows = table_rows(per_setting)
+    assert header[:3] == ["row", "seeds", "val/ndcg@10 (mean ± 95% CI)"]
+    half = math.tan(math.pi * 0.475) * statistics.stdev([0.3, 0.4]) / math.sqrt(2)  # t(0.975, df=1): Cauchy
+    assert rows[0][:3] == ["model=tisasrec", "2", f"0.3500 ± {half:.4f}"] and rows[1][0] == "model=sasrec"
+    assert best == f"best by val/ndcg@10 (mean over 2 seeds): model=tisasrec  (0.3500 ± {half:.4f})"

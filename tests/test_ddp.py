@@ -135,14 +135,16 @@ def _eval_worker() -> dict:
     dist.init_process_group("gloo")
     try:
         model, evaluator = _eval_objects(dist.get_rank(), dist.get_world_size())
-        return {split: evaluator.evaluate(model, split) for split in ("valid", "test")}
+        metrics = {split: evaluator.evaluate(model, split) for split in ("valid", "test")}
+        return {**metrics, "test_ranks": [a.tolist() for a in evaluator.test_ranks]}
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_sharded_evaluation_equals_single_process():
-    """Users sharded over 2 gloo ranks + all-reduced sums == one process, metric by metric."""
+    """Users sharded over 2 gloo ranks + all-reduced sums == one process, metric by metric; every rank gathers the
+    per-user test ranks of one process."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     from seqrec.train.distributed import free_port
@@ -161,6 +163,7 @@ def test_sharded_evaluation_equals_single_process():
     )
     sharded = elastic_launch(config, _eval_worker)()
     assert sharded[0] == sharded[1]  # every rank gets the reduced metrics
+    assert sharded[0]["test_ranks"] == [a.tolist() for a in evaluator.test_ranks]
     for split in ("valid", "test"):
         assert set(sharded[0][split]) == set(single[split])
         assert any(v > 0 for v in single[split].values())

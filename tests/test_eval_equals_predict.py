@@ -12,20 +12,24 @@ The two differ by design in two ways, and the comparison removes exactly those:
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
 import torch
 
 from seqrec.eval.evaluator import Evaluator
+from seqrec.eval.user_ranks import read_test_ranks
 from seqrec.predict import load_run, recommend
+from seqrec.results import user_metric
+from seqrec.run_dirs import read_run
 from tests.test_predict import train_run
 
 KS = [1, 5, 10]
 
 
 @pytest.fixture(scope="module", params=["sasrec", "tisasrec"])
-def trained(request, tmp_path_factory):
+def trained_dir(request, tmp_path_factory):
     """A tiny trained run on a timestamped file where every 4th user's last item repeats an earlier one."""
     root = tmp_path_factory.mktemp(f"eval_predict_{request.param}")
     rng = np.random.default_rng(1)
@@ -36,10 +40,14 @@ def trained(request, tmp_path_factory):
             items.append(items[0])  # a repeat as the test target
         lines += [f"{u} {i} {1_000_000 + 3600 * t + 60 * (t % 3)}" for t, i in enumerate(items)]
     (root / "interactions.txt").write_text("\n".join(lines) + "\n")
-    run_dir = train_run(
+    return train_run(
         root / "run", ["dataset=file", f"dataset.path={root / 'interactions.txt'}", f"model={request.param}"]
     )
-    return load_run(run_dir)
+
+
+@pytest.fixture(scope="module")
+def trained(trained_dir):
+    return load_run(trained_dir)
 
 
 def held_out_test(data):
@@ -107,3 +115,21 @@ def test_a_repeated_test_target_is_ranked_by_the_evaluator_but_never_recommended
     assert (
         predict_positions(data, model, repeat, int(cfg["model"]["maxlen"])) == -1
     ).all()  # predict masks every seen item
+
+
+def test_the_run_keeps_the_ranks_its_test_metrics_came_from(trained_dir, trained):
+    """test_ranks.npy holds, per test user by index, the evaluator's rank of the target (counted up to max(ks)), and
+    gives the run's results.json metrics: what `seqrec.results --over users` pairs."""
+    data, model, cfg = trained
+    records = read_test_ranks(trained_dir)
+    users = data.eval_users("test")
+    assert records["user"].tolist() == sorted(users.tolist())
+    evaluator = Evaluator(data, protocol="full", ks=[5, 10, 20], filter_seen=True, maxlen=int(cfg["model"]["maxlen"]))
+    with torch.no_grad():
+        h = evaluator._last_hidden(model, records["user"], "test", "cpu")
+        ranks = evaluator._ranks(model, h, records["user"], torch.from_numpy(data.test_item[records["user"]]), "test")
+    assert records["rank"].tolist() == ranks[0].clamp(max=20).tolist()
+    results = json.loads((trained_dir / "results.json").read_text())
+    for metric in ("test/ndcg@10", "test/hr@5", "test/mrr@20"):
+        values = user_metric(read_run(trained_dir), metric)  # checks the file against results.json itself
+        assert values.mean() == pytest.approx(results[metric], abs=1e-12)

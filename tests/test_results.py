@@ -1,18 +1,28 @@
 """`python -m seqrec.results` on hand-made run directories: seeds of one setting become one row, mean ± 95 % CI
-(checked against closed forms of Student's t, no SciPy); the paired test over seeds; rows under different protocols
-are flagged; settings come from run.json before the legacy .hydra files."""
+(checked against closed forms of Student's t, no SciPy); the paired tests over seeds and over users (a planted
+difference is found, identical runs differ by 0, mixed protocols and runs without per-user ranks are refused); rows
+under different protocols are flagged; settings come from run.json before the legacy .hydra files."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import re
+import shlex
 import statistics
+from pathlib import Path
 
+import numpy as np
 import pytest
 
-from seqrec.compare import find_runs
-from seqrec.results import group_by_setting, main, results_table, student_t_cdf, student_t_quantile
+from seqrec.errors import SeqrecError
+from seqrec.eval.user_ranks import read_test_ranks, write_test_ranks
+from seqrec.results import main, results_table
+from seqrec.stats import paired_t_test, student_t_cdf, student_t_quantile, student_t_sf, wilcoxon_signed_rank
 from tests.test_compare import fake_run, recorded_run, write_hydra_folder
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_seeds_of_one_setting_become_one_row_with_mean_and_std(tmp_path, capsys):
@@ -24,23 +34,24 @@ def test_seeds_of_one_setting_become_one_row_with_mean_and_std(tmp_path, capsys)
     limited = tmp_path / "mhc" / "seed1" / "results.json"
     limited.write_text(json.dumps({**json.loads(limited.read_text()), "time_limited": True}))
 
-    text, summaries, unfinished = results_table([str(tmp_path)], ["test/ndcg@10"])
-    assert unfinished == 1
-    assert summaries["plain"]["seeds"] == 3 and summaries["mhc"]["seeds"] == 2
-    mean, std, half = summaries["plain"]["test/ndcg@10"]
-    assert abs(mean - 0.32) < 1e-12 and abs(std - statistics.stdev([0.30, 0.32, 0.34])) < 1e-12
+    text, summary, frame = results_table([str(tmp_path)], ["test/ndcg@10"])
+    assert (frame["status"] != "done").sum() == 1
+    rows = summary.set_index("row")
+    assert rows.loc["plain", "seeds"] == 3 and rows.loc["mhc", "seeds"] == 2
+    assert abs(rows.loc["plain", "test/ndcg@10"] - 0.32) < 1e-12
     # 3 seeds: t(0.975, df=2) = (2p - 1) / sqrt(2p(1 - p)) in closed form
-    assert abs(half - t2(0.975) * 0.02 / math.sqrt(3)) < 1e-9
+    half = rows.loc["plain", "test/ndcg@10 ci95"]
+    assert abs(half - t2(0.975) * statistics.stdev([0.30, 0.32, 0.34]) / math.sqrt(3)) < 1e-9
     # 2 seeds: t(0.975, df=1) = tan(pi (p - 1/2)), the Cauchy quantile
-    _, std2, half2 = summaries["mhc"]["test/ndcg@10"]
+    half2 = rows.loc["mhc", "test/ndcg@10 ci95"]
     assert abs(half2 - math.tan(math.pi * 0.475) * statistics.stdev([0.20, 0.26]) / math.sqrt(2)) < 1e-9
-    assert summaries["mhc"]["time_limited"] == 1
+    assert rows.loc["mhc", "time_limited"] == 1
     assert f"0.3200 ± {t2(0.975) * 0.02 / math.sqrt(3):.4f}" in text and "1/2" in text
     assert "(mean ± 95% CI)" in text.splitlines()[0]
 
     assert main([str(tmp_path), "--format", "csv"]) == 0
     out = capsys.readouterr()
-    assert out.out.splitlines()[0].startswith("row,seeds,test/ndcg@10") and "1 unfinished" in out.err
+    assert out.out.splitlines()[0].startswith("row,seeds,test/ndcg@10,test/ndcg@10 ci95,") and "1 unfinished" in out.err
 
 
 def t2(p: float) -> float:
@@ -63,8 +74,8 @@ def test_student_t_quantile_matches_closed_forms(p):
 
 def test_one_seed_has_no_interval(tmp_path):
     fake_run(tmp_path / "row" / "seed1", ["seed=1"], [0.1], test_ndcg=0.25)
-    text, summaries, _ = results_table([str(tmp_path)], ["test/ndcg@10"])
-    assert math.isnan(summaries["row"]["test/ndcg@10"][2]) and "| 0.2500 " in text.splitlines()[2]
+    text, summary, _ = results_table([str(tmp_path)], ["test/ndcg@10"])
+    assert math.isnan(summary["test/ndcg@10 ci95"].iloc[0]) and "| 0.2500 " in text.splitlines()[2]
     assert "±" not in text.splitlines()[2]
 
 
@@ -90,9 +101,9 @@ def test_paired_test_over_seeds(tmp_path, capsys):
 
 def test_rows_under_different_protocols_are_flagged_and_not_paired(tmp_path, capsys):
     write_pair(tmp_path, [0.30, 0.31], [0.31, 0.34], protocols=("p1", "p2"))
-    text, summaries, _ = results_table([str(tmp_path)], ["test/ndcg@10"])
+    text, summary, _ = results_table([str(tmp_path)], ["test/ndcg@10"])
     assert text.startswith("2 protocols: p1 (d 9u/5i") and "do not compare rows across them" in text.splitlines()[0]
-    assert "| protocol |" in text and summaries["A"]["protocol"] == "p1" and summaries["B"]["protocol"] == "p2"
+    assert "| protocol |" in text and list(summary["protocol"]) == ["p1", "p2"] and list(summary["row"]) == ["A", "B"]
     assert main([str(tmp_path), "--paired", "A", "B"]) == 1
     assert "different protocols" in capsys.readouterr().err
 
@@ -102,26 +113,25 @@ def test_seeds_of_one_setting_under_two_protocols_are_two_rows(tmp_path):
         run = fake_run(tmp_path / "r" / f"seed{seed}", [f"seed={seed}"], [0.1], test_ndcg=0.2)
         results = json.loads((run / "results.json").read_text())
         (run / "results.json").write_text(json.dumps({**results, "protocol": {"id": protocol}}))
-    _, summaries, _ = results_table([str(tmp_path)], ["test/ndcg@10"])
-    assert sorted(s["protocol"] for s in summaries.values()) == ["p1", "p2"]
+    _, summary, _ = results_table([str(tmp_path)], ["test/ndcg@10"])
+    assert sorted(summary["protocol"]) == ["p1", "p2"]
 
 
 def test_settings_sharing_a_folder_are_named_by_their_overrides(tmp_path):
     for seed in (1, 2):
         fake_run(tmp_path / f"ti{seed}", ["model=tisasrec", f"seed={seed}"], [0.1], test_ndcg=0.1 * seed)
     fake_run(tmp_path / "sas1", ["model=sasrec", "seed=1"], [0.1])
-    _, summaries, _ = results_table([str(tmp_path)], ["test/ndcg@10"])
-    assert sorted(summaries) == ["model=sasrec", "model=tisasrec"]
-    assert abs(summaries["model=tisasrec"]["test/ndcg@10"][0] - 0.15) < 1e-12
+    _, summary, _ = results_table([str(tmp_path)], ["test/ndcg@10"])
+    assert sorted(summary["row"]) == ["model=sasrec", "model=tisasrec"]
+    assert abs(summary.set_index("row").loc["model=tisasrec", "test/ndcg@10"] - 0.15) < 1e-12
 
 
 def test_seeds_with_different_time_limits_are_one_setting(tmp_path):
     for seed, limit in [(1, 120), (2, 85)]:
         fake_run(tmp_path / "row" / f"seed{seed}", [f"seed={seed}", f"trainer.time_limit_min={limit}"], [0.1])
     fake_run(tmp_path / "row" / "seed3", ["seed=3", "optimizer.lr=0.002"], [0.1])
-    _, summaries, _ = results_table([str(tmp_path)], ["test/ndcg@10"])
-    assert sorted(len(v) for v in group_by_setting(find_runs([str(tmp_path)])).values()) == [1, 2]
-    assert len(summaries) == 2
+    _, summary, _ = results_table([str(tmp_path)], ["test/ndcg@10"])
+    assert sorted(summary["seeds"]) == [1, 2]
 
 
 def test_a_missing_folder_is_a_one_line_error(tmp_path, capsys):
@@ -150,7 +160,145 @@ def test_rows_follow_run_json_not_a_hydra_folder_rewritten_later(tmp_path):
     # a later, refused command in the second seed's directory left other overrides in .hydra/
     write_hydra_folder(run, ["model=sasrec", "seed=2"], "seed: 2\n")
     fake_run(tmp_path / "runs" / "legacy", ["model=sasrec", "seed=1"], [0.1], test_ndcg=0.2)
-    _, summaries, _ = results_table([str(tmp_path)], ["test/ndcg@10"])
-    assert sorted(summaries) == ["model=sasrec", "model=tisasrec"]
-    assert summaries["model=tisasrec"]["seeds"] == 2 and summaries["model=sasrec"]["seeds"] == 1
-    assert abs(summaries["model=tisasrec"]["test/ndcg@10"][0] - 0.32) < 1e-12
+    _, summary, _ = results_table([str(tmp_path)], ["test/ndcg@10"])
+    rows = summary.set_index("row")
+    assert sorted(rows.index) == ["model=sasrec", "model=tisasrec"]
+    assert rows.loc["model=tisasrec", "seeds"] == 2 and rows.loc["model=sasrec", "seeds"] == 1
+    assert abs(rows.loc["model=tisasrec", "test/ndcg@10"] - 0.32) < 1e-12
+
+
+# --------------------------------------------------------------------------------------------- paired over users
+def ranked_run(path, seed: int, ranks, protocol="p1", users=None):
+    """A finished run in the on-disk format with its per-user test ranks (test_ranks.npy) and the results.json
+    metrics they give."""
+    ranks = np.asarray(ranks)
+    users = np.arange(len(ranks)) if users is None else np.asarray(users)
+    setting = f"optimizer.lr={path.parent.name}"  # the row's folder names its setting
+    run = fake_run(path, [setting, f"seed={seed}"], [0.1], test_ndcg=float(ndcg10(ranks).mean()))
+    results = json.loads((run / "results.json").read_text())
+    results["test/hr@10"] = float((ranks < 10).mean())
+    results["protocol"] = {"id": protocol, "dataset": {"name": "d", "users": len(ranks), "items": 50}}
+    (run / "results.json").write_text(json.dumps(results))
+    write_test_ranks(run, users, ranks)
+    return run
+
+
+def ndcg10(ranks: np.ndarray) -> np.ndarray:
+    return np.where(ranks < 10, 1 / np.log2(ranks + 2.0), 0.0)
+
+
+def paired_line(tmp_path, capsys, *extra: str) -> str:
+    assert main([str(tmp_path), "--metrics", "test/ndcg@10", "--paired", "A", "B", *extra]) == 0
+    return capsys.readouterr().out.splitlines()[-1]
+
+
+def test_paired_over_users_finds_a_planted_difference(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    base = [rng.integers(0, 20, size=400) for _ in range(2)]  # two seeds of row A
+    better = [np.where(np.arange(400) % 4 == 0, 0, r) for r in base]  # B: every 4th user's target ranked first
+    for seed in (1, 2):
+        ranked_run(tmp_path / "A" / f"seed{seed}", seed, base[seed - 1])
+        ranked_run(tmp_path / "B" / f"seed{seed}", seed, better[seed - 1])
+    line = paired_line(tmp_path, capsys, "--over", "users")
+    diff = (ndcg10(better[0]) + ndcg10(better[1]) - ndcg10(base[0]) - ndcg10(base[1])) / 2  # seeds averaged per user
+    half = student_t_quantile(0.975, 399) * diff.std(ddof=1) / math.sqrt(400)
+    assert line.startswith(f"test/ndcg@10: B - A = +{diff.mean():.4f} ± {half:.4f} (95% CI), paired over 400 users")
+    assert "averaged over 2 and 2 seeds" in line
+    p_t, p_w = (float(x) for x in re.findall(r"p = ([0-9.e-]+)", line))
+    assert diff.mean() - half > 0 and p_t < 1e-6 and p_w < 1e-6
+
+
+def test_paired_over_users_of_identical_runs_gives_zero(tmp_path, capsys):
+    ranks = np.random.default_rng(1).integers(0, 20, size=50)
+    for row in ("A", "B"):
+        ranked_run(tmp_path / row / "seed1", 1, ranks)
+    line = paired_line(tmp_path, capsys, "--over", "users")
+    assert line.startswith("test/ndcg@10: B - A = +0.0000 ± 0.0000 (95% CI), paired over 50 users")
+
+
+def test_users_are_matched_by_index_not_by_file_order(tmp_path, capsys):
+    ranks = np.random.default_rng(2).integers(0, 20, size=30)
+    ranked_run(tmp_path / "A" / "seed1", 1, ranks)
+    order = np.random.default_rng(3).permutation(30)
+    ranked_run(tmp_path / "B" / "seed1", 1, ranks[order], users=order)  # the same ranks, users listed shuffled
+    assert "B - A = +0.0000 ± 0.0000" in paired_line(tmp_path, capsys, "--over", "users")
+
+
+@pytest.mark.parametrize("case", ["protocols", "no_ranks", "stale_ranks", "unrecorded", "val_metric"])
+def test_paired_over_users_refuses_with_one_line(tmp_path, capsys, case):
+    ranks = np.arange(20) % 12
+    ranked_run(tmp_path / "A" / "seed1", 1, ranks)
+    b = ranked_run(tmp_path / "B" / "seed1", 1, ranks, protocol="p2" if case == "protocols" else "p1")
+    if case == "no_ranks":
+        (b / "test_ranks.npy").unlink()  # a run made before the evaluator wrote them
+    if case == "stale_ranks":
+        write_test_ranks(b, np.arange(20), ranks // 2)  # not the ranks its results.json came from
+    if case == "unrecorded":
+        for run in (tmp_path / "A" / "seed1", b):
+            results = json.loads((run / "results.json").read_text())
+            (run / "results.json").write_text(json.dumps({k: v for k, v in results.items() if k != "protocol"}))
+    metric = "val/ndcg@10" if case == "val_metric" else "test/ndcg@10"
+    assert main([str(tmp_path), "--metrics", metric, "--paired", "A", "B", "--over", "users"]) == 1
+    err = capsys.readouterr().err.strip()
+    expected = {
+        "protocols": "different protocols",
+        "no_ranks": "test_ranks.npy: missing",
+        "stale_ranks": "not the run's results.json value",
+        "unrecorded": "no recorded protocol",
+        "val_metric": "expected test/ndcg@k",
+    }[case]
+    assert err.startswith("error: ") and expected in err and "\n" not in err
+
+
+def test_a_ranks_file_of_another_format_is_refused_unread(tmp_path):
+    run = ranked_run(tmp_path / "run", 1, np.arange(5))
+    np.save(run / "test_ranks.npy", np.array([{"user": 1}], dtype=object), allow_pickle=True)  # pickled objects
+    with pytest.raises(SeqrecError, match="not readable as per-user test ranks"):
+        read_test_ranks(run)
+    np.save(run / "test_ranks.npy", np.arange(5))
+    with pytest.raises(SeqrecError, match=r"expected int32 records \(user, rank\)"):
+        read_test_ranks(run)
+
+
+def test_tests_agree_with_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(size=300), rng.normal(size=300) + 0.15
+    b[:40] = a[:40]  # zero differences, dropped by Wilcoxon
+    b[40:80] = a[40:80] + 0.5  # tied |differences|
+    ours = paired_t_test(a, b)
+    theirs = stats.ttest_rel(b, a)
+    assert abs(ours["t"] - theirs.statistic) < 1e-9 and abs(ours["p"] - theirs.pvalue) < 1e-7
+    expected = stats.wilcoxon(b - a, method="approx", correction=False, zero_method="wilcox").pvalue
+    assert abs(wilcoxon_signed_rank(b - a) - expected) < 1e-9
+    for x, df in [(40.0, 5), (6.0, 400), (2.0, 3)]:  # small tail probabilities stay accurate
+        assert student_t_sf(x, df) == pytest.approx(stats.t.sf(x, df), rel=1e-6)
+
+
+def test_clashing_folder_names_are_told_apart_by_their_parents(tmp_path):
+    for parent, lr in (("cpu", "0.001"), ("gpu", "0.002")):
+        for seed in (1, 2):
+            fake_run(tmp_path / parent / "exp" / f"seed{seed}", [f"optimizer.lr={lr}", f"seed={seed}"], [0.1])
+    _, summary, _ = results_table([str(tmp_path)], ["test/ndcg@10"])
+    assert list(summary["row"]) == ["cpu/exp", "gpu/exp"]
+
+
+def test_the_tables_in_docs_results_md_are_the_tools_output(capsys):
+    """Every `python -m seqrec.results` command in docs/RESULTS.md, run on the committed run directories, prints
+    only lines the document holds: its tables are the tool's output, unchanged (for --paired commands, which also
+    print their table, the lines below the table)."""
+    doc = REPO / "docs" / "RESULTS.md"
+    if not (REPO / "docs" / "results").is_dir():
+        pytest.skip("docs/results is absent")
+    text = doc.read_text()
+    lines = set(text.splitlines())
+    commands = re.findall(r"^python -m seqrec\.results (.*?)(?<!\\)$", text.replace("\\\n", " "), flags=re.M)
+    assert len(commands) >= 10
+    for command in commands:
+        args = shlex.split(command, comments=True)
+        with contextlib.chdir(REPO):
+            assert main(args) == 0, command
+        printed = capsys.readouterr().out.splitlines()
+        checked = [ln for ln in printed if ln and not ("--paired" in args and ln.startswith("|"))]
+        missing = [ln for ln in checked if ln not in lines]
+        assert not missing, f"docs/RESULTS.md lacks the output of `{command}`: {missing[:2]}"

@@ -10,12 +10,13 @@ Full ranking streams the catalogue in blocks of `item_chunk` items: each block's
 target's and counted, so memory is O(users per batch x item_chunk) whatever the catalogue size, and no sort or
 top-k over all items is ever made. A user whose count reaches max(ks) is done: every metric is 0 from there on.
 `valid_users` evaluates validation on a fixed sample of users (the same every epoch, drawn once per seed); test
-always ranks every user.
+always ranks every user, and keeps each user's rank for `write_test_ranks` (seqrec.eval.user_ranks).
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from torch import Tensor
 from seqrec.data.negatives import sample_excluding
 from seqrec.data.windows import eval_windows, user_time_scale
 from seqrec.eval.metrics import metric_sums, rank_of_target
+from seqrec.eval.user_ranks import write_test_ranks
 
 SPLITS = ("valid", "test")
 log = logging.getLogger(__name__)
@@ -76,6 +78,7 @@ class Evaluator:
         if protocol == "full" and max(self.ks) >= data.num_items:  # every item is in the top k: hr@k is 1
             log.warning("eval.ks=%s: k >= the %d items of %s, so hr@k = 1 there", self.ks, data.num_items, data.name)
         self._negatives: dict[str, np.ndarray] = {}
+        self.test_ranks: tuple[np.ndarray, np.ndarray] | None = None  # (users, ranks) of the last test evaluation
 
     @property
     def needs_sampled(self) -> bool:
@@ -109,14 +112,18 @@ class Evaluator:
         users = self.users(split)[self.rank :: self.world_size]
         target = torch.from_numpy(self.data.valid_item if split == "valid" else self.data.test_item)
         sums: dict[str, Tensor] = {}
+        test_ranks = []  # (b,) per batch: the primary protocol's ranks of the test targets
         for start in range(0, len(users), self.batch_size):
             u = users[start : start + self.batch_size]
             h = self._last_hidden(model, u, split, device)  # (b, D)
             tgt = target[u].to(device)
-            for prefix, ranks in zip(self._prefixes(split), self._ranks(model, h, u, tgt, split)):
+            ranks_per_protocol = self._ranks(model, h, u, tgt, split)
+            for prefix, ranks in zip(self._prefixes(split), ranks_per_protocol):
                 for name, value in metric_sums(ranks, self.ks).items():
                     key = prefix + name
                     sums[key] = sums.get(key, 0) + value.cpu()
+            if split == "test":
+                test_ranks.append(ranks_per_protocol[0].cpu())
         names = [
             prefix + n
             for prefix in self._prefixes(split)
@@ -128,9 +135,31 @@ class Evaluator:
             totals = totals.to(device)
             dist.all_reduce(totals)
             totals = totals.cpu()
+        if split == "test":
+            self.test_ranks = self._gather_ranks(split, test_ranks, device)
         model.train(was_training)
         count = max(totals[-1].item(), 1.0)
         return {n: totals[i].item() / count for i, n in enumerate(names)}
+
+    def _gather_ranks(self, split: str, parts: list[Tensor], device) -> tuple[np.ndarray, np.ndarray]:
+        """(users, their ranks) over every rank's shard, in `users(split)` order: each process fills its own strided
+        slots, and a sum over processes fills them all (the shards are disjoint). Full-ranking ranks are capped at
+        max(ks), where `_full_ranks` stops counting (past it, how far it counted depends on the item blocks)."""
+        users = self.users(split)
+        ranks = torch.zeros(len(users), dtype=torch.int64)
+        ranks[self.rank :: self.world_size] = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+        if self.protocol == "full":
+            ranks = ranks.clamp(max=max(self.ks))
+        if self.world_size > 1 and dist.is_initialized():
+            ranks = ranks.to(device)
+            dist.all_reduce(ranks)
+            ranks = ranks.cpu()
+        return users, ranks.numpy()
+
+    def write_test_ranks(self, run_dir: Path) -> None:
+        """Write the last test evaluation's per-user ranks to `run_dir/test_ranks.npy` (process 0 only)."""
+        if self.rank == 0 and self.test_ranks is not None:
+            write_test_ranks(run_dir, *self.test_ranks)
 
     def _prefixes(self, split: str) -> list[str]:
         key = KEY_PREFIX[split]

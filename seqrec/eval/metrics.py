@@ -22,13 +22,18 @@ def rank_of_target(scores: Tensor, target_scores: Tensor) -> Tensor:
     return (scores >= target_scores[:, None]).sum(-1, dtype=torch.int32).long()
 
 
-def metric_sums(ranks: Tensor, ks) -> dict[str, Tensor]:
-    """Sums over users of every metric@k (divide by the user count for means); float64 scalars."""
+def metric_values(ranks: Tensor, ks) -> dict[str, Tensor]:
+    """Every metric@k of each user: (N,) float64 each, keyed "hr@10", "ndcg@10", "mrr@10"."""
     ranks = ranks.double()
     out = {}
     for k in ks:
         hit = (ranks < k).double()
-        out[f"hr@{k}"] = hit.sum()
-        out[f"ndcg@{k}"] = (hit / torch.log2(ranks + 2)).sum()
-        out[f"mrr@{k}"] = (hit / (ranks + 1)).sum()
+        out[f"hr@{k}"] = hit
+        out[f"ndcg@{k}"] = hit / torch.log2(ranks + 2)
+        out[f"mrr@{k}"] = hit / (ranks + 1)
     return out
+
+
+def metric_sums(ranks: Tensor, ks) -> dict[str, Tensor]:
+    """Sums over users of every metric@k (divide by the user count for means); float64 scalars."""
+    return {name: values.sum() for name, values in metric_values(ranks, ks).items()}

@@ -270,6 +270,7 @@ class Trainer:
             self.raw_model.load_state_dict(load_checkpoint(self.checkpoints.best)["model"])
         start = time.perf_counter()
         test_metrics = self.evaluator.evaluate(self.raw_model, "test", self.device)
+        self.evaluator.write_test_ranks(self.output_dir)  # for tests paired over users (seqrec.results)
         self.eval_seconds += time.perf_counter() - start
         s = self.stopping
         results = dict(best_epoch=s.best_epoch, epochs_run=self.epoch, stopped_early=s.stopped_early,
