@@ -17,6 +17,7 @@ from seqrec.nn.attention import AttentionContext, CausalSelfAttention, causal_pa
 from seqrec.nn.dropout import Dropout
 from seqrec.nn.ffn import PointwiseFFN
 from seqrec.nn.residual import LN_EPS, Plain
+from seqrec.utils.rules import POSITIVE, interval
 
 
 class Block(nn.Module):
@@ -46,6 +47,14 @@ class SASRec(nn.Module):
         norm_first: Pre-LN (x + F(LN(x))) if True, Post-LN (LN(x + F(x)), SASRec.pytorch's default) if False.
         residual: residual factory (seqrec.nn.residual.Plain or MHC); plain when None.
     """
+
+    RULES = {
+        "maxlen": POSITIVE,
+        "hidden_units": POSITIVE,  # and divisible by num_heads (seqrec/utils/config.py, a rule across two keys)
+        "num_blocks": POSITIVE,
+        "num_heads": POSITIVE,
+        "dropout_rate": interval(0, 1, "[)"),
+    }
 
     def __init__(
         self,
