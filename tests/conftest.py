@@ -1,9 +1,11 @@
 """Shared fixtures: the real composed config shrunk to seconds (`TINY`, `TINY_FILE`), one way to run `train.py` as a
-user types it (`train_cli`), tiny datasets, the shared data folder."""
+user types it (`train_cli` to completion, `train_popen` for a test that signals it), tiny datasets, the shared data
+folder."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -32,18 +34,50 @@ TINY = [
 ]
 
 TINY_FILE = [o for o in TINY if not o.startswith("dataset.")]  # for dataset=file, which has no generator knobs
-CLI_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+# one thread, W&B off and never a real W&B account (a test that wants W&B offline passes WANDB_MODE in `env`)
+CLI_ENV = {key: value for key, value in os.environ.items() if key != "WANDB_API_KEY"}
+CLI_ENV.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+
+
+def train_command(*overrides: str, run_dir: Path | None = None, launcher: list | None = None) -> list[str]:
+    """`python train.py <overrides> [hydra.run.dir=<run_dir>]`; `launcher` replaces `python` (e.g. torchrun)."""
+    command = [*(launcher or [sys.executable]), str(REPO / "train.py"), *overrides]
+    return command + ([f"hydra.run.dir={run_dir}"] if run_dir is not None else [])
 
 
 def train_cli(
-    *overrides: str, run_dir: Path | None = None, cwd: Path = REPO, timeout: float = 300, launcher: list | None = None
+    *overrides: str,
+    run_dir: Path | None = None,
+    cwd: Path = REPO,
+    timeout: float = 300,
+    launcher: list | None = None,
+    env: dict | None = None,
 ) -> subprocess.CompletedProcess:
-    """`python train.py <overrides> [hydra.run.dir=<run_dir>]` in a subprocess, as a user types it (one thread, W&B
-    off); `launcher` replaces `python` (e.g. torchrun). Returns the finished process, whatever its status."""
-    command = [*(launcher or [sys.executable]), str(REPO / "train.py"), *overrides]
-    if run_dir is not None:
-        command.append(f"hydra.run.dir={run_dir}")
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=CLI_ENV)
+    """`train.py` in a subprocess as a user types it (`CLI_ENV`, plus `env`), run to its end. Returns the finished
+    process, whatever its status."""
+    command = train_command(*overrides, run_dir=run_dir, launcher=launcher)
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=CLI_ENV | (env or {}))
+
+
+def train_popen(
+    *overrides: str,
+    run_dir: Path | None = None,
+    cwd: Path = REPO,
+    launcher: list | None = None,
+    env: dict | None = None,
+) -> subprocess.Popen:
+    """`train.py` started as a terminal starts it, for a test that signals it: its own process group with SIGINT at
+    its default (a background shell ignores SIGINT and children inherit that). stdout is dropped, stderr is piped."""
+    return subprocess.Popen(
+        train_command(*overrides, run_dir=run_dir, launcher=launcher),
+        cwd=cwd,
+        env=CLI_ENV | (env or {}),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def compose_config(overrides: list[str], output_dir: Path | None = None) -> DictConfig:
