@@ -1,13 +1,15 @@
 """Shared fixtures: the real composed config shrunk to seconds (`TINY`, `TINY_FILE`), one way to run `train.py` as a
 user types it (`train_cli` to completion, `train_popen` for a test that signals it), tiny datasets, the shared data
-folder."""
+folder, and a cache of the session's own (`SEQREC_CACHE`)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -37,6 +39,15 @@ TINY_FILE = [o for o in TINY if not o.startswith("dataset.")]  # for dataset=fil
 # one thread, W&B off and never a real W&B account (a test that wants W&B offline passes WANDB_MODE in `env`)
 CLI_ENV = {key: value for key, value in os.environ.items() if key != "WANDB_API_KEY"}
 CLI_ENV.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+CACHE_ENV = "SEQREC_CACHE"  # seqrec/utils/private_dir.py: processed datasets and compiled kernels
+
+
+def pytest_configure(config):
+    """The session's own cache, for the tests and the processes they start: the suite never writes into the user's
+    ~/.cache/seqrec (the compiled kernels are built once per session in it)."""
+    cache = Path(tempfile.mkdtemp(prefix="seqrec-test-cache-"))  # mode 0700, as the cache requires
+    os.environ[CACHE_ENV] = CLI_ENV[CACHE_ENV] = str(cache)
+    config.add_cleanup(lambda: shutil.rmtree(cache, ignore_errors=True))
 
 
 def train_command(*overrides: str, run_dir: Path | None = None, launcher: list | None = None) -> list[str]:
