@@ -100,6 +100,15 @@ def compose_config(overrides: list[str], output_dir: Path | None = None) -> Dict
         return compose(config_name="train", overrides=list(overrides) + extra)
 
 
+@pytest.fixture(scope="session")
+def built_kernels() -> None:
+    """The C++ kernels built into the session's cache before a timed launch: a first build takes 10-40 s, which a
+    test's tight stall or collective timeout would take for a hung rank."""
+    from seqrec.kernels import mhc_cpu
+
+    mhc_cpu.library()
+
+
 @pytest.fixture
 def tiny_cfg(tmp_path) -> DictConfig:
     return compose_config(TINY, tmp_path)

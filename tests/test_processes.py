@@ -21,6 +21,8 @@ import pytest
 from seqrec.train.distributed import StallWatcher
 from tests.conftest import CLI_ENV, REPO, TINY, compose_config, train_cli, train_popen
 
+# the launches below are timed against stall and collective timeouts of a few seconds: no kernel build inside them
+pytestmark = pytest.mark.usefixtures("built_kernels")
 LONG = [*TINY, "trainer.num_epochs=12"]  # long enough to be interrupted mid-run, short enough to finish on resume
 
 
