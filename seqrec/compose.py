@@ -33,7 +33,7 @@ from seqrec.utils.seed import seed_everything
 log = logging.getLogger(__name__)
 
 # keys of the `trainer` node that the entry point reads, not the Trainer: how many processes, and the process-wide
-# determinism flag (checked by seqrec/utils/config.py PLAIN_KEYS)
+# determinism flag (their rules are in seqrec/utils/config.py PLAIN_KEYS, as no constructor reads them)
 ENTRY_POINT_KEYS = ("devices", "deterministic")
 
 

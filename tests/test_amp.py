@@ -114,14 +114,10 @@ def test_4xv100_multiruns_stay_local_unless_slurm_is_asked_for():
 def test_the_headline_command_on_a_cpu_only_machine_is_one_line_and_leaves_no_run(tmp_path):
     """`hardware=4xv100` here used to start four workers that each died with 'NCCL not built in' after loading
     the data; the pre-flight check answers before any data is read or any worker started."""
-    import subprocess
-    import sys
-
-    from conftest import REPO
+    from conftest import train_cli
 
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, str(REPO / "train.py"), "model=tisasrec", "residual=mhc", "hardware=4xv100"]
-    done = subprocess.run(cmd + [f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=120)
+    done = train_cli("model=tisasrec", "residual=mhc", "hardware=4xv100", run_dir=run_dir, timeout=120)
     assert done.returncode == 1, done.stderr
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: trainer.device=cuda"), done.stderr
     assert "hardware=cpu" in done.stderr and "Traceback" not in done.stdout + done.stderr

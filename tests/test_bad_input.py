@@ -12,8 +12,6 @@ from __future__ import annotations
 import gzip
 import logging
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +23,7 @@ from seqrec.eval.evaluator import Evaluator
 from seqrec.run import main
 from seqrec.train.sampler import TrainSampler
 from seqrec.utils.config import check_config, composition_problem
-from tests.conftest import CONF, REPO, TINY, compose_config
+from tests.conftest import CONF, TINY, compose_config, train_cli
 
 # 5 users x 7 items with timestamps: legal, every user evaluated (line k + 1 holds user k // 7 + 1)
 GOOD = "".join(f"{u} {i} {1000 + 10 * k}\n" for u in range(1, 6) for k, i in enumerate(range(1, 8)))
@@ -351,13 +349,7 @@ def test_train_py_prints_one_line_and_exits_1(name, tmp_path):
     run_dir.mkdir()
     (run_dir / "results.json").write_text('{"test/ndcg@10": 0.5}')
     overrides = [o.format(tmp=tmp_path) for o in SUBPROCESS_CASES[name][0]]
-    proc = subprocess.run(
-        [sys.executable, "train.py", *overrides, "trainer.device=cpu", f"hydra.run.dir={run_dir}"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = train_cli(*overrides, "trainer.device=cpu", run_dir=run_dir, timeout=120)
     assert proc.returncode == 1, proc.stderr
     _assert_one_error_line(proc.stderr, SUBPROCESS_CASES[name][1])
     assert (run_dir / "results.json").read_text() == '{"test/ndcg@10": 0.5}'  # the earlier run is untouched

@@ -109,21 +109,68 @@ def _numeric_leaves(node, path=""):
             yield full
 
 
+def _is_numeric_default(parameter) -> bool:
+    return isinstance(parameter.default, (int, float)) and not isinstance(parameter.default, bool)
+
+
+def _constructors(cfg):
+    """(config path, constructor) for every `_target_` node and every schema node of `cfg`."""
+    from hydra.utils import get_object
+
+    from seqrec.settings import SCHEMAS
+    from seqrec.utils.config import target_nodes
+
+    yield from ((path, get_object(node._target_)) for path, node in target_nodes(cfg))
+    yield from ((path, schema) for path, schema in SCHEMAS.items() if path in cfg)
+
+
 def test_every_numeric_key_of_every_option_has_a_range_rule(tmp_path):
+    """Every numeric key of every config option, and every numeric argument a constructor takes from the config
+    (`+dataset.p_habit=...` reaches those), has a rule beside its constructor or in the checker's own tables; a
+    rule names an argument its constructor takes."""
     from omegaconf import OmegaConf
 
-    from seqrec.data import synthetic as generator
-    from seqrec.utils.config import PLAIN_KEYS, RULES
+    from seqrec.utils.config import PLAIN_KEYS, constructor_rules, runtime_args, signature_of
 
-    numeric = {f"dataset.{name}" for name in generator.ARGUMENT_RULES}  # +dataset.<knob> reaches these
-    for group in ("model", "residual", "loss", "hardware", "dataset", "optimizer", "schedule"):
+    unruled, misnamed = set(), set()
+    for group in ("model", "residual", "loss", "hardware", "dataset", "optimizer", "schedule", "logger"):
         for option in options(group):
             extra = ["dataset.path=x.txt"] if option == "file" else []
-            cfg = OmegaConf.to_container(compose_config([f"{group}={option}"] + extra, tmp_path), resolve=False)
-            cfg.pop("hydra", None)
-            numeric.update(_numeric_leaves(cfg))
-    unruled = sorted(key for key in numeric if key not in RULES and key not in PLAIN_KEYS)
-    assert numeric and not unruled, unruled
+            cfg = compose_config([f"{group}={option}"] + extra, tmp_path)
+            ruled = {path for path, (_, rule) in PLAIN_KEYS.items() if rule is not None}
+            for path, constructor in _constructors(cfg):
+                rules, params = constructor_rules(constructor), signature_of(constructor)[0]
+                ruled |= {f"{path}.{key}" for key in rules}
+                misnamed |= {f"{path}.{key}" for key in rules if key not in params}
+                arguments = [k for k, p in params.items() if _is_numeric_default(p) and k not in runtime_args(path)]
+                unruled |= {f"{path}.{key}" for key in arguments if key not in rules}
+            container = OmegaConf.to_container(cfg, resolve=False)
+            container.pop("hydra", None)
+            unruled |= {key for key in _numeric_leaves(container) if key not in ruled}
+    assert not unruled and not misnamed, (sorted(unruled), sorted(misnamed))
+
+
+def test_rules_declared_beside_their_constructors_are_applied_with_the_closest_names_for_an_unknown_key(tmp_path):
+    cfg = compose_config(
+        ["model.time_unit=week", "residual.readout=max", "kernels=fast", "+model.hiden_units=8", "loss=gbce"]
+        + ["loss.t=2", "+distributed.bakend=gloo"],
+        tmp_path,
+    )
+    with pytest.raises(ConfigError) as err:
+        check_config(cfg)
+    lines = str(err.value).splitlines()
+    assert lines[0] == "invalid config (6 problems):", lines
+    for needle in (
+        "model.time_unit='week': must be one of second, minute, hour, day, personal",  # TiSASRec.RULES
+        "residual.readout='max': must be one of sum, mean",  # MHC.RULES
+        "loss.t=2: must be in [0, 1]",  # GBCE.RULES
+        "kernels='fast': must be one of auto, reference",  # a top-level key: the checker's own table
+        "model.hiden_units: unknown key for seqrec.models.tisasrec.TiSASRec (accepted: time_unit, time_span, maxlen, ",
+        "; did you mean model.hidden_units or model.time_unit?)",
+        "distributed.bakend: unknown key for seqrec.settings.DistributedSettings (accepted: backend, master_port, "
+        "timeout_s, stall_timeout_s; did you mean distributed.backend?)",
+    ):
+        assert sum(needle in line for line in lines[1:]) == 1, needle
 
 
 def test_distributed_and_slurm_keys_are_bound_to_their_schemas(tmp_path):

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import REPO, TINY, compose_config
+from conftest import TINY, compose_config, train_cli
 from test_amp import _trainer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -40,9 +38,8 @@ def test_bf16_step(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_two_nccl_workers(tmp_path):
-    cmd = [sys.executable, str(REPO / "train.py"), *TINY, "hardware=4xv100", "trainer.devices=2",
-           "trainer.device=cuda", f"hydra.run.dir={tmp_path}"]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    overrides = [*TINY, "hardware=4xv100", "trainer.devices=2", "trainer.device=cuda"]
+    proc = train_cli(*overrides, run_dir=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "parameters identical on all 2 ranks" in (tmp_path / "train.log").read_text()
     assert json.loads((tmp_path / "results.json").read_text())["epochs_run"] == 2

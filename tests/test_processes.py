@@ -19,27 +19,20 @@ from pathlib import Path
 import pytest
 
 from seqrec.train.distributed import StallWatcher
-from tests.conftest import REPO, TINY, compose_config
+from tests.conftest import CLI_ENV, REPO, TINY, compose_config, train_cli, train_popen
 
+# the launches below are timed against stall and collective timeouts of a few seconds: no kernel build inside them
+pytestmark = pytest.mark.usefixtures("built_kernels")
 LONG = [*TINY, "trainer.num_epochs=12"]  # long enough to be interrupted mid-run, short enough to finish on resume
 
 
-def _env(tmp_path: Path) -> dict:
+def _heartbeats_in(tmp_path: Path) -> dict:
     # TMPDIR: the launcher's heartbeat folder lands in tmp_path, where the test can read which pid is which rank
-    return {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
+    return {"TMPDIR": str(tmp_path)}
 
 
 def _start(args: list[str], tmp_path: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, str(REPO / "train.py"), *args],
-        cwd=tmp_path,
-        env=_env(tmp_path),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    return train_popen(*args, cwd=tmp_path, env=_heartbeats_in(tmp_path))
 
 
 def _wait_for(predicate, proc: subprocess.Popen, timeout: float, what: str) -> None:
@@ -170,15 +163,7 @@ def test_under_torchrun_a_stopped_rank_fails_rank_0s_collective_within_the_timeo
     timeout_s = 5
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     args = [*LONG, "trainer.num_epochs=200", f"distributed.timeout_s={timeout_s}", f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen(
-        [*torchrun, str(REPO / "train.py"), *args],
-        cwd=tmp_path,
-        env=_env(tmp_path),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = train_popen(*args, cwd=tmp_path, launcher=torchrun, env=_heartbeats_in(tmp_path))
     _wait_for(lambda: _epochs_logged(run_dir) >= 1, proc, 120, "first epoch")
     rank1 = max(
         int(pid)
@@ -216,7 +201,8 @@ def test_ctrl_c_is_one_line_and_its_resume_command_continues_the_run(tmp_path):
 
     command = _resume_command(lines[0])
     assert f"hydra.run.dir={run_dir}" in command and "trainer.num_epochs=12" in command
-    resumed = subprocess.run(command, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=180)
+    env = CLI_ENV | _heartbeats_in(tmp_path)  # the printed command, run as printed
+    resumed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from " in (run_dir / "train.log").read_text()
     results = json.loads((run_dir / "results.json").read_text())
@@ -283,14 +269,7 @@ def full_disk(tmp_path):
 @pytest.mark.slow
 def test_a_full_disk_ends_the_run_in_one_line(tmp_path, full_disk):
     run_dir = full_disk / "run"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *TINY, f"hydra.run.dir={run_dir}"],
-        cwd=tmp_path,
-        env=_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = train_cli(*TINY, run_dir=run_dir, cwd=tmp_path, timeout=120, env=_heartbeats_in(tmp_path))
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

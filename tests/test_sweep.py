@@ -4,7 +4,6 @@ the overrides, a full run directory each, one W&B group per sweep (offline), and
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -13,34 +12,24 @@ from pathlib import Path
 import pytest
 
 from seqrec.compare import compare
+from tests.conftest import REPO, TINY, train_cli
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "hardware=cpu",
-    "dataset.num_users=200",
-    "trainer.num_epochs=2",
-    "trainer.eval_every=1",
-    "model.maxlen=20",
-    "trainer.progress=false",
-    "schedule.warmup_steps=0",
-]
+JOB_OVERRIDES = ["hardware=cpu", *TINY]
 # stage 3 sweeps optimizer.lr over 3 values; the command line narrows it to 2 jobs
 SWEEP = ["tuning=stage3", "optimizer.lr=0.001,0.002"]
 JOBS = ["optimizer.lr=0.001", "optimizer.lr=0.002"]
 
 
 def run_sweep(sweep_dir: Path, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "1"}
-    env.pop("WANDB_API_KEY", None)
-    cmd = [sys.executable, "train.py", "-m", *SWEEP, *TINY, f"hydra.sweep.dir={sweep_dir}", *extra]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "1"}
+    proc = train_cli("-m", *SWEEP, *JOB_OVERRIDES, f"hydra.sweep.dir={sweep_dir}", *extra, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
 def job_dir_name(job: str) -> str:
     """The folder Hydra names from the overrides (sorted, `logger`/`tuning`/`hardware`/`trainer.progress` excluded)."""
-    overrides = [o for o in TINY if not o.startswith(("hardware", "trainer.progress"))] + [job]
+    overrides = [o for o in JOB_OVERRIDES if not o.startswith(("hardware", "trainer.progress"))] + [job]
     return ",".join(sorted(overrides))
 
 

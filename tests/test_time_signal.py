@@ -9,22 +9,18 @@ import pytest
 import torch
 
 from seqrec.run import run
-from tests.conftest import compose_config
+from tests.conftest import TINY, compose_config
 
 # Small enough for ~20 s per pair on one thread; the real config path, the default eval (full ranking, seen items
 # filtered) and the model configs' own time settings (model.time_unit=hour, model.time_span=100).
 BUDGET = [
+    *TINY,
     "dataset.num_users=600",
     "dataset.num_items=300",
-    "model.maxlen=30",
-    "model.hidden_units=32",
     "trainer.num_epochs=40",
     "trainer.eval_every=10",
-    "schedule.warmup_steps=0",
     "optimizer.lr=0.005",
     "sampler.batch_size=64",
-    "trainer.progress=false",
-    "trainer.device=cpu",
 ]
 
 

@@ -19,8 +19,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from seqrec.data import readers
+from seqrec.data import synthetic as generator
 from seqrec.data.split import check_no_leak, parse_split, split_sequences
 from seqrec.errors import DataError
+from seqrec.utils.rules import NON_NEGATIVE, SEED, config_rules, one_of
 
 log = logging.getLogger(__name__)
 
@@ -520,6 +522,7 @@ def _plain(x):
 # --------------------------------------------------------------------------- Hydra factories (conf/dataset/*.yaml)
 
 
+@config_rules(**{**generator.generate.RULES, "seed": SEED})  # the generator's rules; seeds as the run's seed
 def synthetic(
     *,
     num_users: int = 2000,
@@ -559,10 +562,8 @@ def synthetic(
     Returns:
         SeqData named "synthetic", with timestamps.
     """
-    from seqrec.data import synthetic as gen
-
     source = "dataset=synthetic"
-    s = gen.generate(
+    s = generator.generate(
         num_users=num_users,
         num_items=num_items,
         seed=seed,
@@ -589,6 +590,12 @@ def synthetic(
     return validate(data, source)
 
 
+@config_rules(
+    format=one_of(*readers.FORMATS),
+    min_item_interactions=NON_NEGATIVE,
+    min_user_interactions=NON_NEGATIVE,
+    duplicates=one_of(*DUPLICATES),
+)
 def from_file(
     *,
     path: str,
@@ -713,6 +720,7 @@ class _Recorder(logging.Handler):
         self._logger.removeHandler(self)
 
 
+@config_rules(duplicates=one_of(*DUPLICATES))
 def prepared(
     *,
     name: str = "ml-1m",

@@ -29,12 +29,12 @@ topics and `succ` keep the part that SASRec can learn from positions alone.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from seqrec.errors import ConfigError
+from seqrec.utils.rules import NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, at_least, config_rules, violation
 
 EPOCH = 1577836800  # 2020-01-01 00:00:00 UTC
 
@@ -55,6 +55,22 @@ class Synthetic:
     habit_lag_seconds: int  # the habit's lag: the anchor is the latest interaction at least this long before
 
 
+# Each argument's rule (what the generator needs), named as the config keys `dataset.<name>` that set them.
+@config_rules(
+    num_users=at_least(1),
+    num_items=at_least(3, "the item -> successor maps need three distinct items"),
+    seed=NON_NEGATIVE,
+    mean_length=POSITIVE,
+    min_length=at_least(1),
+    max_length=at_least(1),
+    zipf_exponent=NON_NEGATIVE,
+    p_habit=UNIT_INTERVAL,
+    habit_lag_hours=POSITIVE,
+    mean_gap_hours=POSITIVE,
+    p_pattern=UNIT_INTERVAL,
+    num_topics=at_least(1),
+    topic_strength=UNIT_INTERVAL,
+)
 def generate(
     *,
     num_users: int = 2000,
@@ -176,33 +192,10 @@ def generate(
     )
 
 
-# Each argument's rule (what the generator needs), named as the config keys `dataset.<name>` that set them.
-ARGUMENT_RULES = {
-    "num_users": (lambda v: v >= 1, "must be >= 1"),
-    "num_items": (lambda v: v >= 3, "must be >= 3 (the item -> successor maps need three distinct items)"),
-    "seed": (lambda v: v >= 0, "must be >= 0"),
-    "mean_length": (lambda v: v > 0, "must be > 0"),
-    "min_length": (lambda v: v >= 1, "must be >= 1"),
-    "max_length": (lambda v: v >= 1, "must be >= 1"),
-    "zipf_exponent": (lambda v: v >= 0, "must be >= 0"),
-    "p_habit": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-    "habit_lag_hours": (lambda v: v > 0, "must be > 0"),
-    "mean_gap_hours": (lambda v: v > 0, "must be > 0"),
-    "p_pattern": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-    "num_topics": (lambda v: v >= 1, "must be >= 1"),
-    "topic_strength": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-}
-
-
 def _check_arguments(args: dict) -> None:
     """Raise one ConfigError listing every argument that breaks its rule (as `dataset.<name>=<value>`)."""
-    problems = []
-    for name, (ok, rule) in ARGUMENT_RULES.items():
-        value = args[name]
-        if isinstance(value, float) and not math.isfinite(value):
-            problems.append(f"dataset.{name}={value!r}: must be a finite number")
-        elif not ok(value):
-            problems.append(f"dataset.{name}={value!r}: {rule}")
+    problems = [violation(f"dataset.{name}", args[name], rule) for name, rule in generate.RULES.items()]
+    problems = [p for p in problems if p]
     if not problems and args["min_length"] > args["max_length"]:
         problems.append(f"dataset.min_length={args['min_length']}: must be <= dataset.max_length={args['max_length']}")
     if problems:

@@ -27,6 +27,7 @@ from seqrec.data.negatives import sample_excluding
 from seqrec.data.windows import eval_windows, user_time_scale
 from seqrec.eval.metrics import metric_sums, rank_of_target
 from seqrec.eval.user_ranks import write_test_ranks
+from seqrec.utils.rules import NON_NEGATIVE, POSITIVE, SEED, Rule, one_of
 
 SPLITS = ("valid", "test")
 log = logging.getLogger(__name__)
@@ -51,6 +52,20 @@ class Evaluator:
         item_chunk: items scored at a time in full ranking (memory is batch_size x item_chunk floats).
         rank, world_size: shard of users for this process.
     """
+
+    RULES = {
+        "protocol": one_of("full", "sampled"),
+        "num_negatives": POSITIVE,
+        "ks": Rule(
+            lambda v: len(v) > 0 and all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in v),
+            "must be a non-empty list of positive ints",
+        ),
+        "batch_size": POSITIVE,
+        "maxlen": POSITIVE,
+        "seed": SEED,
+        "valid_users": NON_NEGATIVE,
+        "item_chunk": POSITIVE,
+    }
 
     def __init__(
         self,

@@ -16,6 +16,7 @@ from seqrec.models.head import ItemHead
 from seqrec.nn.attention import AttentionContext, CausalSelfAttention, causal_padding_mask
 from seqrec.nn.ffn import Dropout, PointwiseFFN
 from seqrec.nn.residual import LN_EPS, Plain
+from seqrec.utils.rules import POSITIVE, interval
 
 
 class Block(nn.Module):
@@ -48,6 +49,14 @@ class SASRec(nn.Module):
             items, targets and negatives) instead of a dense (I+1, D) one; for `optimizer=lazy_adam`, which then
             updates those rows only (seqrec/train/lazy_adam.py). Losses that score every item refuse it.
     """
+
+    RULES = {
+        "maxlen": POSITIVE,
+        "hidden_units": POSITIVE,  # and divisible by num_heads (seqrec/utils/config.py, a rule across two keys)
+        "num_blocks": POSITIVE,
+        "num_heads": POSITIVE,
+        "dropout_rate": interval(0, 1, "[)"),
+    }
 
     def __init__(
         self,

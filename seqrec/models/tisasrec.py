@@ -20,6 +20,7 @@ from seqrec.models.time_intervals import TIME_UNITS, interval_buckets
 from seqrec.nn.attention import AttentionContext
 from seqrec.nn.ffn import Dropout
 from seqrec.nn.time_attention import TimeIntervalAttention, relation_index
+from seqrec.utils.rules import POSITIVE, one_of
 
 
 def check_time_available(has_time: bool, dataset_name: str) -> None:
@@ -42,6 +43,7 @@ class TiSASRec(SASRec):
     """
 
     requires_time = True
+    RULES = {**SASRec.RULES, "time_span": POSITIVE, "time_unit": one_of(*TIME_UNITS)}
 
     def __init__(self, *, time_unit: str = "hour", time_span: int = 100, **sasrec_kwargs):
         if time_unit not in TIME_UNITS:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from seqrec import kernels
 from seqrec.errors import ConfigError
+from seqrec.utils.rules import FINITE, POSITIVE, one_of
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +203,14 @@ class MHC:
         kernel, compile: accepted and ignored, so that configs saved before the top-level `kernels` switch
             (which now chooses between the reference and the fast kernels) still load.
     """
+
+    RULES = {
+        "expansion_rate": POSITIVE,
+        "sinkhorn_iters": POSITIVE,
+        "init_gate": FINITE,
+        "res_diag_init": FINITE,
+        "readout": one_of("sum", "mean"),
+    }
 
     def __init__(
         self,

@@ -30,6 +30,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.adam import adam
 
+from seqrec.utils.rules import ADAM_RULES
+
 
 class LazyAdam(Optimizer):
     """AdamW on dense gradients, lazy row-wise Adam (torch.optim.SparseAdam's step) on sparse ones.
@@ -43,6 +45,7 @@ class LazyAdam(Optimizer):
     """
 
     handles_sparse_gradients = True  # read by the config check (model.sparse_embedding needs such an optimizer)
+    RULES = ADAM_RULES
 
     def __init__(
         self,

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from seqrec.errors import ConfigError
 from seqrec.models.head import ItemHead
+from seqrec.utils.rules import POSITIVE, UNIT_INTERVAL, one_of
 
 
 class Loss:
@@ -43,6 +44,8 @@ def _target_and_negative_scores(h: Tensor, head: ItemHead, pos: Tensor, neg: Ten
 class BCE(Loss):
     """-log σ(s+) - Σ_k log(1 - σ(s_k)) per target position, averaged over positions (K = 1 is the paper's)."""
 
+    RULES = {"num_negatives": POSITIVE}
+
     def __init__(self, *, num_negatives: int = 1):
         self.num_negatives = num_negatives
 
@@ -53,6 +56,8 @@ class BCE(Loss):
 
 class GBCE(Loss):
     """gBCE (gSASRec, arXiv 2308.07192): the positive term weighted by β = α(t(1 - 1/α) + 1/α), α = K/(I-1)."""
+
+    RULES = {"num_negatives": POSITIVE, "t": UNIT_INTERVAL}
 
     def __init__(self, *, num_negatives: int = 256, t: float = 0.75):
         self.num_negatives, self.t = num_negatives, t
@@ -149,6 +154,7 @@ class CrossEntropy(Loss):
     """Full softmax over items 1..I (the padding logit is excluded)."""
 
     scores_every_item = True
+    RULES = {"chunk_tokens": POSITIVE}
 
     def __init__(self, *, chunk_tokens: int | None = None):
         # positions per block; a CPU block's (positions, I) logits stay in cache while they are normalised, a GPU
@@ -179,6 +185,7 @@ class SampledSoftmax(Loss):
 
     shared_negatives = True
     NEGATIVES = ("uniform", "in_batch", "mixed")
+    RULES = {"num_negatives": POSITIVE, "negatives": one_of(*NEGATIVES)}
 
     def __init__(self, *, num_negatives: int = 256, negatives: str = "uniform", logq: bool = True):
         if negatives not in self.NEGATIVES:

@@ -8,8 +8,11 @@ import torch
 from torch import nn
 
 from seqrec.errors import ConfigError
+from seqrec.utils.rules import Rule
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+# the `trainer.device` values resolve_device takes
+DEVICE = Rule(lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"), "must be auto, cpu or cuda[:N]")
 
 
 def resolve_device(device: str) -> torch.device:

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from seqrec.data.negatives import pair_keys, sample_excluding
 from seqrec.data.windows import train_windows, user_time_scale
+from seqrec.utils.rules import POSITIVE, SEED, one_of
 
 
 @dataclass
@@ -72,6 +73,12 @@ class TrainSampler:
     HISTORIES = ("last", "all")
 
     BUCKET_BATCHES = 32  # windows are sorted by length within chunks of this many batches
+    RULES = {
+        "batch_size": POSITIVE,
+        "maxlen": POSITIVE,
+        "seed": SEED,
+        "history": one_of(*HISTORIES),
+    }
 
     def __init__(
         self,

@@ -21,6 +21,11 @@ from collections.abc import Callable
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from seqrec.utils.rules import NON_NEGATIVE, POSITIVE, config_rules, interval
+
+# the rules of the keys both schedules take (`schedule.*`)
+SHAPE_RULES = {"warmup_steps": NON_NEGATIVE, "decay_step": POSITIVE, "decay_rate": interval(0, 1, "(]")}
+
 
 def lr_factor(
     step: int,
@@ -47,6 +52,7 @@ def _scheduler(optimizer: Optimizer, cosine: bool, lr_scale: Callable[[], float]
     return LambdaLR(optimizer, lambda step: lr_factor(step, cosine=cosine, lr_scale=lr_scale(), **shape))
 
 
+@config_rules(**SHAPE_RULES)
 def constant(
     optimizer: Optimizer,
     *,
@@ -62,6 +68,7 @@ def constant(
     return _scheduler(optimizer, False, lr_scale, steps_per_epoch=steps_per_epoch, num_epochs=num_epochs, **shape)
 
 
+@config_rules(**SHAPE_RULES)
 def cosine(
     optimizer: Optimizer,
     *,

@@ -27,12 +27,13 @@ from seqrec.train.checkpoint import load_checkpoint, write_json
 from seqrec.train.checkpointing import Checkpointing
 from seqrec.train.distributed import assert_replicas_equal
 from seqrec.train.early_stopping import EarlyStopping
-from seqrec.train.placement import AMP_DTYPES, autocast, resolve_device, wrap_ddp
+from seqrec.train.placement import AMP_DTYPES, DEVICE, autocast, resolve_device, wrap_ddp
 from seqrec.train.resume_policy import allowed_changes, check_resume, check_world_size, schedule_moved
 from seqrec.train.run_record import append_launch, write_run_record
 from seqrec.train.sampler import prefetch
 from seqrec.train.time_limit import TimeLimit
 from seqrec.utils.memory import release_free_memory
+from seqrec.utils.rules import NON_NEGATIVE, POSITIVE, interval, one_of
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,21 @@ class Trainer:
             validate if the last epoch was not, then test the best checkpoint.
         run_config: the resolved config, saved in checkpoints and results.json.
     """
+
+    RULES = {
+        "num_epochs": POSITIVE,
+        "l2_emb": NON_NEGATIVE,
+        "grad_clip": NON_NEGATIVE,
+        "eval_every": POSITIVE,
+        "patience": NON_NEGATIVE,
+        "plateau_decays": NON_NEGATIVE,
+        "plateau_factor": interval(0, 1, "()"),
+        "num_workers": NON_NEGATIVE,
+        "device": DEVICE,
+        "amp_dtype": one_of(*AMP_DTYPES),
+        "log_every_steps": POSITIVE,
+        "time_limit_min": NON_NEGATIVE,
+    }
 
     def __init__(self, model: nn.Module, sampler, evaluator, loss, logger, optimizer, schedule, *, output_dir: str,
                  num_epochs: int = 1000, l2_emb: float = 0.0, grad_clip: float = 0.0, eval_every: int = 5,

@@ -1,18 +1,20 @@
 """Pre-flight config check: every problem in the composed config, reported at once with its config path.
 
-The schema is each `_target_`'s constructor (a `_partial_` node's callable; `distributed` and `slurm` have the
-dataclasses of seqrec/settings.py): keys are bound to its signature (unknown or missing keys) and
-checked against its int/float/bool/str/list annotations. Value rules (`RULES`, `PLAIN_KEYS`) give every numeric
-key its range (tests/test_configs.py checks that none is missing); floats must be finite; a few rules span two
-keys (hidden_units divisible by num_heads). Runs before any data is read or any file written. One problem is one
-line; several are listed under one. `composition_problem` does the same for what Hydra cannot even compose.
+Every node with a `_target_` (a `_partial_` node's callable too) is bound to its constructor's signature: a key
+the constructor does not take (one line, with the closest names), a required argument that is not set, a value
+that does not fit the int/float/bool/str/list annotation. The value rules live beside each constructor (its
+`RULES`, seqrec/utils/rules.py) and are applied here; floats must be finite. `distributed` and `slurm` are bound the
+same way to the dataclasses of seqrec/settings.py. Only what no constructor of ours reads has its rule in this file:
+the top-level keys and the `trainer` keys the entry point reads (`PLAIN_KEYS`), torch's optimizers
+(`FOREIGN_RULES`) and the few rules that span two keys (hidden_units divisible by num_heads). Every numeric key
+has a rule (tests/test_configs.py checks it). Runs before any data is read or any file written. One problem is
+one line; several are listed under one. `composition_problem` does the same for what Hydra cannot even compose.
 """
 
 from __future__ import annotations
 
 import difflib
 import inspect
-import math
 import re
 import typing
 
@@ -23,12 +25,11 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from seqrec.data import synthetic
-from seqrec.data.dataset import DUPLICATES
-from seqrec.data.readers import FORMATS
+from seqrec import kernels
 from seqrec.errors import ConfigError
 from seqrec.settings import SCHEMAS
 from seqrec.train.distributed import resolve_backend
+from seqrec.utils.rules import ADAM_RULES, POSITIVE, SEED, Rule, one_of, rules_of, violation
 
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 # constructor arguments that run.py passes at runtime rather than YAML
@@ -46,7 +47,8 @@ RUNTIME_ARGS = {
     "num_negatives",
     "shared_negatives",
 }
-RUNTIME_NODES = (
+# the nodes seqrec/compose.py builds: each must be there, with a `_target_`
+REQUIRED_NODES = (
     "dataset",
     "model",
     "residual",
@@ -66,118 +68,40 @@ PARTIAL_ARGS = {
 }
 
 
-def _one_of(*choices: str) -> tuple:
-    return (lambda v: v in choices, "must be one of " + ", ".join(choices))
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-positive = (lambda v: v > 0, "must be > 0")
-non_negative = (lambda v: v >= 0, "must be >= 0")
-any_finite = (lambda v: True, "")  # floats without a natural range: only finiteness (checked for every float)
-unit_interval = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
-seed_range = (lambda v: 0 <= v < 2**63, "must be in [0, 2**63)")  # numpy and torch refuse negative seeds
+# The rules of constructors we do not own, by module: every torch.optim optimizer names its arguments alike.
+FOREIGN_RULES = {"torch.optim": ADAM_RULES}
 
-# Value rules by config path, for the keys of `_target_` nodes. Every numeric key of every config option has one
-# (tests/test_configs.py checks it); a rule applies only to values that passed the type check, None is skipped.
-RULES = {
-    "dataset.min_item_interactions": non_negative,
-    "dataset.min_user_interactions": non_negative,
-    "dataset.format": _one_of(*FORMATS),
-    "dataset.duplicates": _one_of(*DUPLICATES),
-    **{f"dataset.{name}": rule for name, rule in synthetic.ARGUMENT_RULES.items()},
-    "dataset.seed": seed_range,
-    "model.maxlen": positive,
-    "model.hidden_units": positive,
-    "model.num_blocks": positive,
-    "model.num_heads": positive,
-    "model.dropout_rate": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    "model.time_span": positive,
-    "residual.expansion_rate": positive,
-    "residual.sinkhorn_iters": positive,
-    "residual.init_gate": any_finite,
-    "residual.res_diag_init": any_finite,
-    "loss.num_negatives": positive,
-    "loss.t": unit_interval,
-    "loss.chunk_tokens": positive,
-    "loss.negatives": _one_of("uniform", "in_batch", "mixed"),
-    "sampler.batch_size": positive,
-    "sampler.maxlen": positive,
-    "sampler.seed": seed_range,
-    "sampler.history": _one_of("last", "all"),
-    "optimizer.lr": positive,
-    "optimizer.betas": (
-        lambda v: len(v) == 2 and all(_is_number(b) and 0 <= b < 1 for b in v),
-        "must be [b1, b2] in [0, 1)",
-    ),
-    "optimizer.eps": positive,
-    "optimizer.weight_decay": non_negative,
-    "trainer.num_epochs": positive,
-    "trainer.eval_every": positive,
-    "trainer.patience": non_negative,
-    "trainer.plateau_decays": non_negative,
-    "trainer.plateau_factor": (lambda v: 0 < v < 1, "must be in (0, 1)"),
-    "schedule.warmup_steps": non_negative,
-    "schedule.decay_step": positive,
-    "schedule.decay_rate": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
-    "trainer.l2_emb": non_negative,
-    "trainer.grad_clip": non_negative,
-    "trainer.num_workers": non_negative,
-    "trainer.log_every_steps": positive,
-    "trainer.time_limit_min": non_negative,
-    "trainer.device": (
-        lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"),
-        "must be auto, cpu or cuda[:N]",
-    ),
-    "trainer.amp_dtype": _one_of("bfloat16", "float16"),
-    "distributed.backend": _one_of("auto", "nccl", "gloo"),
-    "distributed.master_port": (lambda v: 0 <= v <= 65535, "must be a port in [0, 65535]"),
-    "distributed.timeout_s": positive,
-    "distributed.stall_timeout_s": non_negative,
-    "slurm.timeout_min": positive,
-    "slurm.max_num_timeout": non_negative,
-    "slurm.signal_delay_s": non_negative,
-    "slurm.nodes": positive,
-    "slurm.tasks_per_node": positive,
-    "slurm.gpus_per_node": non_negative,
-    "slurm.cpus_per_task": positive,
-    "slurm.mem_gb": positive,
-    "eval.protocol": _one_of("full", "sampled"),
-    "eval.num_negatives": positive,
-    "eval.batch_size": positive,
-    "eval.maxlen": positive,
-    "eval.valid_users": non_negative,
-    "eval.item_chunk": positive,
-    "eval.seed": seed_range,
-    "eval.ks": (
-        lambda v: len(v) > 0 and all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in v),
-        "must be a non-empty list of positive ints",
-    ),
-}
-
-# Keys outside any schema: top-level keys, and the `trainer` keys the entry point reads before the Trainer exists
+# Keys no constructor reads: top-level keys, and the `trainer` keys the entry point reads before the Trainer exists
 # (seqrec/compose.py ENTRY_POINT_KEYS): path -> (type, rule or None).
 PLAIN_KEYS = {
-    "seed": (int, seed_range),
+    "seed": (int, SEED),
     "optimized_metric": (str, None),
-    "trainer.devices": (int, positive),
+    "kernels": (str, one_of(*kernels.MODES)),
+    "trainer.devices": (int, POSITIVE),
     "trainer.deterministic": (bool, None),
 }
 # a value that only points at another key (`${sampler.batch_size}`) is checked there, not reported twice
 _REFERENCE = re.compile(r"^\$\{[\w.]+\}$")
 
 
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+def constructor_rules(constructor) -> dict[str, Rule]:
+    """The value rules of a constructor's arguments: its own `RULES`, or `FOREIGN_RULES` for torch's."""
+    module = getattr(constructor, "__module__", None) or ""
+    for prefix, rules in FOREIGN_RULES.items():
+        if module == prefix or module.startswith(prefix + "."):
+            return rules
+    return rules_of(constructor)
 
 
-def _value_problem(path: str, value, annotation, rule) -> str | None:
+def _value_problem(path: str, value, annotation, rule: Rule | None) -> str | None:
     """The problem with one value (type, finiteness, then range rule), or None."""
     if not _type_ok(value, annotation):
         return f"{path}={value!r}: expected {_describe(annotation)}"
-    if isinstance(value, float) and not math.isfinite(value):
-        return f"{path}={value!r}: must be a finite number"
-    if rule and value is not None and not rule[0](value):
-        return f"{path}={value!r}: {rule[1]}"
-    return None
+    return violation(path, value, rule)
 
 
 PLAIN_TYPES = (bool, int, float, str, list, tuple, type(None))
@@ -211,7 +135,7 @@ def _describe(annotation) -> str:
     return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
-def _signature(obj) -> tuple[dict, dict, bool]:
+def signature_of(obj) -> tuple[dict, dict, bool]:
     """Parameters, type hints and whether any keyword is accepted. A class whose __init__ takes **kwargs passes them
     to its base class (TiSASRec -> SASRec), so the base's parameters are followed instead of accepting anything."""
     params = dict(inspect.signature(obj).parameters)
@@ -219,11 +143,29 @@ def _signature(obj) -> tuple[dict, dict, bool]:
     var_kw = [name for name, p in params.items() if p.kind is inspect.Parameter.VAR_KEYWORD]
     base = next((b for b in obj.__mro__[1:] if "__init__" in vars(b)), object) if inspect.isclass(obj) else object
     if var_kw and base is not object:
-        base_params, base_hints, takes_any = _signature(base)
+        base_params, base_hints, takes_any = signature_of(base)
         del params[var_kw[0]]
         params.update({k: v for k, v in base_params.items() if k not in params and k != "self"})
         return params, {**base_hints, **hints}, takes_any
     return params, hints, bool(var_kw)
+
+
+def runtime_args(path: str) -> set[str]:
+    """The arguments of the constructor at `path` that the code passes, not the config."""
+    return RUNTIME_ARGS | PARTIAL_ARGS.get(path, set())
+
+
+def target_nodes(node: DictConfig, path: str = ""):
+    """(config path, node) for every node with a `_target_` under `node`, parents first. A node reached through an
+    interpolation (model.residual: ${residual}) is checked where it is written."""
+    for key in node:
+        if key == "hydra" or OmegaConf.is_missing(node, key) or OmegaConf.is_interpolation(node, key):
+            continue
+        child, where = node[key], f"{path}.{key}" if path else str(key)
+        if isinstance(child, DictConfig):
+            if "_target_" in child:
+                yield where, child
+            yield from target_nodes(child, where)
 
 
 def _check_node(path: str, node: DictConfig, problems: list[str], schema=None) -> None:
@@ -234,15 +176,15 @@ def _check_node(path: str, node: DictConfig, problems: list[str], schema=None) -
     except Exception:
         problems.append(f"{path}._target_: cannot import '{target}'")
         return
-    runtime = RUNTIME_ARGS | PARTIAL_ARGS.get(path, set())
-    params, hints, takes_any = _signature(obj)
+    runtime = runtime_args(path)
+    params, hints, takes_any = signature_of(obj)
+    rules = constructor_rules(obj)
     raw = OmegaConf.to_container(node, resolve=False)  # interpolations as written
     for key in node:
         if key in HYDRA_KEYS or f"{path}.{key}" in PLAIN_KEYS:
             continue
         if key not in params and not takes_any:
-            accepted = ", ".join(k for k in params if k not in runtime and k != "self")
-            problems.append(f"{path}.{key}: unknown key for {target} (accepted: {accepted})")
+            problems.append(_unknown_key(path, str(key), target, [k for k in params if k not in runtime | {"self"}]))
             continue
         if OmegaConf.is_missing(node, key):
             if key not in runtime:
@@ -256,9 +198,7 @@ def _check_node(path: str, node: DictConfig, problems: list[str], schema=None) -
         if isinstance(value, DictConfig):
             continue
         value = OmegaConf.to_object(value) if isinstance(value, ListConfig) else value
-        problem = _value_problem(
-            f"{path}.{key}", value, hints.get(key, params[key].annotation), RULES.get(f"{path}.{key}")
-        )
+        problem = _value_problem(f"{path}.{key}", value, hints.get(key, params[key].annotation), rules.get(key))
         if problem:
             problems.append(problem)
     for name, p in params.items():
@@ -271,25 +211,29 @@ def _check_node(path: str, node: DictConfig, problems: list[str], schema=None) -
             problems.append(f"{path}.{name}: required by {target} but not set")
 
 
+def _unknown_key(path: str, key: str, target: str, accepted: list[str]) -> str:
+    close = difflib.get_close_matches(key, accepted, n=2)
+    hint = "; did you mean " + " or ".join(f"{path}.{k}" for k in close) + "?" if close else ""
+    return f"{path}.{key}: unknown key for {target} (accepted: {', '.join(accepted)}{hint})"
+
+
 def check_config(cfg: DictConfig) -> None:
     """Raise one ConfigError listing every unknown key, wrong type and impossible value in `cfg`."""
     problems: list[str] = []
-    for path in RUNTIME_NODES:
+    for path in REQUIRED_NODES:
         node = cfg.get(path)
         if not isinstance(node, DictConfig) or "_target_" not in node:
             problems.append(f"{path}: missing or has no _target_")
-            continue
+    # in the order of REQUIRED_NODES (the order of the build), then any other
+    order = {name: i for i, name in enumerate(REQUIRED_NODES)}
+    ordered = sorted(target_nodes(cfg), key=lambda found: order.get(found[0].split(".")[0], len(order)))
+    nodes = [(path, node, None) for path, node in ordered]
+    nodes += [(path, cfg[path], schema) for path, schema in SCHEMAS.items() if isinstance(cfg.get(path), DictConfig)]
+    for path, node, schema in nodes:  # a schema's node is absent in a composition without a hardware profile
         try:
-            _check_node(path, node, problems)
+            _check_node(path, node, problems, schema)
         except Exception as e:  # an unresolvable interpolation, say
             problems.append(f"{path}: {type(e).__name__}: {e}".splitlines()[0])
-    for path, schema in SCHEMAS.items():
-        node = cfg.get(path)
-        if isinstance(node, DictConfig):  # absent in a composition without a hardware profile
-            try:
-                _check_node(path, node, problems, schema)
-            except Exception as e:
-                problems.append(f"{path}: {type(e).__name__}: {e}".splitlines()[0])
     _check_plain_keys(cfg, problems)
     _check_across_keys(cfg, problems)
     _check_sparse_gradients(cfg, problems)
@@ -300,7 +244,7 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def _check_plain_keys(cfg: DictConfig, problems: list[str]) -> None:
-    """Types and ranges of the keys outside `_target_` nodes (seed, distributed.*, slurm.*), where present."""
+    """Types and ranges of the keys no constructor reads (`PLAIN_KEYS`), where their node is present."""
     for path, (annotation, rule) in PLAIN_KEYS.items():
         parent, _, key = path.rpartition(".")
         node = cfg.get(parent) if parent else cfg

@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 from seqrec.errors import DataError
+from seqrec.utils.rules import NON_NEGATIVE
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ class MetricLogger:
         tags: W&B tags.
         init_timeout: seconds an online start may take before falling back to offline.
     """
+
+    RULES = {"init_timeout": NON_NEGATIVE}
 
     def __init__(
         self,
