@@ -17,7 +17,8 @@ gradients for every tensor input and every parameter of the layer):
                           -> new state (B, L, S, D); sets connection.last as the reference does (diagnostics)
     "attention"           fn(q, k, v (B, H, L, Dh), ctx: AttentionContext, dropout_p, training) -> (B, H, L, Dh)
     "relation_attention"  fn(q (H, B, L, Dh) scaled by Dh^-1/2, k, v (H, B, L, Dh), time_k, time_v (H, k+1, Dh),
-                          index (B, L, L) from relation_index(), dropout_p) -> (H, B, L, Dh)
+                          index (B, L, L) from relation_index(), dropout_p, cache: dict | None (the forward
+                          pass's AttentionContext.cache)) -> (H, B, L, Dh)
     "dropout"             fn(x, p, training) -> x with dropout applied
 
 How to add one (e.g. Triton kernels for mHC on a GPU): write a module here exposing a `Kernel` (its `run` takes

@@ -92,6 +92,65 @@ def test_relation_attention_with_dropout_keeps_the_expected_mass():
         assert abs(out.mean().item() - 1) < 0.05 and out.std() > 0.1  # dropped, rescaled, unbiased
 
 
+def test_bucket_layout_sums_equal_scatter_add_bitwise_empty_buckets_included():
+    g = torch.Generator().manual_seed(0)
+    index = torch.randint(0, 4, (3, 9, 9), generator=g)  # buckets 4..6 stay empty
+    values = torch.randn(3, 9, 9, generator=g)
+    layout = relation_attention.BucketLayout.of(index, 7)
+    scattered = torch.zeros(3, 9, 7).scatter_add_(-1, index, values)
+    assert torch.equal(layout.sums(values), scattered)  # same additions, same order (keys ascending per bucket)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_sort_free_bucket_sums_give_the_scatter_path_bitwise_and_one_layout_per_forward_pass(monkeypatch, p):
+    """The path that CUDA takes under deterministic algorithms, run on the CPU against the scatter_add path."""
+    q, k, v, tk, tv, index = relation_inputs(torch.float32, B=4, L=9)
+    tensors = [t.requires_grad_() for t in (q, k, v, tk, tv)]
+    weight = torch.randn(q.shape)
+    results, cache = [], {}
+    for sort_free in (False, True):
+        monkeypatch.setattr(relation_attention, "needs_layout", lambda index, answer=sort_free: answer)
+        torch.manual_seed(0)  # the same dropout mask
+        out = relation_attention.bucketed_attention(*tensors, index, p, cache)
+        results.append((out, torch.autograd.grad((out * weight).sum(), tensors)))
+        assert len(cache) == sort_free  # built on first use, then reused by every head, block and the backward
+    (out_a, grads_a), (out_b, grads_b) = results
+    assert torch.equal(out_a, out_b)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+
+
+def test_the_sort_free_path_is_taken_only_where_scatter_add_is_not_deterministic():
+    index = torch.zeros(1, 2, 2, dtype=torch.int64)
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert not relation_attention.needs_layout(index)  # the CPU's scatter_add is deterministic as it is
+        assert relation_attention.bucket_layout(index, 3, {}) is None
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_strict_deterministic_relation_attention_on_cuda_is_bitwise_repeatable_and_equals_the_cpu():
+    q, k, v, tk, tv, index = relation_inputs(torch.float32, B=8, L=40, span=30)
+    weight = torch.randn(q.shape)
+    previous = torch.are_deterministic_algorithms_enabled()
+    runs = []
+    try:
+        torch.use_deterministic_algorithms(True)  # strict: a nondeterministic CUDA kernel would raise
+        for device in ("cuda", "cuda", "cpu"):
+            tensors = [t.to(device).requires_grad_() for t in (q, k, v, tk, tv)]
+            out = relation_attention.bucketed_attention(*tensors, index.to(device), 0.0, {})
+            grads = torch.autograd.grad((out * weight.to(device)).sum(), tensors)
+            runs.append([t.cpu() for t in (out, *grads)])
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
+    for a, b in zip(runs[0], runs[2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("training", [False, True])
 def test_cpu_attention_equals_the_reference_without_dropout(training):
     g = torch.Generator().manual_seed(0)
