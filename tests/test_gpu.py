@@ -37,6 +37,33 @@ def test_bf16_step(tmp_path):
     _steps(trainer)
 
 
+@pytest.mark.parametrize("model", ["sasrec", "tisasrec"])
+@pytest.mark.parametrize("loss", ["bce", "ce", "sampled_softmax"])
+def test_a_training_step_never_waits_for_the_gpu(tmp_path, model, loss):
+    """Launch-light: under sync debug mode "error" any host-device synchronisation inside a step (an .item(), a
+    boolean-mask selection, a blocking copy) raises. bf16 (GradScaler's inf check syncs, but only with fp16) and
+    deterministic algorithms, as a default run; the first step (lazy initialisation, plug-in self-checks) and the
+    batches' transfer stay outside."""
+    extra = ["loss.negatives=mixed", "loss.num_negatives=8"] if loss == "sampled_softmax" else []
+    overrides = [f"model={model}", f"loss={loss}", *extra, "hardware=1gpu", "trainer.device=cuda"]
+    cfg = compose_config(TINY + overrides, tmp_path)
+    trainer = _trainer(cfg, tmp_path, amp_dtype="bfloat16", grad_clip=1.0)
+    batches = [b.to(trainer.device) for b in list(trainer.sampler.epoch(0))[:3]]
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        trainer.train_step(batches[0])
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            losses = [trainer.train_step(b) for b in batches[1:]]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert all(torch.isfinite(x) for x in losses)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_two_nccl_workers(tmp_path):

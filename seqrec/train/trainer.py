@@ -196,10 +196,12 @@ class Trainer:
         batches = prefetch(batches) if self.num_workers > 0 else batches
         hide = not self.progress or self.rank != 0
         bar = tqdm(batches, total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}", leave=False, disable=hide)
+        # the losses add up on the device: the host reads them (and waits for the GPU) only for the progress bar,
+        # every log_every_steps steps, and once at the end of the epoch; nothing in a step makes it wait
         total = torch.zeros((), device=self.device)
         for i, batch in enumerate(bar):
             total += self.train_step(batch.to(self.device))
-            if (i + 1) % self.log_every_steps == 0:
+            if not bar.disable and (i + 1) % self.log_every_steps == 0:
                 bar.set_postfix(loss=f"{total.item() / (i + 1):.4f}")
         mean = (total / max(self.steps_per_epoch, 1)).item()
         self.train_seconds += time.perf_counter() - start
@@ -212,6 +214,12 @@ class Trainer:
         return mean
 
     def train_step(self, batch) -> torch.Tensor:
+        """One optimizer step on a batch already on the device; returns the loss as a device tensor.
+
+        Launch-light: nothing here waits for the GPU (no .item(), no data-dependent shape: the losses weight
+        padding by 0 instead of selecting targets), so the host queues the next step while the GPU runs this one
+        (tests/test_gpu.py runs it under torch.cuda.set_sync_debug_mode("error")). The one exception is float16
+        AMP: GradScaler reads its inf check on the host in scaler.step."""
         with autocast(self.device, self.amp_dtype):
             h = self.model(batch.seq, batch.times, batch.time_scale)
             loss = self.loss(h, self.raw_model.head, batch.pos, batch.neg) * batch.loss_weight
