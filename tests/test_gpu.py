@@ -64,6 +64,41 @@ def test_a_training_step_never_waits_for_the_gpu(tmp_path, model, loss):
     assert all(torch.isfinite(x) for x in losses)
 
 
+def test_cuda_attention_runs_on_flash_attention_deterministically_and_matches_the_reference():
+    """The CUDA attention plug-in passes no mask, so SDPA may take FlashAttention (forced here: "no available
+    kernel" would raise otherwise); strict deterministic mode selects flash's deterministic backward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from seqrec import kernels
+    from seqrec.kernels.causal_attention import causal_attention
+    from seqrec.nn.attention import AttentionContext, attention, causal_padding_mask
+
+    torch.manual_seed(0)
+    B, H, L, Dh = 8, 2, 200, 32
+    q, k, v = (torch.randn(B, H, L, Dh, device="cuda") for _ in range(3))
+    valid = torch.arange(L, device="cuda") >= torch.randint(0, L, (B, 1), device="cuda")  # (B, L) left-padded
+    weight = torch.randn(q.shape, device="cuda") * valid[:, None, :, None]
+    previous = torch.are_deterministic_algorithms_enabled()
+    runs = []
+    try:
+        torch.use_deterministic_algorithms(True)
+        for _ in range(2):
+            x = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+            ctx = AttentionContext(valid=valid, attn_mask=causal_padding_mask(valid), extras={})
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                out = causal_attention(*x, ctx, 0.0, False)
+                grads = torch.autograd.grad((out.float() * weight).sum(), x)
+            runs.append([out, *grads])
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    ctx = AttentionContext(valid=valid, attn_mask=causal_padding_mask(valid), extras={})
+    with kernels.using("reference"):
+        reference = attention(q, k, v, ctx, 0.0, False)  # float32, bool mask
+    real = valid[:, None, :, None].expand_as(reference)
+    assert (runs[0][0].float() - reference)[real].abs().max().item() < 3e-2
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_two_nccl_workers(tmp_path):

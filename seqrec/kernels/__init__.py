@@ -59,7 +59,7 @@ PLUGINS: dict[tuple[str, str], list[str]] = {
     ("mhc", "cpu"): ["seqrec.kernels.mhc_cpu:MHC"],
     ("mhc", "cuda"): ["seqrec.kernels.mhc_triton:MHC"],  # not yet run on a real GPU (see its docstring)
     ("attention", "cpu"): ["seqrec.kernels.attention:ATTENTION"],
-    ("attention", "cuda"): ["seqrec.kernels.attention:ATTENTION"],  # its float mask; SDPA's dropout
+    ("attention", "cuda"): ["seqrec.kernels.causal_attention:CAUSAL"],  # no mask tensor: SDPA may use flash
     ("dropout", "cpu"): ["seqrec.kernels.attention:DROPOUT"],
     ("relation_attention", "cpu"): ["seqrec.kernels.relation_attention:BUCKETED"],
     ("relation_attention", "cuda"): ["seqrec.kernels.relation_attention:BUCKETED"],

@@ -10,7 +10,7 @@ import torch
 from seqrec import kernels
 from seqrec.errors import ConfigError
 from seqrec.kernels import attention as attention_kernels
-from seqrec.kernels import relation_attention
+from seqrec.kernels import causal_attention, relation_attention
 from seqrec.nn.attention import AttentionContext, attention, causal_padding_mask
 from seqrec.nn.dropout import dropout
 from seqrec.nn.time_attention import relation_attention as reference_relation_attention
@@ -166,6 +166,44 @@ def test_cpu_attention_equals_the_reference_without_dropout(training):
     torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-6, atol=1e-6)
     for a, b in zip(outs[1][1], outs[0][1]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def causal_inputs(B=3, H=2, L=9, Dh=4):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, L, Dh, generator=g, requires_grad=True) for _ in range(3))
+    valid = torch.ones(B, L, dtype=torch.bool)
+    valid[0, :4] = False  # left padding of several lengths; row 2 has none
+    valid[1, :8] = False
+    return q, k, v, valid
+
+
+def test_cuda_causal_attention_equals_the_reference_on_real_rows_in_values_and_gradients():
+    q, k, v, valid = causal_inputs()
+    weight = torch.randn(q.shape) * valid[:, None, :, None]  # padded rows are zeroed by the block later
+    outs = []
+    for run in (attention, causal_attention.causal_attention):  # the reference (bool mask), the CUDA plug-in
+        ctx = AttentionContext(valid=valid, attn_mask=causal_padding_mask(valid), extras={})
+        with kernels.using("reference"):
+            out = run(q, k, v, ctx, 0.0, False)
+        outs.append((out, torch.autograd.grad((out * weight).sum(), (q, k, v))))
+    (ref, ref_grads), (fast, fast_grads) = outs
+    real = valid[:, None, :, None].expand_as(ref)
+    torch.testing.assert_close(fast[real], ref[real], rtol=1e-6, atol=1e-6)
+    assert torch.isfinite(fast).all()
+    for a, b in zip(fast_grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_cuda_causal_attention_never_lets_a_padded_key_reach_a_real_query():
+    q, k, v, valid = causal_inputs()
+    ctx = AttentionContext(valid=valid, attn_mask=causal_padding_mask(valid), extras={})
+    out = causal_attention.causal_attention(q, k, v, ctx, 0.0, False)
+    padded = ~valid[:, None, :, None].expand_as(k)
+    k2, v2 = k.detach().masked_fill(padded, 50.0), v.detach().masked_fill(padded, -7.0)  # huge logits, odd values
+    out2 = causal_attention.causal_attention(q, k2, v2, ctx, 0.0, False)
+    real = valid[:, None, :, None].expand_as(out)
+    assert torch.equal(out[real], out2[real])  # not only close: the padded keys are outside every real row
+    assert "rotations" in ctx.cache  # the per-row shifts: once per forward pass, shared by the layers
 
 
 def test_cpu_attention_with_dropout_is_unbiased_and_masked():
