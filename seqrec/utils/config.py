@@ -102,6 +102,7 @@ RULES = {
     "sampler.maxlen": positive,
     "sampler.seed": seed_range,
     "sampler.history": _one_of("last", "all"),
+    "sampler.length_buckets": non_negative,
     "optimizer.lr": positive,
     "optimizer.betas": (
         lambda v: len(v) == 2 and all(_is_number(b) and 0 <= b < 1 for b in v),
