@@ -1,8 +1,15 @@
-"""The GPU figures, measured through `train.py` itself: epoch and evaluation seconds of the four variants, and the
-minutes the headline model needs to reach its full-ranking quality.
+"""The GPU figures, measured through `train.py` itself: epoch and evaluation seconds of the four variants, what
+strict determinism and `trainer.compile` cost or save, and the minutes the headline model needs to reach its
+full-ranking quality.
 
-    python bench/bench_gpu.py [--data ../shared/data] [--out bench/results/gpu.json] [--skip-quality]
+    python bench/bench_gpu.py [--data ../shared/data] [--out bench/results/gpu.json] [--skip-quality] [--budget-s S]
     python bench/bench_gpu.py --smoke          # a few seconds on the CPU with the bundled data: checks the plumbing
+
+Cases, in order of priority (a case that no longer fits in --budget-s is skipped and listed under "skipped"):
+SASRec on ML-1M (the headline epoch and evaluation); SASRec, TiSASRec, each with mHC (the variant ratios); SASRec
+and TiSASRec with trainer.deterministic=false (the price of bitwise reproducibility); SASRec and TiSASRec with
+trainer.compile=true and sampler.length_buckets=4 (compilation falls in the dropped first epoch; not in --smoke,
+where inductor would compile C++ for minutes); the quality run.
 
 Each case is one real run (`python train.py ... hardware=1gpu`) in its own process; the numbers are read back from
 the run's `metrics.jsonl` (cumulative `train/seconds` per epoch) and `results.json` (`eval_seconds`: one validation
@@ -41,10 +48,14 @@ PAPER = [
 ]
 VARIANTS = {
     "sasrec": ["model=sasrec", "residual=plain"],
-    "sasrec_mhc": ["model=sasrec", "residual=mhc"],
     "tisasrec": ["model=tisasrec", "residual=plain"],
+    "sasrec_mhc": ["model=sasrec", "residual=mhc"],
     "tisasrec_mhc": ["model=tisasrec", "residual=mhc"],
 }
+NONDETERMINISTIC = ["trainer.deterministic=false"]
+COMPILED = ["trainer.compile=true", "sampler.length_buckets=4"]
+MIN_CASE_S = 20  # a case is not started with less budget left (startup, data, four short epochs)
+MIN_COMPILE_CASE_S = 60  # compilation of the forward, loss and backward comes on top
 # the figures the GPU work is held to (one H200, bf16), as (case or ratio, limit)
 TARGETS = {
     "sasrec_ml1m.epoch_s": 0.25,
@@ -99,30 +110,53 @@ def machine() -> dict:
     return info
 
 
-def measure(args) -> dict:
-    out: dict = {"machine": machine(), "cases": {}, "targets": {}}
-    work = Path(tempfile.mkdtemp(prefix="bench_gpu_"))
-    epochs = [f"trainer.num_epochs={args.epochs}", f"trainer.eval_every={args.epochs}"]
+def cases_in_order(args) -> dict[str, list[str]]:
+    """Case name -> train.py overrides, the most wanted first."""
     if args.smoke:  # the bundled data, two short epochs on the CPU: the plumbing, not a figure
         base = ["hardware=cpu", "dataset.num_users=300", "model.maxlen=30", "model.hidden_units=32"]
-        cases = {name: base + over for name, over in VARIANTS.items()}
-        cases["sasrec_ml1m"] = base + VARIANTS["sasrec"]
+        ml1m = half = []
     else:
-        base = ["hardware=1gpu", *PAPER]
-        cases = {name: base + data_overrides(args.data, True) + over for name, over in VARIANTS.items()}
-        cases["sasrec_ml1m"] = base + data_overrides(args.data, False) + VARIANTS["sasrec"]
-    for name, overrides in cases.items():
-        result = train(overrides + epochs, work / name, args.timeout_s)
+        base, ml1m, half = ["hardware=1gpu", *PAPER], data_overrides(args.data, False), data_overrides(args.data, True)
+    cases = {"sasrec_ml1m": base + ml1m + VARIANTS["sasrec"]}
+    cases |= {name: base + half + over for name, over in VARIANTS.items()}
+    for model in ("sasrec", "tisasrec"):
+        cases[f"{model}_nondeterministic"] = base + half + VARIANTS[model] + NONDETERMINISTIC
+    if not args.smoke:
+        for model in ("sasrec", "tisasrec"):
+            cases[f"{model}_compiled"] = base + half + VARIANTS[model] + COMPILED
+    return cases
+
+
+def measure(args) -> dict:
+    out: dict = {"machine": machine(), "cases": {}, "skipped": {}, "targets": {}}
+    work = Path(tempfile.mkdtemp(prefix="bench_gpu_"))
+    epochs = [f"trainer.num_epochs={args.epochs}", f"trainer.eval_every={args.epochs}"]
+    deadline = time.monotonic() + args.budget_s
+
+    def fits(name: str) -> float:
+        """Seconds this case may run (0: skip it), within the budget and the per-run limit."""
+        left = deadline - time.monotonic()
+        return min(args.timeout_s, left) if left >= (MIN_COMPILE_CASE_S if "compiled" in name else MIN_CASE_S) else 0
+
+    for name, overrides in cases_in_order(args).items():
+        if not (limit := fits(name)):
+            out["skipped"][name] = "budget"
+            print(f"{name:<24} skipped: the budget of {args.budget_s:.0f} s is spent", flush=True)
+            continue
+        result = train(overrides + epochs, work / name, limit)
         out["cases"][name] = result
         shown = f"{result['epoch_s']:.3f} s/epoch, eval {result['eval_s']:.3f} s" if "error" not in result else result
-        print(f"{name:<14} {shown}", flush=True)
+        print(f"{name:<24} {shown}", flush=True)
     if not args.skip_quality and not args.smoke:
         quality = ["experiment=ml1m_half_tisasrec_mhc_recipe", "hardware=1gpu", "seed=1", "trainer.progress=false"]
-        result = train(quality, work / "quality", args.timeout_s)
-        out["cases"]["quality_tisasrec_mhc_recipe"] = result
-        if "error" not in result:
-            result["minutes"] = round(result["wall_s"] / 60, 2)
-            print(f"quality        {result['minutes']} min, test NDCG@10 {result['test/ndcg@10']:.4f}", flush=True)
+        if limit := fits("quality"):
+            result = train(quality, work / "quality", limit)
+            out["cases"]["quality_tisasrec_mhc_recipe"] = result
+            if "error" not in result:
+                result["minutes"] = round(result["wall_s"] / 60, 2)
+                print(f"quality        {result['minutes']} min, test NDCG@10 {result['test/ndcg@10']:.4f}", flush=True)
+        else:
+            out["skipped"]["quality_tisasrec_mhc_recipe"] = "budget"
     ok = {k: v for k, v in out["cases"].items() if "error" not in v}
     figures = {f"{name}.{field}": ok[name][field] for name in ok for field in ("epoch_s", "eval_s")}
     for a, b in (
@@ -133,6 +167,11 @@ def measure(args) -> dict:
     ):
         if a in ok and b in ok:
             figures[f"ratio.{a}/{b}"] = round(ok[a]["epoch_s"] / ok[b]["epoch_s"], 3)
+    for model in ("sasrec", "tisasrec"):  # > 1: what determinism costs; < 1: what compile saves
+        for variant in ("nondeterministic", "compiled"):
+            a, b = model, f"{model}_{variant}"
+            if a in ok and b in ok:
+                figures[f"ratio.{a}/{b}"] = round(ok[a]["epoch_s"] / ok[b]["epoch_s"], 3)
     out["figures"] = figures
     for key, limit in TARGETS.items():
         value = figures.get(key)
@@ -153,6 +192,9 @@ def table(result: dict) -> str:
         value = "n/a" if t["value"] is None else f"{t['value']:.4g}"
         limit = f"<= {t['limit']}" if "limit" in t else f"{t['minutes']} min"
         rows.append(f"| {key} | {value} | {limit} | {'yes' if t['met'] else 'NO'} |")
+    others = {k: v for k, v in result.get("figures", {}).items() if k not in result["targets"] and "ratio" in k}
+    rows += ["", "| other ratio (epoch seconds) | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in others.items()]
+    rows += [f"skipped (budget): {', '.join(result['skipped'])}"] if result.get("skipped") else []
     return "\n".join(rows)
 
 
@@ -161,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=Path(os.environ.get("SEQREC_DATA", REPO.parent / "shared" / "data")))
     p.add_argument("--epochs", type=int, default=4, help="epochs per speed case (the first is dropped)")
     p.add_argument("--timeout-s", type=float, default=300, help="per run")
+    p.add_argument("--budget-s", type=float, default=3600, help="all runs together: later cases are skipped")
     p.add_argument("--skip-quality", action="store_true", help="skip the time-to-quality run")
     p.add_argument("--smoke", action="store_true", help="CPU, bundled data, 2 epochs: checks the script")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "gpu.json")

@@ -16,6 +16,7 @@ they hold for every object in the process, not for one trainer.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -53,10 +54,35 @@ def build_node(node: DictConfig, **runtime):
         raise
 
 
+# cuBLAS picks its reduction split per call from a shared workspace unless the workspace is fixed; the two values
+# NVIDIA documents as deterministic. Read when the process creates its first cuBLAS handle (its first GPU matmul).
+CUBLAS_WORKSPACE = "CUBLAS_WORKSPACE_CONFIG"
+DETERMINISTIC_CUBLAS_WORKSPACES = (":4096:8", ":16:8")
+
+
+def set_deterministic_environment(deterministic: bool) -> None:
+    """The environment that must be in place before CUDA's libraries start: called by the entry point first thing
+    (seqrec/run.py main, before it starts workers, which inherit it) and again by set_process_flags.
+
+    Composing the config may already have asked torch whether there is a GPU and which (the hardware resolvers):
+    that starts the driver, not cuBLAS, which reads the variable when its first handle is created."""
+    if deterministic and os.environ.get(CUBLAS_WORKSPACE) not in DETERMINISTIC_CUBLAS_WORKSPACES:
+        os.environ[CUBLAS_WORKSPACE] = DETERMINISTIC_CUBLAS_WORKSPACES[0]
+
+
 def set_process_flags(cfg: DictConfig) -> None:
-    """Settings of the whole process, made once by the entry point before anything is built."""
-    # some CPU kernels (e.g. the embedding backward's scatter-add) otherwise sum in thread-dependent order
-    torch.use_deterministic_algorithms(bool(cfg.trainer.deterministic), warn_only=True)
+    """Settings of the whole process, made once by the entry point before anything is built.
+
+    trainer.deterministic=true (docs/RELIABILITY.md, section 7): every operation runs its deterministic
+    implementation, or the run stops at the first that has none (warn_only=False: no silent exception). On a CPU
+    this fixes the order of the scatter-adds (embedding and indexing backward); on CUDA also cuBLAS's workspace,
+    cuDNN's algorithm choice, the attention backward (SDPA's flash and memory-efficient kernels switch to their
+    deterministic variants) and TiSASRec's bucket sums (seqrec/kernels/relation_attention.py)."""
+    deterministic = bool(cfg.trainer.deterministic)
+    set_deterministic_environment(deterministic)
+    torch.use_deterministic_algorithms(deterministic, warn_only=False)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = False  # autotuning may pick another algorithm per run
     torch.utils.deterministic.fill_uninitialized_memory = False  # NaN-filling every torch.empty costs ~10 %
     kernels.use(cfg.get("kernels", "auto"))  # fast plug-ins or the reference layers only
     if resolve_device(cfg.trainer.device).type == "cpu":

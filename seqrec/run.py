@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from seqrec.compose import build
+from seqrec.compose import build, set_deterministic_environment
 from seqrec.errors import SeqrecError
 from seqrec.launch import WorkerLost, launch, run_distributed, should_launch
 from seqrec.train.checkpoint import CheckpointWriteError
@@ -47,6 +47,7 @@ def main(cfg: DictConfig) -> float | None:
     # a train.log that can no longer be written (full disk, read-only) must not print logging's own traceback for
     # every record: the failed checkpoint or metrics write right after is reported in one line below
     logging.raiseExceptions = False
+    set_deterministic_environment(bool(cfg.trainer.deterministic))  # before any worker or GPU library starts
     try:
         # trainer.devices > 1 and no launcher around: start the DDP workers here (one Hydra process, one run dir)
         with open_run(cfg):  # the run dir's lock, resume policy and run.json, before anything is written
@@ -66,7 +67,26 @@ def main(cfg: DictConfig) -> float | None:
         if e.errno not in UNWRITABLE or _in_multirun():
             raise
         _exit(f"error: {unwritable_message(e, _run_dir(cfg))}; resume with: {resume_command()}", 1)
+    except RuntimeError as e:
+        if not is_nondeterministic_operation(e) or _in_multirun():
+            raise
+        _exit(f"error: {nondeterministic_message(e)}", 1)
     return results.get(cfg.optimized_metric)
+
+
+def is_nondeterministic_operation(error: RuntimeError) -> bool:
+    """torch's refusal, under trainer.deterministic=true, of an operation without a deterministic implementation."""
+    return "does not have a deterministic implementation" in str(error)
+
+
+def nondeterministic_message(error: RuntimeError) -> str:
+    """One line naming the operation and the two ways on."""
+    first = str(error).split(", but you set")[0].strip()
+    return (
+        f"trainer.deterministic=true: {first}, so this run cannot be bitwise reproducible; "
+        "set trainer.deterministic=false to run it with nondeterministic kernels (or kernels=auto if a plug-in "
+        "avoids the operation)"
+    )
 
 
 # a run directory that cannot take more bytes: reported in one line, as a user's problem

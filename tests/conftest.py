@@ -17,6 +17,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 import seqrec.launch  # noqa: F401  (registers the ${seqrec.*:} config resolvers, as train.py does)
+from seqrec.compose import set_deterministic_environment
+
+# what the entry point does before any GPU work: tests that switch strict deterministic mode on in this process
+# (rather than through train.py) need cuBLAS's fixed workspace from its first handle on
+set_deterministic_environment(True)
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"

@@ -35,6 +35,68 @@ def test_bf16_step(tmp_path):
     _steps(trainer)
 
 
+@pytest.mark.parametrize("model", ["sasrec", "tisasrec"])
+@pytest.mark.parametrize("loss", ["bce", "ce", "sampled_softmax"])
+def test_a_training_step_never_waits_for_the_gpu(tmp_path, model, loss):
+    """Launch-light: under sync debug mode "error" any host-device synchronisation inside a step (an .item(), a
+    boolean-mask selection, a blocking copy) raises. bf16 (GradScaler's inf check syncs, but only with fp16) and
+    deterministic algorithms, as a default run; the first step (lazy initialisation, plug-in self-checks) and the
+    batches' transfer stay outside."""
+    extra = ["loss.negatives=mixed", "loss.num_negatives=8"] if loss == "sampled_softmax" else []
+    overrides = [f"model={model}", f"loss={loss}", *extra, "hardware=1gpu", "trainer.device=cuda"]
+    cfg = compose_config(TINY + overrides, tmp_path)
+    trainer = _trainer(cfg, tmp_path, amp_dtype="bfloat16", grad_clip=1.0)
+    batches = [b.to(trainer.device) for b in list(trainer.sampler.epoch(0))[:3]]
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        trainer.train_step(batches[0])
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            losses = [trainer.train_step(b) for b in batches[1:]]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert all(torch.isfinite(x) for x in losses)
+
+
+def test_cuda_attention_runs_on_flash_attention_deterministically_and_matches_the_reference():
+    """The CUDA attention plug-in passes no mask, so SDPA may take FlashAttention (forced here: "no available
+    kernel" would raise otherwise); strict deterministic mode selects flash's deterministic backward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from seqrec import kernels
+    from seqrec.kernels.causal_attention import causal_attention
+    from seqrec.nn.attention import AttentionContext, attention, causal_padding_mask
+
+    torch.manual_seed(0)
+    B, H, L, Dh = 8, 2, 200, 32
+    q, k, v = (torch.randn(B, H, L, Dh, device="cuda") for _ in range(3))
+    valid = torch.arange(L, device="cuda") >= torch.randint(0, L, (B, 1), device="cuda")  # (B, L) left-padded
+    weight = torch.randn(q.shape, device="cuda") * valid[:, None, :, None]
+    previous = torch.are_deterministic_algorithms_enabled()
+    runs = []
+    try:
+        torch.use_deterministic_algorithms(True)
+        for _ in range(2):
+            x = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+            ctx = AttentionContext(valid=valid, attn_mask=causal_padding_mask(valid), extras={})
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                out = causal_attention(*x, ctx, 0.0, False)
+                grads = torch.autograd.grad((out.float() * weight).sum(), x)
+            runs.append([out, *grads])
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    ctx = AttentionContext(valid=valid, attn_mask=causal_padding_mask(valid), extras={})
+    with kernels.using("reference"):
+        reference = attention(q, k, v, ctx, 0.0, False)  # float32, bool mask
+    real = valid[:, None, :, None].expand_as(reference)
+    assert (runs[0][0].float() - reference)[real].abs().max().item() < 3e-2
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_two_nccl_workers(tmp_path):

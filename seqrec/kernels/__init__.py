@@ -17,7 +17,8 @@ gradients for every tensor input and every parameter of the layer):
                           -> new state (B, L, S, D); sets connection.last as the reference does (diagnostics)
     "attention"           fn(q, k, v (B, H, L, Dh), ctx: AttentionContext, dropout_p, training) -> (B, H, L, Dh)
     "relation_attention"  fn(q (H, B, L, Dh) scaled by Dh^-1/2, k, v (H, B, L, Dh), time_k, time_v (H, k+1, Dh),
-                          index (B, L, L) from relation_index(), dropout_p) -> (H, B, L, Dh)
+                          index (B, L, L) from relation_index(), dropout_p, cache: dict | None (the forward
+                          pass's AttentionContext.cache)) -> (H, B, L, Dh)
     "dropout"             fn(x, p, training) -> x with dropout applied
 
 How to add one (e.g. Triton kernels for mHC on a GPU): write a module here exposing a `Kernel` (its `run` takes
@@ -58,7 +59,7 @@ PLUGINS: dict[tuple[str, str], list[str]] = {
     ("mhc", "cpu"): ["seqrec.kernels.mhc_cpu:MHC"],
     ("mhc", "cuda"): ["seqrec.kernels.mhc_triton:MHC"],  # not yet run on a real GPU (see its docstring)
     ("attention", "cpu"): ["seqrec.kernels.attention:ATTENTION"],
-    ("attention", "cuda"): ["seqrec.kernels.attention:ATTENTION"],  # its float mask; SDPA's dropout
+    ("attention", "cuda"): ["seqrec.kernels.causal_attention:CAUSAL"],  # no mask tensor: SDPA may use flash
     ("dropout", "cpu"): ["seqrec.kernels.attention:DROPOUT"],
     ("relation_attention", "cpu"): ["seqrec.kernels.relation_attention:BUCKETED"],
     ("relation_attention", "cuda"): ["seqrec.kernels.relation_attention:BUCKETED"],

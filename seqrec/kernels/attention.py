@@ -1,7 +1,8 @@
 """Attention and dropout plug-ins: a cheaper CPU dropout mask, a float attention mask, an unfused CPU path.
 
-Plug-ins for "dropout" (CPU) and "attention" (CPU and CUDA) of seqrec.kernels; the reference layers are
-seqrec.nn.ffn.Dropout and seqrec.nn.attention.attention.
+Plug-ins for "dropout" and "attention" on the CPU of seqrec.kernels (CUDA's attention plug-in is
+seqrec/kernels/causal_attention.py); the reference layers are seqrec.nn.ffn.Dropout and
+seqrec.nn.attention.attention.
 
 - Dropout mask: torch's CPU `bernoulli_` draws one random number per element (~16 ns/element here); dropout on the
   (B, H, L, L) attention weights made it ~38 % of a SASRec epoch. `keep_mask` draws 64-bit random integers and

@@ -7,7 +7,10 @@ terms depend on j only through the bucket, so they are computed per bucket (docs
     key side:   q_i . E^K[R_ij]          = gather(Q E^K^T, R)[i, j]          (L, k+1) -> (L, L) per head
     value side: sum_j a_ij E^V[R_ij]     = (scatter_add(A by bucket) E^V)_i  (L, L) -> (L, k+1) per head
 
-Memory is O(B.H.L.(L + k)) instead of the naive O(B.L^2.D), and the two forms are equal up to rounding.
+Memory is O(B.H.L.(L + k)) instead of the naive O(B.L^2.D), and the two forms are equal up to rounding. This
+reference sums per bucket with scatter_add (and the gather's backward is one too): on CUDA under deterministic
+algorithms torch sorts the index for each call; the plug-in (seqrec/kernels/relation_attention.py) sorts it once
+per batch instead.
 """
 
 from __future__ import annotations
@@ -34,18 +37,19 @@ def relation_index(buckets: Tensor, attn_mask: Tensor, span: int) -> Tensor:
     return buckets.masked_fill_(~attn_mask[:, 0], span + 1)
 
 
-def relation_attention(q, k, v, time_k, time_v, index, p: float) -> Tensor:
+def relation_attention(q, k, v, time_k, time_v, index, p: float, cache: dict | None = None) -> Tensor:
     """softmax(q k^T + q E^K[R]) (v + E^V[R]) with dropout p on the weights, in the bucketed form.
 
     Args:
         q, k, v: (H, B, L, Dh), q already scaled by Dh^-1/2.
         time_k, time_v: (H, k+1, Dh) interval tables E^K, E^V per head.
         index: (B, L, L) int64 from relation_index(): the bucket of each visible pair, k+1 for masked pairs.
+        cache: the forward pass's AttentionContext.cache, where a plug-in keeps what it derives from `index` once.
     Returns:
         (H, B, L, Dh).
     """
     if (fast := kernels.find("relation_attention", q.device, q)) is not None:
-        return fast(q, k, v, time_k, time_v, index, p)
+        return fast(q, k, v, time_k, time_v, index, p, cache)
     index = index.expand(q.shape[0], *index.shape)  # (H, B, L, L)
     per_bucket = q @ time_k[:, None].transpose(-1, -2)  # (H, B, L, k+1): q_i . E^K[c]
     # bucket k+1 = masked pair: a finite floor, not -inf, so no row can turn into NaN (each keeps its diagonal)
@@ -92,5 +96,6 @@ class TimeIntervalAttention(CausalSelfAttention):
             heads(ex["time_v"]),
             ex["relation_index"],
             self.dropout if self.training else 0.0,
+            ctx.cache,
         )  # (H, B, L, Dh)
         return self.out(y.permute(1, 2, 0, 3).reshape(B, L, D))

@@ -23,7 +23,8 @@ new command. Every setting is compared with the one the run was trained under, k
 | `trainer.output_dir`, `logger.*`, `sweep_name`              |           |                                         |
 | `kernels`, `residual.kernel`, `residual.compile`,           | allowed   | how the same maths is computed (a       |
 | `loss.chunk_tokens`, `eval.batch_size`, `eval.item_chunk`, |           | requeued job may land where no compiler |
-| `dataset.cache`, `distributed.*`, `slurm.*`                 |           | exists)                                 |
+| `dataset.cache`, `distributed.*`, `slurm.*`,                |           | exists)                                 |
+| `trainer.compile`, `sampler.length_buckets`                 |           |                                         |
 
 A key added to seqrec after a run was recorded (e.g. `dataset.split`) counts, for that run, as the value that does
 what the code did before the key existed (`ADDED_SINCE`): the run resumes when the new key holds that value and is
@@ -64,6 +65,8 @@ RESUME_MAY_CHANGE = (
     "eval.batch_size",
     "eval.item_chunk",
     "dataset.cache",
+    "trainer.compile",
+    "sampler.length_buckets",
     "distributed.",
     "slurm.",
 )  # an entry ending in "." covers every key under it
@@ -148,6 +151,8 @@ ADDED_SINCE = {
     "loss.logq": True,  # with uniform negatives the correction is one constant: no change
     "eval.valid_users": 0,  # every user validated
     "model.sparse_embedding": False,  # the item table's gradient was dense
+    "trainer.compile": False,  # eager steps
+    "sampler.length_buckets": 0,  # trimmed batches as wide as their longest window
 }
 
 

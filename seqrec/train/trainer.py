@@ -25,6 +25,7 @@ from seqrec.errors import CheckpointError, ConfigError, TrainingError
 from seqrec.fingerprint import protocol_fingerprint
 from seqrec.train.checkpoint import load_checkpoint, write_json
 from seqrec.train.checkpointing import Checkpointing
+from seqrec.train.compile import compile_step
 from seqrec.train.distributed import assert_replicas_equal
 from seqrec.train.early_stopping import EarlyStopping
 from seqrec.train.placement import AMP_DTYPES, DEVICE, autocast, resolve_device, wrap_ddp
@@ -57,6 +58,7 @@ class Trainer:
         log_every_steps: progress-bar loss interval.   progress: tqdm progress bars.
         time_limit_min: stop training after this many wall-clock minutes (0 = off; seqrec/train/time_limit.py),
             validate if the last epoch was not, then test the best checkpoint.
+        compile: run the step's forward pass and loss through torch.compile (seqrec/train/compile.py).
         run_config: the resolved config, saved in checkpoints and results.json.
     """
 
@@ -80,7 +82,7 @@ class Trainer:
                  patience: int = 10, plateau_decays: int = 0, plateau_factor: float = 0.1,
                  monitor: str = "val/ndcg@10", resume: str = "auto", num_workers: int = 1, device: str = "auto",
                  amp: bool = False, amp_dtype: str = "bfloat16", log_every_steps: int = 100, progress: bool = True,
-                 time_limit_min: float = 0.0, run_config: dict | None = None):  # fmt: skip
+                 time_limit_min: float = 0.0, compile: bool = False, run_config: dict | None = None):  # fmt: skip
         self.sampler, self.evaluator, self.loss, self.logger = sampler, evaluator, loss, logger
         self.output_dir = Path(output_dir)
         self.num_epochs, self.l2_emb, self.grad_clip, self.eval_every = num_epochs, l2_emb, grad_clip, eval_every
@@ -103,6 +105,7 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.embedding_tables = [m.weight for m in self.raw_model.modules() if isinstance(m, nn.Embedding)]
+        self.forward_loss = compile_step(self._forward_loss) if compile else self._forward_loss
         self.epoch, self.step = 0, 0  # completed epochs and optimizer steps
         self.train_seconds, self.eval_seconds = 0.0, 0.0
         self.wandb_id = None
@@ -212,10 +215,12 @@ class Trainer:
         batches = prefetch(batches) if self.num_workers > 0 else batches
         hide = not self.progress or self.rank != 0
         bar = tqdm(batches, total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}", leave=False, disable=hide)
+        # the losses add up on the device: the host reads them (and waits for the GPU) only for the progress bar,
+        # every log_every_steps steps, and once at the end of the epoch; nothing in a step makes it wait
         total = torch.zeros((), device=self.device)
         for i, batch in enumerate(bar):
             total += self.train_step(batch.to(self.device))
-            if (i + 1) % self.log_every_steps == 0:
+            if not bar.disable and (i + 1) % self.log_every_steps == 0:
                 bar.set_postfix(loss=f"{total.item() / (i + 1):.4f}")
         mean = (total / max(self.steps_per_epoch, 1)).item()
         self.train_seconds += time.perf_counter() - start
@@ -228,9 +233,15 @@ class Trainer:
         return mean
 
     def train_step(self, batch) -> torch.Tensor:
+        """One optimizer step on a batch already on the device; returns the loss as a device tensor.
+
+        Launch-light: nothing here waits for the GPU (no .item(), no data-dependent shape: the losses weight
+        padding by 0 instead of selecting targets), so the host queues the next step while the GPU runs this one
+        (tests/test_gpu.py runs it under torch.cuda.set_sync_debug_mode("error")). The one exception is float16
+        AMP: GradScaler reads its inf check on the host in scaler.step."""
         with autocast(self.device, self.amp_dtype):
-            h = self.model(batch.seq, batch.times, batch.time_scale)
-            loss = self.loss(h, self.raw_model.head, batch.pos, batch.neg) * batch.loss_weight
+            # the batch's weight is a Python float that changes every batch: applied outside the compiled part
+            loss = self.forward_loss(batch.seq, batch.times, batch.time_scale, batch.pos, batch.neg) * batch.loss_weight
             if self.l2_emb > 0:
                 loss = loss + self.l2_emb * sum(w.pow(2).sum() for w in self.embedding_tables)
         self.optimizer.zero_grad(set_to_none=True)
@@ -243,6 +254,11 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         return loss.detach().float()
+
+    def _forward_loss(self, seq, times, time_scale, pos, neg) -> torch.Tensor:
+        """The batch's mean loss: the part of a step that trainer.compile compiles (the backward follows it)."""
+        h = self.model(seq, times, time_scale)
+        return self.loss(h, self.raw_model.head, pos, neg)
 
     def residual_diagnostics(self) -> dict:
         """The residual's health numbers (mHC: H_res row/column sums, gains, gates) from the latest forward pass;

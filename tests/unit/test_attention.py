@@ -1,10 +1,20 @@
-"""SASRec forward pass: causality, left-padding invariance, no padding leak, no NaN on empty rows."""
+"""SASRec forward pass: causality, left-padding invariance, no padding leak, no NaN on empty rows; each with the
+CPU's attention plug-in (float mask) and with CUDA's (rows rotated to right padding, is_causal, no mask tensor),
+which runs on the CPU too."""
 
 import pytest
 import torch
 
+from seqrec import kernels
 from seqrec.models.sasrec import SASRec
 from seqrec.nn.attention import causal_padding_mask
+
+
+@pytest.fixture(autouse=True, params=["seqrec.kernels.attention:ATTENTION", "seqrec.kernels.causal_attention:CAUSAL"])
+def attention_plugin(request, monkeypatch):
+    monkeypatch.setitem(kernels.PLUGINS, ("attention", "cpu"), [request.param])
+    with kernels.using("auto"):
+        yield request.param
 
 
 def make_model(norm_first: bool, **kw) -> SASRec:

@@ -10,7 +10,7 @@ import torch
 from seqrec import kernels
 from seqrec.errors import ConfigError
 from seqrec.kernels import attention as attention_kernels
-from seqrec.kernels import relation_attention
+from seqrec.kernels import causal_attention, relation_attention
 from seqrec.nn.attention import AttentionContext, attention, causal_padding_mask
 from seqrec.nn.ffn import dropout
 from seqrec.nn.time_attention import relation_attention as reference_relation_attention
@@ -92,6 +92,65 @@ def test_relation_attention_with_dropout_keeps_the_expected_mass():
         assert abs(out.mean().item() - 1) < 0.05 and out.std() > 0.1  # dropped, rescaled, unbiased
 
 
+def test_bucket_layout_sums_equal_scatter_add_bitwise_empty_buckets_included():
+    g = torch.Generator().manual_seed(0)
+    index = torch.randint(0, 4, (3, 9, 9), generator=g)  # buckets 4..6 stay empty
+    values = torch.randn(3, 9, 9, generator=g)
+    layout = relation_attention.BucketLayout.of(index, 7)
+    scattered = torch.zeros(3, 9, 7).scatter_add_(-1, index, values)
+    assert torch.equal(layout.sums(values), scattered)  # same additions, same order (keys ascending per bucket)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_sort_free_bucket_sums_give_the_scatter_path_bitwise_and_one_layout_per_forward_pass(monkeypatch, p):
+    """The path that CUDA takes under deterministic algorithms, run on the CPU against the scatter_add path."""
+    q, k, v, tk, tv, index = relation_inputs(torch.float32, B=4, L=9)
+    tensors = [t.requires_grad_() for t in (q, k, v, tk, tv)]
+    weight = torch.randn(q.shape)
+    results, cache = [], {}
+    for sort_free in (False, True):
+        monkeypatch.setattr(relation_attention, "needs_layout", lambda index, answer=sort_free: answer)
+        torch.manual_seed(0)  # the same dropout mask
+        out = relation_attention.bucketed_attention(*tensors, index, p, cache)
+        results.append((out, torch.autograd.grad((out * weight).sum(), tensors)))
+        assert len(cache) == sort_free  # built on first use, then reused by every head, block and the backward
+    (out_a, grads_a), (out_b, grads_b) = results
+    assert torch.equal(out_a, out_b)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+
+
+def test_the_sort_free_path_is_taken_only_where_scatter_add_is_not_deterministic():
+    index = torch.zeros(1, 2, 2, dtype=torch.int64)
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert not relation_attention.needs_layout(index)  # the CPU's scatter_add is deterministic as it is
+        assert relation_attention.bucket_layout(index, 3, {}) is None
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_strict_deterministic_relation_attention_on_cuda_is_bitwise_repeatable_and_equals_the_cpu():
+    q, k, v, tk, tv, index = relation_inputs(torch.float32, B=8, L=40, span=30)
+    weight = torch.randn(q.shape)
+    previous = torch.are_deterministic_algorithms_enabled()
+    runs = []
+    try:
+        torch.use_deterministic_algorithms(True)  # strict: a nondeterministic CUDA kernel would raise
+        for device in ("cuda", "cuda", "cpu"):
+            tensors = [t.to(device).requires_grad_() for t in (q, k, v, tk, tv)]
+            out = relation_attention.bucketed_attention(*tensors, index.to(device), 0.0, {})
+            grads = torch.autograd.grad((out * weight.to(device)).sum(), tensors)
+            runs.append([t.cpu() for t in (out, *grads)])
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
+    for a, b in zip(runs[0], runs[2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("training", [False, True])
 def test_cpu_attention_equals_the_reference_without_dropout(training):
     g = torch.Generator().manual_seed(0)
@@ -107,6 +166,44 @@ def test_cpu_attention_equals_the_reference_without_dropout(training):
     torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-6, atol=1e-6)
     for a, b in zip(outs[1][1], outs[0][1]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def causal_inputs(B=3, H=2, L=9, Dh=4):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, L, Dh, generator=g, requires_grad=True) for _ in range(3))
+    valid = torch.ones(B, L, dtype=torch.bool)
+    valid[0, :4] = False  # left padding of several lengths; row 2 has none
+    valid[1, :8] = False
+    return q, k, v, valid
+
+
+def test_cuda_causal_attention_equals_the_reference_on_real_rows_in_values_and_gradients():
+    q, k, v, valid = causal_inputs()
+    weight = torch.randn(q.shape) * valid[:, None, :, None]  # padded rows are zeroed by the block later
+    outs = []
+    for run in (attention, causal_attention.causal_attention):  # the reference (bool mask), the CUDA plug-in
+        ctx = AttentionContext(valid=valid, attn_mask=causal_padding_mask(valid), extras={})
+        with kernels.using("reference"):
+            out = run(q, k, v, ctx, 0.0, False)
+        outs.append((out, torch.autograd.grad((out * weight).sum(), (q, k, v))))
+    (ref, ref_grads), (fast, fast_grads) = outs
+    real = valid[:, None, :, None].expand_as(ref)
+    torch.testing.assert_close(fast[real], ref[real], rtol=1e-6, atol=1e-6)
+    assert torch.isfinite(fast).all()
+    for a, b in zip(fast_grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_cuda_causal_attention_never_lets_a_padded_key_reach_a_real_query():
+    q, k, v, valid = causal_inputs()
+    ctx = AttentionContext(valid=valid, attn_mask=causal_padding_mask(valid), extras={})
+    out = causal_attention.causal_attention(q, k, v, ctx, 0.0, False)
+    padded = ~valid[:, None, :, None].expand_as(k)
+    k2, v2 = k.detach().masked_fill(padded, 50.0), v.detach().masked_fill(padded, -7.0)  # huge logits, odd values
+    out2 = causal_attention.causal_attention(q, k2, v2, ctx, 0.0, False)
+    real = valid[:, None, :, None].expand_as(out)
+    assert torch.equal(out[real], out2[real])  # not only close: the padded keys are outside every real row
+    assert "rotations" in ctx.cache  # the per-row shifts: once per forward pass, shared by the layers
 
 
 def test_cpu_attention_with_dropout_is_unbiased_and_masked():

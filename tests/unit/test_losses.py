@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqrec.models.head import ItemHead
-from seqrec.train.losses import BCE, GBCE, CrossEntropy, SampledSoftmax
+from seqrec.train.losses import BCE, GBCE, CrossEntropy, SampledSoftmax, draw_targets, masked_mean
 
 
 def head_of(w, bias=None):
@@ -137,22 +137,43 @@ def previous_sampled_softmax(h, w, pos, neg):
     return (torch.logsumexp(logits, dim=-1) - logits[..., 0])[pos != 0].mean()
 
 
+def value_and_gradients(loss_fn, h, w):
+    """loss_fn(h, head) and its gradients with respect to h and the head's table (fresh leaves for each call)."""
+    h, head = h.detach().clone().requires_grad_(), head_of(w.detach().clone().requires_grad_())
+    value = loss_fn(h, head)
+    return value, torch.autograd.grad(value, (h, head.weight))
+
+
+def assert_same_gradients_and_value_to_rounding(got, want):
+    """The masked mean adds the per-position terms in another order than x[mask].mean() (a few ulps apart); the
+    gradients (1/M at targets, 0 at padding) are bitwise those of the selection."""
+    (value, grads), (expected, expected_grads) = got, want
+    torch.testing.assert_close(value, expected, rtol=1e-6, atol=0)
+    assert all(torch.equal(a, b) for a, b in zip(grads, expected_grads))
+
+
 @pytest.mark.parametrize("k", [1, 4])
-def test_bce_and_gbce_are_bitwise_what_they_were(k):
+def test_bce_and_gbce_give_bitwise_the_gradients_of_the_selecting_formula(k):
     h, w, pos, neg = setup(k=k)
-    assert torch.equal(BCE(num_negatives=k)(h, head_of(w), pos, neg), previous_bce(h, w, pos, neg))
+    assert_same_gradients_and_value_to_rounding(
+        value_and_gradients(lambda h, head: BCE(num_negatives=k)(h, head, pos, neg), h, w),
+        value_and_gradients(lambda h, head: previous_bce(h, head.weight, pos, neg), h, w),
+    )
     alpha = k / (20 - 1)
     beta = alpha * (0.75 * (1 - 1 / alpha) + 1 / alpha)
-    expected = previous_bce(h, w, pos, neg, beta=beta, scale=k + 1)
-    assert torch.equal(GBCE(num_negatives=k, t=0.75)(h, head_of(w), pos, neg), expected)
+    assert_same_gradients_and_value_to_rounding(
+        value_and_gradients(lambda h, head: GBCE(num_negatives=k, t=0.75)(h, head, pos, neg), h, w),
+        value_and_gradients(lambda h, head: previous_bce(h, head.weight, pos, neg, beta=beta, scale=k + 1), h, w),
+    )
 
 
-def test_sampled_softmax_is_bitwise_what_it_was():
+def test_sampled_softmax_gives_bitwise_the_gradients_of_the_selecting_formula():
     """With the sampler's uniform negatives, which avoid the user's history and so never equal a target."""
     h, w, pos, _ = setup(k=7, shared=True)
     neg = hit_free_negatives(pos, 7)
-    assert torch.equal(
-        SampledSoftmax(num_negatives=7)(h, head_of(w), pos, neg), previous_sampled_softmax(h, w, pos, neg)
+    assert_same_gradients_and_value_to_rounding(
+        value_and_gradients(lambda h, head: SampledSoftmax(num_negatives=7)(h, head, pos, neg), h, w),
+        value_and_gradients(lambda h, head: previous_sampled_softmax(h, head.weight, pos, neg), h, w),
     )
 
 
@@ -284,6 +305,45 @@ def test_mixed_negatives_split_the_pool_and_mask_a_uniform_hit():
     counts = torch.bincount(pos[pos != 0], minlength=21).float()
     assert torch.allclose(log_q_neg, (4 / 20 + 4 * counts[cand] / int((pos != 0).sum())).log())
     assert torch.allclose(value, manual_sampled_softmax(h, w, pos, cand, log_q_pos, log_q_neg), atol=1e-5)
+
+
+# --- no data-dependent shapes: the host never waits for the GPU inside a loss ----------------------------------------
+
+
+def test_every_loss_traces_into_one_graph_without_data_dependent_shapes():
+    """torch.compile(fullgraph=True) refuses x[mask], .item(), bincount and the like (their result's size or value
+    is known only after the GPU has run). The "eager" backend traces without generating code: a check of the
+    structure that costs seconds, not inductor's minutes. The traced loss equals the eager one."""
+    cases = [
+        (BCE(num_negatives=2), 2, False),
+        (GBCE(num_negatives=2), 2, False),
+        (CrossEntropy(chunk_tokens=4), 1, False),
+        (SampledSoftmax(num_negatives=3), 3, True),
+        (SampledSoftmax(num_negatives=6, negatives="mixed"), 3, True),
+    ]
+    for loss, k, shared in cases:
+        h, w, pos, neg = setup(k=k, shared=shared)
+        head = head_of(w)
+        torch._dynamo.reset()
+        traced = torch.compile(loss, fullgraph=True, backend="eager")
+        torch.manual_seed(0)  # the in-batch draws
+        value = traced(h, head, pos, neg)
+        torch.manual_seed(0)
+        assert torch.equal(value, loss(h, head, pos, neg)), type(loss).__name__
+    torch._dynamo.reset()
+
+
+def test_in_batch_draws_are_uniform_over_the_targets_and_never_padding():
+    pos = torch.tensor([[0, 0, 3, 4], [0, 5, 6, 7]])
+    torch.manual_seed(0)
+    drawn = draw_targets(pos, pos != 0, 50_000)
+    counts = torch.bincount(drawn, minlength=8)
+    assert counts[[0, 1, 2]].sum() == 0  # only targets: 3..7
+    assert ((counts[3:].float() / 50_000 - 0.2).abs() < 0.01).all()  # five targets, a fifth each
+
+
+def test_masked_mean_of_no_target_is_zero_not_nan():
+    assert masked_mean(torch.ones(2, 3), torch.zeros(2, 3, dtype=torch.bool)).item() == 0.0
 
 
 def test_unknown_negatives_mode_is_a_config_error():

@@ -91,6 +91,27 @@ def test_bucketing_trims_padding_without_dropping_items():
     assert cells(bucketed) < 0.6 * cells(plain)
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_length_buckets_round_widths_up_and_keep_the_batches_and_negatives(shared):
+    d = data()
+    kw = dict(batch_size=20, maxlen=50, num_negatives=3, shared_negatives=shared, seed=0)
+    trimmed, bucketed = TrainSampler(d, **kw), TrainSampler(d, length_buckets=4, **kw)
+    assert bucketed.widths.tolist() == [13, 25, 38, 50]  # ceil(k * 50 / 4)
+    widths = set()
+    for a, b in zip(trimmed.epoch(0), bucketed.epoch(0), strict=True):
+        width, wide = a.seq.shape[1], b.seq.shape[1]
+        assert wide == min(w for w in (13, 25, 38, 50) if w >= width)
+        widths.add(wide)
+        for name in ("seq", "pos", "times") + (() if shared else ("neg",)):
+            x, y = getattr(a, name), getattr(b, name)
+            assert torch.equal(y[:, wide - width :], x) and not y[:, : wide - width].any(), name  # left padding only
+        if shared:
+            assert torch.equal(a.neg, b.neg)
+        assert a.loss_weight == b.loss_weight and torch.equal(a.time_scale, b.time_scale)
+    assert len(widths) <= 4
+    assert TrainSampler(d, **kw).widths.size == 0  # 0: off
+
+
 def _targets_by_user(sampler, epoch):
     """{user: [(window end, inputs, targets)]} over one epoch's batches, padding removed."""
     got = {}
