@@ -108,7 +108,7 @@ def run_case(args) -> dict:
         epoch_seconds = []
         for epoch in range(args.epochs):
             start = time.perf_counter()
-            trainer.epoch = epoch
+            trainer.progress.epoch = epoch
             trainer.train_epoch()
             epoch_seconds.append(time.perf_counter() - start)
         start = time.perf_counter()
@@ -118,7 +118,7 @@ def run_case(args) -> dict:
         quality = None
         if args.quality_epochs:
             for epoch in range(args.epochs, args.quality_epochs):
-                trainer.epoch = epoch
+                trainer.progress.epoch = epoch
                 trainer.train_epoch()
             quality = evaluator.evaluate(model, "valid")["val/ndcg@10"]
         flops = epoch_flops(sampler, model.dim, len(model.blocks))

@@ -42,6 +42,7 @@ IGNORED_OVERRIDES = {
     "trainer.num_workers",
     "trainer.resume",
     "trainer.log_every_steps",
+    "trainer.checkpoint_every_min",
     "sweep_name",
 }
 

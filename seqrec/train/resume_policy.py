@@ -20,7 +20,8 @@ new command. Every setting is compared with the one the run was trained under, k
 | `trainer.time_limit_min`, `trainer.eval_every`              |           | the resume as an unbroken run would     |
 | `trainer.progress`, `trainer.num_workers`,                  | allowed   | display, prefetching, bookkeeping       |
 | `trainer.log_every_steps`, `trainer.resume`,                |           |                                         |
-| `trainer.output_dir`, `logger.*`, `sweep_name`              |           |                                         |
+| `trainer.checkpoint_every_min`, `trainer.output_dir`,       |           |                                         |
+| `logger.*`, `sweep_name`                                    |           |                                         |
 | `kernels`, `residual.kernel`, `residual.compile`,           | allowed   | how the same maths is computed (a       |
 | `loss.chunk_tokens`, `eval.batch_size`, `eval.item_chunk`, |           | requeued job may land where no compiler |
 | `dataset.cache`, `distributed.*`, `slurm.*`                 |           | exists)                                 |
@@ -49,6 +50,7 @@ RESUME_MAY_CHANGE = (
     "trainer.patience",
     "trainer.plateau_decays",
     "trainer.time_limit_min",
+    "trainer.checkpoint_every_min",
     "trainer.eval_every",
     "trainer.progress",
     "trainer.num_workers",
@@ -147,6 +149,7 @@ ADDED_SINCE = {
     "loss.negatives": "uniform",
     "loss.logq": True,  # with uniform negatives the correction is one constant: no change
     "eval.valid_users": 0,  # every user validated
+    "trainer.checkpoint_every_min": 0,  # last.pt at epoch ends only
 }
 
 

@@ -2,9 +2,10 @@
 
 Research hygiene: the best checkpoint is chosen on validation only and the test split is evaluated once, on
 that checkpoint. Every epoch ends with an atomic `last.pt` holding everything needed to continue exactly
-(model, optimizer, scheduler, scaler, RNG, early-stopping state), so `resume=auto` after a kill reaches the
-same result as an unbroken run. Process-wide settings (deterministic kernels, the allocator) are the entry
-point's (seqrec/compose.py); the optimizer and the schedule come in as config partials.
+(seqrec/train/checkpointing.py), and so does a step boundary inside an epoch when the step clock says so
+(seqrec/train/step_clock.py: `checkpoint_every_min`, `time_limit_min`, a preemption signal), so `resume=auto` after
+a kill reaches the same result as an unbroken run. Process-wide settings (deterministic kernels, the allocator) are
+the entry point's (seqrec/compose.py); the optimizer and the schedule come in as config partials.
 """
 
 from __future__ import annotations
@@ -21,22 +22,20 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from seqrec.errors import CheckpointError, ConfigError, TrainingError
+from seqrec.errors import ConfigError, TrainingError
 from seqrec.fingerprint import protocol_fingerprint
 from seqrec.train.checkpoint import load_checkpoint, write_json
-from seqrec.train.checkpointing import Checkpointing
+from seqrec.train.checkpointing import Checkpointing, TrainingState
 from seqrec.train.distributed import assert_replicas_equal
 from seqrec.train.early_stopping import EarlyStopping
 from seqrec.train.placement import AMP_DTYPES, autocast, resolve_device, wrap_ddp
-from seqrec.train.resume_policy import allowed_changes, check_resume, check_world_size, schedule_moved
+from seqrec.train.resume_policy import allowed_changes, schedule_moved
 from seqrec.train.run_record import append_launch, write_run_record
 from seqrec.train.sampler import prefetch
-from seqrec.train.time_limit import TimeLimit
+from seqrec.train.step_clock import StepClock
 from seqrec.utils.memory import release_free_memory
 
 log = logging.getLogger(__name__)
-
-PROGRESS_KEYS = ("epoch", "step", "train_seconds", "eval_seconds", "wandb_id")  # checkpointed loop state
 
 
 class Trainer:
@@ -54,8 +53,9 @@ class Trainer:
         num_workers: 0 = build batches inline, >= 1 = in a background thread.
         device: "auto" | "cpu" | "cuda[:N]".   amp, amp_dtype: autocast with bfloat16 or float16 (+ GradScaler).
         log_every_steps: progress-bar loss interval.   progress: tqdm progress bars.
-        time_limit_min: stop training after this many wall-clock minutes (0 = off; seqrec/train/time_limit.py),
-            validate if the last epoch was not, then test the best checkpoint.
+        time_limit_min: stop training at the first step boundary after this many wall-clock minutes (0 = off),
+            validate the current weights, then test the best checkpoint (seqrec/train/step_clock.py).
+        checkpoint_every_min: also write last.pt inside an epoch this often (0 = only at epoch ends).
         run_config: the resolved config, saved in checkpoints and results.json.
     """
 
@@ -64,11 +64,12 @@ class Trainer:
                  patience: int = 10, plateau_decays: int = 0, plateau_factor: float = 0.1,
                  monitor: str = "val/ndcg@10", resume: str = "auto", num_workers: int = 1, device: str = "auto",
                  amp: bool = False, amp_dtype: str = "bfloat16", log_every_steps: int = 100, progress: bool = True,
-                 time_limit_min: float = 0.0, run_config: dict | None = None):  # fmt: skip
+                 time_limit_min: float = 0.0, checkpoint_every_min: float = 0.0,
+                 run_config: dict | None = None):  # fmt: skip
         self.sampler, self.evaluator, self.loss, self.logger = sampler, evaluator, loss, logger
         self.output_dir = Path(output_dir)
         self.num_epochs, self.l2_emb, self.grad_clip, self.eval_every = num_epochs, l2_emb, grad_clip, eval_every
-        self.num_workers, self.log_every_steps, self.progress = num_workers, log_every_steps, progress
+        self.num_workers, self.log_every_steps, self.show_bars = num_workers, log_every_steps, progress
         self.run_config = run_config or {}
         self.time_limited = False  # not checkpointed: a resumed run continues under its own, fresh limit
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -76,7 +77,7 @@ class Trainer:
         self.device = resolve_device(device)
         self.raw_model = model.to(self.device)
         self.model = wrap_ddp(self.raw_model, self.device, self.world_size)
-        self.time_limit = TimeLimit(time_limit_min, self.device, self.world_size)
+        self.clock = StepClock(time_limit_min, checkpoint_every_min, self.device, self.rank, self.world_size)
         self.amp_dtype = AMP_DTYPES[amp_dtype] if amp else None
         self.stopping = EarlyStopping(monitor, patience, plateau_decays, plateau_factor)
         self.checkpoints = Checkpointing(self.output_dir, resume, self.rank, self.world_size)
@@ -87,129 +88,139 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.embedding_tables = [m.weight for m in self.raw_model.modules() if isinstance(m, nn.Embedding)]
-        self.epoch, self.step = 0, 0  # completed epochs and optimizer steps
-        self.train_seconds, self.eval_seconds = 0.0, 0.0
-        self.wandb_id = None
+        self.state = TrainingState(self.raw_model, self.optimizer, self.scheduler, self.scaler, self.stopping,
+                                   self.checkpoints, self.run_config)  # fmt: skip
+        self.progress = self.state.progress  # epoch, step, batches into the epoch, seconds: all checkpointed
+        self.last_saved = "no checkpoint"  # where last.pt stands, for the NaN message
         self.already_done = False  # a finished run relaunched: its results.json stands, nothing is redone
         self.resumed_from: Path | None = None
 
     # --- checkpoints ---------------------------------------------------------------------------------
-    def state_dict(self, rng_states: list[dict]) -> dict:
-        return {
-            "model": self.raw_model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            **{key: getattr(self, key) for key in PROGRESS_KEYS},
-            **self.stopping.state_dict(),
-            "rng": rng_states,
-            "config": self.run_config,
-        }
-
-    def load_state_dict(self, state: dict, path: Path) -> None:
-        try:
-            self.raw_model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{path}: does not fit this model/config ({str(e).splitlines()[0][:160]})") from None
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        for key in PROGRESS_KEYS:
-            setattr(self, key, state[key])
-        self.stopping.load_state_dict(state)
-        self.checkpoints.restore_rng(state["rng"])
-
     def _save(self, name: str) -> None:
-        self.checkpoints.save(name, self.state_dict)
+        self.state.save(name)
+        if name == "last.pt":
+            self.clock.checkpoint_written()
+            self.last_saved = self.progress.where()
 
     def maybe_resume(self) -> None:
-        path = self.checkpoints.resume_path()
-        if path is None:
+        resumed = self.state.resume(self.world_size)
+        if resumed is None:
             return
-        state = load_checkpoint(path)
-        saved_config = state.get("config") or {}
-        check_resume(saved_config, self.run_config, path)
-        check_world_size(len(state["rng"]), self.world_size, path)
-        self.load_state_dict(state, path)
-        self.resumed_from = path
+        self.resumed_from, saved_config = resumed
         moved = schedule_moved(saved_config, self.run_config)
         if moved:
             log.warning("resuming a run trained with %s: the lr curve changes from here on", moved)
-        if self.stopping.reconsider(self.epoch):  # more patience or a plateau decay continues a stopped run
+        p, s = self.progress, self.stopping
+        if s.reconsider(p.epoch):  # more patience or a plateau decay continues a stopped run
             self._apply_lr_decay()
         self.already_done = self.finished and (self.output_dir / "results.json").is_file()
         if self.already_done:
             return
-        self.logger.truncate_after(self.epoch)
+        self.logger.truncate_after(p.epoch)
         if self.rank == 0:
-            append_launch(self.output_dir, self.epoch, allowed_changes(saved_config, self.run_config))
-        s = self.stopping
-        log.info("resumed from %s at epoch %d (best %s=%.4f at epoch %d)", path, self.epoch, s.monitor,
-                 s.best_value, s.best_epoch)  # fmt: skip
+            append_launch(self.output_dir, p.epoch, allowed_changes(saved_config, self.run_config), p.step)
+        self.last_saved = p.where()
+        log.info("resumed from %s at epoch %d (step %d, %s) (best %s=%.4f at epoch %d)", self.resumed_from, p.epoch,
+                 p.step, p.where(), s.monitor, s.best_value, s.best_epoch)  # fmt: skip
 
     def _apply_lr_decay(self) -> None:
         """The scheduler already set the next step's lr before a plateau decay; set it again so it starts there."""
         for group, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
-            group["lr"] = base * factor(self.step)
+            group["lr"] = base * factor(self.progress.step)
 
     # --- training ------------------------------------------------------------------------------------
     @property
     def finished(self) -> bool:
-        return self.stopping.stopped_early or self.epoch >= self.num_epochs
+        return self.stopping.stopped_early or self.progress.epoch >= self.num_epochs
 
     def fit(self) -> dict:
-        """Train until the epoch budget or early stopping; returns the best validation metrics."""
+        """Train until the epoch budget, early stopping, the time limit or a stop signal; returns the best validation
+        metrics."""
         self.maybe_resume()
         if self.already_done:
-            log.info("run already finished at epoch %d; its results.json is kept as it is", self.epoch)
+            log.info("run already finished at epoch %d; its results.json is kept as it is", self.progress.epoch)
             return self.stopping.best_metrics
         if self.rank == 0 and not self.checkpoints.continues_itself(self.resumed_from):
             write_run_record(self.output_dir, self.run_config)  # once, when this launch starts the run
         # after resuming, so a requeued job continues the W&B run whose id its checkpoint saved
         record = {**self.run_config, "protocol": self.protocol}  # W&B groups and filters runs by protocol too
-        self.wandb_id = self.logger.start(record, self.wandb_id) or self.wandb_id
+        self.progress.wandb_id = self.logger.start(record, self.progress.wandb_id) or self.progress.wandb_id
         if self.finished:
-            log.info("training already finished (epoch %d); nothing to do", self.epoch)
-        while not self.finished:
-            record = {"train/loss": self.train_epoch()}
-            self.epoch += 1
-            record.update({"train/lr": self.scheduler.get_last_lr()[0], "train/seconds": self.train_seconds})
-            self.time_limited = self.time_limit.passed()
-            if self.epoch % self.eval_every == 0 or self.epoch == self.num_epochs or self.time_limited:
-                record.update(self.validate())
-                record.update(self.residual_diagnostics())
-            self.logger.log(record, epoch=self.epoch, step=self.step)
-            self._save("last.pt")
-            if self.device.type == "cpu":
-                release_free_memory()  # the epoch's fragmented heap (seqrec/utils/memory.py)
-            if self.time_limited:
-                log.info("time limit of %.1f min reached after epoch %d; testing the best checkpoint",
-                         self.time_limit.minutes, self.epoch)  # fmt: skip
-                break
+            log.info("training already finished (epoch %d); nothing to do", self.progress.epoch)
+        with self.clock.signals:
+            while not self.finished:
+                mean_loss = self.train_epoch()  # None: stopped at a step boundary, last.pt holds the position
+                decision = self.clock.decision if mean_loss is None else self.clock.check(self.progress.step)
+                self.time_limited = decision.time_limit
+                if mean_loss is not None or decision.time_limit and not decision.ending_signal:
+                    self._log_and_save(mean_loss)
+                self.clock.signals.forward(decision.received, decision.ending_signal)  # may end the run here
+                if self.time_limited:
+                    log.info("time limit of %.1f min reached at %s; testing the best checkpoint", self.clock.minutes,
+                             self.progress.where())  # fmt: skip
+                    break
         assert_replicas_equal(self.raw_model)  # DDP keeps ranks identical; a difference is a bug, not noise
         return self.stopping.best_metrics
 
-    def train_epoch(self) -> float:
+    def _log_and_save(self, mean_loss: float | None) -> None:
+        """The metrics.jsonl line of an epoch (or of the part of one trained before the time limit: its running mean
+        loss and batch count), validated when due or at the time limit, then last.pt."""
+        p = self.progress
+        if mean_loss is None:
+            record = {"train/loss": (p.epoch_loss / p.epoch_batches).item(), "train/epoch_batches": p.epoch_batches}
+        else:
+            record = {"train/loss": mean_loss}
+        record.update({"train/lr": self.scheduler.get_last_lr()[0], "train/seconds": p.train_seconds})
+        if p.epoch % self.eval_every == 0 or p.epoch == self.num_epochs or self.time_limited:
+            record.update(self.validate())
+            record.update(self.residual_diagnostics())
+        self.logger.log(record, epoch=p.epoch, step=p.step)
+        self._save("last.pt")
+        if self.device.type == "cpu":
+            release_free_memory()  # the epoch's fragmented heap (seqrec/utils/memory.py)
+
+    def train_epoch(self) -> float | None:
+        """Train epoch `epoch + 1` from its batch `epoch_batches` on; returns its mean loss, or None when the step
+        clock stopped it at a step boundary (last.pt then holds the position)."""
         self.model.train()
-        start = time.perf_counter()
-        batches = self.sampler.epoch(self.epoch)
+        p, started = self.progress, time.perf_counter()
+        p.epoch_loss = torch.zeros((), device=self.device) if p.epoch_batches == 0 else p.epoch_loss.to(self.device)
+        batches = self.sampler.epoch(p.epoch, p.epoch_batches, p.sampler_state)
         batches = prefetch(batches) if self.num_workers > 0 else batches
-        hide = not self.progress or self.rank != 0
-        bar = tqdm(batches, total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}", leave=False, disable=hide)
-        total = torch.zeros((), device=self.device)
-        for i, batch in enumerate(bar):
-            total += self.train_step(batch.to(self.device))
-            if (i + 1) % self.log_every_steps == 0:
-                bar.set_postfix(loss=f"{total.item() / (i + 1):.4f}")
-        mean = (total / max(self.steps_per_epoch, 1)).item()
-        self.train_seconds += time.perf_counter() - start
-        if not math.isfinite(mean):
+        hide = not self.show_bars or self.rank != 0
+        bar = tqdm(batches, initial=p.epoch_batches, total=self.steps_per_epoch, desc=f"epoch {p.epoch + 1}",
+                   leave=False, disable=hide)  # fmt: skip
+        with self.clock.signals.during_steps():
+            for batch in bar:
+                p.epoch_loss += self.train_step(batch.to(self.device))
+                p.epoch_batches, p.sampler_state = p.epoch_batches + 1, batch.sampler_state
+                if p.epoch_batches % self.log_every_steps == 0:
+                    bar.set_postfix(loss=f"{p.epoch_loss.item() / p.epoch_batches:.4f}")
+                if p.epoch_batches == self.steps_per_epoch or not self.clock.due(p.step):
+                    continue  # the epoch's end is checked by `fit`, for every epoch
+                decision = self.clock.check(p.step)
+                if decision.checkpoint or decision.stop:
+                    p.train_seconds += time.perf_counter() - started
+                    self._check_finite((p.epoch_loss / p.epoch_batches).item())
+                    self._save("last.pt")
+                    started = time.perf_counter()
+                if decision.stop:
+                    bar.close()
+                    batches.close()  # a prefetch thread ends too
+                    return None
+        mean = (p.epoch_loss / max(self.steps_per_epoch, 1)).item()
+        p.train_seconds += time.perf_counter() - started
+        self._check_finite(mean)
+        p.finish_epoch()
+        return mean
+
+    def _check_finite(self, mean_loss: float) -> None:
+        if not math.isfinite(mean_loss):
             raise TrainingError(
-                f"loss became {mean} in epoch {self.epoch + 1}; stopped, the last good checkpoint is "
-                f"{self.checkpoints.last} (epoch {self.epoch}); try a lower optimizer.lr (e.g. 0.0005) "
+                f"loss became {mean_loss} in epoch {self.progress.epoch + 1}; stopped, the last good checkpoint is "
+                f"{self.checkpoints.last} ({self.last_saved}); try a lower optimizer.lr (e.g. 0.0005) "
                 "or trainer.grad_clip=1.0"
             )
-        return mean
 
     def train_step(self, batch) -> torch.Tensor:
         with autocast(self.device, self.amp_dtype):
@@ -225,7 +236,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        self.step += 1
+        self.progress.step += 1
         return loss.detach().float()
 
     def residual_diagnostics(self) -> dict:
@@ -237,19 +248,19 @@ class Trainer:
     def validate(self) -> dict:
         start = time.perf_counter()
         metrics = self.evaluator.evaluate(self.raw_model, "valid", self.device)
-        self.eval_seconds += time.perf_counter() - start
+        self.progress.eval_seconds += time.perf_counter() - start
         s = self.stopping
         if s.monitor not in metrics:
             raise ConfigError(
                 f"trainer.monitor={s.monitor} is not a validation metric; choose one of {sorted(metrics)}"
             )
-        outcome = s.observe(metrics, self.epoch)
+        outcome = s.observe(metrics, self.progress.epoch)
         if outcome == "best":
             self._save("best.pt")
         elif outcome == "decay":
             self._apply_lr_decay()
         shown = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "@10" in k)
-        log.info("epoch %d  %s  (best %.4f at epoch %d)", self.epoch, shown, s.best_value, s.best_epoch)
+        log.info("%s  %s  (best %.4f at epoch %d)", self.progress.where(), shown, s.best_value, s.best_epoch)
         return metrics
 
     @functools.cached_property
@@ -270,11 +281,11 @@ class Trainer:
             self.raw_model.load_state_dict(load_checkpoint(self.checkpoints.best)["model"])
         start = time.perf_counter()
         test_metrics = self.evaluator.evaluate(self.raw_model, "test", self.device)
-        self.eval_seconds += time.perf_counter() - start
-        s = self.stopping
-        results = dict(best_epoch=s.best_epoch, epochs_run=self.epoch, stopped_early=s.stopped_early,
-                       time_limited=self.time_limited, train_seconds=round(self.train_seconds, 3),
-                       eval_seconds=round(self.eval_seconds, 3), monitor=s.monitor, steps=self.step)  # fmt: skip
+        p, s = self.progress, self.stopping
+        p.eval_seconds += time.perf_counter() - start
+        results = dict(best_epoch=s.best_epoch, epochs_run=p.epoch, stopped_early=s.stopped_early,
+                       time_limited=self.time_limited, train_seconds=round(p.train_seconds, 3),
+                       eval_seconds=round(p.eval_seconds, 3), monitor=s.monitor, steps=p.step)  # fmt: skip
         results |= {**s.best_metrics, **test_metrics, "protocol": self.protocol, "config": self.run_config}
         if self.rank == 0:
             write_json(results, self.output_dir / "results.json")

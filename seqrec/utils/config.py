@@ -122,6 +122,7 @@ RULES = {
     "trainer.num_workers": non_negative,
     "trainer.log_every_steps": positive,
     "trainer.time_limit_min": non_negative,
+    "trainer.checkpoint_every_min": non_negative,
     "trainer.device": (
         lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"),
         "must be auto, cpu or cuda[:N]",
