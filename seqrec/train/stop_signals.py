@@ -2,13 +2,14 @@
 
 A cluster warns a job before it ends it: SLURM sends `--signal=USR1@<s>` (or USR2, which submitit's requeue hook
 handles) ahead of a time limit or preemption, and SIGTERM before its SIGKILL. Without help a signal that arrives in
-the middle of an epoch loses the epoch. While training steps run, `StopSignals` only notes the signal; the step
-clock (seqrec/train/step_clock.py) sees it at its next check, every rank stops on the same step, `last.pt` records
-the mid-epoch position, and then the signal does what it did before:
+the middle of an epoch loses the epoch. While training runs, `StopSignals` only notes the signal; the step clock
+(seqrec/train/step_clock.py) sees it at its next check, every rank stops on the same step, `last.pt` records the
+mid-epoch position, and then the signal does what it did before:
 - an earlier Python handler (submitit's requeue) is called, and training goes on if it returns;
 - a signal whose default action ends the process ends the run as interrupted (`StoppedBySignal`: one line with the
   resume command, exit status 128 + the signal's number), on every rank.
-Outside training steps (validation, a checkpoint write) and for a second signal of the same kind, it acts at once.
+During validation (`at_once()`: it can take minutes, longer than the warning) and for a second signal of the same
+kind, the signal acts at once; the trainer writes last.pt before each validation, so only the validation is redone.
 
 SIGTERM is caught only in a lone process: a DDP worker is sent SIGTERM by its launcher when another rank has failed,
 and may then be blocked in a collective, where a Python handler never runs; the default action ends it at once.
@@ -31,7 +32,7 @@ class StoppedBySignal(KeyboardInterrupt):
 
 
 class StopSignals:
-    """Installs the handlers while `with`-entered (main thread only); `during_steps()` marks when to defer."""
+    """Installs the handlers while `with`-entered (main thread only) and defers the signals, except `at_once()`."""
 
     def __init__(self, catch_sigterm: bool):
         self.signals = PREEMPTION_WARNINGS + ((signal.SIGTERM,) if catch_sigterm else ())
@@ -48,20 +49,25 @@ class StopSignals:
                 continue
             self.previous[signum] = previous
             signal.signal(signum, self._note)
+        self.deferring = True
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         for signum, previous in self.previous.items():
             signal.signal(signum, previous)
+        self.deferring = False
+        pending = self.take()
+        if pending and exc_type is None:  # noted after the last check (training ended): acted on now
+            self._act(pending[0], None)
         self.previous = {}
 
     @contextmanager
-    def during_steps(self):
-        self.deferring = True
+    def at_once(self):
+        deferring, self.deferring = self.deferring, False
         try:
             yield
         finally:
-            self.deferring = False
+            self.deferring = deferring
 
     def _note(self, signum: int, frame) -> None:
         if self.deferring and signum not in self.received:

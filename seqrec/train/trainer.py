@@ -163,15 +163,20 @@ class Trainer:
         return self.stopping.best_metrics
 
     def _log_and_save(self, mean_loss: float | None) -> None:
-        """The metrics.jsonl line of an epoch (or of the part of one trained before the time limit: its running mean
-        loss and batch count), validated when due or at the time limit, then last.pt."""
-        p = self.progress
-        if mean_loss is None:
-            record = {"train/loss": (p.epoch_loss / p.epoch_batches).item(), "train/epoch_batches": p.epoch_batches}
-        else:
+        """After an epoch (or the part of one trained before the time limit: its running mean loss and batch count):
+        validate when due or at the time limit, log the metrics.jsonl line, write last.pt."""
+        p, closing = self.progress, mean_loss is not None
+        epoch = p.epoch + closing
+        validating = self.time_limited or closing and (epoch % self.eval_every == 0 or epoch == self.num_epochs)
+        if closing and validating:
+            self._save("last.pt")  # every batch done, the epoch not closed: a kill while validating redoes only that
+        if closing:
             record = {"train/loss": mean_loss}
+            p.finish_epoch()
+        else:
+            record = {"train/loss": (p.epoch_loss / p.epoch_batches).item(), "train/epoch_batches": p.epoch_batches}
         record.update({"train/lr": self.scheduler.get_last_lr()[0], "train/seconds": p.train_seconds})
-        if p.epoch % self.eval_every == 0 or p.epoch == self.num_epochs or self.time_limited:
+        if validating:
             record.update(self.validate())
             record.update(self.residual_diagnostics())
         self.logger.log(record, epoch=p.epoch, step=p.step)
@@ -180,8 +185,8 @@ class Trainer:
             release_free_memory()  # the epoch's fragmented heap (seqrec/utils/memory.py)
 
     def train_epoch(self) -> float | None:
-        """Train epoch `epoch + 1` from its batch `epoch_batches` on; returns its mean loss, or None when the step
-        clock stopped it at a step boundary (last.pt then holds the position)."""
+        """Train epoch `epoch + 1` from its batch `epoch_batches` on; returns its mean loss (the caller closes the
+        epoch), or None when the step clock stopped it at a step boundary (last.pt then holds the position)."""
         self.model.train()
         p, started = self.progress, time.perf_counter()
         p.epoch_loss = torch.zeros((), device=self.device) if p.epoch_batches == 0 else p.epoch_loss.to(self.device)
@@ -190,28 +195,26 @@ class Trainer:
         hide = not self.show_bars or self.rank != 0
         bar = tqdm(batches, initial=p.epoch_batches, total=self.steps_per_epoch, desc=f"epoch {p.epoch + 1}",
                    leave=False, disable=hide)  # fmt: skip
-        with self.clock.signals.during_steps():
-            for batch in bar:
-                p.epoch_loss += self.train_step(batch.to(self.device))
-                p.epoch_batches, p.sampler_state = p.epoch_batches + 1, batch.sampler_state
-                if p.epoch_batches % self.log_every_steps == 0:
-                    bar.set_postfix(loss=f"{p.epoch_loss.item() / p.epoch_batches:.4f}")
-                if p.epoch_batches == self.steps_per_epoch or not self.clock.due(p.step):
-                    continue  # the epoch's end is checked by `fit`, for every epoch
-                decision = self.clock.check(p.step)
-                if decision.checkpoint or decision.stop:
-                    p.train_seconds += time.perf_counter() - started
-                    self._check_finite((p.epoch_loss / p.epoch_batches).item())
-                    self._save("last.pt")
-                    started = time.perf_counter()
-                if decision.stop:
-                    bar.close()
-                    batches.close()  # a prefetch thread ends too
-                    return None
+        for batch in bar:
+            p.epoch_loss += self.train_step(batch.to(self.device))
+            p.epoch_batches, p.sampler_state = p.epoch_batches + 1, batch.sampler_state
+            if p.epoch_batches % self.log_every_steps == 0:
+                bar.set_postfix(loss=f"{p.epoch_loss.item() / p.epoch_batches:.4f}")
+            if p.epoch_batches == self.steps_per_epoch or not self.clock.due(p.step):
+                continue  # the epoch's end is checked by `fit`, for every epoch
+            decision = self.clock.check(p.step)
+            if decision.checkpoint or decision.stop:
+                p.train_seconds += time.perf_counter() - started
+                self._check_finite((p.epoch_loss / p.epoch_batches).item())
+                self._save("last.pt")
+                started = time.perf_counter()
+            if decision.stop:
+                bar.close()
+                batches.close()  # a prefetch thread ends too
+                return None
         mean = (p.epoch_loss / max(self.steps_per_epoch, 1)).item()
         p.train_seconds += time.perf_counter() - started
         self._check_finite(mean)
-        p.finish_epoch()
         return mean
 
     def _check_finite(self, mean_loss: float) -> None:
@@ -247,7 +250,8 @@ class Trainer:
 
     def validate(self) -> dict:
         start = time.perf_counter()
-        metrics = self.evaluator.evaluate(self.raw_model, "valid", self.device)
+        with self.clock.signals.at_once():  # it may outlast a preemption warning (seqrec/train/stop_signals.py)
+            metrics = self.evaluator.evaluate(self.raw_model, "valid", self.device)
         self.progress.eval_seconds += time.perf_counter() - start
         s = self.stopping
         if s.monitor not in metrics:
