@@ -25,14 +25,14 @@ from tqdm.auto import tqdm
 from seqrec.errors import ConfigError, TrainingError
 from seqrec.fingerprint import protocol_fingerprint
 from seqrec.train.checkpoint import load_checkpoint, write_json
-from seqrec.train.checkpointing import Checkpointing, TrainingState
+from seqrec.train.checkpointing import Checkpointing
 from seqrec.train.distributed import assert_replicas_equal
 from seqrec.train.early_stopping import EarlyStopping
 from seqrec.train.placement import AMP_DTYPES, autocast, resolve_device, wrap_ddp
-from seqrec.train.resume_policy import allowed_changes, schedule_moved
-from seqrec.train.run_record import append_launch, write_run_record
+from seqrec.train.run_record import write_run_record
 from seqrec.train.sampler import prefetch
 from seqrec.train.step_clock import StepClock
+from seqrec.train.training_state import TrainingState
 from seqrec.utils.memory import release_free_memory
 
 log = logging.getLogger(__name__)
@@ -41,22 +41,11 @@ log = logging.getLogger(__name__)
 class Trainer:
     """Fits a model with a sampler and a loss, evaluates with an Evaluator, logs to a MetricLogger.
 
-    Args (the keys of the `trainer:` config node, besides the built components):
-        optimizer: partial optimizer (`optimizer=adam|adamw`), completed with the model's parameters.
-        schedule: partial lr schedule (`schedule=constant|cosine`, seqrec/train/schedules.py).
-        output_dir: run directory; checkpoints go to `<output_dir>/checkpoints/`.
-        num_epochs: epoch budget.
-        l2_emb: l2_emb * Σ w² over every embedding table.   grad_clip: max global gradient norm (0 = off).
-        eval_every: validate every N epochs (and after the last).
-        patience, plateau_decays, plateau_factor, monitor: seqrec/train/early_stopping.py.
-        resume: "auto", "never" or a path (seqrec/train/checkpointing.py).
-        num_workers: 0 = build batches inline, >= 1 = in a background thread.
-        device: "auto" | "cpu" | "cuda[:N]".   amp, amp_dtype: autocast with bfloat16 or float16 (+ GradScaler).
-        log_every_steps: progress-bar loss interval.   progress: tqdm progress bars.
-        time_limit_min: stop training at the first step boundary after this many wall-clock minutes (0 = off),
-            validate the current weights, then test the best checkpoint (seqrec/train/step_clock.py).
-        checkpoint_every_min: also write last.pt inside an epoch this often (0 = only at epoch ends).
-        run_config: the resolved config, saved in checkpoints and results.json.
+    Args: the built components; `optimizer` and `schedule` are partials (`optimizer=adam|adamw`,
+    `schedule=constant|cosine`) completed here with the model's parameters and the epoch length; the other keyword
+    arguments are the `trainer:` config node's keys, each explained in conf/train.yaml (`time_limit_min`,
+    `checkpoint_every_min`: seqrec/train/step_clock.py; `patience` & co.: seqrec/train/early_stopping.py; `resume`:
+    seqrec/train/checkpointing.py); `run_config` is the resolved config, saved in checkpoints and results.json.
     """
 
     def __init__(self, model: nn.Module, sampler, evaluator, loss, logger, optimizer, schedule, *, output_dir: str,
@@ -89,66 +78,30 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.embedding_tables = [m.weight for m in self.raw_model.modules() if isinstance(m, nn.Embedding)]
         self.state = TrainingState(self.raw_model, self.optimizer, self.scheduler, self.scaler, self.stopping,
-                                   self.checkpoints, self.run_config)  # fmt: skip
+                                   self.checkpoints, self.run_config, num_epochs)  # fmt: skip
         self.progress = self.state.progress  # epoch, step, batches into the epoch, seconds: all checkpointed
-        self.last_saved = "no checkpoint"  # where last.pt stands, for the NaN message
-        self.already_done = False  # a finished run relaunched: its results.json stands, nothing is redone
-        self.resumed_from: Path | None = None
 
-    # --- checkpoints ---------------------------------------------------------------------------------
     def _save(self, name: str) -> None:
         self.state.save(name)
         if name == "last.pt":
             self.clock.checkpoint_written()
-            self.last_saved = self.progress.where()
-
-    def maybe_resume(self) -> None:
-        resumed = self.state.resume(self.world_size)
-        if resumed is None:
-            return
-        self.resumed_from, saved_config = resumed
-        moved = schedule_moved(saved_config, self.run_config)
-        if moved:
-            log.warning("resuming a run trained with %s: the lr curve changes from here on", moved)
-        p, s = self.progress, self.stopping
-        if s.reconsider(p.epoch):  # more patience or a plateau decay continues a stopped run
-            self._apply_lr_decay()
-        self.already_done = self.finished and (self.output_dir / "results.json").is_file()
-        if self.already_done:
-            return
-        self.logger.truncate_after(p.epoch)
-        if self.rank == 0:
-            append_launch(self.output_dir, p.epoch, allowed_changes(saved_config, self.run_config), p.step)
-        self.last_saved = p.where()
-        log.info("resumed from %s at epoch %d (step %d, %s) (best %s=%.4f at epoch %d)", self.resumed_from, p.epoch,
-                 p.step, p.where(), s.monitor, s.best_value, s.best_epoch)  # fmt: skip
-
-    def _apply_lr_decay(self) -> None:
-        """The scheduler already set the next step's lr before a plateau decay; set it again so it starts there."""
-        for group, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
-            group["lr"] = base * factor(self.progress.step)
-
-    # --- training ------------------------------------------------------------------------------------
-    @property
-    def finished(self) -> bool:
-        return self.stopping.stopped_early or self.progress.epoch >= self.num_epochs
 
     def fit(self) -> dict:
         """Train until the epoch budget, early stopping, the time limit or a stop signal; returns the best validation
         metrics."""
-        self.maybe_resume()
-        if self.already_done:
+        self.state.resume(self.world_size, self.logger)
+        if self.state.already_done:
             log.info("run already finished at epoch %d; its results.json is kept as it is", self.progress.epoch)
             return self.stopping.best_metrics
-        if self.rank == 0 and not self.checkpoints.continues_itself(self.resumed_from):
+        if self.rank == 0 and not self.checkpoints.continues_itself(self.state.resumed_from):
             write_run_record(self.output_dir, self.run_config)  # once, when this launch starts the run
         # after resuming, so a requeued job continues the W&B run whose id its checkpoint saved
         record = {**self.run_config, "protocol": self.protocol}  # W&B groups and filters runs by protocol too
         self.progress.wandb_id = self.logger.start(record, self.progress.wandb_id) or self.progress.wandb_id
-        if self.finished:
+        if self.state.finished:
             log.info("training already finished (epoch %d); nothing to do", self.progress.epoch)
         with self.clock.signals:
-            while not self.finished:
+            while not self.state.finished:
                 mean_loss = self.train_epoch()  # None: stopped at a step boundary, last.pt holds the position
                 decision = self.clock.decision if mean_loss is None else self.clock.check(self.progress.step)
                 self.time_limited = decision.time_limit
@@ -221,7 +174,7 @@ class Trainer:
         if not math.isfinite(mean_loss):
             raise TrainingError(
                 f"loss became {mean_loss} in epoch {self.progress.epoch + 1}; stopped, the last good checkpoint is "
-                f"{self.checkpoints.last} ({self.last_saved}); try a lower optimizer.lr (e.g. 0.0005) "
+                f"{self.checkpoints.last} ({self.state.last_saved}); try a lower optimizer.lr (e.g. 0.0005) "
                 "or trainer.grad_clip=1.0"
             )
 
@@ -262,7 +215,7 @@ class Trainer:
         if outcome == "best":
             self._save("best.pt")
         elif outcome == "decay":
-            self._apply_lr_decay()
+            self.state.apply_lr_decay()
         shown = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "@10" in k)
         log.info("%s  %s  (best %.4f at epoch %d)", self.progress.where(), shown, s.best_value, s.best_epoch)
         return metrics
@@ -276,7 +229,7 @@ class Trainer:
     def test(self) -> dict:
         """Evaluate the test split once, on the best (validation-selected) checkpoint; write results.json.
         A finished run relaunched is not tested again: its results.json is read and returned as it is."""
-        if self.already_done:
+        if self.state.already_done:
             results = json.loads((self.output_dir / "results.json").read_text())
             shown = "  ".join(f"{k}={v:.4f}" for k, v in results.items() if k.startswith("test/") and "@10" in k)
             log.info("stored results (best epoch %s): %s", results.get("best_epoch"), shown)
