@@ -37,7 +37,7 @@ class StopSignals:
     def __init__(self, catch_sigterm: bool):
         self.signals = PREEMPTION_WARNINGS + ((signal.SIGTERM,) if catch_sigterm else ())
         self.previous: dict[int, object] = {}  # signal -> the handler it had before
-        self.received: list[int] = []  # noted during steps, not yet acted on
+        self.received: list[int] = []  # noted while deferring, not yet decided on by the step clock
         self.deferring = False
 
     def __enter__(self) -> StopSignals:
