@@ -257,6 +257,10 @@ def _interrupted_line(err: str, signal_name: str, run_dir: Path) -> str:
     return lines[0]
 
 
+def _run(command: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=180)
+
+
 def _comparable(run_dir: Path) -> tuple[dict, list[dict]]:
     """results.json's metrics and metrics.jsonl, wall-clock seconds left out."""
     timing = ("train_seconds", "eval_seconds", "train/seconds", "config")
@@ -275,9 +279,7 @@ def test_sigterm_mid_epoch_writes_last_pt_at_the_next_step_and_the_resume_comman
     assert proc.returncode == 128 + signal.SIGTERM, err
     line = _interrupted_line(err, "SIGTERM", run_dir)
     assert not (run_dir / "results.json").exists()
-    resumed = subprocess.run(
-        _resume_command(line), cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=180
-    )
+    resumed = _run(_resume_command(line), tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [json.loads(x)["epoch"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
@@ -298,19 +300,10 @@ def test_a_signal_to_one_ddp_rank_stops_every_rank_on_one_step_and_the_resume_eq
     line = _interrupted_line(err, "SIGUSR1", run_dir)
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert len(state["rng"]) == 2 and all(rank["sampler_state"] is not None for rank in state["rng"])
-    resumed = subprocess.run(
-        _resume_command(line), cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=180
-    )
+    resumed = _run(_resume_command(line), tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     whole = tmp_path / "whole"
-    unbroken = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args, f"hydra.run.dir={whole}"],
-        cwd=tmp_path,
-        env=_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    unbroken = _run([sys.executable, str(REPO / "train.py"), *args, f"hydra.run.dir={whole}"], tmp_path)
     assert unbroken.returncode == 0, unbroken.stderr[-3000:]
     assert _comparable(run_dir) == _comparable(whole)
     a, b = (torch.load(d / "checkpoints" / "last.pt", weights_only=True)["model"] for d in (run_dir, whole))
