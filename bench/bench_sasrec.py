@@ -106,10 +106,10 @@ def run_case(args) -> dict:
     with tempfile.TemporaryDirectory() as out:
         data, model, sampler, trainer, evaluator = build(args.data, extra, out)
         epoch_seconds = []
-        for epoch in range(args.epochs):
+        for _ in range(args.epochs):
             start = time.perf_counter()
-            trainer.epoch = epoch
             trainer.train_epoch()
+            trainer.progress.finish_epoch()
             epoch_seconds.append(time.perf_counter() - start)
         start = time.perf_counter()
         val = evaluator.evaluate(model, "valid")
@@ -117,9 +117,9 @@ def run_case(args) -> dict:
         eval_seconds = time.perf_counter() - start
         quality = None
         if args.quality_epochs:
-            for epoch in range(args.epochs, args.quality_epochs):
-                trainer.epoch = epoch
+            for _ in range(args.epochs, args.quality_epochs):
                 trainer.train_epoch()
+                trainer.progress.finish_epoch()
             quality = evaluator.evaluate(model, "valid")["val/ndcg@10"]
         flops = epoch_flops(sampler, model.dim, len(model.blocks))
         return {

@@ -191,8 +191,8 @@ def _launch_error(error, watcher: StallWatcher) -> BaseException:
             "frozen); ended all ranks"
         )
     rank, failure = error.get_first_failure()
-    if failure.exitcode == 130:  # the worker's own Ctrl-C exit (see _worker): the parent reports it
-        return KeyboardInterrupt("SIGINT")
+    if failure.exitcode - 128 in signal.valid_signals():  # the worker's own exit for Ctrl-C or a stop signal (_worker)
+        return KeyboardInterrupt(signal.Signals(failure.exitcode - 128).name)
     if failure.exitcode < 0:  # killed by a signal: the OOM killer, a scancel, a kill
         name = signal.Signals(-failure.exitcode).name if -failure.exitcode in signal.valid_signals() else "a signal"
         return WorkerLost(f"DDP rank {rank} was killed by {name}; ended all ranks")
@@ -244,8 +244,9 @@ def _worker(cfg: DictConfig, hydra_root: DictConfig | None, heartbeats: str, run
     except SeqrecError as e:
         log.error("%s", e)
         raise
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None  # quietly: the parent prints where the run is and how to resume
+    except KeyboardInterrupt as e:  # Ctrl-C, or a stop signal after last.pt (seqrec/train/stop_signals.py)
+        name = str(e) if str(e) in signal.Signals.__members__ else "SIGINT"
+        raise SystemExit(128 + signal.Signals[name]) from None  # quietly: the parent says where the run is
     finally:
         stop_heartbeat(beat)
 

@@ -116,7 +116,9 @@ def _last_checkpoint(run_dir: Path) -> str:
         import torch
 
         state = torch.load(last, map_location="cpu", weights_only=True, mmap=True)  # mmap: no tensor is read
-        return f"last checkpoint {last} (epoch {state['epoch']}, step {state['step']})"
+        epoch, batches = state["epoch"], state.get("epoch_batches", 0)
+        inside = f", {batches} batches into epoch {epoch + 1}" if batches else ""
+        return f"last checkpoint {last} (epoch {epoch}, step {state['step']}{inside})"
     except Exception:  # noqa: BLE001 - the line must come out even for an unreadable file
         return f"last checkpoint {last}"
 

@@ -26,7 +26,7 @@ RUN_MARKERS = ("results.json", "metrics.jsonl")
 # overrides that do not change the experiment (hydra.job.config.override_dirname.exclude_keys in conf/train.yaml, and
 # where the outputs go)
 IGNORED_OVERRIDES = {"logger", "trainer.progress", "trainer.num_workers", "trainer.resume", "trainer.log_every_steps"}
-IGNORED_OVERRIDES |= {"sweep_name", "trainer.output_dir", "logger.output_dir"}
+IGNORED_OVERRIDES |= {"sweep_name", "trainer.output_dir", "logger.output_dir", "trainer.checkpoint_every_min"}
 UNRECORDED = "unrecorded"  # the protocol of runs made before results.json recorded it
 
 

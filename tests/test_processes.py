@@ -229,6 +229,75 @@ def test_ctrl_c_under_ddp_stops_every_worker_without_a_traceback(tmp_path):
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
 
 
+# --- preemption signals: last.pt at the next step boundary, then the run ends as interrupted ----------------------
+
+# 125 steps per epoch, validation after the last: a signal sent once epoch 1 is logged lands between two steps
+PREEMPTED = [*TINY, "dataset.num_users=2000", "sampler.batch_size=16", "trainer.num_epochs=2", "trainer.eval_every=100"]
+
+
+def _interrupted_line(err: str, signal_name: str, run_dir: Path) -> str:
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"interrupted ({signal_name}): run {run_dir}, last checkpoint "), err
+    assert " batches into epoch 2)" in lines[0], lines[0]  # the checkpoint was written mid-epoch
+    return lines[0]
+
+
+def _run(command: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    """A printed resume command, run as printed."""
+    env = CLI_ENV | _heartbeats_in(tmp_path)
+    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+
+
+def _comparable(run_dir: Path) -> tuple[dict, list[dict]]:
+    """results.json's metrics and metrics.jsonl, wall-clock seconds left out."""
+    timing = ("train_seconds", "eval_seconds", "train/seconds", "config")
+    results = {k: v for k, v in json.loads((run_dir / "results.json").read_text()).items() if k not in timing}
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return results, [{k: v for k, v in x.items() if k not in timing} for x in lines]
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_writes_last_pt_at_the_next_step_and_the_resume_command_finishes_the_run(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _start([*PREEMPTED, f"hydra.run.dir={run_dir}"], tmp_path)
+    _wait_for(lambda: _epochs_logged(run_dir) >= 1, proc, 120, "first epoch")
+    os.kill(proc.pid, signal.SIGTERM)  # as SLURM before its SIGKILL (preemption, scancel)
+    err = _finish(proc)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    line = _interrupted_line(err, "SIGTERM", run_dir)
+    assert not (run_dir / "results.json").exists()
+    resumed = _run(_resume_command(line), tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [json.loads(x)["epoch"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_ddp_rank_stops_every_rank_on_one_step_and_the_resume_equals_an_unbroken_run(tmp_path):
+    import torch
+
+    args = [*PREEMPTED, "trainer.devices=2"]
+    run_dir = tmp_path / "run"
+    # last.pt every 0.3 s, mid-epoch too; the clock's checks (a collective) come as often, so the signal soon after
+    proc = _start([*args, "trainer.checkpoint_every_min=0.005", f"hydra.run.dir={run_dir}"], tmp_path)
+    _wait_for(lambda: _epochs_logged(run_dir) >= 1, proc, 120, "first epoch")
+    (beat,) = tmp_path.glob("seqrec-heartbeat-*/rank1")
+    os.kill(int(beat.read_text().split()[0]), signal.SIGUSR1)  # rank 1 alone: rank 0 learns it at the next check
+    err = _finish(proc)
+    assert proc.returncode == 128 + signal.SIGUSR1, err
+    line = _interrupted_line(err, "SIGUSR1", run_dir)
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert len(state["rng"]) == 2 and all(rank["sampler_state"] is not None for rank in state["rng"])
+    resumed = _run(_resume_command(line), tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    whole = tmp_path / "whole"
+    unbroken = train_cli(*args, run_dir=whole, cwd=tmp_path, timeout=180, env=_heartbeats_in(tmp_path))
+    assert unbroken.returncode == 0, unbroken.stderr[-3000:]
+    assert _comparable(run_dir) == _comparable(whole)
+    a, b = (torch.load(d / "checkpoints" / "last.pt", weights_only=True)["model"] for d in (run_dir, whole))
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
 # --- a run directory that cannot be written ----------------------------------------------------------------------
 
 

@@ -196,14 +196,14 @@ FLAT = TINY + ["trainer.num_epochs=10", "optimizer.lr=1e-12"]
 
 def test_a_resume_with_more_patience_is_allowed_used_and_recorded(tmp_path):
     stopped = run(compose_config(FLAT + ["trainer.patience=1", "trainer.time_limit_min=1e-6"], tmp_path))
-    assert stopped["epochs_run"] == 1 and stopped["time_limited"]
+    assert stopped["epochs_run"] == 0 and stopped["steps"] == 1 and stopped["time_limited"]  # one step into epoch 1
     resumed = run(compose_config(FLAT + ["trainer.patience=2"], tmp_path))
-    # epoch 1 is the best; patience 2 stops after epochs 2 and 3 (patience 1 would have stopped at 2)
-    assert resumed["epochs_run"] == 3 and resumed["stopped_early"]
+    # the validation at the stop is the best; patience 2 stops after epochs 1 and 2 (patience 1 would at 1)
+    assert resumed["epochs_run"] == 2 and resumed["stopped_early"]
     assert resumed["config"]["trainer"]["patience"] == 2
     assert json.loads((tmp_path / "results.json").read_text())["config"]["trainer"]["patience"] == 2
     (launch,) = [json.loads(x) for x in (tmp_path / "launches.jsonl").read_text().splitlines()]
-    assert launch["resumed_at_epoch"] == 1
+    assert launch["resumed_at_epoch"] == 0 and launch["resumed_at_step"] == 1
     assert launch["changed"] == {"trainer.patience": [1, 2], "trainer.time_limit_min": [1e-6, 0]}
 
 
@@ -278,12 +278,13 @@ def test_an_unreadable_metrics_line_before_the_last_is_an_error_naming_it(tmp_pa
 
 
 def test_a_resume_after_a_kill_mid_write_of_metrics_goes_on(tmp_path):
-    run(compose_config(TINY + ["trainer.time_limit_min=1e-6"], tmp_path))  # stops after epoch 1
+    run(compose_config(TINY + ["trainer.time_limit_min=1e-6"], tmp_path))  # stops one step into epoch 1
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"epoch": 2, "step": 9, "tra')
     results = run(compose_config(TINY, tmp_path))
     assert results["epochs_run"] == 2
-    assert [json.loads(x)["epoch"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    # the stopped launch's line for its part of epoch 1 (0 epochs complete), then epochs 1 and 2
+    assert [json.loads(x)["epoch"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
 
 
 def test_each_job_of_a_sweep_gets_its_own_run_json_with_its_overrides(tmp_path):

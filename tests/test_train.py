@@ -82,16 +82,18 @@ def test_best_checkpoint_is_chosen_on_validation_and_test_runs_once_on_it(tmp_pa
     assert not any(k.startswith("test/") for k in best["best_metrics"])
 
 
-def test_time_limit_stops_training_validates_and_tests_the_best_checkpoint(tmp_path):
-    # a limit of ~0 s: the first epoch is over it, so training stops there although eval_every=5 and 50 epochs
+def test_time_limit_stops_at_a_step_boundary_mid_epoch_validates_and_tests_the_best_checkpoint(tmp_path):
+    # a limit of ~0 s is over at the first step boundary: training stops inside epoch 1 (of 50, eval_every=5)
     cfg = compose_config(
         TINY + ["trainer.num_epochs=50", "trainer.eval_every=5", "trainer.time_limit_min=1e-6"], tmp_path
     )
     results = run(cfg)
-    assert results["time_limited"] is True and results["epochs_run"] == 1 and results["best_epoch"] == 1
-    assert "val/ndcg@10" in results and "test/ndcg@10" in results
-    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert len(lines) == 1 and "val/ndcg@10" in lines[0]
+    assert results["time_limited"] is True and results["epochs_run"] == 0 and results["steps"] == 1
+    assert results["best_epoch"] == 0 and "val/ndcg@10" in results and "test/ndcg@10" in results
+    (line,) = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert (line["epoch"], line["step"], line["train/epoch_batches"]) == (0, 1, 1) and "val/ndcg@10" in line
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert (state["epoch"], state["step"], state["epoch_batches"]) == (0, 1, 1)
 
 
 def final_state(tmp_path, extra):
@@ -149,14 +151,15 @@ def test_cosine_schedule_anneals_the_lr_to_zero_at_the_end_of_the_epoch_budget(t
 def test_a_cosine_run_stopped_and_resumed_follows_the_same_lr_and_weights_as_an_unbroken_one(tmp_path):
     cosine = TINY + ["trainer.num_epochs=4", "schedule=cosine"]
     unbroken, unbroken_results = final_state(tmp_path / "a", ["schedule=cosine"])
-    stopped = run(compose_config(cosine + ["trainer.time_limit_min=1e-6"], tmp_path / "b"))  # stops after epoch 1
-    assert stopped["epochs_run"] == 1
-    resumed, resumed_results = final_state(tmp_path / "b", ["schedule=cosine"])
-    assert logged(tmp_path / "b", "train/lr") == logged(tmp_path / "a", "train/lr")
+    stopped = run(compose_config(cosine + ["trainer.time_limit_min=1e-6"], tmp_path / "b"))  # stops after step 1
+    assert stopped["epochs_run"] == 0 and stopped["steps"] == 1
+    resumed, resumed_results = final_state(tmp_path / "b", ["schedule=cosine"])  # continues inside epoch 1
+    # the stopped launch logged one line for its part of epoch 1 (with its validation); then the epochs as unbroken
+    assert logged(tmp_path / "b", "train/lr")[1:] == logged(tmp_path / "a", "train/lr")
     assert logged(tmp_path / "a", "train/lr")[-1] == pytest.approx(0.0, abs=1e-12)
     for name, tensor in unbroken["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name
-    assert resumed_results["test/ndcg@10"] == unbroken_results["test/ndcg@10"]
+    assert resumed_results["steps"] == unbroken_results["steps"]
 
 
 def test_resuming_a_cosine_run_under_a_longer_budget_warns_that_the_lr_curve_changes(tmp_path, caplog):

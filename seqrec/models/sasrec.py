@@ -143,3 +143,9 @@ class SASRec(nn.Module):
         for block in self.blocks:
             state = block(state, ctx)
         return self.final_norm(self.residual.reduce(state))
+
+    def diagnostics(self) -> dict[str, float]:
+        """The residual's health numbers from the latest forward pass (mHC: H_res row/column sums, gains, gates);
+        logged with each validation. Empty for the plain residual."""
+        read = getattr(self.residual, "diagnostics", None)
+        return read(self) if read is not None else {}

@@ -1,8 +1,10 @@
-"""Where a run's checkpoints live, which one a launch continues from, and every rank's RNG state.
+"""Where a run's checkpoints live, which one a launch continues from, and every rank's own part of them.
 
-`last.pt` is written after every epoch and `best.pt` at each new best validation; both are written by rank 0
-(seqrec/train/checkpoint.py: atomic, with a SHA-256 sidecar) after gathering every rank's RNG state, so a resume
-continues each rank's dropout stream exactly.
+`last.pt` is written after every epoch (and before its validation), and inside an epoch when the step clock says so
+(seqrec/train/step_clock.py: `trainer.checkpoint_every_min`, the time limit, a stop signal); `best.pt` at each new
+best validation. Both are written by rank 0 (seqrec/train/checkpoint.py: atomic, with a SHA-256 sidecar) after
+gathering every rank's RNG streams and own progress (seqrec/train/training_state.py), so a resume continues each
+rank exactly, from the batch where it stopped.
 """
 
 from __future__ import annotations
@@ -53,11 +55,13 @@ class Checkpointing:
         """Whether `source` (the checkpoint resumed from) belongs to this run directory."""
         return source is not None and self.output_dir.resolve() in source.resolve().parents
 
-    def rng_states(self) -> list[dict]:
-        """Every rank's RNG state (dropout streams differ per rank), gathered so rank 0 can save them all."""
+    def rank_states(self, mine: dict) -> list[dict]:
+        """Every rank's RNG streams (dropout and negatives differ per rank) with `mine` (this rank's own progress),
+        gathered so rank 0 can save them all."""
         mine = {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            **mine,
         }
         if self.world_size == 1:
             return [mine]
@@ -65,16 +69,18 @@ class Checkpointing:
         dist.all_gather_object(states, mine)
         return states
 
-    def restore_rng(self, states: list[dict]) -> None:
+    def restore_rank_state(self, states: list[dict]) -> dict:
+        """Set this rank's torch RNG streams; returns its saved entry."""
         rng = states[self.rank] if self.rank < len(states) else states[0]
         torch.set_rng_state(rng["torch"])
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
+        return rng
 
-    def save(self, name: str, state: Callable[[list[dict]], dict]) -> None:
-        """Write `name` from `state(rng_states)`; a collective: every rank takes part."""
-        rng_states = self.rng_states()
+    def save(self, name: str, state: Callable[[list[dict]], dict], mine: dict | None = None) -> None:
+        """Write `name` from `state(rank_states)`; a collective: every rank takes part."""
+        rank_states = self.rank_states(mine or {})
         if self.rank == 0:
-            save_checkpoint(state(rng_states), self.dir / name)
+            save_checkpoint(state(rank_states), self.dir / name)
         if self.world_size > 1:
             dist.barrier()

@@ -20,7 +20,8 @@ new command. Every setting is compared with the one the run was trained under, k
 | `trainer.time_limit_min`, `trainer.eval_every`              |           | the resume as an unbroken run would     |
 | `trainer.progress`, `trainer.num_workers`,                  | allowed   | display, prefetching, bookkeeping       |
 | `trainer.log_every_steps`, `trainer.resume`,                |           |                                         |
-| `trainer.output_dir`, `logger.*`, `sweep_name`              |           |                                         |
+| `trainer.checkpoint_every_min`, `trainer.output_dir`,       |           |                                         |
+| `logger.*`, `sweep_name`                                    |           |                                         |
 | `kernels`, `residual.kernel`, `residual.compile`,           | allowed   | how the same maths is computed (a       |
 | `loss.chunk_tokens`, `eval.batch_size`, `eval.item_chunk`, |           | requeued job may land where no compiler |
 | `dataset.cache`, `distributed.*`, `slurm.*`,                |           | exists)                                 |
@@ -50,6 +51,7 @@ RESUME_MAY_CHANGE = (
     "trainer.patience",
     "trainer.plateau_decays",
     "trainer.time_limit_min",
+    "trainer.checkpoint_every_min",
     "trainer.eval_every",
     "trainer.progress",
     "trainer.num_workers",
@@ -153,6 +155,7 @@ ADDED_SINCE = {
     "model.sparse_embedding": False,  # the item table's gradient was dense
     "trainer.compile": False,  # eager steps
     "sampler.length_buckets": 0,  # trimmed batches as wide as their longest window
+    "trainer.checkpoint_every_min": 0,  # last.pt at epoch ends only
 }
 
 

@@ -122,10 +122,12 @@ def write_run_record(run_dir: Path, config: dict) -> None:
         tmp.unlink()
 
 
-def append_launch(run_dir: Path, epoch: int, changed: dict) -> None:
+def append_launch(run_dir: Path, epoch: int, changed: dict, step: int | None = None) -> None:
     """One line in launches.jsonl for an accepted resume (a whole line per write: O_APPEND, one write call)."""
     overrides, _ = _hydra_context()
     line = {"time": _now(), "argv": list(sys.argv), "overrides": overrides, "resumed_at_epoch": epoch}
+    if step is not None:
+        line["resumed_at_step"] = step  # a resume inside an epoch continues after this optimizer step
     line["changed"] = changed
     fd = os.open(run_dir / LAUNCHES, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:

@@ -6,7 +6,10 @@ every target is trained on once per epoch).
 
 Deterministic given (seed, epoch, rank): the window order depends on (seed, epoch) only, so all ranks agree
 on the global batches and each takes its own slice; negatives come from a generator seeded with
-(seed, epoch, rank). A resumed run therefore sees exactly the batches an unbroken run would have seen.
+(seed, epoch, rank). A resumed run therefore sees exactly the batches an unbroken run would have seen. Each batch
+carries that generator's state after it, so an epoch can restart at batch k (`epoch(e, start=k, ...)`) from a
+mid-epoch checkpoint without building batches 0..k-1: the window order is index arithmetic, the negatives continue
+from the saved state.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ class Batch:
     """Tensors of one step: seq/pos (B, W), neg (B, W, K) or (B, N) or None, times (B, W), time_scale (B,).
 
     `loss_weight` rescales the batch's mean loss to a per-target weight that does not depend on the batch's
-    length mix (see TrainSampler).
+    length mix (see TrainSampler). `sampler_state`: the negatives generator's state after this batch (plain data),
+    where a resumed epoch continues.
     """
 
     seq: Tensor
@@ -39,6 +43,7 @@ class Batch:
     times: Tensor | None = None
     time_scale: Tensor | None = None
     loss_weight: float = 1.0
+    sampler_state: dict | None = None
 
     def to(self, device: torch.device) -> Batch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -176,11 +181,18 @@ class TrainSampler:
         width = self.widths[np.searchsorted(self.widths, a.shape[1])]
         return np.pad(a, [(0, 0), (width - a.shape[1], 0)] + [(0, 0)] * (a.ndim - 2))
 
-    def epoch(self, epoch: int) -> Iterator[Batch]:
-        """This rank's batches for `epoch`, in order."""
+    def epoch(self, epoch: int, start: int = 0, sampler_state: dict | None = None) -> Iterator[Batch]:
+        """This rank's batches for `epoch`, in order, from batch `start` on; `sampler_state` is the `sampler_state`
+        of batch `start - 1` (the batches before it are not built)."""
         rng = np.random.default_rng([self.seed, epoch, self.rank, 1])
-        for windows in self.global_batches(epoch):
-            yield self.make_batch(windows[self.rank :: self.world_size], rng)
+        if start > 0:
+            if sampler_state is None:
+                raise ValueError(f"epoch {epoch} from batch {start}: the negatives generator's state is needed")
+            rng.bit_generator.state = sampler_state
+        for windows in self.global_batches(epoch)[start:]:
+            batch = self.make_batch(windows[self.rank :: self.world_size], rng)
+            batch.sampler_state = rng.bit_generator.state
+            yield batch
 
 
 def prefetch(iterator: Iterator[Batch], depth: int = 2) -> Iterator[Batch]:
@@ -206,5 +218,7 @@ def prefetch(iterator: Iterator[Batch], depth: int = 2) -> Iterator[Batch]:
             if isinstance(item, BaseException):
                 raise item
             yield item
-    finally:
+    finally:  # also when the consumer leaves early (a stop mid-epoch)
         stop.set()
+        while not q.empty():  # a worker blocked on a full queue gets room, sees `stop` and ends
+            q.get_nowait()

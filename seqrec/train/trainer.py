@@ -2,15 +2,15 @@
 
 Research hygiene: the best checkpoint is chosen on validation only and the test split is evaluated once, on
 that checkpoint. Every epoch ends with an atomic `last.pt` holding everything needed to continue exactly
-(model, optimizer, scheduler, scaler, RNG, early-stopping state), so `resume=auto` after a kill reaches the
-same result as an unbroken run. Process-wide settings (deterministic kernels, the allocator) are the entry
-point's (seqrec/compose.py); the optimizer and the schedule come in as config partials.
+(seqrec/train/checkpointing.py), and so does a step boundary inside an epoch when the step clock says so
+(seqrec/train/step_clock.py: `checkpoint_every_min`, `time_limit_min`, a preemption signal), so `resume=auto` after
+a kill reaches the same result as an unbroken run. Process-wide settings (deterministic kernels, the allocator) are
+the entry point's (seqrec/compose.py); the optimizer and the schedule come in as config partials.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import time
@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from seqrec.errors import CheckpointError, ConfigError, TrainingError
+from seqrec.errors import ConfigError, TrainingError
 from seqrec.fingerprint import protocol_fingerprint
 from seqrec.train.checkpoint import load_checkpoint, write_json
 from seqrec.train.checkpointing import Checkpointing
@@ -29,52 +29,34 @@ from seqrec.train.compile import compile_step
 from seqrec.train.distributed import assert_replicas_equal
 from seqrec.train.early_stopping import EarlyStopping
 from seqrec.train.placement import AMP_DTYPES, DEVICE, autocast, resolve_device, wrap_ddp
-from seqrec.train.resume_policy import allowed_changes, check_resume, check_world_size, schedule_moved
-from seqrec.train.run_record import append_launch, write_run_record
+from seqrec.train.run_record import write_run_record
 from seqrec.train.sampler import prefetch
-from seqrec.train.time_limit import TimeLimit
+from seqrec.train.step_clock import StepClock
+from seqrec.train.training_state import TrainingState
 from seqrec.utils.memory import release_free_memory
 from seqrec.utils.rules import NON_NEGATIVE, POSITIVE, interval, one_of
 
 log = logging.getLogger(__name__)
 
-PROGRESS_KEYS = ("epoch", "step", "train_seconds", "eval_seconds", "wandb_id")  # checkpointed loop state
-
 
 class Trainer:
     """Fits a model with a sampler and a loss, evaluates with an Evaluator, logs to a MetricLogger.
 
-    Args (the keys of the `trainer:` config node, besides the built components):
-        optimizer: partial optimizer (`optimizer=adam|adamw`), completed with the model's parameters.
-        schedule: partial lr schedule (`schedule=constant|cosine`, seqrec/train/schedules.py).
-        output_dir: run directory; checkpoints go to `<output_dir>/checkpoints/`.
-        num_epochs: epoch budget.
-        l2_emb: l2_emb * Σ w² over every embedding table.   grad_clip: max global gradient norm (0 = off).
-        eval_every: validate every N epochs (and after the last).
-        patience, plateau_decays, plateau_factor, monitor: seqrec/train/early_stopping.py.
-        resume: "auto", "never" or a path (seqrec/train/checkpointing.py).
-        num_workers: 0 = build batches inline, >= 1 = in a background thread.
-        device: "auto" | "cpu" | "cuda[:N]".   amp, amp_dtype: autocast with bfloat16 or float16 (+ GradScaler).
-        log_every_steps: progress-bar loss interval.   progress: tqdm progress bars.
-        time_limit_min: stop training after this many wall-clock minutes (0 = off; seqrec/train/time_limit.py),
-            validate if the last epoch was not, then test the best checkpoint.
-        compile: run the step's forward pass and loss through torch.compile (seqrec/train/compile.py).
-        run_config: the resolved config, saved in checkpoints and results.json.
+    Args: the built components; `optimizer` and `schedule` are partials (`optimizer=adam|adamw`,
+    `schedule=constant|cosine`) completed here with the model's parameters and the epoch length; the other keyword
+    arguments are the `trainer:` config node's keys, each explained in conf/train.yaml (`time_limit_min`,
+    `checkpoint_every_min`: seqrec/train/step_clock.py; `patience` & co.: seqrec/train/early_stopping.py; `resume`:
+    seqrec/train/checkpointing.py; `compile`: seqrec/train/compile.py); `run_config` is the resolved config, saved in
+    checkpoints and results.json.
     """
 
     RULES = {
-        "num_epochs": POSITIVE,
-        "l2_emb": NON_NEGATIVE,
-        "grad_clip": NON_NEGATIVE,
-        "eval_every": POSITIVE,
-        "patience": NON_NEGATIVE,
-        "plateau_decays": NON_NEGATIVE,
+        **dict.fromkeys(("num_epochs", "eval_every", "log_every_steps"), POSITIVE),
+        **dict.fromkeys(("l2_emb", "grad_clip", "patience", "plateau_decays", "num_workers"), NON_NEGATIVE),
+        **dict.fromkeys(("time_limit_min", "checkpoint_every_min"), NON_NEGATIVE),
         "plateau_factor": interval(0, 1, "()"),
-        "num_workers": NON_NEGATIVE,
         "device": DEVICE,
         "amp_dtype": one_of(*AMP_DTYPES),
-        "log_every_steps": POSITIVE,
-        "time_limit_min": NON_NEGATIVE,
     }
 
     def __init__(self, model: nn.Module, sampler, evaluator, loss, logger, optimizer, schedule, *, output_dir: str,
@@ -82,11 +64,12 @@ class Trainer:
                  patience: int = 10, plateau_decays: int = 0, plateau_factor: float = 0.1,
                  monitor: str = "val/ndcg@10", resume: str = "auto", num_workers: int = 1, device: str = "auto",
                  amp: bool = False, amp_dtype: str = "bfloat16", log_every_steps: int = 100, progress: bool = True,
-                 time_limit_min: float = 0.0, compile: bool = False, run_config: dict | None = None):  # fmt: skip
+                 time_limit_min: float = 0.0, checkpoint_every_min: float = 0.0, compile: bool = False,
+                 run_config: dict | None = None):  # fmt: skip
         self.sampler, self.evaluator, self.loss, self.logger = sampler, evaluator, loss, logger
         self.output_dir = Path(output_dir)
         self.num_epochs, self.l2_emb, self.grad_clip, self.eval_every = num_epochs, l2_emb, grad_clip, eval_every
-        self.num_workers, self.log_every_steps, self.progress = num_workers, log_every_steps, progress
+        self.num_workers, self.log_every_steps, self.show_bars = num_workers, log_every_steps, progress
         self.run_config = run_config or {}
         self.time_limited = False  # not checkpointed: a resumed run continues under its own, fresh limit
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -94,7 +77,7 @@ class Trainer:
         self.device = resolve_device(device)
         self.raw_model = model.to(self.device)
         self.model = wrap_ddp(self.raw_model, self.device, self.world_size)
-        self.time_limit = TimeLimit(time_limit_min, self.device, self.world_size)
+        self.clock = StepClock(time_limit_min, checkpoint_every_min, self.device, self.rank, self.world_size)
         self.amp_dtype = AMP_DTYPES[amp_dtype] if amp else None
         self.stopping = EarlyStopping(monitor, patience, plateau_decays, plateau_factor)
         self.checkpoints = Checkpointing(self.output_dir, resume, self.rank, self.world_size)
@@ -106,139 +89,110 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.embedding_tables = [m.weight for m in self.raw_model.modules() if isinstance(m, nn.Embedding)]
         self.forward_loss = compile_step(self._forward_loss) if compile else self._forward_loss
-        self.epoch, self.step = 0, 0  # completed epochs and optimizer steps
-        self.train_seconds, self.eval_seconds = 0.0, 0.0
-        self.wandb_id = None
-        self.already_done = False  # a finished run relaunched: its results.json stands, nothing is redone
-        self.resumed_from: Path | None = None
-
-    # --- checkpoints ---------------------------------------------------------------------------------
-    def state_dict(self, rng_states: list[dict]) -> dict:
-        return {
-            "model": self.raw_model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            **{key: getattr(self, key) for key in PROGRESS_KEYS},
-            **self.stopping.state_dict(),
-            "rng": rng_states,
-            "config": self.run_config,
-        }
-
-    def load_state_dict(self, state: dict, path: Path) -> None:
-        try:
-            self.raw_model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{path}: does not fit this model/config ({str(e).splitlines()[0][:160]})") from None
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        for key in PROGRESS_KEYS:
-            setattr(self, key, state[key])
-        self.stopping.load_state_dict(state)
-        self.checkpoints.restore_rng(state["rng"])
+        self.state = TrainingState(self.raw_model, self.optimizer, self.scheduler, self.scaler, self.stopping,
+                                   self.checkpoints, self.run_config, num_epochs)  # fmt: skip
+        self.progress = self.state.progress  # epoch, step, batches into the epoch, seconds: all checkpointed
 
     def _save(self, name: str) -> None:
-        self.checkpoints.save(name, self.state_dict)
-
-    def maybe_resume(self) -> None:
-        path = self.checkpoints.resume_path()
-        if path is None:
-            return
-        state = load_checkpoint(path)
-        saved_config = state.get("config") or {}
-        check_resume(saved_config, self.run_config, path)
-        check_world_size(len(state["rng"]), self.world_size, path)
-        self.load_state_dict(state, path)
-        self.resumed_from = path
-        moved = schedule_moved(saved_config, self.run_config)
-        if moved:
-            log.warning("resuming a run trained with %s: the lr curve changes from here on", moved)
-        if self.stopping.reconsider(self.epoch):  # more patience or a plateau decay continues a stopped run
-            self._apply_lr_decay()
-        self.already_done = self.finished and (self.output_dir / "results.json").is_file()
-        if self.already_done:
-            return
-        self.logger.truncate_after(self.epoch)
-        if self.rank == 0:
-            append_launch(self.output_dir, self.epoch, allowed_changes(saved_config, self.run_config))
-        s = self.stopping
-        log.info("resumed from %s at epoch %d (best %s=%.4f at epoch %d)", path, self.epoch, s.monitor,
-                 s.best_value, s.best_epoch)  # fmt: skip
-
-    def _apply_lr_decay(self) -> None:
-        """The scheduler already set the next step's lr before a plateau decay; set it again so it starts there."""
-        for group, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
-            group["lr"] = base * factor(self.step)
-
-    # --- training ------------------------------------------------------------------------------------
-    @property
-    def finished(self) -> bool:
-        return self.stopping.stopped_early or self.epoch >= self.num_epochs
+        self.state.save(name)
+        if name == "last.pt":
+            self.clock.checkpoint_written()
 
     def fit(self) -> dict:
-        """Train until the epoch budget or early stopping; returns the best validation metrics."""
-        self.maybe_resume()
-        if self.already_done:
-            log.info("run already finished at epoch %d; its results.json is kept as it is", self.epoch)
+        """Train until the epoch budget, early stopping, the time limit or a stop signal; returns the best validation
+        metrics."""
+        self.state.resume(self.world_size, self.logger)
+        if self.state.already_done:
+            log.info("run already finished at epoch %d; its results.json is kept as it is", self.progress.epoch)
             return self.stopping.best_metrics
-        if self.rank == 0 and not self.checkpoints.continues_itself(self.resumed_from):
+        if self.rank == 0 and not self.checkpoints.continues_itself(self.state.resumed_from):
             write_run_record(self.output_dir, self.run_config)  # once, when this launch starts the run
         # after resuming, so a requeued job continues the W&B run whose id its checkpoint saved
         record = {**self.run_config, "protocol": self.protocol}  # W&B groups and filters runs by protocol too
-        self.wandb_id = self.logger.start(record, self.wandb_id) or self.wandb_id
-        if self.finished:
-            log.info("training already finished (epoch %d); nothing to do", self.epoch)
-        while not self.finished:
-            record = {"train/loss": self.train_epoch()}
-            self.epoch += 1
-            record.update({"train/lr": self.scheduler.get_last_lr()[0], "train/seconds": self.train_seconds})
-            self.time_limited = self.time_limit.passed()
-            if self.epoch % self.eval_every == 0 or self.epoch == self.num_epochs or self.time_limited:
-                record.update(self.validate())
-                record.update(self.residual_diagnostics())
-            self.logger.log(record, epoch=self.epoch, step=self.step)
-            self._save("last.pt")
-            if self.device.type == "cpu":
-                release_free_memory()  # the epoch's fragmented heap (seqrec/utils/memory.py)
-            if self.time_limited:
-                log.info("time limit of %.1f min reached after epoch %d; testing the best checkpoint",
-                         self.time_limit.minutes, self.epoch)  # fmt: skip
-                break
+        self.progress.wandb_id = self.logger.start(record, self.progress.wandb_id) or self.progress.wandb_id
+        if self.state.finished:
+            log.info("training already finished (epoch %d); nothing to do", self.progress.epoch)
+        with self.clock.signals:
+            while not self.state.finished:
+                mean_loss = self.train_epoch()  # None: stopped at a step boundary, last.pt holds the position
+                decision = self.clock.decision if mean_loss is None else self.clock.check(self.progress.step)
+                self.time_limited = decision.time_limit
+                if mean_loss is not None or decision.time_limit and not decision.ending_signal:
+                    self._log_and_save(mean_loss)
+                self.clock.signals.forward(decision.received, decision.ending_signal)  # may end the run here
+                if self.time_limited:
+                    log.info("time limit of %.1f min reached at %s; testing the best checkpoint", self.clock.minutes,
+                             self.progress.where())  # fmt: skip
+                    break
         assert_replicas_equal(self.raw_model)  # DDP keeps ranks identical; a difference is a bug, not noise
         return self.stopping.best_metrics
 
-    def train_epoch(self) -> float:
+    def _log_and_save(self, mean_loss: float | None) -> None:
+        """After an epoch (or the part of one trained before the time limit: its running mean loss and batch count):
+        validate when due or at the time limit, log the metrics.jsonl line, write last.pt."""
+        p, closing = self.progress, mean_loss is not None
+        epoch = p.epoch + closing
+        validating = self.time_limited or closing and (epoch % self.eval_every == 0 or epoch == self.num_epochs)
+        if closing and validating:
+            self._save("last.pt")  # every batch done, the epoch not closed: a kill while validating redoes only that
+        if closing:
+            record = {"train/loss": mean_loss}
+            p.finish_epoch()
+        else:
+            record = {"train/loss": (p.epoch_loss / p.epoch_batches).item(), "train/epoch_batches": p.epoch_batches}
+        record.update({"train/lr": self.scheduler.get_last_lr()[0], "train/seconds": p.train_seconds})
+        if validating:
+            record.update(self.validate())
+            record.update(self.raw_model.diagnostics())  # the residual's health numbers (mHC), not in results
+        self.logger.log(record, epoch=p.epoch, step=p.step)
+        self._save("last.pt")
+        if self.device.type == "cpu":
+            release_free_memory()  # the epoch's fragmented heap (seqrec/utils/memory.py)
+
+    def train_epoch(self) -> float | None:
+        """Train epoch `epoch + 1` from its batch `epoch_batches` on; returns its mean loss (the caller closes the
+        epoch), or None when the step clock stopped it at a step boundary (last.pt then holds the position)."""
         self.model.train()
-        start = time.perf_counter()
-        batches = self.sampler.epoch(self.epoch)
+        p, started = self.progress, time.perf_counter()
+        p.epoch_loss = torch.zeros((), device=self.device) if p.epoch_batches == 0 else p.epoch_loss.to(self.device)
+        batches = self.sampler.epoch(p.epoch, p.epoch_batches, p.sampler_state)
         batches = prefetch(batches) if self.num_workers > 0 else batches
-        hide = not self.progress or self.rank != 0
-        bar = tqdm(batches, total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}", leave=False, disable=hide)
-        # the losses add up on the device: the host reads them (and waits for the GPU) only for the progress bar,
-        # every log_every_steps steps, and once at the end of the epoch; nothing in a step makes it wait
-        total = torch.zeros((), device=self.device)
-        for i, batch in enumerate(bar):
-            total += self.train_step(batch.to(self.device))
-            if not bar.disable and (i + 1) % self.log_every_steps == 0:
-                bar.set_postfix(loss=f"{total.item() / (i + 1):.4f}")
-        mean = (total / max(self.steps_per_epoch, 1)).item()
-        self.train_seconds += time.perf_counter() - start
-        if not math.isfinite(mean):
-            raise TrainingError(
-                f"loss became {mean} in epoch {self.epoch + 1}; stopped, the last good checkpoint is "
-                f"{self.checkpoints.last} (epoch {self.epoch}); try a lower optimizer.lr (e.g. 0.0005) "
-                "or trainer.grad_clip=1.0"
-            )
+        hide = not self.show_bars or self.rank != 0
+        bar = tqdm(batches, initial=p.epoch_batches, total=self.steps_per_epoch, desc=f"epoch {p.epoch + 1}",
+                   leave=False, disable=hide)  # fmt: skip
+        for batch in bar:
+            p.epoch_loss += self.train_step(batch.to(self.device))
+            p.epoch_batches, p.sampler_state = p.epoch_batches + 1, batch.sampler_state
+            if not bar.disable and p.epoch_batches % self.log_every_steps == 0:  # the one read of the loss
+                bar.set_postfix(loss=f"{p.epoch_loss.item() / p.epoch_batches:.4f}")
+            if p.epoch_batches == self.steps_per_epoch or not self.clock.due(p.step):
+                continue  # the epoch's end is checked by `fit`, for every epoch
+            decision = self.clock.check(p.step)
+            if decision.checkpoint or decision.stop:
+                p.train_seconds += time.perf_counter() - started
+                self._check_finite((p.epoch_loss / p.epoch_batches).item())
+                self._save("last.pt")
+                started = time.perf_counter()
+            if decision.stop:
+                bar.close()
+                batches.close()  # a prefetch thread ends too
+                return None
+        mean = (p.epoch_loss / max(self.steps_per_epoch, 1)).item()
+        p.train_seconds += time.perf_counter() - started
+        self._check_finite(mean)
         return mean
 
-    def train_step(self, batch) -> torch.Tensor:
-        """One optimizer step on a batch already on the device; returns the loss as a device tensor.
+    def _check_finite(self, mean_loss: float) -> None:
+        if not math.isfinite(mean_loss):
+            raise TrainingError(
+                f"loss became {mean_loss} in epoch {self.progress.epoch + 1}; stopped, the last good checkpoint is "
+                f"{self.checkpoints.last} ({self.state.last_saved}); try a lower optimizer.lr (e.g. 0.0005) "
+                "or trainer.grad_clip=1.0"
+            )
 
-        Launch-light: nothing here waits for the GPU (no .item(), no data-dependent shape: the losses weight
-        padding by 0 instead of selecting targets), so the host queues the next step while the GPU runs this one
-        (tests/test_gpu.py runs it under torch.cuda.set_sync_debug_mode("error")). The one exception is float16
-        AMP: GradScaler reads its inf check on the host in scaler.step."""
+    def train_step(self, batch) -> torch.Tensor:
+        """One optimizer step on a batch already on the device; returns the loss as a device tensor. Nothing here
+        waits for the GPU (no .item(), no data-dependent shape), except float16's GradScaler inf check."""
         with autocast(self.device, self.amp_dtype):
             # the batch's weight is a Python float that changes every batch: applied outside the compiled part
             loss = self.forward_loss(batch.seq, batch.times, batch.time_scale, batch.pos, batch.neg) * batch.loss_weight
@@ -252,36 +206,30 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        self.step += 1
+        self.progress.step += 1
         return loss.detach().float()
 
     def _forward_loss(self, seq, times, time_scale, pos, neg) -> torch.Tensor:
         """The batch's mean loss: the part of a step that trainer.compile compiles (the backward follows it)."""
-        h = self.model(seq, times, time_scale)
-        return self.loss(h, self.raw_model.head, pos, neg)
-
-    def residual_diagnostics(self) -> dict:
-        """The residual's health numbers (mHC: H_res row/column sums, gains, gates) from the latest forward pass;
-        logged with each validation, not into results.json. Empty for the plain residual."""
-        diagnostics = getattr(getattr(self.raw_model, "residual", None), "diagnostics", None)
-        return diagnostics(self.raw_model) if diagnostics is not None else {}
+        return self.loss(self.model(seq, times, time_scale), self.raw_model.head, pos, neg)
 
     def validate(self) -> dict:
         start = time.perf_counter()
-        metrics = self.evaluator.evaluate(self.raw_model, "valid", self.device)
-        self.eval_seconds += time.perf_counter() - start
+        with self.clock.signals.at_once():  # it may outlast a preemption warning (seqrec/train/stop_signals.py)
+            metrics = self.evaluator.evaluate(self.raw_model, "valid", self.device)
+        self.progress.eval_seconds += time.perf_counter() - start
         s = self.stopping
         if s.monitor not in metrics:
             raise ConfigError(
                 f"trainer.monitor={s.monitor} is not a validation metric; choose one of {sorted(metrics)}"
             )
-        outcome = s.observe(metrics, self.epoch)
+        outcome = s.observe(metrics, self.progress.epoch)
         if outcome == "best":
             self._save("best.pt")
         elif outcome == "decay":
-            self._apply_lr_decay()
+            self.state.apply_lr_decay()
         shown = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "@10" in k)
-        log.info("epoch %d  %s  (best %.4f at epoch %d)", self.epoch, shown, s.best_value, s.best_epoch)
+        log.info("%s  %s  (best %.4f at epoch %d)", self.progress.where(), shown, s.best_value, s.best_epoch)
         return metrics
 
     @functools.cached_property
@@ -293,21 +241,18 @@ class Trainer:
     def test(self) -> dict:
         """Evaluate the test split once, on the best (validation-selected) checkpoint; write results.json.
         A finished run relaunched is not tested again: its results.json is read and returned as it is."""
-        if self.already_done:
-            results = json.loads((self.output_dir / "results.json").read_text())
-            shown = "  ".join(f"{k}={v:.4f}" for k, v in results.items() if k.startswith("test/") and "@10" in k)
-            log.info("stored results (best epoch %s): %s", results.get("best_epoch"), shown)
-            return results
+        if self.state.already_done:
+            return self.state.stored_results()
         if self.checkpoints.best.exists():
             self.raw_model.load_state_dict(load_checkpoint(self.checkpoints.best)["model"])
         start = time.perf_counter()
         test_metrics = self.evaluator.evaluate(self.raw_model, "test", self.device)
         self.evaluator.write_test_ranks(self.output_dir)  # for tests paired over users (seqrec.results)
-        self.eval_seconds += time.perf_counter() - start
-        s = self.stopping
-        results = dict(best_epoch=s.best_epoch, epochs_run=self.epoch, stopped_early=s.stopped_early,
-                       time_limited=self.time_limited, train_seconds=round(self.train_seconds, 3),
-                       eval_seconds=round(self.eval_seconds, 3), monitor=s.monitor, steps=self.step)  # fmt: skip
+        p, s = self.progress, self.stopping
+        p.eval_seconds += time.perf_counter() - start
+        results = dict(best_epoch=s.best_epoch, epochs_run=p.epoch, stopped_early=s.stopped_early,
+                       time_limited=self.time_limited, train_seconds=round(p.train_seconds, 3),
+                       eval_seconds=round(p.eval_seconds, 3), monitor=s.monitor, steps=p.step)  # fmt: skip
         results |= {**s.best_metrics, **test_metrics, "protocol": self.protocol, "config": self.run_config}
         if self.rank == 0:
             write_json(results, self.output_dir / "results.json")

@@ -19,7 +19,8 @@ from seqrec.train.checkpoint import digest_path, load_checkpoint, save_checkpoin
 
 
 def trainer_like_state() -> dict:
-    """What Trainer.state_dict holds: model, optimizer, scheduler and scaler state, RNG, numbers, a config dict."""
+    """What TrainingState.state_dict holds mid-epoch: model, optimizer, scheduler and scaler state, per-rank RNG
+    streams (torch's, the negatives generator's 128-bit integers) and running loss, numbers, a config dict."""
     model = torch.nn.Linear(4, 3)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
@@ -34,7 +35,15 @@ def trainer_like_state() -> dict:
         "epoch": 3,
         "best_value": -float("inf"),
         "best_metrics": {"val/ndcg@10": 0.25},
-        "rng": [{"torch": torch.get_rng_state(), "cuda": None}],
+        "epoch_batches": 17,
+        "rng": [
+            {
+                "torch": torch.get_rng_state(),
+                "cuda": None,
+                "epoch_loss": torch.tensor(12.5),
+                "sampler_state": np.random.default_rng([1, 2, 0, 1]).bit_generator.state,
+            }
+        ],
         "wandb_id": None,
         "config": {"model": {"hidden_units": 4, "betas": [0.9, 0.98]}, "seed": 1},
     }

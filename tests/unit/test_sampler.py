@@ -159,3 +159,37 @@ def test_history_all_weights_every_target_equally_and_rejects_unknown_values():
         assert np.isclose(b.loss_weight, int((b.pos > 0).sum()) / sampler.mean_targets)
     with pytest.raises(ValueError, match="sampler.history='every'"):
         TrainSampler(d, batch_size=8, maxlen=16, history="every")
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_an_epoch_restarted_at_batch_k_continues_with_the_same_batches_without_building_the_first_k(rank):
+    d = data()
+    sampler = TrainSampler(d, batch_size=16, maxlen=50, num_negatives=2, seed=5, rank=rank, world_size=2)
+    whole = list(sampler.epoch(3))
+    k = 4
+    built = []
+    make_batch = sampler.make_batch
+    sampler.make_batch = lambda *a: built.append(1) or make_batch(*a)
+    rest = list(sampler.epoch(3, k, whole[k - 1].sampler_state))
+    assert len(built) == len(whole) - k
+    for a, b in zip(whole[k:], rest, strict=True):
+        assert torch.equal(a.seq, b.seq) and torch.equal(a.neg, b.neg) and a.sampler_state == b.sampler_state
+    with pytest.raises(ValueError, match="state is needed"):
+        next(sampler.epoch(3, k))
+
+
+def test_a_prefetch_left_early_ends_its_thread():
+    import threading
+    import time
+
+    from seqrec.train.sampler import prefetch
+
+    before = threading.active_count()
+    batches = prefetch(iter(range(100)), depth=2)
+    assert next(batches) == 0
+    time.sleep(0.2)  # the worker fills the queue and waits on it
+    batches.close()  # the consumer stops mid-epoch
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threading.active_count() == before
