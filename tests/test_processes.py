@@ -94,7 +94,8 @@ def test_stall_watcher_spares_a_busy_rank_and_kills_a_stopped_one(tmp_path):
             took = time.monotonic() - stopped
         assert child.returncode == -signal.SIGKILL
         assert watcher.stalled is not None and watcher.stalled.rank == 1
-        assert 1.5 <= took < 1.5 + 5, took
+        # the stall counts from the rank's last beat, which came up to one beat (0.2 s) before the stop
+        assert 1.5 - 0.2 <= took < 1.5 + 5, took
     finally:
         if child.poll() is None:
             child.kill()
