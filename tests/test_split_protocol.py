@@ -40,6 +40,21 @@ def test_a_training_interaction_after_the_validation_target_is_caught():
         check_no_leak(leaked)
 
 
+def test_a_leak_is_caught_in_any_user_and_any_training_row():
+    """The check reduces each user's slice to its latest time: the leak may sit in any row of any user, after users
+    without rows."""
+    users = np.array([0, 0, 0, 0, 2, 2, 2, 2, 2, 3, 3])  # user 1 has no rows, user 3 too few for targets
+    times = np.array([1, 2, 3, 4, 1, 2, 3, 4, 5, 1, 2])
+    data = split_leave_one_out("x", users, np.arange(1, 12), times, np.arange(4), np.arange(12))
+    check_no_leak(data)
+    user2_first = data.train_ptr[2]
+    leaked = dataclasses.replace(data, train_times=np.where(np.arange(7) == user2_first, 99, data.train_times))
+    with pytest.raises(DataError, match="1 training interactions come after"):
+        check_no_leak(leaked)
+    user3_late = dataclasses.replace(data, train_times=np.where(np.arange(7) == 6, 99, data.train_times))
+    check_no_leak(user3_late)  # user 3 has no validation target: nothing to leak into
+
+
 # ------------------------------------------------------------------------------------------------ temporal
 def temporal_rows() -> list[tuple]:
     """Three users around the cutoff 100; item 99 first appears at 150 (after the cutoff)."""

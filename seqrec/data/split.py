@@ -119,7 +119,9 @@ def assemble(
     test_item = np.zeros(num_users, dtype=np.int64)
     valid_item[evaluated], test_item[evaluated] = item_index[valid_rows], item_index[test_rows]
     train_ptr = np.zeros(num_users + 1, dtype=np.int64)
-    np.cumsum(np.bincount(user_index[train], minlength=num_users), out=train_ptr[1:])
+    # all rows per user minus the held-out ones (few), instead of compacting user_index[train] first
+    held_out = np.bincount(user_index[~train], minlength=num_users)
+    np.cumsum(np.bincount(user_index, minlength=num_users) - held_out, out=train_ptr[1:])
     valid_time = test_time = train_times = None
     if times is not None:
         valid_time = np.zeros(num_users, dtype=np.int64)
@@ -186,11 +188,10 @@ def check_no_leak(data):
     rule = (data.split_rule or {}).get("rule", LEAVE_ONE_OUT)
     problems = []
     evaluated = data.valid_item > 0
-    if data.has_time and len(data.train_times):
-        owner = np.repeat(np.arange(data.num_users), data.train_lengths)
+    if data.has_time and len(data.train_times) and np.any(evaluated & (_last_train_time(data) > data.valid_time)):
+        owner = np.repeat(np.arange(data.num_users), data.train_lengths)  # only to count them for the message
         later = evaluated[owner] & (data.train_times > data.valid_time[owner])
-        if later.any():
-            problems.append(f"{int(later.sum())} training interactions come after their user's validation target")
+        problems.append(f"{int(later.sum())} training interactions come after their user's validation target")
     if rule == TEMPORAL:
         cutoff = data.split_rule["cutoff"]
         if len(data.train_times) and data.train_times.max() >= cutoff:
@@ -205,3 +206,14 @@ def check_no_leak(data):
     if problems:
         raise DataError(f"{data.name}: {rule} split leaks the future into training: " + "; ".join(problems))
     return data
+
+
+def _last_train_time(data) -> np.ndarray:
+    """(U,) int64 latest training timestamp of each user (int64 min for a user without training rows), one
+    reduction per user's slice instead of a (N,) owner array."""
+    latest = np.full(data.num_users, np.iinfo(np.int64).min, dtype=np.int64)
+    starts = data.train_ptr[:-1]
+    has_rows = data.train_ptr[1:] > starts
+    # each non-empty user's slice runs from its start to the next non-empty user's start: reduceat's segments
+    latest[has_rows] = np.maximum.reduceat(data.train_times, starts[has_rows])
+    return latest
