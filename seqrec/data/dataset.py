@@ -19,7 +19,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from seqrec.data import readers
-from seqrec.data.split import check_no_leak, parse_split, split_sequences
+from seqrec.data.split import (
+    TEMPORAL,
+    check_no_leak,
+    check_temporal_input,
+    cutoff_time,
+    parse_split,
+    split_sequences,
+)
 from seqrec.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -218,7 +225,7 @@ def build(
     min_user_interactions: int = 0,
     titles: dict | None = None,
     duplicates: str = "drop",
-    split: str = "leave-one-out",
+    split: str | dict = "leave-one-out",
 ) -> SeqData:
     """Parsed rows in file order -> SeqData: sort per user by time (stable), drop duplicates, filter, remap ids,
     split, validate.
@@ -227,9 +234,13 @@ def build(
     alone when there are no timestamps). Exact duplicate rows are dropped (or kept / refused, see
     `find_duplicates`). Items with fewer than `min_item_interactions` are dropped in one pass (counts on the raw
     data, as SASRec's preprocessing), then users with fewer than `min_user_interactions` of the remaining
-    interactions. Items are renumbered 1..I in order of first appearance and users 0..U-1, so a file already in
+    interactions. With a temporal split the filters count only the interactions before the cutoff (a quantile
+    cutoff is taken over the timestamps of every row left after the duplicates, before the filters): whatever
+    happens after the cutoff is the future, and an item or user that reaches a threshold only through it is
+    dropped. Items are renumbered 1..I in order of first appearance and users 0..U-1, so a file already in
     SASRec's form (like ml-1m.txt) keeps its item ids.
     """
+    spec = split if isinstance(split, dict) else parse_split(split)
     source = table.source
     for key, value in (
         ("min_item_interactions", min_item_interactions),
@@ -260,11 +271,15 @@ def build(
     user_values, user_codes = _sorted_codes(users)  # (U,) raw ids, (N,) 0..U-1 in users' buffer
     item_values, item_codes = _dense_codes(items)  # (K,) raw ids, (N,) 0..K-1 (in items' buffer when dense)
     del users, items
+    counted = keep  # the rows the filters count
+    if spec["rule"] == TEMPORAL:
+        spec, before = _cutoff_of(spec, times, keep, source)
+        counted = keep & before  # never the future: counts before the cutoff only
     if min_item_interactions > 1:  # the filters count codes: the same counts as raw ids
-        counts = np.bincount(item_codes[keep], minlength=len(item_values))
+        counts = np.bincount(item_codes[counted], minlength=len(item_values))
         keep &= counts[item_codes] >= min_item_interactions
     if min_user_interactions > 1:
-        counts = np.bincount(user_codes[keep], minlength=len(user_values))
+        counts = np.bincount(user_codes[counted & keep], minlength=len(user_values))
         keep &= counts[user_codes] >= min_user_interactions
     if not keep.all():
         user_codes, item_codes, times = _drop_rows([user_codes, item_codes, times], keep)
@@ -293,8 +308,19 @@ def build(
         missing = int(np.count_nonzero(item_titles[1:] == ""))
         if missing:
             log.warning("%s: %d of %d items have no title", source, missing, len(item_raw))
-    data = split_leave_one_out(name, user_index, item_index, times, user_ids, item_ids, item_titles, split)
+    data = split_leave_one_out(name, user_index, item_index, times, user_ids, item_ids, item_titles, spec)
     return validate(data, source)
+
+
+def _cutoff_of(spec: dict, times: np.ndarray | None, rows: np.ndarray, source: str) -> tuple[dict, np.ndarray]:
+    """A temporal split's cutoff fixed before the filters: (the spec with its "cutoff", (N,) bool rows before it).
+
+    A quantile is taken over the timestamps of `rows` (the rows left after the duplicates); the split then uses
+    that same cutoff, whatever the filters remove.
+    """
+    times = check_temporal_input(times, source)
+    cutoff = cutoff_time(times if rows.all() else times[rows], spec)
+    return dict(spec, cutoff=cutoff), times < cutoff
 
 
 # --------------------------------------------------------------------------- validation (every dataset passes here)

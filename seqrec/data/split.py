@@ -10,8 +10,10 @@
   target (the test input is the training history plus the validation target, as in leave-one-out); later
   interactions are not used. The item catalog is what existed before T: items that first occur at or after T are
   dropped from the post-cutoff interactions before targets are chosen, so neither the training negatives (drawn from
-  1..num_items) nor popularity counts can know them. Item filters applied before the split
-  (`min_item_interactions`) count all interactions, including those after T.
+  1..num_items) nor popularity counts can know them. The filters applied before the split
+  (`dataset.min_item_interactions`, `dataset.min_user_interactions`, see `seqrec.data.dataset.build`) count only the
+  interactions before T, so no statistic of the future decides what is trained on; the quantile cutoff is then
+  taken over the timestamps before those filters.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ def leave_one_out_positions(user_index: np.ndarray, num_users: int) -> tuple[np.
 
 
 def cutoff_time(times: np.ndarray, spec: dict) -> int:
-    """The cutoff T in unix seconds: given, or the quantile of all timestamps (the lower value, no interpolation)."""
+    """The cutoff T in unix seconds: given (or already resolved by `build`, then with the quantile it came from),
+    or the quantile of all timestamps (the lower value, no interpolation)."""
     if "cutoff" in spec:
         return int(spec["cutoff"])
     return int(np.quantile(times, spec["quantile"], method="lower"))
