@@ -40,6 +40,21 @@ def test_a_training_interaction_after_the_validation_target_is_caught():
         check_no_leak(leaked)
 
 
+def test_a_leak_is_caught_in_any_user_and_any_training_row():
+    """The check reduces each user's slice to its latest time: the leak may sit in any row of any user, after users
+    without rows."""
+    users = np.array([0, 0, 0, 0, 2, 2, 2, 2, 2, 3, 3])  # user 1 has no rows, user 3 too few for targets
+    times = np.array([1, 2, 3, 4, 1, 2, 3, 4, 5, 1, 2])
+    data = split_leave_one_out("x", users, np.arange(1, 12), times, np.arange(4), np.arange(12))
+    check_no_leak(data)
+    user2_first = data.train_ptr[2]
+    leaked = dataclasses.replace(data, train_times=np.where(np.arange(7) == user2_first, 99, data.train_times))
+    with pytest.raises(DataError, match="1 training interactions come after"):
+        check_no_leak(leaked)
+    user3_late = dataclasses.replace(data, train_times=np.where(np.arange(7) == 6, 99, data.train_times))
+    check_no_leak(user3_late)  # user 3 has no validation target: nothing to leak into
+
+
 # ------------------------------------------------------------------------------------------------ temporal
 def temporal_rows() -> list[tuple]:
     """Three users around the cutoff 100; item 99 first appears at 150 (after the cutoff)."""
@@ -94,6 +109,43 @@ def test_temporal_split_of_generated_data_has_no_leak():
     catalog = np.zeros(data.num_items + 1, dtype=bool)
     catalog[data.train_items] = True
     assert catalog[1:].all()  # training negatives are drawn from 1..num_items: all known before the cutoff
+
+
+def filter_leak_rows() -> list[tuple]:
+    """Cutoff 100. Items 11-13 are common before it. Item 50 has 2 interactions before the cutoff and 4 after (6 in
+    all); user 9 has 1 interaction before the cutoff and 4 after. With min_item / min_user 3 (users: 2), only the
+    future lifts them over the thresholds."""
+    rows = []
+    for u in range(1, 7):  # six users: 3 interactions before the cutoff, 2 after
+        rows += [(u, 11, 10 + u), (u, 12, 20 + u), (u, 13, 30 + u), (u, 11, 120 + u), (u, 12, 130 + u)]
+    rows += [(1, 50, 40), (2, 50, 41)]  # item 50 before the cutoff: twice
+    rows += [(u, 50, 140 + u) for u in (3, 4, 5, 6)]  # ... and four times after it
+    rows += [(9, 13, 50)] + [(9, i, 150 + k) for k, i in enumerate((11, 12, 13, 11))]  # user 9: once before
+    return rows
+
+
+def test_a_temporal_split_filters_on_counts_before_the_cutoff(tmp_path):
+    path = write(tmp_path, filter_leak_rows())
+    data = from_file(path=path, split="temporal:t100", min_item_interactions=3, min_user_interactions=2)
+    check_no_leak(data)
+    assert 50 not in data.item_ids.tolist()  # 6 interactions in all, but 2 before the cutoff: dropped everywhere
+    assert 9 not in data.user_ids.tolist()  # 5 in all, 1 before the cutoff
+    assert data.item_ids[1:].tolist() == [11, 12, 13]
+    # item 50 was the first interaction after the cutoff of users 3-6: it is gone, so 11@12x and 12@13x are targets
+    u3 = data.user_ids.tolist().index(3)
+    assert data.item_ids[[data.valid_item[u3], data.test_item[u3]]].tolist() == [11, 12]
+    # leave-one-out has no cutoff: the filters count every interaction (SASRec's preprocessing), and 50 and 9 stay
+    loo = from_file(path=path, min_item_interactions=3, min_user_interactions=2)
+    assert 50 in loo.item_ids.tolist() and 9 in loo.user_ids.tolist()
+
+
+def test_a_quantile_cutoff_is_taken_before_the_filters(tmp_path):
+    rows = filter_leak_rows() + [(1, 77, 1), (2, 78, 2), (3, 79, 3)]  # three items the filter drops in any case
+    path = write(tmp_path, rows)
+    data = from_file(path=path, split="temporal:q0.6", min_item_interactions=3)
+    times = np.array([t for *_, t in rows])
+    assert data.split_rule["cutoff"] == int(np.quantile(times, 0.6, method="lower"))
+    assert data.split_rule["quantile"] == 0.6 and data.train_times.max() < data.split_rule["cutoff"]
 
 
 @pytest.mark.parametrize(

@@ -68,12 +68,13 @@ def load(key: str, cls):
     except (OSError, SeqrecError) as e:
         log.warning("dataset cache not used: %s", e)
         return None
-    digest, payload = blob[:_DIGEST], blob[_DIGEST:]
-    if hashlib.sha256(payload).digest() != digest:
+    if hashlib.sha256(memoryview(blob)[_DIGEST:]).digest() != blob[:_DIGEST]:
         log.warning("%s: dataset cache entry is corrupted (digest mismatch); rebuilding it", path)
         return None
     try:
-        with np.load(io.BytesIO(payload), allow_pickle=False) as npz:
+        payload = io.BytesIO(blob)  # shares blob's bytes; np.load reads the .npz after the digest
+        payload.seek(_DIGEST)
+        with np.load(payload, allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in npz.files}
         warnings = [str(w) for w in arrays.pop("warnings")]
         return _from_arrays(arrays, cls), warnings
@@ -87,14 +88,14 @@ def store(key: str, data, warnings: list[str]) -> None:
     only costs the next run's time."""
     try:
         folder = cache_dir()
-        buffer = io.BytesIO()
-        np.savez(buffer, warnings=np.array(warnings, dtype=str), **_to_arrays(data))
-        payload = buffer.getvalue()
         fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=folder)
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(hashlib.sha256(payload).digest())
-                f.write(payload)
+                f.write(bytes(_DIGEST))  # the payload's digest goes here once it is known
+                hashing = _HashingWriter(f)
+                np.savez(hashing, warnings=np.array(warnings, dtype=str), **_to_arrays(data))
+                f.seek(0)
+                f.write(hashing.digest.digest())
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, folder / f"{key}.seqdata")
@@ -103,6 +104,25 @@ def store(key: str, data, warnings: list[str]) -> None:
             raise
     except (OSError, SeqrecError) as e:
         log.warning("dataset cache not written: %s", e)
+
+
+class _HashingWriter:
+    """A write-only stream that hashes what it passes to `file`: the entry is written and hashed in one pass, with
+    no copy of it in memory. It has no seek or tell, so zipfile writes the .npz sequentially."""
+
+    def __init__(self, file):
+        self._file = file
+        self.digest = hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self._file.write(data)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def read(self, size: int = -1) -> bytes:  # np.savez takes an object for a file only if it has read()
+        raise io.UnsupportedOperation("write-only stream")
 
 
 def _to_arrays(data) -> dict:

@@ -20,7 +20,14 @@ import pyarrow.compute as pc
 
 from seqrec.data import readers
 from seqrec.data import synthetic as generator
-from seqrec.data.split import check_no_leak, parse_split, split_sequences
+from seqrec.data.split import (
+    TEMPORAL,
+    check_no_leak,
+    check_temporal_input,
+    cutoff_time,
+    parse_split,
+    split_sequences,
+)
 from seqrec.errors import DataError
 from seqrec.utils.rules import NON_NEGATIVE, SEED, config_rules, one_of
 
@@ -220,7 +227,7 @@ def build(
     min_user_interactions: int = 0,
     titles: dict | None = None,
     duplicates: str = "drop",
-    split: str = "leave-one-out",
+    split: str | dict = "leave-one-out",
 ) -> SeqData:
     """Parsed rows in file order -> SeqData: sort per user by time (stable), drop duplicates, filter, remap ids,
     split, validate.
@@ -229,9 +236,13 @@ def build(
     alone when there are no timestamps). Exact duplicate rows are dropped (or kept / refused, see
     `find_duplicates`). Items with fewer than `min_item_interactions` are dropped in one pass (counts on the raw
     data, as SASRec's preprocessing), then users with fewer than `min_user_interactions` of the remaining
-    interactions. Items are renumbered 1..I in order of first appearance and users 0..U-1, so a file already in
+    interactions. With a temporal split the filters count only the interactions before the cutoff (a quantile
+    cutoff is taken over the timestamps of every row left after the duplicates, before the filters): whatever
+    happens after the cutoff is the future, and an item or user that reaches a threshold only through it is
+    dropped. Items are renumbered 1..I in order of first appearance and users 0..U-1, so a file already in
     SASRec's form (like ml-1m.txt) keeps its item ids.
     """
+    spec = split if isinstance(split, dict) else parse_split(split)
     source = table.source
     for key, value in (
         ("min_item_interactions", min_item_interactions),
@@ -241,33 +252,52 @@ def build(
             raise DataError(f"{source}: dataset.{key} must be >= 0, got {value}")
     if duplicates not in DUPLICATES:
         raise DataError(f"{source}: dataset.duplicates must be one of {', '.join(DUPLICATES)}, got {duplicates!r}")
-    users, items, times, lines = table.users, table.items, table.times, table.lines
-    order = _user_time_order(users, times)
-    if order is not None:
-        users, items, lines = users[order], items[order], lines[order]
+    # From here on build owns users, items and times (copies) and overwrites them (codes, dropped rows) instead
+    # of allocating another (N,) array per step: on 20M rows each fresh 160 MB array costs more than the step.
+    users, items, times = table.users, table.items, table.times
+    order, scratch = _user_time_order(users, times)
+    if order is None:
+        users, items = users.copy(), items.copy()
+        times = None if times is None else times.copy()
+    else:
+        # mode="clip" (the indices are all valid): with the default mode, take fills a hidden (N,) buffer first
+        users = users[order] if scratch is None else np.take(users, order, out=scratch, mode="clip")
+        items = items[order]
         times = None if times is None else times[order]
-        del order
+    lines = _LinesOfSortedRows(table, order)
     if times is not None:
         warn_about_timestamps(times, lines, source)
-
     keep = ~find_duplicates(users, items, times, lines, source, duplicates)
-    if min_item_interactions > 1:
-        _, inverse, counts = np.unique(items[keep], return_inverse=True, return_counts=True)
-        keep[keep] = counts[inverse] >= min_item_interactions
-    if min_user_interactions > 1:
-        _, inverse, counts = np.unique(users[keep], return_inverse=True, return_counts=True)
-        keep[keep] = counts[inverse] >= min_user_interactions
-    users, items = users[keep], items[keep]
-    times = None if times is None else times[keep]
-    if len(users) == 0:
-        raise DataError(
-            f"{source}: no interactions left after filtering (dataset.min_item_interactions={min_item_interactions},"
-            f" dataset.min_user_interactions={min_user_interactions}); expected at least one row to survive: "
-            f"lower the thresholds"
-        )
+    del lines, order
 
-    user_ids, user_index = _first_appearance(users)
-    item_raw, item_index = _first_appearance(items)
+    user_values, user_codes = _sorted_codes(users)  # (U,) raw ids, (N,) 0..U-1 in users' buffer
+    item_values, item_codes = _dense_codes(items)  # (K,) raw ids, (N,) 0..K-1 (in items' buffer when dense)
+    del users, items
+    counted = keep  # the rows the filters count
+    if spec["rule"] == TEMPORAL:
+        spec, before = _cutoff_of(spec, times, keep, source)
+        counted = keep & before  # never the future: counts before the cutoff only
+    if min_item_interactions > 1:  # the filters count codes: the same counts as raw ids
+        counts = np.bincount(item_codes[counted], minlength=len(item_values))
+        keep &= counts[item_codes] >= min_item_interactions
+    if min_user_interactions > 1:
+        counts = np.bincount(user_codes[counted & keep], minlength=len(user_values))
+        keep &= counts[user_codes] >= min_user_interactions
+    if not keep.all():
+        user_codes, item_codes, times = _drop_rows([user_codes, item_codes, times], keep)
+        if len(user_codes) == 0:
+            raise DataError(
+                f"{source}: no interactions left after filtering (dataset.min_item_interactions="
+                f"{min_item_interactions}, dataset.min_user_interactions={min_user_interactions}); expected at "
+                f"least one row to survive: lower the thresholds"
+            )
+        kept_users, user_codes = _sorted_codes(user_codes)  # renumber the users left 0..U'-1
+        user_values = user_values[kept_users]
+
+    # users are numbered by first appearance too, which is ascending order for rows sorted by user
+    user_ids, user_index = user_values, user_codes
+    first_codes, item_index = _first_appearance(item_codes, len(item_values))
+    item_raw = item_values[first_codes]
     item_index += 1
     if table.user_names is not None:  # text ids: users/items are ranks into the names, which sort the same way
         user_ids = table.user_names[user_ids]
@@ -280,8 +310,19 @@ def build(
         missing = int(np.count_nonzero(item_titles[1:] == ""))
         if missing:
             log.warning("%s: %d of %d items have no title", source, missing, len(item_raw))
-    data = split_leave_one_out(name, user_index, item_index, times, user_ids, item_ids, item_titles, split)
+    data = split_leave_one_out(name, user_index, item_index, times, user_ids, item_ids, item_titles, spec)
     return validate(data, source)
+
+
+def _cutoff_of(spec: dict, times: np.ndarray | None, rows: np.ndarray, source: str) -> tuple[dict, np.ndarray]:
+    """A temporal split's cutoff fixed before the filters: (the spec with its "cutoff", (N,) bool rows before it).
+
+    A quantile is taken over the timestamps of `rows` (the rows left after the duplicates); the split then uses
+    that same cutoff, whatever the filters remove.
+    """
+    times = check_temporal_input(times, source)
+    cutoff = cutoff_time(times if rows.all() else times[rows], spec)
+    return dict(spec, cutoff=cutoff), times < cutoff
 
 
 # --------------------------------------------------------------------------- validation (every dataset passes here)
@@ -303,8 +344,9 @@ def find_duplicates(
     repeat with other items in between (a b a) is kept. The first row of each group is kept.
 
     Args:
-        users, items, lines: (N,) int64, sorted by user, then time, then file order.
+        users, items: (N,) int64, sorted by user, then time, then file order.
         times: (N,) int64 or None.
+        lines: the file line of each row: an (N,) int64 array or anything indexed like one (`lines[rows]`).
         duplicates: "drop" (warn with the count), "keep" (warn, keep them) or "error" (raise DataError).
 
     Returns:
@@ -333,7 +375,8 @@ def find_duplicates(
     if count == 0:
         return dup
     # the earliest duplicate line in the file, and the line it repeats
-    first = int(np.argmin(np.where(dup, lines, np.iinfo(np.int64).max)))
+    dup_rows = np.flatnonzero(dup)
+    first = int(dup_rows[np.argmin(lines[dup_rows])])
     pos = int(np.flatnonzero(order == first)[0])
     original = pos - 1
     while dup[order[original]]:
@@ -484,35 +527,124 @@ def _in_range(values: np.ndarray, low: int, high: int) -> bool:
     return len(values) == 0 or (int(values.min()) >= low and int(values.max()) <= high)
 
 
-def _first_appearance(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(distinct values in order of first appearance, (N,) int64 index of each value into them).
+def _sorted_codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Non-decreasing int64 values -> (distinct values, ascending; (N,) int64 index of each row's value among
+    them), the index written over `values`.
 
-    Arrow's hash table keeps its distinct values in insertion order, i.e. in order of first appearance, in one
-    pass instead of numpy's sorts.
+    For sorted values this is the numbering by first appearance, found in one pass without a hash table.
     """
+    new = np.ones(len(values), dtype=bool)
+    np.not_equal(values[1:], values[:-1], out=new[1:])
+    distinct = values[new]
+    np.cumsum(new, out=values)
+    values -= 1
+    return distinct, values
+
+
+def _dense_codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """((K,) the value of each code, (N,) int64 codes in 0..K-1), where equal values get equal codes.
+
+    Values that span a range no wider than about N (item ids almost always) are coded as value - min, written
+    over `values`, with K the width of the range, some codes unused; otherwise Arrow's hash table numbers the
+    distinct values, in a new array.
+    """
+    low, high = int(values.min()), int(values.max())
+    if high - low < len(values) + (1 << 16):
+        values -= low
+        return np.arange(low, high + 1, dtype=np.int64), values
     column = pa.array(values)
     distinct = pc.unique(column)
-    index = pc.index_in(column, value_set=distinct).to_numpy().astype(np.int64, copy=False)
-    return distinct.to_numpy(zero_copy_only=False).astype(values.dtype, copy=False), index
+    codes = pc.index_in(column, value_set=distinct).to_numpy().astype(np.int64, copy=False)
+    return distinct.to_numpy(zero_copy_only=False).astype(values.dtype, copy=False), codes
 
 
-def _user_time_order(users: np.ndarray, times: np.ndarray | None) -> np.ndarray | None:
-    """The stable order by user, then timestamp (file order breaks ties), or None when rows are in it already.
+_FEW_DROPPED = 4096  # up to this many dropped rows, `_drop_rows` moves the rows in place
+
+
+def _drop_rows(columns: list, keep: np.ndarray) -> list:
+    """`column[keep]` for each (N,) column (None stays None). When few rows go (duplicates), the rows after each
+    dropped one are moved left in place and views are returned: no new (N,) arrays. The columns are overwritten."""
+    dropped = np.flatnonzero(~keep)
+    if len(dropped) > _FEW_DROPPED:
+        return [None if c is None else c[keep] for c in columns]
+    out = []
+    for column in columns:
+        if column is None:
+            out.append(None)
+            continue
+        write = int(dropped[0])
+        for start, stop in zip(dropped + 1, np.append(dropped[1:], len(column))):
+            # 1-D slices in the same direction: numpy moves overlapping data like memmove, without a copy
+            column[write : write + stop - start] = column[start:stop]
+            write += stop - start
+        out.append(column[:write])
+    return out
+
+
+_SCAN = 1 << 16  # rows looked at per step of `_first_appearance`
+
+
+def _first_appearance(codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(codes that occur, in order of first appearance; (N,) int64 index of each row's code among them, written
+    over `codes`).
+
+    codes: (N,) int64 in 0..k-1. The rows are scanned in blocks; a block's unseen codes (few after the first
+    blocks: a catalogue is mostly seen early) are ordered by their first row in it. Linear in N, no sort of N.
+    """
+    seen = np.zeros(k, dtype=bool)
+    found = []
+    for start in range(0, len(codes), _SCAN):
+        block = codes[start : start + _SCAN]
+        fresh = block[~seen[block]]
+        if len(fresh):
+            values, first_row = np.unique(fresh, return_index=True)
+            values = values[np.argsort(first_row)]
+            seen[values] = True
+            found.append(values)
+    ordered = np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+    rank = np.zeros(k, dtype=np.int64)
+    rank[ordered] = np.arange(len(ordered), dtype=np.int64)
+    for start in range(0, len(codes), _SCAN):  # in place, a block at a time: no second (N,) array
+        block = codes[start : start + _SCAN]
+        block[...] = rank[block]
+    return ordered, codes
+
+
+def _user_time_order(users: np.ndarray, times: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(the stable order by user, then timestamp (file order breaks ties), or None when rows are in it already;
+    a scratch (N,) int64 array free for reuse, or None).
 
     Both keys are packed into one int64 when they fit (one stable sort instead of np.lexsort's two); the order is
-    the same as np.lexsort((times, users)).
+    the same as np.lexsort((times, users)). The packed key is the scratch array once the sort is done.
     """
     if times is None:
-        key = users
+        key = scratch = users
     else:
         u_low, t_low = int(users.min()), int(times.min())
         span = int(times.max()) - t_low + 1
         if (int(users.max()) - u_low + 1) * span >= 2**63:
-            return np.lexsort((times, users))
-        key = (users - u_low) * span + (times - t_low)
+            return np.lexsort((times, users)), None
+        # (users - u_low) * span + (times - t_low) in place: one (N,) array instead of four. A partial sum may
+        # wrap around int64, but the final key fits, and wrapping arithmetic is exact modulo 2**64.
+        key = scratch = users - u_low
+        key *= span
+        key += times
+        key -= t_low
     if not np.any(key[1:] < key[:-1]):
-        return None
-    return np.argsort(key, kind="stable")
+        return None, None
+    return np.argsort(key, kind="stable"), (None if scratch is users else scratch)
+
+
+class _LinesOfSortedRows:
+    """File lines of the sorted rows, looked up for the rows a warning or an error names: an (N,) array of them
+    would cost 160 MB on 20M rows and is almost never read. `lines[rows]` as for an array."""
+
+    def __init__(self, table: readers.Interactions, order: np.ndarray | None):
+        self._table, self._order = table, order  # order: sorted row -> file row (None: the same)
+
+    def __getitem__(self, rows):
+        rows = np.asarray(rows)
+        return self._table.lines_of(rows if self._order is None else self._order[rows])
 
 
 def _plain(x):

@@ -41,19 +41,36 @@ MAX_ABS_TIMESTAMP = 2**62
 
 @dataclass(frozen=True)
 class Interactions:
-    """Parsed interaction rows in file order, with where each came from (for errors that name a line)."""
+    """Parsed interaction rows in file order, with where each came from (for errors that name a line).
+
+    Line numbers are given either for every row (`row_lines`) or, when row k is on line `first_line + k` (every
+    file the pyarrow fast path reads), by `first_line` alone: a 20M-row file then carries no 160 MB array of
+    consecutive numbers, and `build` asks only for the lines of the rows it names.
+    """
 
     users: np.ndarray  # (N,) int64 raw user ids
     items: np.ndarray  # (N,) int64 raw item ids
     times: np.ndarray | None  # (N,) int64 unix seconds, or None when the format has no timestamps
-    lines: np.ndarray  # (N,) int64 1-based line number of each row in `source` (row number for Parquet)
+    row_lines: np.ndarray | None  # (N,) int64 1-based line of each row, or None: row k is on line first_line + k
     source: str  # the file (or archive member) the rows were read from
     user_names: np.ndarray | None = None  # (U,) str original ids when ids are text; `users` then index into it
     item_names: np.ndarray | None = None  # (I,) str, likewise for `items`
+    first_line: int = 1  # line of row 0 when row_lines is None (row number for Parquet)
+
+    @property
+    def lines(self) -> np.ndarray:
+        """(N,) int64 1-based line number of each row in `source` (row number for Parquet)."""
+        return self.lines_of(np.arange(len(self.users), dtype=np.int64))
+
+    def lines_of(self, rows: np.ndarray) -> np.ndarray:
+        """(K,) int64 line numbers of the rows `rows` ((K,) int64 row indices)."""
+        if self.row_lines is not None:
+            return self.row_lines[rows]
+        return rows + self.first_line
 
     def where(self, row: int) -> str:
         """`source:line` of row `row`."""
-        return f"{self.source}:{int(self.lines[row])}"
+        return f"{self.source}:{int(self.lines_of(np.int64(row)))}"
 
 
 @dataclass(frozen=True)
@@ -186,18 +203,25 @@ def _columnar_kind(data: bytes) -> str | None:
     return None
 
 
+def _out_of_range(times: np.ndarray) -> np.ndarray:
+    """(N,) bool: |t| >= 2**62. Two bounds, not np.abs, whose abs(-2**63) wraps to a negative number and passed."""
+    return (times <= -MAX_ABS_TIMESTAMP) | (times >= MAX_ABS_TIMESTAMP)
+
+
 def _checked(found: dict, source: str, line_text) -> Interactions:
     """The fast path's columns as `Interactions`, after the timestamp range check of the general reader."""
-    times, lines = found["times"], found["lines"]
+    times, first_line = found["times"], found["first_line"]
     if times is not None:
-        out_of_range = np.flatnonzero(np.abs(times) >= MAX_ABS_TIMESTAMP)
+        out_of_range = np.flatnonzero(_out_of_range(times))
         if len(out_of_range):
-            lineno = int(lines[out_of_range[0]])
+            lineno = int(out_of_range[0]) + first_line
             raise DataError(
                 f"{source}:{lineno}: timestamp out of range, expected unix seconds with absolute value below "
                 f"2**62, got {line_text(lineno)!r}"
             )
-    return Interactions(found["users"], found["items"], times, lines, source, found["user_names"], found["item_names"])
+    return Interactions(
+        found["users"], found["items"], times, None, source, found["user_names"], found["item_names"], first_line
+    )
 
 
 def _parse_bulk(data: bytes, source: str, layout: _Layout, ids: str) -> Interactions:
@@ -256,7 +280,7 @@ def _parse_bulk(data: bytes, source: str, layout: _Layout, ids: str) -> Interact
         if times is None:
             lineno, line = _first_bad_line(buf, data, layout, (layout.time_col,), _is_time)
             raise DataError(f"{source}:{lineno}: expected {layout.expected} with a numeric timestamp, got {line!r}")
-        out_of_range = np.flatnonzero(np.abs(times) >= MAX_ABS_TIMESTAMP)
+        out_of_range = np.flatnonzero(_out_of_range(times))
         if len(out_of_range):
             lineno = int(lines[out_of_range[0]])
             raise DataError(

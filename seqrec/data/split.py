@@ -10,8 +10,10 @@
   target (the test input is the training history plus the validation target, as in leave-one-out); later
   interactions are not used. The item catalog is what existed before T: items that first occur at or after T are
   dropped from the post-cutoff interactions before targets are chosen, so neither the training negatives (drawn from
-  1..num_items) nor popularity counts can know them. Item filters applied before the split
-  (`min_item_interactions`) count all interactions, including those after T.
+  1..num_items) nor popularity counts can know them. The filters applied before the split
+  (`dataset.min_item_interactions`, `dataset.min_user_interactions`, see `seqrec.data.dataset.build`) count only the
+  interactions before T, so no statistic of the future decides what is trained on; the quantile cutoff is then
+  taken over the timestamps before those filters.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ def leave_one_out_positions(user_index: np.ndarray, num_users: int) -> tuple[np.
 
 
 def cutoff_time(times: np.ndarray, spec: dict) -> int:
-    """The cutoff T in unix seconds: given, or the quantile of all timestamps (the lower value, no interpolation)."""
+    """The cutoff T in unix seconds: given (or already resolved by `build`, then with the quantile it came from),
+    or the quantile of all timestamps (the lower value, no interpolation)."""
     if "cutoff" in spec:
         return int(spec["cutoff"])
     return int(np.quantile(times, spec["quantile"], method="lower"))
@@ -119,7 +122,9 @@ def assemble(
     test_item = np.zeros(num_users, dtype=np.int64)
     valid_item[evaluated], test_item[evaluated] = item_index[valid_rows], item_index[test_rows]
     train_ptr = np.zeros(num_users + 1, dtype=np.int64)
-    np.cumsum(np.bincount(user_index[train], minlength=num_users), out=train_ptr[1:])
+    # all rows per user minus the held-out ones (few), instead of compacting user_index[train] first
+    held_out = np.bincount(user_index[~train], minlength=num_users)
+    np.cumsum(np.bincount(user_index, minlength=num_users) - held_out, out=train_ptr[1:])
     valid_time = test_time = train_times = None
     if times is not None:
         valid_time = np.zeros(num_users, dtype=np.int64)
@@ -186,11 +191,10 @@ def check_no_leak(data):
     rule = (data.split_rule or {}).get("rule", LEAVE_ONE_OUT)
     problems = []
     evaluated = data.valid_item > 0
-    if data.has_time and len(data.train_times):
-        owner = np.repeat(np.arange(data.num_users), data.train_lengths)
+    if data.has_time and len(data.train_times) and np.any(evaluated & (_last_train_time(data) > data.valid_time)):
+        owner = np.repeat(np.arange(data.num_users), data.train_lengths)  # only to count them for the message
         later = evaluated[owner] & (data.train_times > data.valid_time[owner])
-        if later.any():
-            problems.append(f"{int(later.sum())} training interactions come after their user's validation target")
+        problems.append(f"{int(later.sum())} training interactions come after their user's validation target")
     if rule == TEMPORAL:
         cutoff = data.split_rule["cutoff"]
         if len(data.train_times) and data.train_times.max() >= cutoff:
@@ -205,3 +209,14 @@ def check_no_leak(data):
     if problems:
         raise DataError(f"{data.name}: {rule} split leaks the future into training: " + "; ".join(problems))
     return data
+
+
+def _last_train_time(data) -> np.ndarray:
+    """(U,) int64 latest training timestamp of each user (int64 min for a user without training rows), one
+    reduction per user's slice instead of a (N,) owner array."""
+    latest = np.full(data.num_users, np.iinfo(np.int64).min, dtype=np.int64)
+    starts = data.train_ptr[:-1]
+    has_rows = data.train_ptr[1:] > starts
+    # each non-empty user's slice runs from its start to the next non-empty user's start: reduceat's segments
+    latest[has_rows] = np.maximum.reduceat(data.train_times, starts[has_rows])
+    return latest

@@ -80,6 +80,19 @@ def test_fast_path_error_names_the_line(tmp_path):
         readers.load_interactions(path)
 
 
+@pytest.mark.parametrize("time", [-(2**63), -(2**62), 2**62])
+def test_both_readers_refuse_timestamps_past_2_62(tmp_path, time):
+    """-2**63 too: its np.abs wraps to a negative number, which the range check used to let through."""
+    path = tmp_path / "x.txt"
+    path.write_text(f"1 2 10\n1 3 {time}\n")
+    for read in (readers.load_interactions, _general):
+        with pytest.raises(DataError, match=r"x\.txt:2: timestamp out of range"):
+            read(path)
+    inside = 2**62 - 1 if time > 0 else -(2**62) + 1
+    path.write_text(f"1 2 10\n1 3 {inside}\n")  # the largest magnitude accepted
+    _assert_same(readers.load_interactions(path), _general(path))
+
+
 def test_text_ids_keep_the_original_ids(tmp_path):
     rows = [("A2SUAM1J3GNN3B", "0000013714", k) for k in range(4)]
     rows += [("B9", f"B00{k}", 100 + k) for k in range(5)]

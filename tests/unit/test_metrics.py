@@ -193,3 +193,95 @@ def test_validation_user_sample_is_fixed_per_seed_and_test_keeps_everyone():
     assert len(Evaluator(data, valid_users=0, maxlen=10).users("valid")) == len(data.eval_users("valid"))
     model = FixedScores(np.random.default_rng(7).normal(size=91).tolist())
     assert ev.evaluate(model, "valid") == ev.evaluate(model, "valid")
+
+
+# --- exact ranks whatever the blocks: near-ties are rescored with the target's own routine --------------------------
+
+
+class HiddenByLastItem(nn.Module):
+    """A 64-d model: the hidden state after a sequence is a fixed random vector of its last item, and the head
+    scores a (I+1, 64) table, optionally with a bias. Rows of the table can be planted as exact copies."""
+
+    def __init__(self, num_items: int, bias: bool = False, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.hidden = nn.Embedding.from_pretrained(torch.randn(num_items + 1, 64, generator=g))
+        self.head = ItemHead(nn.Embedding.from_pretrained(torch.randn(num_items + 1, 64, generator=g)), tied=False)
+        if bias:
+            self.head.bias = nn.Parameter(torch.randn(num_items + 1, generator=g))
+
+    def forward(self, seq, times=None, time_scale=None):
+        return self.hidden(seq)
+
+
+class EveryScoreByScoreOne(Evaluator):
+    """The definition: every competitor scored by head.score_one, the routine that scores the target."""
+
+    def _full_ranks(self, head, h, users, target, target_scores, split):
+        items = torch.arange(1, head.num_items + 1).expand(len(users), -1)  # (b, I)
+        scores = head.score_one(h[:, None, :], items)
+        scores[torch.arange(len(users)), target - 1] = -torch.inf
+        if self.filter_seen:
+            r, seen = self._seen(users, split)
+            scores[r, seen - 1] = -torch.inf
+        return rank_of_target(scores, target_scores)
+
+
+def planted_ties(model: HiddenByLastItem, data, copies: int = 40) -> None:
+    """Copy the test (and validation) target rows of some users into other items' rows: exact ties, which must
+    count against the target whatever block or kernel scores the copy."""
+    weight = model.head.weight.data
+    targets = np.unique(np.concatenate([data.test_item[data.test_item > 0], data.valid_item[data.valid_item > 0]]))
+    free = np.setdiff1d(np.arange(1, model.head.num_items + 1), targets)
+    for target, copy in zip(targets[:copies], free[:copies]):
+        weight[copy] = weight[target]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("chunk, batch", [(1, 32), (3, 7), (64, 1), (64, 32), (1000, 32)])
+def test_full_ranking_is_score_one_everywhere_whatever_the_blocks(bias, chunk, batch):
+    data = random_data(num_users=120, num_items=300, per_user=10)
+    model = HiddenByLastItem(300, bias=bias)
+    planted_ties(model, data)
+    ks = [1, 5, 10, 299]  # max(ks) >= every rank: no user leaves early, every rank is compared
+    for filter_seen in (True, False):
+        kwargs = dict(ks=ks, maxlen=10, filter_seen=filter_seen, batch_size=batch)
+        for split in ("valid", "test"):
+            expected = EveryScoreByScoreOne(data, **kwargs).evaluate(model, split)
+            assert Evaluator(data, item_chunk=chunk, **kwargs).evaluate(model, split) == expected
+
+
+def test_an_exact_copy_of_the_target_counts_against_it():
+    data = random_data(num_users=120, num_items=300, per_user=10)
+    model = HiddenByLastItem(300)
+    planted_ties(model, data, copies=300)
+    with_copies = Evaluator(data, ks=[299], maxlen=10, filter_seen=False).evaluate(model, "test")
+    model_without = HiddenByLastItem(300)
+    without = Evaluator(data, ks=[299], maxlen=10, filter_seen=False).evaluate(model_without, "test")
+    # every target has an exact copy ranked with it: each user's rank grows by one, never stays
+    expected = EveryScoreByScoreOne(data, ks=[299], maxlen=10, filter_seen=False).evaluate(model, "test")
+    assert with_copies == expected and with_copies["test/mrr@299"] < without["test/mrr@299"]
+
+
+def test_count_at_least_rescores_exactly_the_near_ties():
+    from seqrec.eval.metrics import count_at_least
+
+    g = torch.Generator().manual_seed(0)
+    exact = torch.randn(50, 400, generator=g)
+    target = exact[:, 0].clone()
+    exact[:, 1] = target  # an exact tie in every row
+    exact[:, 2] = torch.nextafter(target, torch.tensor(-torch.inf))  # one ulp below: does not beat
+    exact[:, 3] = torch.nextafter(target, torch.tensor(torch.inf))  # one ulp above: beats
+    competitors = exact[:, 1:]
+    tolerance = torch.full((50,), 1e-3)
+    noisy = competitors + (torch.rand(competitors.shape, generator=g) - 0.5) * 1.9e-3  # off by < tolerance
+    rescored = []
+
+    def rescore(rows, cols):
+        rescored.append(len(rows))
+        return competitors[rows, cols]
+
+    room = torch.full((50,), 10**6)
+    counts = count_at_least(noisy, target, tolerance, room, rescore)
+    assert counts.tolist() == (competitors >= target[:, None]).sum(-1).tolist()
+    assert 0 < sum(rescored) < competitors.numel() / 10  # only the near-ties were rescored
