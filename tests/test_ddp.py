@@ -89,15 +89,7 @@ def test_sparse_item_gradients_are_all_reduced_by_gloo(tmp_path):
 @pytest.mark.slow
 def test_launch_failure_is_one_clear_error(tmp_path):
     """A user error inside the workers ends the whole launch with one `error:` line and status 1."""
-    cmd = [
-        sys.executable,
-        str(ROOT / "train.py"),
-        *TINY,
-        "trainer.devices=2",
-        "trainer.resume=/nonexistent/last.pt",
-        f"hydra.run.dir={tmp_path / 'run'}",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+    proc = train_cli(*TINY, "trainer.devices=2", "trainer.resume=/nonexistent/last.pt", run_dir=tmp_path / "run")
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "error: DDP worker rank" in proc.stderr and "checkpoint not found" in proc.stderr
 

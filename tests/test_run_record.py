@@ -288,8 +288,7 @@ def test_a_resume_after_a_kill_mid_write_of_metrics_goes_on(tmp_path):
 
 
 def test_each_job_of_a_sweep_gets_its_own_run_json_with_its_overrides(tmp_path):
-    args = [sys.executable, "train.py", "-m", *TINY, "optimizer.lr=0.001,0.002", f"hydra.sweep.dir={tmp_path}"]
-    done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV)
+    done = train_cli("-m", *TINY, "optimizer.lr=0.001,0.002", f"hydra.sweep.dir={tmp_path}")
     assert done.returncode == 0, done.stderr
     records = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/run.json"))]
     assert sorted(r["config"]["optimizer"]["lr"] for r in records) == [0.001, 0.002]

@@ -2,9 +2,6 @@
 with an output bias (defined here, in this file only) that trains, evaluates and recommends through it."""
 
 import copy
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,7 +14,7 @@ from seqrec.models.head import ItemHead
 from seqrec.models.sasrec import SASRec
 from seqrec.predict import recommend
 from seqrec.run import run
-from tests.conftest import REPO, TINY, compose_config
+from tests.conftest import REPO, TINY, compose_config, train_cli
 from tests.unit.test_metrics import FixedScores
 
 
@@ -153,10 +150,9 @@ def test_a_huge_bias_puts_its_item_first_for_every_user_who_has_not_seen_it():
 def test_a_biased_model_trains_under_ddp_with_identical_replicas(tmp_path):
     """The bias is used only by the loss, outside DDP's forward: its gradient must still be all-reduced."""
     run_dir = tmp_path / "ddp"
-    cmd = [sys.executable, str(REPO / "train.py"), *TINY, "hardware=cpu", "trainer.devices=2", "model=sasrec"]
-    cmd += ["residual=plain", f"model._target_={BIASED_TARGET}", f"hydra.run.dir={run_dir}"]
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=180, env=env)
+    overrides = [*TINY, "hardware=cpu", "trainer.devices=2", "model=sasrec", "residual=plain"]
+    proc = train_cli(*overrides, f"model._target_={BIASED_TARGET}", run_dir=run_dir, cwd=tmp_path, timeout=180,
+                     env={"PYTHONPATH": str(REPO)})  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "parameters identical on all 2 ranks" in (run_dir / "train.log").read_text()
     bias = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]["head.bias"]
