@@ -328,49 +328,82 @@ struct Kernels {
     }
   }
 
-  // LayerNorm of one stream's D values in place, y -> (y - mean) rstd; returns rstd.
-  static float standardise(float* y, int D, float eps) {
+  // y_i = sum_j H_res,ij x_j + H_post,i out for one stream i of one token, into yi (D); returns sum_d y_i,d (the
+  // LayerNorm's first pass, taken while y_i is in registers).
+  static float write_stream_sum(const float* m, const float* x, int64_t xs, const float* o, int D, int i, float* yi) {
+    float res[S];
+    for (int j = 0; j < S; ++j) res[j] = m[2 * S + i * S + j];
+    const float post = m[i];
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-    for (int d = 0; d < D; ++d) sum += y[d];
-    const float mean = sum / D;
-    float var = 0.0f;
-#pragma omp simd reduction(+ : var)
-    for (int d = 0; d < D; ++d) var += (y[d] - mean) * (y[d] - mean);
-    const float rstd = 1.0f / std::sqrt(var / D + eps);
+    for (int d = 0; d < D; ++d) {
+      float acc = post * o[d];
+      for (int j = 0; j < S; ++j) acc += res[j] * x[j * xs + d];
+      yi[d] = acc;
+      sum += acc;
+    }
+    return sum;
+  }
+
+  // yhat_i = (y_i - mean) rstd, y_i = sum_j H_res,ij x_j + H_post,i out, for one stream i of one token, into yi.
+  static void write_stream(const float* m, const float* x, int64_t xs, const float* o, int D, int i, float mean,
+                           float rstd, float* yi) {
+    float res[S];
+    for (int j = 0; j < S; ++j) res[j] = m[2 * S + i * S + j];
+    const float post = m[i];
 #pragma omp simd
-    for (int d = 0; d < D; ++d) y[d] = (y[d] - mean) * rstd;
-    return rstd;
+    for (int d = 0; d < D; ++d) {
+      float acc = post * o[d];
+      for (int j = 0; j < S; ++j) acc += res[j] * x[j * xs + d];
+      yi[d] = (acc - mean) * rstd;
+    }
   }
 
   // Pre-LN (gamma null): X' = (H_res X + H_post^T out) keep. Post-LN: X' = (LN(H_res X + H_post^T out)) keep, the
-  // LayerNorm (gamma, beta, eps) per stream over D.
+  // LayerNorm (gamma, beta, eps) per stream over D, three passes over each stream (the write with the sum, the
+  // variance, the normalisation); each stream's mean and 1/std go to stats (N, S, 2) for the backward (may be null).
   static void write_forward(int64_t n0, int64_t n1, int D, const float* X0, int64_t xt, int64_t xs,
                             const float* maps, const float* out, const float* keep, const float* gamma,
-                            const float* beta, float eps, float* X_new) {
+                            const float* beta, float eps, float* X_new, float* stats) {
     for (int64_t n = n0; n < n1; ++n) {
       const float k = keep ? keep[n] : 1.0f;
       float* y = X_new + n * S * D;
-      write_streams(maps + n * C, X0 + n * xt, xs, out + n * D, D, gamma ? 1.0f : k, y);
-      if (gamma)
-        for (int i = 0; i < S; ++i) {
-          float* yi = y + i * D;
-          standardise(yi, D, eps);
+      const float* m = maps + n * C;
+      const float* x = X0 + n * xt;
+      const float* o = out + n * D;
+      if (!gamma) {
+        write_streams(m, x, xs, o, D, k, y);
+        continue;
+      }
+      for (int i = 0; i < S; ++i) {
+        float* yi = y + i * D;
+        const float mean = write_stream_sum(m, x, xs, o, D, i, yi) / D;
+        float var = 0.0f;
+#pragma omp simd reduction(+ : var)
+        for (int d = 0; d < D; ++d) var += (yi[d] - mean) * (yi[d] - mean);
+        const float rstd = 1.0f / std::sqrt(var / D + eps);
 #pragma omp simd
-          for (int d = 0; d < D; ++d) yi[d] = (yi[d] * gamma[d] + beta[d]) * k;
+        for (int d = 0; d < D; ++d) {
+          const float yhat = (yi[d] - mean) * rstd;
+          yi[d] = (yhat * gamma[d] + beta[d]) * k;
         }
+        if (stats) {
+          stats[(n * S + i) * 2] = mean;
+          stats[(n * S + i) * 2 + 1] = rstd;
+        }
+      }
     }
   }
 
   // Backward of the write for the sublayer output and the mappings (the state's part is the read backward's job):
   // with g = keep dX' (Pre-LN), d out = sum_i H_post,i g_i, d H_post,i = g_i . out, d H_res,ij = g_i . X_j.
-  // Post-LN (gamma not null): g is first taken back through the LayerNorm (recomputed from X and out), its
-  // gamma and beta gradients are added to g_ln (2 D, one buffer per concurrent caller), and that g is written to
-  // g_pre (N, S, D) for the read backward.
+  // Post-LN (gamma not null): g is first taken back through the LayerNorm (its input recomputed from X and out,
+  // normalised with the forward's saved mean and 1/std, stats), its gamma and beta gradients are added to g_ln
+  // (2 D, one buffer per concurrent caller), and that g is written to g_pre (N, S, D) for the read backward.
   static void write_backward(int64_t n0, int64_t n1, int D, const float* X0, int64_t xt, int64_t xs,
                              const float* maps, const float* out, const float* keep, const float* grad, int64_t gt,
-                             int64_t gs, const float* gamma, float eps, float* g_out, float* g_maps, float* g_pre,
-                             float* g_ln) {
+                             int64_t gs, const float* gamma, const float* stats, float* g_out, float* g_maps,
+                             float* g_pre, float* g_ln) {
     std::vector<float> yb(gamma ? static_cast<size_t>(S) * D : 0);
     for (int64_t n = n0; n < n1; ++n) {
       const float* m = maps + n * C;
@@ -382,11 +415,11 @@ struct Kernels {
       float scale = k;  // d X' -> d (pre-norm write) factor
       if (gamma) {
         float* y = yb.data();
-        write_streams(m, x, xs, o, D, 1.0f, y);
         float* gp_rows = g_pre + n * S * D;
         for (int i = 0; i < S; ++i) {
           float* yi = y + i * D;
-          const float rstd = standardise(yi, D, eps);  // yi is now the normalised yhat
+          const float mean = stats[(n * S + i) * 2], rstd = stats[(n * S + i) * 2 + 1];
+          write_stream(m, x, xs, o, D, i, mean, rstd, yi);  // yi is the normalised yhat
           const float* gi = g + i * gs;
           float* gpi = gp_rows + i * D;
           float a = 0.0f, c = 0.0f;
@@ -541,8 +574,8 @@ void mhc_read_forward(int64_t n0, int64_t n1, int S, int D, int iters, const flo
 // keep; keep may be null (all ones), gamma and beta null (Pre-LN).
 void mhc_write_forward(int64_t n0, int64_t n1, int S, int D, const float* X, int64_t xt, int64_t xs,
                        const float* maps, const float* out, const float* keep, const float* gamma, const float* beta,
-                       float eps, float* X_new) {
-  MHC_DISPATCH(S, write_forward(n0, n1, D, X, xt, xs, maps, out, keep, gamma, beta, eps, X_new))
+                       float eps, float* X_new, float* stats) {
+  MHC_DISPATCH(S, write_forward(n0, n1, D, X, xt, xs, maps, out, keep, gamma, beta, eps, X_new, stats))
 }
 
 // The write's backward for the sublayer output and the mappings (the state's part is left to the read's
@@ -551,9 +584,9 @@ void mhc_write_forward(int64_t n0, int64_t n1, int S, int D, const float* X, int
 // through the LayerNorm and written to g_pre, and d gamma, d beta are added to g_ln (2 D, one per caller).
 void mhc_write_backward(int64_t n0, int64_t n1, int S, int D, const float* X, int64_t xt, int64_t xs,
                         const float* maps, const float* out, const float* keep, const float* grad, int64_t gt,
-                        int64_t gs, const float* gamma, float eps, float* g_out, float* g_maps, float* g_pre,
-                        float* g_ln) {
-  MHC_DISPATCH(S, write_backward(n0, n1, D, X, xt, xs, maps, out, keep, grad, gt, gs, gamma, eps, g_out, g_maps,
+                        int64_t gs, const float* gamma, const float* stats, float* g_out, float* g_maps,
+                        float* g_pre, float* g_ln) {
+  MHC_DISPATCH(S, write_backward(n0, n1, D, X, xt, xs, maps, out, keep, grad, gt, gs, gamma, stats, g_out, g_maps,
                                  g_pre, g_ln))
 }
 

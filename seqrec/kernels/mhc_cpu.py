@@ -45,10 +45,8 @@ CHUNK, LANES = 128, 16  # mhc_cpu.cpp's CHUNK and VL: W^T and W are read zero-pa
 _i64, _int, _ptr, _float = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
 _SIGNATURES = {
     "mhc_read_forward": [_i64, _i64, _int, _int, _int, _ptr, _i64, _i64] + [_ptr] * 7,
-    "mhc_write_forward": [_i64, _i64, _int, _int, _ptr, _i64, _i64] + [_ptr] * 5 + [_float, _ptr],
-    "mhc_write_backward": [_i64, _i64, _int, _int, _ptr, _i64, _i64]
-    + [_ptr] * 4
-    + [_i64, _i64, _ptr, _float, _ptr, _ptr, _ptr, _ptr],
+    "mhc_write_forward": [_i64, _i64, _int, _int, _ptr, _i64, _i64] + [_ptr] * 5 + [_float, _ptr, _ptr],
+    "mhc_write_backward": [_i64, _i64, _int, _int, _ptr, _i64, _i64] + [_ptr] * 4 + [_i64, _i64] + [_ptr] * 6,
     "mhc_read_backward": [_i64, _i64, _int, _int, _int, _ptr, _i64, _i64, _ptr, _int]
     + [_ptr] * 7
     + [_i64, _i64, _ptr, _ptr, _ptr, _ptr],
@@ -221,14 +219,17 @@ class _Write(torch.autograd.Function):
     def forward(ctx, X, maps, out, keep, link, norm_weight, norm_bias, eps):
         N, S, D = X.shape
         X_new = X.new_empty(X.shape)  # contiguous, whatever X's strides
-        _run("mhc_write_forward", N, S, D, *_strided(X), maps, out, keep, norm_weight, norm_bias, eps, X_new)
-        ctx.save_for_backward(X, maps, out, keep, norm_weight)
-        ctx.link, ctx.eps = link, eps
+        # Post-LN: each stream's LayerNorm mean and 1/std (N, S, 2), so that the backward need not recompute them
+        post_ln_training = norm_weight is not None and any(ctx.needs_input_grad)
+        stats = X.new_empty(N, S, 2) if post_ln_training else None
+        _run("mhc_write_forward", N, S, D, *_strided(X), maps, out, keep, norm_weight, norm_bias, eps, X_new, stats)
+        ctx.save_for_backward(X, maps, out, keep, norm_weight, stats)
+        ctx.link = link
         return X_new
 
     @staticmethod
     def backward(ctx, grad):
-        X, maps, out, keep, norm_weight = ctx.saved_tensors
+        X, maps, out, keep, norm_weight, stats = ctx.saved_tensors
         N, S, D = X.shape
         grad = _unit_last_stride(grad)  # a stride-0 stream dim (from the sum readout) is read as it is
         grad_out, grad_maps = torch.empty_like(out), maps.new_empty(maps.shape)
@@ -238,7 +239,7 @@ class _Write(torch.autograd.Function):
             grad_pre_norm._mhc_owned = True
         grad_norm = X.new_zeros(_tasks(N), 2, D) if post_ln else None  # d weight, d bias per task
         _run(
-            "mhc_write_backward", N, S, D, *_strided(X), maps, out, keep, *_strided(grad), norm_weight, ctx.eps,
+            "mhc_write_backward", N, S, D, *_strided(X), maps, out, keep, *_strided(grad), norm_weight, stats,
             grad_out, grad_maps, grad_pre_norm, per_task=grad_norm,
         )  # fmt: skip
         # the read's backward adds H_res^T (keep dX', or the gradient before the LayerNorm, keep included) to dX
