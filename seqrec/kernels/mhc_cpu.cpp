@@ -75,6 +75,56 @@ inline vf exp_approx(vf x) {
 
 inline vf sigmoid(vf x) { return 1.0f / (1.0f + exp_approx(-x)); }
 
+// The lanes of v summed as a fixed tree (halves added pairwise), so that the rounding does not depend on the
+// machine's vector width. One tree per dot product replaces a loop's per-lane reduction (16 dependent scalar adds).
+inline float hsum(vf v) {
+  static_assert(VL == 16, "the tree below is written for 16 lanes");
+  typedef float vf8 __attribute__((vector_size(8 * sizeof(float))));
+  typedef float vf4 __attribute__((vector_size(4 * sizeof(float))));
+  const vf8 h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const vf4 q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+  return (q[0] + q[2]) + (q[1] + q[3]);
+}
+
+// One T from p: a vector, or a float (for the loops below, written once for both).
+template <class T>
+inline T ld(const float* p);
+template <>
+inline vf ld<vf>(const float* p) { return load(p); }
+template <>
+inline float ld<float>(const float* p) { return *p; }
+inline void st(float* p, vf v) { store(p, v); }
+inline void st(float* p, float v) { *p = v; }
+
+// sum_d f(d) over [0, D): f(d, vf{}) for each whole VL-chunk, its lanes summed once at the end (hsum), then f(d, 0.0f)
+// for each of the last D % VL entries; f returns the type of its second argument.
+template <class F>
+inline float sum_over(int D, F&& f) {
+  vf acc = splat(0.0f);
+  int d = 0;
+  for (; d + VL <= D; d += VL) acc += f(d, vf{});
+  float sum = hsum(acc);
+  for (; d < D; ++d) sum += f(d, 0.0f);
+  return sum;
+}
+
+// out[r] = g . rows[r] over D entries, for R rows at once: one vector accumulator per row over the whole VL-chunks
+// of D (g loaded once for all rows), each summed by hsum, then the last D % VL entries added one at a time.
+template <int R>
+inline void dot_rows(const float* g, const float* const (&rows)[R], int D, float (&out)[R]) {
+  vf acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = splat(0.0f);
+  int d = 0;
+  for (; d + VL <= D; d += VL) {
+    const vf gv = load(g + d);
+    for (int r = 0; r < R; ++r) acc[r] += gv * load(rows[r] + d);
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
+  for (; d < D; ++d)
+    for (int r = 0; r < R; ++r) out[r] += g[d] * rows[r][d];
+}
+
 template <int S>
 struct Kernels {
   static constexpr int C = 2 * S + S * S;  // logits [pre | post | res]
@@ -334,15 +384,13 @@ struct Kernels {
     float res[S];
     for (int j = 0; j < S; ++j) res[j] = m[2 * S + i * S + j];
     const float post = m[i];
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int d = 0; d < D; ++d) {
-      float acc = post * o[d];
-      for (int j = 0; j < S; ++j) acc += res[j] * x[j * xs + d];
-      yi[d] = acc;
-      sum += acc;
-    }
-    return sum;
+    return sum_over(D, [&](int d, auto lanes) {
+      using T = decltype(lanes);
+      T acc = post * ld<T>(o + d);
+      for (int j = 0; j < S; ++j) acc += res[j] * ld<T>(x + j * xs + d);
+      st(yi + d, acc);
+      return acc;
+    });
   }
 
   // yhat_i = (y_i - mean) rstd, y_i = sum_j H_res,ij x_j + H_post,i out, for one stream i of one token, into yi.
@@ -378,9 +426,10 @@ struct Kernels {
       for (int i = 0; i < S; ++i) {
         float* yi = y + i * D;
         const float mean = write_stream_sum(m, x, xs, o, D, i, yi) / D;
-        float var = 0.0f;
-#pragma omp simd reduction(+ : var)
-        for (int d = 0; d < D; ++d) var += (yi[d] - mean) * (yi[d] - mean);
+        const float var = sum_over(D, [&](int d, auto lanes) {
+          const auto centred = ld<decltype(lanes)>(yi + d) - mean;
+          return centred * centred;
+        });
         const float rstd = 1.0f / std::sqrt(var / D + eps);
 #pragma omp simd
         for (int d = 0; d < D; ++d) {
@@ -422,19 +471,19 @@ struct Kernels {
           write_stream(m, x, xs, o, D, i, mean, rstd, yi);  // yi is the normalised yhat
           const float* gi = g + i * gs;
           float* gpi = gp_rows + i * D;
-          float a = 0.0f, c = 0.0f;
-#pragma omp simd reduction(+ : a, c)
-          for (int d = 0; d < D; ++d) {
-            const float gk = gi[d] * k;
-            g_ln[d] += gk * yi[d];  // d gamma
-            g_ln[D + d] += gk;      // d beta
-            const float gh = gk * gamma[d];
-            gpi[d] = gh;
-            a += gh;
-            c += gh * yi[d];
-          }
-          a /= D;
-          c /= D;
+          const float a = sum_over(D, [&](int d, auto lanes) {  // gh = keep dX' gamma, into gpi; a = mean(gh)
+            using T = decltype(lanes);
+            const T gk = ld<T>(gi + d) * k, yh = ld<T>(yi + d);
+            st(g_ln + d, ld<T>(g_ln + d) + gk * yh);  // d gamma
+            st(g_ln + D + d, ld<T>(g_ln + D + d) + gk);  // d beta
+            const T gh = gk * ld<T>(gamma + d);
+            st(gpi + d, gh);
+            return gh;
+          }) / D;
+          const float c = sum_over(D, [&](int d, auto lanes) {  // c = mean(gh yhat)
+            using T = decltype(lanes);
+            return ld<T>(gpi + d) * ld<T>(yi + d);
+          }) / D;
 #pragma omp simd
           for (int d = 0; d < D; ++d) gpi[d] = rstd * (gpi[d] - a - yi[d] * c);
         }
@@ -452,20 +501,15 @@ struct Kernels {
         for (int i = 0; i < S; ++i) acc += post[i] * g[i * g_stream + d];
         go[d] = acc;
       }
+      const float* rows[S + 1];  // out, then the streams of X
+      rows[0] = o;
+      for (int j = 0; j < S; ++j) rows[1 + j] = x + j * xs;
       for (int i = 0; i < S; ++i) {
-        const float* gi = g + i * g_stream;
-        float gp = 0.0f;
-#pragma omp simd reduction(+ : gp)
-        for (int d = 0; d < D; ++d) gp += gi[d] * o[d];
-        gm[i] = gp * scale;
+        float dots[S + 1];  // g_i . out, g_i . X_j
+        dot_rows<S + 1>(g + i * g_stream, rows, D, dots);
+        gm[i] = dots[0] * scale;
         gm[S + i] = 0.0f;
-        for (int j = 0; j < S; ++j) {
-          const float* xj = x + j * xs;
-          float gr = 0.0f;
-#pragma omp simd reduction(+ : gr)
-          for (int d = 0; d < D; ++d) gr += gi[d] * xj[d];
-          gm[2 * S + i * S + j] = gr * scale;
-        }
+        for (int j = 0; j < S; ++j) gm[2 * S + i * S + j] = dots[1 + j] * scale;
       }
     }
   }
@@ -498,15 +542,14 @@ struct Kernels {
         const float* gu = g_u ? g_u + tok * D : nullptr;
         const float* m = maps + tok * C;
         float gl[C];
-        for (int j = 0; j < S; ++j) {  // pre = sigma(l_j): d l = (d u . x_j) sigma (1 - sigma)
-          float gp = 0.0f;
-          if (gu) {
-            const float* xj = x + j * D;
-#pragma omp simd reduction(+ : gp)
-            for (int d = 0; d < D; ++d) gp += gu[d] * xj[d];
-          }
-          gl[j] = gp * m[S + j] * (1.0f - m[S + j]);
+        float gpre[S] = {};  // d u . x_j
+        if (gu) {
+          const float* rows[S];
+          for (int j = 0; j < S; ++j) rows[j] = x + j * D;
+          dot_rows<S>(gu, rows, D, gpre);
         }
+        for (int j = 0; j < S; ++j)  // pre = sigma(l_j): d l = (d u . x_j) sigma (1 - sigma)
+          gl[j] = gpre[j] * m[S + j] * (1.0f - m[S + j]);
         for (int i = 0; i < S; ++i)  // post p = 2 sigma(l): d l = d p * 2 sigma (1 - sigma) = d p * p (1 - p / 2)
           gl[S + i] = g_maps ? g_maps[tok * C + i] * m[i] * (1.0f - 0.5f * m[i]) : 0.0f;
         for (int e = 0; e < SS; ++e) gl[2 * S + e] = at(gres, e, t);
