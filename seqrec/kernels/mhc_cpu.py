@@ -234,8 +234,9 @@ class _Write(torch.autograd.Function):
         grad = _unit_last_stride(grad)  # a stride-0 stream dim (from the sum readout) is read as it is
         grad_out, grad_maps = torch.empty_like(out), maps.new_empty(maps.shape)
         post_ln = norm_weight is not None
-        grad_pre_norm = X.new_empty(X.shape) if post_ln else None
-        if post_ln:
+        grad_pre_norm = None
+        if post_ln:  # the gradient before the LayerNorm goes over dX' where this module made that buffer
+            grad_pre_norm = grad if _reusable(grad, X) else X.new_empty(X.shape)
             grad_pre_norm._mhc_owned = True
         grad_norm = X.new_zeros(_tasks(N), 2, D) if post_ln else None  # d weight, d bias per task
         _run(
