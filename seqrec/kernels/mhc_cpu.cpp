@@ -287,31 +287,48 @@ struct Kernels {
       }
   }
 
-  // gx[k] = coef x[k] + sum_c gz[c] WT[c][k] for one token; WT is (C, SDp), zero-padded to a multiple of CHUNK.
-  NO_AUTOVEC static void mapping_matmul_backward(const float* x, const float* WT, int SD, int SDp, const float* gz, float coef,
-                                      float* gx) {
-    constexpr int NA = CHUNK / VL;
-    for (int k0 = 0; k0 < SD; k0 += CHUNK) {
-      vf acc[NA];
-      if (k0 + CHUNK <= SD) {
-        for (int a = 0; a < NA; ++a) acc[a] = coef * load(x + k0 + a * VL);
-      } else {
-        float tail[CHUNK] = {0};
-        std::memcpy(tail, x + k0, (SD - k0) * sizeof(float));
-        for (int a = 0; a < NA; ++a) acc[a] = coef * load(tail + a * VL);
-      }
-      for (int c = 0; c < C; ++c) {
-        const float* w = WT + static_cast<int64_t>(c) * SDp + k0;
-        for (int a = 0; a < NA; ++a) acc[a] += gz[c] * load(w + a * VL);
-      }
-      if (k0 + CHUNK <= SD) {
-        for (int a = 0; a < NA; ++a) store(gx + k0 + a * VL, acc[a]);
-      } else {
-        float tail[CHUNK];
-        for (int a = 0; a < NA; ++a) store(tail + a * VL, acc[a]);
-        std::memcpy(gx + k0, tail, (SD - k0) * sizeof(float));
-      }
+  // gx[k] = coef x[k] + sum_c gz[c] WT[c][k] for NA * VL consecutive entries k of one token (a register tile).
+  template <int NA>
+  NO_AUTOVEC static void mapping_matmul_backward_tile(const float* x, const float* WT, int SDp, const float* gz,
+                                                      float coef, float* gx) {
+    vf acc[NA];
+    for (int a = 0; a < NA; ++a) acc[a] = coef * load(x + a * VL);
+    for (int c = 0; c < C; ++c) {
+      const float* w = WT + static_cast<int64_t>(c) * SDp;
+      for (int a = 0; a < NA; ++a) acc[a] += gz[c] * load(w + a * VL);
     }
+    for (int a = 0; a < NA; ++a) store(gx + a * VL, acc[a]);
+  }
+
+  // The last tile, of the SD - k0 < CHUNK remaining entries: as many vectors as they fill (not a whole CHUNK), through
+  // zero-padded copies of x and gx when the last vector is partial.
+  static void mapping_matmul_backward_rest(const float* x, const float* WT, int SDp, int rest, const float* gz,
+                                           float coef, float* gx) {
+    float x_pad[CHUNK] = {}, gx_pad[CHUNK];
+    const bool partial = rest % VL != 0;
+    if (partial) std::memcpy(x_pad, x, rest * sizeof(float));
+    const float* xs = partial ? x_pad : x;
+    float* gxs = partial ? gx_pad : gx;
+    switch ((rest + VL - 1) / VL) {
+      case 1: mapping_matmul_backward_tile<1>(xs, WT, SDp, gz, coef, gxs); break;
+      case 2: mapping_matmul_backward_tile<2>(xs, WT, SDp, gz, coef, gxs); break;
+      case 3: mapping_matmul_backward_tile<3>(xs, WT, SDp, gz, coef, gxs); break;
+      case 4: mapping_matmul_backward_tile<4>(xs, WT, SDp, gz, coef, gxs); break;
+      case 5: mapping_matmul_backward_tile<5>(xs, WT, SDp, gz, coef, gxs); break;
+      case 6: mapping_matmul_backward_tile<6>(xs, WT, SDp, gz, coef, gxs); break;
+      case 7: mapping_matmul_backward_tile<7>(xs, WT, SDp, gz, coef, gxs); break;
+      default: break;
+    }
+    if (partial) std::memcpy(gx, gx_pad, rest * sizeof(float));
+  }
+
+  // gx[k] = coef x[k] + sum_c gz[c] WT[c][k] for one token; WT is (C, SDp), SDp = S*D rounded up to VL with zero
+  // columns. Tiles of CHUNK entries (8 vector accumulators), then one of the rest.
+  static void mapping_matmul_backward(const float* x, const float* WT, int SD, int SDp, const float* gz, float coef,
+                                      float* gx) {
+    int k0 = 0;
+    for (; k0 + CHUNK <= SD; k0 += CHUNK) mapping_matmul_backward_tile<CHUNK / VL>(x + k0, WT + k0, SDp, gz, coef, gx + k0);
+    if (k0 < SD) mapping_matmul_backward_rest(x + k0, WT + k0, SDp, SD - k0, gz, coef, gx + k0);
   }
 
   static void read_forward(int64_t n0, int64_t n1, int D, int iters, const float* X0, int64_t xt, int64_t xs,
@@ -514,7 +531,7 @@ struct Kernels {
     }
   }
 
-  // WT is (C, SDp), SDp = S*D rounded up to CHUNK with zero columns, so that the tile loop needs no tail case.
+  // WT is (C, SDp), SDp = S*D rounded up to VL with zero columns.
   static void read_backward(int64_t n0, int64_t n1, int D, int iters, const float* X0, int64_t xt, int64_t xs,
                             const float* WT, int SDp, const float* b, const float* z, const float* rstd,
                             const float* maps, const float* g_u, const float* g_maps, const float* grad0, int64_t gt,

@@ -40,7 +40,7 @@ SOURCE = Path(__file__).with_name("mhc_cpu.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC"]
 MAX_STREAMS, MAX_ITERS = 8, 64  # mhc_cpu.cpp instantiates S = 1..8; its MAX_ITERS
 TOKENS_PER_TASK = 512  # the least work worth a thread
-CHUNK, LANES = 128, 16  # mhc_cpu.cpp's CHUNK and VL: W^T and W are read zero-padded to multiples of them
+LANES = 16  # mhc_cpu.cpp's VL: W, W^T and d W are read zero-padded to a multiple of it
 
 _i64, _int, _ptr, _float = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
 _SIGNATURES = {
@@ -203,7 +203,7 @@ class _Read(torch.autograd.Function):
         # connection allocated and nothing else holds): its rows are in cache as they are read, and no new 10 MB
         grad_X = link_grad if _reusable(link_grad, X) else X.new_empty(X.shape)
         grad_logits = torch.empty_like(z)
-        weight_t = _padded(weight.t(), CHUNK)
+        weight_t = _padded(weight.t(), LANES)
         C = weight.shape[1]
         grad_weight = weight.new_zeros(_tasks(N), S * D, -(-C // LANES) * LANES)  # one accumulator per task
         _run(
