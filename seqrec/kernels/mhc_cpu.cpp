@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -97,16 +98,26 @@ inline float ld<float>(const float* p) { return *p; }
 inline void st(float* p, vf v) { store(p, v); }
 inline void st(float* p, float v) { *p = v; }
 
-// sum_d f(d) over [0, D): f(d, vf{}) for each whole VL-chunk, its lanes summed once at the end (hsum), then f(d, 0.0f)
-// for each of the last D % VL entries; f returns the type of its second argument.
+// out[r] = sum_d f(d)_r over [0, D) for R sums at once: f(d, acc) adds its R terms at d into acc, R vectors for each
+// whole VL-chunk (their lanes summed once at the end, by hsum), then R floats (out itself) for each of the last D % VL
+// entries.
+template <int R, class F>
+inline void sums_over(int D, F&& f, float (&out)[R]) {
+  vf acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = splat(0.0f);
+  int d = 0;
+  for (; d + VL <= D; d += VL) f(d, acc);
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
+  for (; d < D; ++d) f(d, out);
+}
+
+// sum_d f(d) over [0, D): f(d, vf{}) for each whole VL-chunk, f(d, 0.0f) for each of the last D % VL entries; f returns
+// the type of its second argument.
 template <class F>
 inline float sum_over(int D, F&& f) {
-  vf acc = splat(0.0f);
-  int d = 0;
-  for (; d + VL <= D; d += VL) acc += f(d, vf{});
-  float sum = hsum(acc);
-  for (; d < D; ++d) sum += f(d, 0.0f);
-  return sum;
+  float sum[1];
+  sums_over<1>(D, [&](int d, auto& acc) { acc[0] += f(d, acc[0]); }, sum);
+  return sum[0];
 }
 
 // out[r] = g . rows[r] over D entries, for R rows at once: one vector accumulator per row over the whole VL-chunks
@@ -488,19 +499,18 @@ struct Kernels {
           write_stream(m, x, xs, o, D, i, mean, rstd, yi);  // yi is the normalised yhat
           const float* gi = g + i * gs;
           float* gpi = gp_rows + i * D;
-          const float a = sum_over(D, [&](int d, auto lanes) {  // gh = keep dX' gamma, into gpi; a = mean(gh)
-            using T = decltype(lanes);
+          float sums[2];  // gh = keep dX' gamma, into gpi; sums of gh and gh yhat
+          sums_over<2>(D, [&](int d, auto& acc) {
+            using T = std::remove_reference_t<decltype(acc[0])>;
             const T gk = ld<T>(gi + d) * k, yh = ld<T>(yi + d);
             st(g_ln + d, ld<T>(g_ln + d) + gk * yh);  // d gamma
             st(g_ln + D + d, ld<T>(g_ln + D + d) + gk);  // d beta
             const T gh = gk * ld<T>(gamma + d);
             st(gpi + d, gh);
-            return gh;
-          }) / D;
-          const float c = sum_over(D, [&](int d, auto lanes) {  // c = mean(gh yhat)
-            using T = decltype(lanes);
-            return ld<T>(gpi + d) * ld<T>(yi + d);
-          }) / D;
+            acc[0] += gh;
+            acc[1] += gh * yh;
+          }, sums);
+          const float a = sums[0] / D, c = sums[1] / D;
 #pragma omp simd
           for (int d = 0; d < D; ++d) gpi[d] = rstd * (gpi[d] - a - yi[d] * c);
         }

@@ -45,8 +45,9 @@ def run_connection(connection, state, keep, sublayer, out_weight, mode="auto"):
 @pytest.mark.parametrize("streams", [1, 3, 4])
 @pytest.mark.parametrize("norm_first", [True, False])
 @pytest.mark.parametrize("with_keep", [True, False])
-def test_native_connection_is_the_reference_connection(streams, norm_first, with_keep):
-    B, L, D = 3, 37, 12  # 111 tokens: several 16-token blocks and a ragged last one
+@pytest.mark.parametrize("dim", [12, 50])  # 12: shorter than one 16-float vector; 50: three vectors and a tail of 2
+def test_native_connection_is_the_reference_connection(streams, norm_first, with_keep, dim):
+    B, L, D = 3, 37, dim  # 111 tokens: several 16-token blocks and a ragged last one
     g = torch.Generator().manual_seed(1)
     state = torch.randn(B, L, streams, D, generator=g)
     keep = torch.ones(B, L, dtype=torch.bool)
