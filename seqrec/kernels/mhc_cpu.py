@@ -145,8 +145,12 @@ def _run(kernel: str, N: int, *args, per_task=_NONE) -> None:
 
 
 def _reusable(grad: Tensor | None, X: Tensor) -> bool:
-    """Whether the read's backward may write dX over `grad`: a contiguous buffer of X's shape made by this module."""
-    return grad is not None and grad.shape == X.shape and grad.is_contiguous() and getattr(grad, "_mhc_owned", False)
+    """Whether a backward may write over `grad`: a contiguous buffer of X's shape made by this module, or a whole view
+    of one (autograd hands the next connection's dX to this one's write through the views between them)."""
+    if grad is None or grad.shape != X.shape or not grad.is_contiguous():
+        return False
+    whole = grad._base if grad._base is not None and grad._base.numel() == grad.numel() else grad
+    return whole.data_ptr() == grad.data_ptr() and getattr(whole, "_mhc_owned", False)
 
 
 def _unit_last_stride(t: Tensor) -> Tensor:
