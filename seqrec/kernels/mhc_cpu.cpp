@@ -30,7 +30,6 @@ namespace {
 constexpr int TB = 64;            // tokens per block, G vectors of VL lanes per entry: G independent Sinkhorn
                                   // chains interleaved, so that each hides the others' division latency
 constexpr int MAX_ITERS = 64;     // mhc_cpu.MAX_ITERS
-constexpr int CHUNK = 128;        // state entries per register tile in the backward's x W^T (8 vectors)
 constexpr int VL = 16;            // floats per vector register (the compiler splits them where registers are shorter)
 constexpr int G = TB / VL;
 
@@ -230,9 +229,8 @@ struct Kernels {
   // as nb contiguous rows of S*D floats: the tensor itself when it is contiguous, else a copy in buf (TB*S*D). A
   // stride-0 stream dim is what the first connection reads (the embedding, not yet copied into S streams) and the
   // last one's gradient is (the readout sums the streams).
-  static const float* block_rows(const float* A, int64_t ts, int64_t ss, int64_t n, int nb, int D, float* buf,
-                                 bool copy = false) {
-    if (ts == static_cast<int64_t>(S) * D && ss == D && !copy) return A + n * ts;
+  static const float* block_rows(const float* A, int64_t ts, int64_t ss, int64_t n, int nb, int D, float* buf) {
+    if (ts == static_cast<int64_t>(S) * D && ss == D) return A + n * ts;
     for (int t = 0; t < nb; ++t)
       for (int j = 0; j < S; ++j)
         std::memcpy(buf + (static_cast<int64_t>(t) * S + j) * D, A + (n + t) * ts + j * ss, D * sizeof(float));
@@ -298,48 +296,73 @@ struct Kernels {
       }
   }
 
-  // gx[k] = coef x[k] + sum_c gz[c] WT[c][k] for NA * VL consecutive entries k of one token (a register tile).
-  template <int NA>
-  NO_AUTOVEC static void mapping_matmul_backward_tile(const float* x, const float* WT, int SDp, const float* gz,
-                                                      float coef, float* gx) {
-    vf acc[NA];
-    for (int a = 0; a < NA; ++a) acc[a] = coef * load(x + a * VL);
+  // gx_t[k] += coef_t x_t[k] + sum_c gz_t[c] WT[c][k] for NA * VL consecutive entries k of TR tokens (rows
+  // SD apart): a register tile of TR x NA vectors, each row of W^T loaded once for all TR tokens.
+  template <int TR, int NA>
+  NO_AUTOVEC static void mapping_matmul_backward_tile(const float* x, int64_t SD, const float* WT, int SDp,
+                                                      const float (*gz)[CP], const float* coef, float* gx) {
+    vf acc[TR][NA];
+    for (int t = 0; t < TR; ++t)
+      for (int a = 0; a < NA; ++a) acc[t][a] = load(gx + t * SD + a * VL) + coef[t] * load(x + t * SD + a * VL);
     for (int c = 0; c < C; ++c) {
       const float* w = WT + static_cast<int64_t>(c) * SDp;
-      for (int a = 0; a < NA; ++a) acc[a] += gz[c] * load(w + a * VL);
+      for (int a = 0; a < NA; ++a) {
+        const vf wa = load(w + a * VL);
+        for (int t = 0; t < TR; ++t) acc[t][a] += gz[t][c] * wa;
+      }
     }
-    for (int a = 0; a < NA; ++a) store(gx + a * VL, acc[a]);
+    for (int t = 0; t < TR; ++t)
+      for (int a = 0; a < NA; ++a) store(gx + t * SD + a * VL, acc[t][a]);
   }
 
-  // The last tile, of the SD - k0 < CHUNK remaining entries: as many vectors as they fill (not a whole CHUNK), through
-  // zero-padded copies of x and gx when the last vector is partial.
-  static void mapping_matmul_backward_rest(const float* x, const float* WT, int SDp, int rest, const float* gz,
-                                           float coef, float* gx) {
-    float x_pad[CHUNK] = {}, gx_pad[CHUNK];
-    const bool partial = rest % VL != 0;
-    if (partial) std::memcpy(x_pad, x, rest * sizeof(float));
-    const float* xs = partial ? x_pad : x;
-    float* gxs = partial ? gx_pad : gx;
+  // The same over all S*D entries of TR tokens: tiles of BT vectors, then one of the (fewer) vectors left, through
+  // zero-padded copies of x and gx when the last vector is partial. WT is (C, SDp), SDp = S*D rounded up to VL.
+  static constexpr int BT = 4;  // vectors per tile: TR x BT accumulators stay in registers for TR = 4
+  template <int TR>
+  static void mapping_matmul_backward(const float* x, int SD, const float* WT, int SDp, const float (*gz)[CP],
+                                      const float* coef, float* gx) {
+    int k = 0;
+    for (; k + BT * VL <= SD; k += BT * VL)
+      mapping_matmul_backward_tile<TR, BT>(x + k, SD, WT + k, SDp, gz, coef, gx + k);
+    const int rest = SD - k;
+    if (rest == 0) return;
+    float x_pad[TR][BT * VL] = {}, gx_pad[TR][BT * VL] = {};
+    for (int t = 0; t < TR; ++t) {
+      std::memcpy(x_pad[t], x + t * SD + k, rest * sizeof(float));
+      std::memcpy(gx_pad[t], gx + t * SD + k, rest * sizeof(float));
+    }
     switch ((rest + VL - 1) / VL) {
-      case 1: mapping_matmul_backward_tile<1>(xs, WT, SDp, gz, coef, gxs); break;
-      case 2: mapping_matmul_backward_tile<2>(xs, WT, SDp, gz, coef, gxs); break;
-      case 3: mapping_matmul_backward_tile<3>(xs, WT, SDp, gz, coef, gxs); break;
-      case 4: mapping_matmul_backward_tile<4>(xs, WT, SDp, gz, coef, gxs); break;
-      case 5: mapping_matmul_backward_tile<5>(xs, WT, SDp, gz, coef, gxs); break;
-      case 6: mapping_matmul_backward_tile<6>(xs, WT, SDp, gz, coef, gxs); break;
-      case 7: mapping_matmul_backward_tile<7>(xs, WT, SDp, gz, coef, gxs); break;
+      case 1: mapping_matmul_backward_tile<TR, 1>(x_pad[0], BT * VL, WT + k, SDp, gz, coef, gx_pad[0]); break;
+      case 2: mapping_matmul_backward_tile<TR, 2>(x_pad[0], BT * VL, WT + k, SDp, gz, coef, gx_pad[0]); break;
+      case 3: mapping_matmul_backward_tile<TR, 3>(x_pad[0], BT * VL, WT + k, SDp, gz, coef, gx_pad[0]); break;
+      case 4: mapping_matmul_backward_tile<TR, 4>(x_pad[0], BT * VL, WT + k, SDp, gz, coef, gx_pad[0]); break;
       default: break;
     }
-    if (partial) std::memcpy(gx, gx_pad, rest * sizeof(float));
+    for (int t = 0; t < TR; ++t) std::memcpy(gx + t * SD + k, gx_pad[t], rest * sizeof(float));
   }
 
-  // gx[k] = coef x[k] + sum_c gz[c] WT[c][k] for one token; WT is (C, SDp), SDp = S*D rounded up to VL with zero
-  // columns. Tiles of CHUNK entries (8 vector accumulators), then one of the rest.
-  static void mapping_matmul_backward(const float* x, const float* WT, int SD, int SDp, const float* gz, float coef,
-                                      float* gx) {
-    int k0 = 0;
-    for (; k0 + CHUNK <= SD; k0 += CHUNK) mapping_matmul_backward_tile<CHUNK / VL>(x + k0, WT + k0, SDp, gz, coef, gx + k0);
-    if (k0 < SD) mapping_matmul_backward_rest(x + k0, WT + k0, SDp, SD - k0, gz, coef, gx + k0);
+  // gx_j = H_pre,j g_u + sum_i H_res,ij keep g_i for the S streams j of one token (g_u or g may be null: no term),
+  // written over gx, which may be g itself: each VL-chunk of all streams is read before any of it is written.
+  static void state_grad_through_maps(const float* m, float keep, const float* gu, const float* g, int D, float* gx) {
+    float pre[S], res[S][S];  // res[j][i] = H_res,ij keep
+    for (int j = 0; j < S; ++j) {
+      pre[j] = gu ? m[S + j] : 0.0f;
+      for (int i = 0; i < S; ++i) res[j][i] = g ? m[2 * S + i * S + j] * keep : 0.0f;
+    }
+    auto chunk = [&](int d, auto lanes) {
+      using T = decltype(lanes);
+      T gi[S];
+      for (int i = 0; i < S; ++i) gi[i] = g ? ld<T>(g + i * D + d) : T{};
+      const T u = gu ? ld<T>(gu + d) : T{};
+      for (int j = 0; j < S; ++j) {
+        T acc = pre[j] * u;
+        for (int i = 0; i < S; ++i) acc += res[j][i] * gi[i];
+        st(gx + j * D + d, acc);
+      }
+    };
+    int d = 0;
+    for (; d + VL <= D; d += VL) chunk(d, vf{});
+    for (; d < D; ++d) chunk(d, 0.0f);
   }
 
   static void read_forward(int64_t n0, int64_t n1, int D, int iters, const float* X0, int64_t xt, int64_t xs,
@@ -541,7 +564,10 @@ struct Kernels {
     }
   }
 
-  // WT is (C, SDp), SDp = S*D rounded up to VL with zero columns.
+  // WT is (C, SDp), SDp = S*D rounded up to VL with zero columns. Per block of TB tokens: Sinkhorn and its reverse,
+  // then per token the logits' gradients (d z into gzb), then d X = H_pre^T d u + H_res^T keep dX' for every token
+  // (written over dX' when gX is its buffer), then d X += d z W^T - rstd^3 / (S D) (d rstd) x four tokens at a time,
+  // then d W += x^T d z.
   static void read_backward(int64_t n0, int64_t n1, int D, int iters, const float* X0, int64_t xt, int64_t xs,
                             const float* WT, int SDp, const float* b, const float* z, const float* rstd,
                             const float* maps, const float* g_u, const float* g_maps, const float* grad0, int64_t gt,
@@ -549,13 +575,13 @@ struct Kernels {
     const int SD = S * D;
     Block blk;
     vf gres[SS][G];
-    float gzb[TB][CP] = {};  // the block's d z, zero-padded columns, for the d W accumulation
+    float gzb[TB][CP] = {};  // the block's d z, zero-padded columns, for d X and d W
+    float coef[TB];          // the block's -rstd^3 / (S D) d rstd, the RMS term of d X
     std::vector<float> xbuf(static_cast<size_t>(TB) * SD), gbuf(static_cast<size_t>(TB) * SD);
     for (int64_t n = n0; n < n1; n += TB) {
       const int nb = static_cast<int>(std::min<int64_t>(n1 - n, TB));
       const float* X = block_rows(X0, xt, xs, n, nb, D, xbuf.data()) - n * SD;  // token n + t at X + (n + t) * SD
-      // gX may be grad0's own buffer (the caller reuses it): then the block's rows are read from a copy
-      const float* grad = grad0 ? block_rows(grad0, gt, gs, n, nb, D, gbuf.data(), gX == grad0) - n * SD : nullptr;
+      const float* grad = grad0 ? block_rows(grad0, gt, gs, n, nb, D, gbuf.data()) - n * SD : nullptr;
       for (int t = 0; t < TB; ++t) {
         const bool real = t < nb;
         for (int c = 0; c < C; ++c) at(blk.logit, c, t) = real ? z[(n + t) * C + c] * rstd[n + t] + b[c] : 0.0f;
@@ -589,30 +615,22 @@ struct Kernels {
           gz[c] = gl[c] * r;
         }
         std::memcpy(g_logits + tok * C, gl, sizeof gl);
-        const float coef = -grstd * r * r * r / SD;
-        mapping_matmul_backward(x, WT, SD, SDp, gz, coef, gX + tok * SD);
-        float* gx = gX + tok * SD;
-        const float kk = keep ? keep[tok] : 1.0f;
-        const float* g = grad ? grad + tok * SD : nullptr;
-        for (int j = 0; j < S; ++j) {  // + H_pre,j d u + sum_i H_res,ij keep d X'_i (through the write)
-          float res[S];
-          for (int i = 0; i < S; ++i) res[i] = m[2 * S + i * S + j] * kk;
-          float* gxj = gx + j * D;
-          if (gu)
-#pragma omp simd
-            for (int d = 0; d < D; ++d) gxj[d] += m[S + j] * gu[d];
-          if (g)
-#pragma omp simd
-            for (int d = 0; d < D; ++d) {
-              float acc = gxj[d];
-              for (int i = 0; i < S; ++i) acc += res[i] * g[i * D + d];
-              gxj[d] = acc;
-            }
-        }
+        coef[t] = -grstd * r * r * r / SD;
       }
-      int t = 0;  // d W += x^T d z over the block, 4 tokens per pass over d W
-      for (; t + 4 <= nb; t += 4) accumulate_grad_weight<4>(X + (n + t) * SD, SD, gzb + t, gW);
-      for (; t < nb; ++t) accumulate_grad_weight<1>(X + (n + t) * SD, SD, gzb + t, gW);
+      for (int t = 0; t < nb; ++t) {  // through the read and the write: H_pre,j d u + sum_i H_res,ij keep d X'_i
+        const int64_t tok = n + t;
+        state_grad_through_maps(maps + tok * C, keep ? keep[tok] : 1.0f, g_u ? g_u + tok * D : nullptr,
+                                grad ? grad + tok * SD : nullptr, D, gX + tok * SD);
+      }
+      int t = 0;  // through the mappings: d X += d z W^T + coef x, and d W += x^T d z, 4 tokens per pass
+      for (; t + 4 <= nb; t += 4) {
+        mapping_matmul_backward<4>(X + (n + t) * SD, SD, WT, SDp, gzb + t, coef + t, gX + (n + t) * SD);
+        accumulate_grad_weight<4>(X + (n + t) * SD, SD, gzb + t, gW);
+      }
+      for (; t < nb; ++t) {
+        mapping_matmul_backward<1>(X + (n + t) * SD, SD, WT, SDp, gzb + t, coef + t, gX + (n + t) * SD);
+        accumulate_grad_weight<1>(X + (n + t) * SD, SD, gzb + t, gW);
+      }
     }
   }
 };
