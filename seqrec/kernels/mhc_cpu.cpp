@@ -376,6 +376,8 @@ struct Kernels {
       const float* X = block_rows(X0, xt, xs, n, nb, D, xbuf.data()) - n * SD;  // token n + t at X + (n + t) * SD
       float z[TB][C], ss[TB];
       int t = 0;
+      // 8 tokens per pass over W: 16 independent accumulators keep both FMA pipes busy (8 only just did)
+      for (; t + 8 <= nb; t += 8) mapping_matmul_rows<8>(X + (n + t) * SD, W, SD, z + t, ss + t);
       for (; t + 4 <= nb; t += 4) mapping_matmul_rows<4>(X + (n + t) * SD, W, SD, z + t, ss + t);
       for (; t < nb; ++t) mapping_matmul_one(X + (n + t) * SD, W, SD, z[t], ss + t);
       for (t = 0; t < TB; ++t) {
