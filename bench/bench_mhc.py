@@ -2,11 +2,14 @@
 
     python bench/bench_mhc.py [--epochs 3] [--steps 0] [--norm-first true] [--threads 1] [--device cpu]
                               [--kernels auto|reference] [--hidden 50] [--model sasrec|tisasrec]
-                              [--compare OLD_CHECKOUT]
+                              [--compare OLD_CHECKOUT [--settings sasrec:post,sasrec:pre,tisasrec:post]]
 
 `--compare /path/to/older/checkout` times the older checkout and this one in one run: one warm process per
 checkout, epochs alternating between them, each epoch interleaving plain and mHC step by step; the table gives
-both trees' epoch times and mHC/plain ratios (medians), and new/old per variant.
+both trees' epoch times and mHC/plain ratios (medians, and the median of the per-epoch ratios), in wall and in CPU
+seconds (`time.process_time`, steadier than wall time on a shared machine), and new/old per variant. `--settings`
+times several settings (model and Pre/Post-LN) one after another in the same run, each with its own pair of
+processes; without it, the one given by --model and --norm-first.
 
 `--model tisasrec` compares TiSASRec + mHC with TiSASRec (the product default against its plain residual) on the
 timestamped ML-1M users 1-2,999 (`--data` to change), with the TiSASRec paper's time settings.
@@ -284,13 +287,15 @@ def compare_trees(args) -> None:
         f"D={args.hidden}, n={args.streams}, {args.threads} thread(s), {args.epochs} epochs per tree alternating"
         f"{f', first {args.steps} steps' if args.steps else ''}; kernels={args.kernels}; medians; CPU = process_time"
     )
-    header = ["setting", "tree", "plain s", "mhc s", "mhc/plain", "med. ratio", "plain CPU", "mhc CPU", "CPU ratio"]
-    print(f"{header[0]:14} {header[1]:4} " + " ".join(f"{h:>10}" for h in header[2:]))
+    print("med. ratio: the median of the per-epoch mhc/plain ratios (the robust figure on a shared machine)")
+    header = ["setting", "tree", "plain s", "mhc s", "mhc/plain", "med. ratio", "plain CPU", "mhc CPU", "CPU ratio",
+              "CPU med. r."]  # fmt: skip
+    print(f"{header[0]:14} {header[1]:4} " + " ".join(f"{h:>11}" for h in header[2:]))
     for label, rows in summary.items():
         for name, row in rows.items():
             values = [row[k] for k in ("plain_s", "mhc_s", "ratio_of_medians", "median_ratio", "cpu_plain_s",
-                                       "cpu_mhc_s", "cpu_ratio_of_medians")]  # fmt: skip
-            print(f"{label:14} {name:4} " + " ".join(f"{v:10.3f}" for v in values))
+                                       "cpu_mhc_s", "cpu_ratio_of_medians", "cpu_median_ratio")]  # fmt: skip
+            print(f"{label:14} {name:4} " + " ".join(f"{v:11.3f}" for v in values))
         changes = [f"{v} {rows['new'][f'{v}_s'] / rows['old'][f'{v}_s']:.3f}" for v in VARIANTS]
         cpu_changes = [f"{v} {rows['new'][f'cpu_{v}_s'] / rows['old'][f'cpu_{v}_s']:.3f}" for v in VARIANTS]
         print(f"{label:14} new/old wall: {', '.join(changes)}; CPU: {', '.join(cpu_changes)}")

@@ -5,6 +5,9 @@
 // over the (N, S, D) state ~15-20 times per connection and step; at hidden 50 those passes, not the arithmetic, are what
 // mHC costs. Here each kernel visits a token's state once, and the per-token S x S work (sigmoids, Sinkhorn and its
 // reverse) runs on blocks of TB tokens laid out [entry][token], so that the compiler vectorises it across tokens.
+// Sums over D (dot products, LayerNorm statistics) keep one vector accumulator per sum and add its lanes once, by a
+// fixed tree (hsum): an `omp simd` reduction ends by adding the 16 lanes one after another, and that chain, once per
+// dot product (S^2 + S of them per token in the write's backward), was most of the write's backward.
 //
 // Layouts (float32): X (N, S, D) stream state, unit stride over D, any token and stream strides (xt, xs: the
 // first connection reads the embedding with xs = 0); W (S*D, CP) fused mapping weight (phi with the RMSNorm gain
