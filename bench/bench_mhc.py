@@ -2,11 +2,14 @@
 
     python bench/bench_mhc.py [--epochs 3] [--steps 0] [--norm-first true] [--threads 1] [--device cpu]
                               [--kernels auto|reference] [--hidden 50] [--model sasrec|tisasrec]
-                              [--compare OLD_CHECKOUT]
+                              [--compare OLD_CHECKOUT [--settings sasrec:post,sasrec:pre,tisasrec:post]]
 
 `--compare /path/to/older/checkout` times the older checkout and this one in one run: one warm process per
 checkout, epochs alternating between them, each epoch interleaving plain and mHC step by step; the table gives
-both trees' epoch times and mHC/plain ratios (medians), and new/old per variant.
+both trees' epoch times and mHC/plain ratios (medians, and the median of the per-epoch ratios), in wall and in CPU
+seconds (`time.process_time`, steadier than wall time on a shared machine), and new/old per variant. `--settings`
+times several settings (model and Pre/Post-LN) one after another in the same run, each with its own pair of
+processes; without it, the one given by --model and --norm-first.
 
 `--model tisasrec` compares TiSASRec + mHC with TiSASRec (the product default against its plain residual) on the
 timestamped ML-1M users 1-2,999 (`--data` to change), with the TiSASRec paper's time settings.
@@ -163,35 +166,41 @@ def warmed_up_steps(args) -> tuple:
     return sampler, steps, warmup_s
 
 
-def timed_epoch(sampler, steps, epoch: int, args) -> tuple[dict[str, float], list[int]]:
-    """One epoch, both variants alternating step by step over identical batches: seconds per variant, widths."""
-    total = dict.fromkeys(VARIANTS, 0.0)
+def timed_epoch(sampler, steps, epoch: int, args) -> tuple[dict[str, float], dict[str, float], list[int]]:
+    """One epoch, both variants alternating step by step over identical batches: wall seconds and CPU seconds
+    (`time.process_time`, all threads of this process) per variant, and the batch widths."""
+    total, cpu = dict.fromkeys(VARIANTS, 0.0), dict.fromkeys(VARIANTS, 0.0)
     widths = []
     for i, batch in enumerate(epoch_batches(sampler, epoch, args.steps, args.device)):
         widths.append(batch.seq.shape[1])
         for variant in VARIANTS if i % 2 == 0 else VARIANTS[::-1]:
             sync(args.device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             steps[variant](batch)
             sync(args.device)
             total[variant] += time.perf_counter() - t0
-    return total, widths
+            cpu[variant] += time.process_time() - c0
+    return total, cpu, widths
 
 
-def interleaved_times(args) -> tuple[dict[str, list[float]], list[int], dict[str, float]]:
-    """Per variant, the seconds of each timed epoch (both variants in this process), the batch widths, and the
-    warm-up seconds."""
+def interleaved_times(args) -> tuple[dict[str, list[float]], dict[str, list[float]], list[int], dict[str, float]]:
+    """Per variant, the wall and CPU seconds of each timed epoch (both variants in this process), the batch widths,
+    and the warm-up seconds."""
     sampler, steps, warmup_s = warmed_up_steps(args)
-    seconds = {v: [] for v in VARIANTS}
+    seconds, cpu_seconds = {v: [] for v in VARIANTS}, {v: [] for v in VARIANTS}
     widths = []
     for epoch in range(args.epochs):
-        total, epoch_widths = timed_epoch(sampler, steps, epoch + 1, args)
+        total, cpu, epoch_widths = timed_epoch(sampler, steps, epoch + 1, args)
         widths += epoch_widths
         for variant in VARIANTS:
             seconds[variant].append(total[variant])
-        ratio = total["mhc"] / total["plain"]
-        print(f"epoch {epoch + 1}: plain {total['plain']:.2f} s, mhc {total['mhc']:.2f} s, ratio {ratio:.3f}")
-    return seconds, widths, warmup_s
+            cpu_seconds[variant].append(cpu[variant])
+        ratio, cpu_ratio = total["mhc"] / total["plain"], cpu["mhc"] / cpu["plain"]
+        print(
+            f"epoch {epoch + 1}: plain {total['plain']:.2f} s, mhc {total['mhc']:.2f} s, ratio {ratio:.3f}; "
+            f"CPU s ratio {cpu_ratio:.3f}"
+        )
+    return seconds, cpu_seconds, widths, warmup_s
 
 
 def serve(args) -> None:
@@ -199,55 +208,97 @@ def serve(args) -> None:
     sampler, steps, _ = warmed_up_steps(args)
     print(json.dumps({"seqrec": sys.modules["seqrec"].__file__}), flush=True)
     for line in sys.stdin:
-        total, widths = timed_epoch(sampler, steps, int(line), args)
-        print(json.dumps({"seconds": total, "mean_width": statistics.mean(widths)}), flush=True)
+        total, cpu, widths = timed_epoch(sampler, steps, int(line), args)
+        print(json.dumps({"seconds": total, "cpu_seconds": cpu, "mean_width": statistics.mean(widths)}), flush=True)
 
 
-def compare_trees(args) -> None:
-    """Old checkout vs this one in one run: a warm child process per tree, epochs alternating between them (and
-    which goes first), so that background load hits both alike. Prints a table and writes JSON."""
-    trees = {"old": args.compare.resolve(), "new": ROOT}
-    child = [sys.executable, __file__, *[a for a in sys.argv[1:]], "--serve"]
+SETTINGS = {"sasrec:post": ("sasrec", False), "sasrec:pre": ("sasrec", True), "tisasrec:post": ("tisasrec", False),
+            "tisasrec:pre": ("tisasrec", True)}  # fmt: skip
+
+
+def child_argv(args, model: str, norm_first: bool) -> list[str]:
+    """The command line of a --compare child serving one setting (the parent's options, this model and norm)."""
+    data = args.data if args.data_given else (DATA if model == "sasrec" else DATA_TIMED)
+    options = {"--epochs": args.epochs, "--steps": args.steps, "--streams": args.streams, "--maxlen": args.maxlen,
+               "--hidden": args.hidden, "--batch-size": args.batch_size, "--heads": args.heads,
+               "--norm-first": str(norm_first).lower(), "--threads": args.threads, "--device": args.device,
+               "--kernels": args.kernels, "--model": model, "--data": data,
+               "--reuse-memory": str(args.reuse_memory).lower()}  # fmt: skip
+    argv = [sys.executable, __file__, "--serve"] + [str(x) for item in options.items() for x in item]
+    return argv + (["--amp"] if args.amp else [])
+
+
+def compare_setting(args, trees: dict[str, Path], model: str, norm_first: bool) -> dict:
+    """One setting, old and new tree: a warm child process per tree, epochs alternating between them (and which goes
+    first), so that background load hits both alike. Returns per tree the per-epoch wall and CPU seconds."""
     servers = {}
     for name, tree in trees.items():
         env = dict(os.environ, PYTHONPATH=str(tree))
-        servers[name] = subprocess.Popen(child, env=env, cwd=tree, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         text=True)  # fmt: skip
+        servers[name] = subprocess.Popen(child_argv(args, model, norm_first), env=env, cwd=tree, stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, text=True)  # fmt: skip
         print(f"{name}: {json.loads(servers[name].stdout.readline())['seqrec']}", flush=True)
-    seconds = {name: {v: [] for v in VARIANTS} for name in trees}
+    measured = {
+        name: {"seconds": {v: [] for v in VARIANTS}, "cpu_seconds": {v: [] for v in VARIANTS}} for name in trees
+    }
     for epoch in range(args.epochs):
         for name in list(trees) if epoch % 2 == 0 else list(trees)[::-1]:
             servers[name].stdin.write(f"{epoch + 1}\n")
             servers[name].stdin.flush()
             answer = json.loads(servers[name].stdout.readline())
-            for variant in VARIANTS:
-                seconds[name][variant].append(answer["seconds"][variant])
-            plain, mhc = answer["seconds"]["plain"], answer["seconds"]["mhc"]
+            for key in ("seconds", "cpu_seconds"):
+                for variant in VARIANTS:
+                    measured[name][key][variant].append(answer[key][variant])
+            (plain, mhc), (cpu_plain, cpu_mhc) = ([answer[k][v] for v in VARIANTS] for k in ("seconds", "cpu_seconds"))
             print(
-                f"epoch {epoch + 1} {name}: plain {plain:.2f} s, mhc {mhc:.2f} s, ratio {mhc / plain:.3f}", flush=True
+                f"{model} norm_first={norm_first} epoch {epoch + 1} {name}: plain {plain:.2f} s, mhc {mhc:.2f} s, "
+                f"ratio {mhc / plain:.3f}; CPU s {cpu_plain:.2f} / {cpu_mhc:.2f}, ratio {cpu_mhc / cpu_plain:.3f}",
+                flush=True,
             )
     for server in servers.values():
         server.stdin.close()
         server.wait()
+    return measured
+
+
+def summarise(measured: dict) -> dict:
+    """Medians per variant and the mhc/plain ratios (of the medians, and the median of per-epoch ratios)."""
+    row = {}
+    for key, short in (("seconds", ""), ("cpu_seconds", "cpu_")):
+        seconds = measured[key]
+        plain, mhc = (statistics.median(seconds[v]) for v in VARIANTS)
+        per_epoch = [m / p for p, m in zip(seconds["plain"], seconds["mhc"], strict=True)]
+        row |= {f"{short}plain_s": plain, f"{short}mhc_s": mhc, f"{short}ratio_of_medians": mhc / plain,
+                f"{short}median_ratio": statistics.median(per_epoch), key: seconds}  # fmt: skip
+    return row
+
+
+def compare_trees(args) -> None:
+    """Old checkout vs this one in one run, for each setting in turn (--settings; default: --model, --norm-first).
+    Prints a table (wall and CPU seconds, ratios) and writes JSON."""
+    trees = {"old": args.compare.resolve(), "new": ROOT}
+    names = args.settings.split(",") if args.settings else [None]
     summary = {}
-    for name in trees:
-        plain, mhc = (statistics.median(seconds[name][v]) for v in VARIANTS)
-        per_epoch = [m / p for p, m in zip(seconds[name]["plain"], seconds[name]["mhc"], strict=True)]
-        summary[name] = {"plain_s": plain, "mhc_s": mhc, "ratio_of_medians": mhc / plain,
-                         "median_ratio": statistics.median(per_epoch), "seconds": seconds[name]}  # fmt: skip
+    for setting in names:
+        model, norm_first = SETTINGS[setting] if setting else (args.model, args.norm_first)
+        label = setting or f"{model}:{'pre' if norm_first else 'post'}"
+        measured = compare_setting(args, trees, model, norm_first)
+        summary[label] = {name: summarise(measured[name]) for name in trees}
     print(
-        f"{args.model}, norm_first={args.norm_first}, D={args.hidden}, {args.threads} thread(s), {args.epochs} "
-        f"epochs per tree alternating; kernels={args.kernels}"
+        f"D={args.hidden}, n={args.streams}, {args.threads} thread(s), {args.epochs} epochs per tree alternating"
+        f"{f', first {args.steps} steps' if args.steps else ''}; kernels={args.kernels}; medians; CPU = process_time"
     )
-    print(f"{'tree':5} {'plain s':>9} {'mhc s':>9} {'mhc/plain':>10} {'median of ratios':>17}")
-    for name, row in summary.items():
-        print(
-            f"{name:5} {row['plain_s']:9.2f} {row['mhc_s']:9.2f} {row['ratio_of_medians']:10.3f} "
-            f"{row['median_ratio']:17.3f}"
-        )
-    for variant in VARIANTS:
-        change = summary["new"][f"{variant}_s"] / summary["old"][f"{variant}_s"]
-        print(f"new/old {variant}: {change:.3f}")
+    print("med. ratio: the median of the per-epoch mhc/plain ratios (the robust figure on a shared machine)")
+    header = ["setting", "tree", "plain s", "mhc s", "mhc/plain", "med. ratio", "plain CPU", "mhc CPU", "CPU ratio",
+              "CPU med. r."]  # fmt: skip
+    print(f"{header[0]:14} {header[1]:4} " + " ".join(f"{h:>11}" for h in header[2:]))
+    for label, rows in summary.items():
+        for name, row in rows.items():
+            values = [row[k] for k in ("plain_s", "mhc_s", "ratio_of_medians", "median_ratio", "cpu_plain_s",
+                                       "cpu_mhc_s", "cpu_ratio_of_medians", "cpu_median_ratio")]  # fmt: skip
+            print(f"{label:14} {name:4} " + " ".join(f"{v:11.3f}" for v in values))
+        changes = [f"{v} {rows['new'][f'{v}_s'] / rows['old'][f'{v}_s']:.3f}" for v in VARIANTS]
+        cpu_changes = [f"{v} {rows['new'][f'cpu_{v}_s'] / rows['old'][f'cpu_{v}_s']:.3f}" for v in VARIANTS]
+        print(f"{label:14} new/old wall: {', '.join(changes)}; CPU: {', '.join(cpu_changes)}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "variant"}
     args.out.write_text(json.dumps({"config": config, "trees": {k: str(v) for k, v in trees.items()},
@@ -274,6 +325,10 @@ def main() -> None:
     p.add_argument("--amp", action="store_true", help="bf16 autocast, as hardware=1gpu (trainer.amp=true)")
     p.add_argument("--kernels", choices=["auto", "reference"], default="auto", help="the top-level kernels setting")
     p.add_argument("--compare", type=Path, help="an older checkout: time it against this one in one run")
+    p.add_argument(
+        "--settings",
+        help=f"with --compare: settings timed one after another, comma-separated from {', '.join(SETTINGS)}",
+    )
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # child process of --compare
     p.add_argument("--model", choices=["sasrec", "tisasrec"], default="sasrec", help="tisasrec: needs timestamps")
     p.add_argument("--data", type=Path, default=None, help=f"default: {DATA} (sasrec), {DATA_TIMED} (tisasrec)")
@@ -282,6 +337,9 @@ def main() -> None:
     p.add_argument("--skip-rss", action="store_true", help="time only (no peak-RSS subprocesses)")
     p.add_argument("--out", type=Path, default=OUT, help="where to write the JSON")
     args = p.parse_args()
+    args.data_given = args.data is not None
+    if args.settings and (not args.compare or any(name not in SETTINGS for name in args.settings.split(","))):
+        p.error(f"--settings needs --compare and names from {', '.join(SETTINGS)}")
     if args.data is None:
         args.data = DATA if args.model == "sasrec" else DATA_TIMED
     if not args.data.exists():
@@ -303,15 +361,23 @@ def main() -> None:
         for variant in VARIANTS:
             out = subprocess.run(child + ["--variant", variant], capture_output=True, text=True, check=True)
             memory[variant] = json.loads(out.stdout.strip().splitlines()[-1])
-    seconds, widths, warmup_s = interleaved_times(args)
+    seconds, cpu_seconds, widths, warmup_s = interleaved_times(args)
     summary = {
-        v: {"epoch_s_median": statistics.median(seconds[v]), "epoch_s": seconds[v], "warmup_s": warmup_s[v]} | memory[v]
+        v: {
+            "epoch_s_median": statistics.median(seconds[v]),
+            "epoch_s": seconds[v],
+            "warmup_s": warmup_s[v],
+            "epoch_cpu_s_median": statistics.median(cpu_seconds[v]),
+            "epoch_cpu_s": cpu_seconds[v],
+        }
+        | memory[v]
         for v in VARIANTS
     }
     plain, mhc = summary["plain"], summary["mhc"]
     ratios = {
         "epoch_time_median": mhc["epoch_s_median"] / plain["epoch_s_median"],
         "epoch_time_per_epoch": [m / q for m, q in zip(mhc["epoch_s"], plain["epoch_s"], strict=True)],
+        "epoch_cpu_time_median": mhc["epoch_cpu_s_median"] / plain["epoch_cpu_s_median"],
     }
     if not args.skip_rss:
         ratios["peak_rss"] = mhc["peak_rss_mib"] / plain["peak_rss_mib"]
@@ -332,6 +398,7 @@ def main() -> None:
         print(f"{variant:9} {s['epoch_s_median']:17.2f} {rss:13.0f} {gpu:13.0f} {params:8d}")
     rss, gpu = ratios.get("peak_rss", nan), ratios.get("peak_gpu_allocated", nan)
     print(f"{'mhc/plain':9} {ratios['epoch_time_median']:17.3f} {rss:13.3f} {gpu:13.3f}")
+    print(f"CPU seconds (process_time) mhc/plain: {ratios['epoch_cpu_time_median']:.3f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(

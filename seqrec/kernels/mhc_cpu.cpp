@@ -5,6 +5,9 @@
 // over the (N, S, D) state ~15-20 times per connection and step; at hidden 50 those passes, not the arithmetic, are what
 // mHC costs. Here each kernel visits a token's state once, and the per-token S x S work (sigmoids, Sinkhorn and its
 // reverse) runs on blocks of TB tokens laid out [entry][token], so that the compiler vectorises it across tokens.
+// Sums over D (dot products, LayerNorm statistics) keep one vector accumulator per sum and add its lanes once, by a
+// fixed tree (hsum): an `omp simd` reduction ends by adding the 16 lanes one after another, and that chain, once per
+// dot product (S^2 + S of them per token in the write's backward), was most of the write's backward.
 //
 // Layouts (float32): X (N, S, D) stream state, unit stride over D, any token and stream strides (xt, xs: the
 // first connection reads the embedding with xs = 0); W (S*D, CP) fused mapping weight (phi with the RMSNorm gain
@@ -22,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -29,7 +33,6 @@ namespace {
 constexpr int TB = 64;            // tokens per block, G vectors of VL lanes per entry: G independent Sinkhorn
                                   // chains interleaved, so that each hides the others' division latency
 constexpr int MAX_ITERS = 64;     // mhc_cpu.MAX_ITERS
-constexpr int CHUNK = 128;        // state entries per register tile in the backward's x W^T (8 vectors)
 constexpr int VL = 16;            // floats per vector register (the compiler splits them where registers are shorter)
 constexpr int G = TB / VL;
 
@@ -74,6 +77,66 @@ inline vf exp_approx(vf x) {
 }
 
 inline vf sigmoid(vf x) { return 1.0f / (1.0f + exp_approx(-x)); }
+
+// The lanes of v summed as a fixed tree (halves added pairwise), so that the rounding does not depend on the
+// machine's vector width. One tree per dot product replaces a loop's per-lane reduction (16 dependent scalar adds).
+inline float hsum(vf v) {
+  static_assert(VL == 16, "the tree below is written for 16 lanes");
+  typedef float vf8 __attribute__((vector_size(8 * sizeof(float))));
+  typedef float vf4 __attribute__((vector_size(4 * sizeof(float))));
+  const vf8 h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const vf4 q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+  return (q[0] + q[2]) + (q[1] + q[3]);
+}
+
+// One T from p: a vector, or a float (for the loops below, written once for both).
+template <class T>
+inline T ld(const float* p);
+template <>
+inline vf ld<vf>(const float* p) { return load(p); }
+template <>
+inline float ld<float>(const float* p) { return *p; }
+inline void st(float* p, vf v) { store(p, v); }
+inline void st(float* p, float v) { *p = v; }
+
+// out[r] = sum_d f(d)_r over [0, D) for R sums at once: f(d, acc) adds its R terms at d into acc, R vectors for each
+// whole VL-chunk (their lanes summed once at the end, by hsum), then R floats (out itself) for each of the last D % VL
+// entries.
+template <int R, class F>
+inline void sums_over(int D, F&& f, float (&out)[R]) {
+  vf acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = splat(0.0f);
+  int d = 0;
+  for (; d + VL <= D; d += VL) f(d, acc);
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
+  for (; d < D; ++d) f(d, out);
+}
+
+// sum_d f(d) over [0, D): f(d, vf{}) for each whole VL-chunk, f(d, 0.0f) for each of the last D % VL entries; f returns
+// the type of its second argument.
+template <class F>
+inline float sum_over(int D, F&& f) {
+  float sum[1];
+  sums_over<1>(D, [&](int d, auto& acc) { acc[0] += f(d, acc[0]); }, sum);
+  return sum[0];
+}
+
+// out[r] = g . rows[r] over D entries, for R rows at once: one vector accumulator per row over the whole VL-chunks
+// of D (g loaded once for all rows), each summed by hsum, then the last D % VL entries added one at a time.
+template <int R>
+inline void dot_rows(const float* g, const float* const (&rows)[R], int D, float (&out)[R]) {
+  vf acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = splat(0.0f);
+  int d = 0;
+  for (; d + VL <= D; d += VL) {
+    const vf gv = load(g + d);
+    for (int r = 0; r < R; ++r) acc[r] += gv * load(rows[r] + d);
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
+  for (; d < D; ++d)
+    for (int r = 0; r < R; ++r) out[r] += g[d] * rows[r][d];
+}
 
 template <int S>
 struct Kernels {
@@ -169,9 +232,8 @@ struct Kernels {
   // as nb contiguous rows of S*D floats: the tensor itself when it is contiguous, else a copy in buf (TB*S*D). A
   // stride-0 stream dim is what the first connection reads (the embedding, not yet copied into S streams) and the
   // last one's gradient is (the readout sums the streams).
-  static const float* block_rows(const float* A, int64_t ts, int64_t ss, int64_t n, int nb, int D, float* buf,
-                                 bool copy = false) {
-    if (ts == static_cast<int64_t>(S) * D && ss == D && !copy) return A + n * ts;
+  static const float* block_rows(const float* A, int64_t ts, int64_t ss, int64_t n, int nb, int D, float* buf) {
+    if (ts == static_cast<int64_t>(S) * D && ss == D) return A + n * ts;
     for (int t = 0; t < nb; ++t)
       for (int j = 0; j < S; ++j)
         std::memcpy(buf + (static_cast<int64_t>(t) * S + j) * D, A + (n + t) * ts + j * ss, D * sizeof(float));
@@ -237,31 +299,73 @@ struct Kernels {
       }
   }
 
-  // gx[k] = coef x[k] + sum_c gz[c] WT[c][k] for one token; WT is (C, SDp), zero-padded to a multiple of CHUNK.
-  NO_AUTOVEC static void mapping_matmul_backward(const float* x, const float* WT, int SD, int SDp, const float* gz, float coef,
-                                      float* gx) {
-    constexpr int NA = CHUNK / VL;
-    for (int k0 = 0; k0 < SD; k0 += CHUNK) {
-      vf acc[NA];
-      if (k0 + CHUNK <= SD) {
-        for (int a = 0; a < NA; ++a) acc[a] = coef * load(x + k0 + a * VL);
-      } else {
-        float tail[CHUNK] = {0};
-        std::memcpy(tail, x + k0, (SD - k0) * sizeof(float));
-        for (int a = 0; a < NA; ++a) acc[a] = coef * load(tail + a * VL);
-      }
-      for (int c = 0; c < C; ++c) {
-        const float* w = WT + static_cast<int64_t>(c) * SDp + k0;
-        for (int a = 0; a < NA; ++a) acc[a] += gz[c] * load(w + a * VL);
-      }
-      if (k0 + CHUNK <= SD) {
-        for (int a = 0; a < NA; ++a) store(gx + k0 + a * VL, acc[a]);
-      } else {
-        float tail[CHUNK];
-        for (int a = 0; a < NA; ++a) store(tail + a * VL, acc[a]);
-        std::memcpy(gx + k0, tail, (SD - k0) * sizeof(float));
+  // gx_t[k] += coef_t x_t[k] + sum_c gz_t[c] WT[c][k] for NA * VL consecutive entries k of TR tokens (rows
+  // SD apart): a register tile of TR x NA vectors, each row of W^T loaded once for all TR tokens.
+  template <int TR, int NA>
+  NO_AUTOVEC static void mapping_matmul_backward_tile(const float* x, int64_t SD, const float* WT, int SDp,
+                                                      const float (*gz)[CP], const float* coef, float* gx) {
+    vf acc[TR][NA];
+    for (int t = 0; t < TR; ++t)
+      for (int a = 0; a < NA; ++a) acc[t][a] = load(gx + t * SD + a * VL) + coef[t] * load(x + t * SD + a * VL);
+    for (int c = 0; c < C; ++c) {
+      const float* w = WT + static_cast<int64_t>(c) * SDp;
+      for (int a = 0; a < NA; ++a) {
+        const vf wa = load(w + a * VL);
+        for (int t = 0; t < TR; ++t) acc[t][a] += gz[t][c] * wa;
       }
     }
+    for (int t = 0; t < TR; ++t)
+      for (int a = 0; a < NA; ++a) store(gx + t * SD + a * VL, acc[t][a]);
+  }
+
+  // The same over all S*D entries of TR tokens: tiles of BT vectors, then one of the (fewer) vectors left, through
+  // zero-padded copies of x and gx when the last vector is partial. WT is (C, SDp), SDp = S*D rounded up to VL.
+  static constexpr int BT = 4;  // vectors per tile: TR x BT accumulators stay in registers for TR = 4
+  template <int TR>
+  static void mapping_matmul_backward(const float* x, int SD, const float* WT, int SDp, const float (*gz)[CP],
+                                      const float* coef, float* gx) {
+    int k = 0;
+    for (; k + BT * VL <= SD; k += BT * VL)
+      mapping_matmul_backward_tile<TR, BT>(x + k, SD, WT + k, SDp, gz, coef, gx + k);
+    const int rest = SD - k;
+    if (rest == 0) return;
+    float x_pad[TR][BT * VL] = {}, gx_pad[TR][BT * VL] = {};
+    for (int t = 0; t < TR; ++t) {
+      std::memcpy(x_pad[t], x + t * SD + k, rest * sizeof(float));
+      std::memcpy(gx_pad[t], gx + t * SD + k, rest * sizeof(float));
+    }
+    switch ((rest + VL - 1) / VL) {
+      case 1: mapping_matmul_backward_tile<TR, 1>(x_pad[0], BT * VL, WT + k, SDp, gz, coef, gx_pad[0]); break;
+      case 2: mapping_matmul_backward_tile<TR, 2>(x_pad[0], BT * VL, WT + k, SDp, gz, coef, gx_pad[0]); break;
+      case 3: mapping_matmul_backward_tile<TR, 3>(x_pad[0], BT * VL, WT + k, SDp, gz, coef, gx_pad[0]); break;
+      case 4: mapping_matmul_backward_tile<TR, 4>(x_pad[0], BT * VL, WT + k, SDp, gz, coef, gx_pad[0]); break;
+      default: break;
+    }
+    for (int t = 0; t < TR; ++t) std::memcpy(gx + t * SD + k, gx_pad[t], rest * sizeof(float));
+  }
+
+  // gx_j = H_pre,j g_u + sum_i H_res,ij keep g_i for the S streams j of one token (g_u or g may be null: no term),
+  // written over gx, which may be g itself: each VL-chunk of all streams is read before any of it is written.
+  static void state_grad_through_maps(const float* m, float keep, const float* gu, const float* g, int D, float* gx) {
+    float pre[S], res[S][S];  // res[j][i] = H_res,ij keep
+    for (int j = 0; j < S; ++j) {
+      pre[j] = gu ? m[S + j] : 0.0f;
+      for (int i = 0; i < S; ++i) res[j][i] = g ? m[2 * S + i * S + j] * keep : 0.0f;
+    }
+    auto chunk = [&](int d, auto lanes) {
+      using T = decltype(lanes);
+      T gi[S];
+      for (int i = 0; i < S; ++i) gi[i] = g ? ld<T>(g + i * D + d) : T{};
+      const T u = gu ? ld<T>(gu + d) : T{};
+      for (int j = 0; j < S; ++j) {
+        T acc = pre[j] * u;
+        for (int i = 0; i < S; ++i) acc += res[j][i] * gi[i];
+        st(gx + j * D + d, acc);
+      }
+    };
+    int d = 0;
+    for (; d + VL <= D; d += VL) chunk(d, vf{});
+    for (; d < D; ++d) chunk(d, 0.0f);
   }
 
   static void read_forward(int64_t n0, int64_t n1, int D, int iters, const float* X0, int64_t xt, int64_t xs,
@@ -275,6 +379,8 @@ struct Kernels {
       const float* X = block_rows(X0, xt, xs, n, nb, D, xbuf.data()) - n * SD;  // token n + t at X + (n + t) * SD
       float z[TB][C], ss[TB];
       int t = 0;
+      // 8 tokens per pass over W: 16 independent accumulators keep both FMA pipes busy (8 only just did)
+      for (; t + 8 <= nb; t += 8) mapping_matmul_rows<8>(X + (n + t) * SD, W, SD, z + t, ss + t);
       for (; t + 4 <= nb; t += 4) mapping_matmul_rows<4>(X + (n + t) * SD, W, SD, z + t, ss + t);
       for (; t < nb; ++t) mapping_matmul_one(X + (n + t) * SD, W, SD, z[t], ss + t);
       for (t = 0; t < TB; ++t) {
@@ -328,49 +434,81 @@ struct Kernels {
     }
   }
 
-  // LayerNorm of one stream's D values in place, y -> (y - mean) rstd; returns rstd.
-  static float standardise(float* y, int D, float eps) {
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int d = 0; d < D; ++d) sum += y[d];
-    const float mean = sum / D;
-    float var = 0.0f;
-#pragma omp simd reduction(+ : var)
-    for (int d = 0; d < D; ++d) var += (y[d] - mean) * (y[d] - mean);
-    const float rstd = 1.0f / std::sqrt(var / D + eps);
+  // y_i = sum_j H_res,ij x_j + H_post,i out for one stream i of one token, into yi (D); returns sum_d y_i,d (the
+  // LayerNorm's first pass, taken while y_i is in registers).
+  static float write_stream_sum(const float* m, const float* x, int64_t xs, const float* o, int D, int i, float* yi) {
+    float res[S];
+    for (int j = 0; j < S; ++j) res[j] = m[2 * S + i * S + j];
+    const float post = m[i];
+    return sum_over(D, [&](int d, auto lanes) {
+      using T = decltype(lanes);
+      T acc = post * ld<T>(o + d);
+      for (int j = 0; j < S; ++j) acc += res[j] * ld<T>(x + j * xs + d);
+      st(yi + d, acc);
+      return acc;
+    });
+  }
+
+  // yhat_i = (y_i - mean) rstd, y_i = sum_j H_res,ij x_j + H_post,i out, for one stream i of one token, into yi.
+  static void write_stream(const float* m, const float* x, int64_t xs, const float* o, int D, int i, float mean,
+                           float rstd, float* yi) {
+    float res[S];
+    for (int j = 0; j < S; ++j) res[j] = m[2 * S + i * S + j];
+    const float post = m[i];
 #pragma omp simd
-    for (int d = 0; d < D; ++d) y[d] = (y[d] - mean) * rstd;
-    return rstd;
+    for (int d = 0; d < D; ++d) {
+      float acc = post * o[d];
+      for (int j = 0; j < S; ++j) acc += res[j] * x[j * xs + d];
+      yi[d] = (acc - mean) * rstd;
+    }
   }
 
   // Pre-LN (gamma null): X' = (H_res X + H_post^T out) keep. Post-LN: X' = (LN(H_res X + H_post^T out)) keep, the
-  // LayerNorm (gamma, beta, eps) per stream over D.
+  // LayerNorm (gamma, beta, eps) per stream over D, three passes over each stream (the write with the sum, the
+  // variance, the normalisation); each stream's mean and 1/std go to stats (N, S, 2) for the backward (may be null).
   static void write_forward(int64_t n0, int64_t n1, int D, const float* X0, int64_t xt, int64_t xs,
                             const float* maps, const float* out, const float* keep, const float* gamma,
-                            const float* beta, float eps, float* X_new) {
+                            const float* beta, float eps, float* X_new, float* stats) {
     for (int64_t n = n0; n < n1; ++n) {
       const float k = keep ? keep[n] : 1.0f;
       float* y = X_new + n * S * D;
-      write_streams(maps + n * C, X0 + n * xt, xs, out + n * D, D, gamma ? 1.0f : k, y);
-      if (gamma)
-        for (int i = 0; i < S; ++i) {
-          float* yi = y + i * D;
-          standardise(yi, D, eps);
+      const float* m = maps + n * C;
+      const float* x = X0 + n * xt;
+      const float* o = out + n * D;
+      if (!gamma) {
+        write_streams(m, x, xs, o, D, k, y);
+        continue;
+      }
+      for (int i = 0; i < S; ++i) {
+        float* yi = y + i * D;
+        const float mean = write_stream_sum(m, x, xs, o, D, i, yi) / D;
+        const float var = sum_over(D, [&](int d, auto lanes) {
+          const auto centred = ld<decltype(lanes)>(yi + d) - mean;
+          return centred * centred;
+        });
+        const float rstd = 1.0f / std::sqrt(var / D + eps);
 #pragma omp simd
-          for (int d = 0; d < D; ++d) yi[d] = (yi[d] * gamma[d] + beta[d]) * k;
+        for (int d = 0; d < D; ++d) {
+          const float yhat = (yi[d] - mean) * rstd;
+          yi[d] = (yhat * gamma[d] + beta[d]) * k;
         }
+        if (stats) {
+          stats[(n * S + i) * 2] = mean;
+          stats[(n * S + i) * 2 + 1] = rstd;
+        }
+      }
     }
   }
 
   // Backward of the write for the sublayer output and the mappings (the state's part is the read backward's job):
   // with g = keep dX' (Pre-LN), d out = sum_i H_post,i g_i, d H_post,i = g_i . out, d H_res,ij = g_i . X_j.
-  // Post-LN (gamma not null): g is first taken back through the LayerNorm (recomputed from X and out), its
-  // gamma and beta gradients are added to g_ln (2 D, one buffer per concurrent caller), and that g is written to
-  // g_pre (N, S, D) for the read backward.
+  // Post-LN (gamma not null): g is first taken back through the LayerNorm (its input recomputed from X and out,
+  // normalised with the forward's saved mean and 1/std, stats), its gamma and beta gradients are added to g_ln
+  // (2 D, one buffer per concurrent caller), and that g is written to g_pre (N, S, D) for the read backward.
   static void write_backward(int64_t n0, int64_t n1, int D, const float* X0, int64_t xt, int64_t xs,
                              const float* maps, const float* out, const float* keep, const float* grad, int64_t gt,
-                             int64_t gs, const float* gamma, float eps, float* g_out, float* g_maps, float* g_pre,
-                             float* g_ln) {
+                             int64_t gs, const float* gamma, const float* stats, float* g_out, float* g_maps,
+                             float* g_pre, float* g_ln) {
     std::vector<float> yb(gamma ? static_cast<size_t>(S) * D : 0);
     for (int64_t n = n0; n < n1; ++n) {
       const float* m = maps + n * C;
@@ -382,26 +520,25 @@ struct Kernels {
       float scale = k;  // d X' -> d (pre-norm write) factor
       if (gamma) {
         float* y = yb.data();
-        write_streams(m, x, xs, o, D, 1.0f, y);
         float* gp_rows = g_pre + n * S * D;
         for (int i = 0; i < S; ++i) {
           float* yi = y + i * D;
-          const float rstd = standardise(yi, D, eps);  // yi is now the normalised yhat
+          const float mean = stats[(n * S + i) * 2], rstd = stats[(n * S + i) * 2 + 1];
+          write_stream(m, x, xs, o, D, i, mean, rstd, yi);  // yi is the normalised yhat
           const float* gi = g + i * gs;
           float* gpi = gp_rows + i * D;
-          float a = 0.0f, c = 0.0f;
-#pragma omp simd reduction(+ : a, c)
-          for (int d = 0; d < D; ++d) {
-            const float gk = gi[d] * k;
-            g_ln[d] += gk * yi[d];  // d gamma
-            g_ln[D + d] += gk;      // d beta
-            const float gh = gk * gamma[d];
-            gpi[d] = gh;
-            a += gh;
-            c += gh * yi[d];
-          }
-          a /= D;
-          c /= D;
+          float sums[2];  // gh = keep dX' gamma, into gpi; sums of gh and gh yhat
+          sums_over<2>(D, [&](int d, auto& acc) {
+            using T = std::remove_reference_t<decltype(acc[0])>;
+            const T gk = ld<T>(gi + d) * k, yh = ld<T>(yi + d);
+            st(g_ln + d, ld<T>(g_ln + d) + gk * yh);  // d gamma
+            st(g_ln + D + d, ld<T>(g_ln + D + d) + gk);  // d beta
+            const T gh = gk * ld<T>(gamma + d);
+            st(gpi + d, gh);
+            acc[0] += gh;
+            acc[1] += gh * yh;
+          }, sums);
+          const float a = sums[0] / D, c = sums[1] / D;
 #pragma omp simd
           for (int d = 0; d < D; ++d) gpi[d] = rstd * (gpi[d] - a - yi[d] * c);
         }
@@ -419,25 +556,23 @@ struct Kernels {
         for (int i = 0; i < S; ++i) acc += post[i] * g[i * g_stream + d];
         go[d] = acc;
       }
+      const float* rows[S + 1];  // out, then the streams of X
+      rows[0] = o;
+      for (int j = 0; j < S; ++j) rows[1 + j] = x + j * xs;
       for (int i = 0; i < S; ++i) {
-        const float* gi = g + i * g_stream;
-        float gp = 0.0f;
-#pragma omp simd reduction(+ : gp)
-        for (int d = 0; d < D; ++d) gp += gi[d] * o[d];
-        gm[i] = gp * scale;
+        float dots[S + 1];  // g_i . out, g_i . X_j
+        dot_rows<S + 1>(g + i * g_stream, rows, D, dots);
+        gm[i] = dots[0] * scale;
         gm[S + i] = 0.0f;
-        for (int j = 0; j < S; ++j) {
-          const float* xj = x + j * xs;
-          float gr = 0.0f;
-#pragma omp simd reduction(+ : gr)
-          for (int d = 0; d < D; ++d) gr += gi[d] * xj[d];
-          gm[2 * S + i * S + j] = gr * scale;
-        }
+        for (int j = 0; j < S; ++j) gm[2 * S + i * S + j] = dots[1 + j] * scale;
       }
     }
   }
 
-  // WT is (C, SDp), SDp = S*D rounded up to CHUNK with zero columns, so that the tile loop needs no tail case.
+  // WT is (C, SDp), SDp = S*D rounded up to VL with zero columns. Per block of TB tokens: Sinkhorn and its reverse,
+  // then per token the logits' gradients (d z into gzb), then d X = H_pre^T d u + H_res^T keep dX' for every token
+  // (written over dX' when gX is its buffer), then d X += d z W^T - rstd^3 / (S D) (d rstd) x four tokens at a time,
+  // then d W += x^T d z.
   static void read_backward(int64_t n0, int64_t n1, int D, int iters, const float* X0, int64_t xt, int64_t xs,
                             const float* WT, int SDp, const float* b, const float* z, const float* rstd,
                             const float* maps, const float* g_u, const float* g_maps, const float* grad0, int64_t gt,
@@ -445,13 +580,13 @@ struct Kernels {
     const int SD = S * D;
     Block blk;
     vf gres[SS][G];
-    float gzb[TB][CP] = {};  // the block's d z, zero-padded columns, for the d W accumulation
+    float gzb[TB][CP] = {};  // the block's d z, zero-padded columns, for d X and d W
+    float coef[TB];          // the block's -rstd^3 / (S D) d rstd, the RMS term of d X
     std::vector<float> xbuf(static_cast<size_t>(TB) * SD), gbuf(static_cast<size_t>(TB) * SD);
     for (int64_t n = n0; n < n1; n += TB) {
       const int nb = static_cast<int>(std::min<int64_t>(n1 - n, TB));
       const float* X = block_rows(X0, xt, xs, n, nb, D, xbuf.data()) - n * SD;  // token n + t at X + (n + t) * SD
-      // gX may be grad0's own buffer (the caller reuses it): then the block's rows are read from a copy
-      const float* grad = grad0 ? block_rows(grad0, gt, gs, n, nb, D, gbuf.data(), gX == grad0) - n * SD : nullptr;
+      const float* grad = grad0 ? block_rows(grad0, gt, gs, n, nb, D, gbuf.data()) - n * SD : nullptr;
       for (int t = 0; t < TB; ++t) {
         const bool real = t < nb;
         for (int c = 0; c < C; ++c) at(blk.logit, c, t) = real ? z[(n + t) * C + c] * rstd[n + t] + b[c] : 0.0f;
@@ -465,15 +600,14 @@ struct Kernels {
         const float* gu = g_u ? g_u + tok * D : nullptr;
         const float* m = maps + tok * C;
         float gl[C];
-        for (int j = 0; j < S; ++j) {  // pre = sigma(l_j): d l = (d u . x_j) sigma (1 - sigma)
-          float gp = 0.0f;
-          if (gu) {
-            const float* xj = x + j * D;
-#pragma omp simd reduction(+ : gp)
-            for (int d = 0; d < D; ++d) gp += gu[d] * xj[d];
-          }
-          gl[j] = gp * m[S + j] * (1.0f - m[S + j]);
+        float gpre[S] = {};  // d u . x_j
+        if (gu) {
+          const float* rows[S];
+          for (int j = 0; j < S; ++j) rows[j] = x + j * D;
+          dot_rows<S>(gu, rows, D, gpre);
         }
+        for (int j = 0; j < S; ++j)  // pre = sigma(l_j): d l = (d u . x_j) sigma (1 - sigma)
+          gl[j] = gpre[j] * m[S + j] * (1.0f - m[S + j]);
         for (int i = 0; i < S; ++i)  // post p = 2 sigma(l): d l = d p * 2 sigma (1 - sigma) = d p * p (1 - p / 2)
           gl[S + i] = g_maps ? g_maps[tok * C + i] * m[i] * (1.0f - 0.5f * m[i]) : 0.0f;
         for (int e = 0; e < SS; ++e) gl[2 * S + e] = at(gres, e, t);
@@ -486,30 +620,22 @@ struct Kernels {
           gz[c] = gl[c] * r;
         }
         std::memcpy(g_logits + tok * C, gl, sizeof gl);
-        const float coef = -grstd * r * r * r / SD;
-        mapping_matmul_backward(x, WT, SD, SDp, gz, coef, gX + tok * SD);
-        float* gx = gX + tok * SD;
-        const float kk = keep ? keep[tok] : 1.0f;
-        const float* g = grad ? grad + tok * SD : nullptr;
-        for (int j = 0; j < S; ++j) {  // + H_pre,j d u + sum_i H_res,ij keep d X'_i (through the write)
-          float res[S];
-          for (int i = 0; i < S; ++i) res[i] = m[2 * S + i * S + j] * kk;
-          float* gxj = gx + j * D;
-          if (gu)
-#pragma omp simd
-            for (int d = 0; d < D; ++d) gxj[d] += m[S + j] * gu[d];
-          if (g)
-#pragma omp simd
-            for (int d = 0; d < D; ++d) {
-              float acc = gxj[d];
-              for (int i = 0; i < S; ++i) acc += res[i] * g[i * D + d];
-              gxj[d] = acc;
-            }
-        }
+        coef[t] = -grstd * r * r * r / SD;
       }
-      int t = 0;  // d W += x^T d z over the block, 4 tokens per pass over d W
-      for (; t + 4 <= nb; t += 4) accumulate_grad_weight<4>(X + (n + t) * SD, SD, gzb + t, gW);
-      for (; t < nb; ++t) accumulate_grad_weight<1>(X + (n + t) * SD, SD, gzb + t, gW);
+      for (int t = 0; t < nb; ++t) {  // through the read and the write: H_pre,j d u + sum_i H_res,ij keep d X'_i
+        const int64_t tok = n + t;
+        state_grad_through_maps(maps + tok * C, keep ? keep[tok] : 1.0f, g_u ? g_u + tok * D : nullptr,
+                                grad ? grad + tok * SD : nullptr, D, gX + tok * SD);
+      }
+      int t = 0;  // through the mappings: d X += d z W^T + coef x, and d W += x^T d z, 4 tokens per pass
+      for (; t + 4 <= nb; t += 4) {
+        mapping_matmul_backward<4>(X + (n + t) * SD, SD, WT, SDp, gzb + t, coef + t, gX + (n + t) * SD);
+        accumulate_grad_weight<4>(X + (n + t) * SD, SD, gzb + t, gW);
+      }
+      for (; t < nb; ++t) {
+        mapping_matmul_backward<1>(X + (n + t) * SD, SD, WT, SDp, gzb + t, coef + t, gX + (n + t) * SD);
+        accumulate_grad_weight<1>(X + (n + t) * SD, SD, gzb + t, gW);
+      }
     }
   }
 };
@@ -541,8 +667,8 @@ void mhc_read_forward(int64_t n0, int64_t n1, int S, int D, int iters, const flo
 // keep; keep may be null (all ones), gamma and beta null (Pre-LN).
 void mhc_write_forward(int64_t n0, int64_t n1, int S, int D, const float* X, int64_t xt, int64_t xs,
                        const float* maps, const float* out, const float* keep, const float* gamma, const float* beta,
-                       float eps, float* X_new) {
-  MHC_DISPATCH(S, write_forward(n0, n1, D, X, xt, xs, maps, out, keep, gamma, beta, eps, X_new))
+                       float eps, float* X_new, float* stats) {
+  MHC_DISPATCH(S, write_forward(n0, n1, D, X, xt, xs, maps, out, keep, gamma, beta, eps, X_new, stats))
 }
 
 // The write's backward for the sublayer output and the mappings (the state's part is left to the read's
@@ -551,9 +677,9 @@ void mhc_write_forward(int64_t n0, int64_t n1, int S, int D, const float* X, int
 // through the LayerNorm and written to g_pre, and d gamma, d beta are added to g_ln (2 D, one per caller).
 void mhc_write_backward(int64_t n0, int64_t n1, int S, int D, const float* X, int64_t xt, int64_t xs,
                         const float* maps, const float* out, const float* keep, const float* grad, int64_t gt,
-                        int64_t gs, const float* gamma, float eps, float* g_out, float* g_maps, float* g_pre,
-                        float* g_ln) {
-  MHC_DISPATCH(S, write_backward(n0, n1, D, X, xt, xs, maps, out, keep, grad, gt, gs, gamma, eps, g_out, g_maps,
+                        int64_t gs, const float* gamma, const float* stats, float* g_out, float* g_maps,
+                        float* g_pre, float* g_ln) {
+  MHC_DISPATCH(S, write_backward(n0, n1, D, X, xt, xs, maps, out, keep, grad, gt, gs, gamma, stats, g_out, g_maps,
                                  g_pre, g_ln))
 }
 

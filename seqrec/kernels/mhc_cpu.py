@@ -40,15 +40,13 @@ SOURCE = Path(__file__).with_name("mhc_cpu.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC"]
 MAX_STREAMS, MAX_ITERS = 8, 64  # mhc_cpu.cpp instantiates S = 1..8; its MAX_ITERS
 TOKENS_PER_TASK = 512  # the least work worth a thread
-CHUNK, LANES = 128, 16  # mhc_cpu.cpp's CHUNK and VL: W^T and W are read zero-padded to multiples of them
+LANES = 16  # mhc_cpu.cpp's VL: W, W^T and d W are read zero-padded to a multiple of it
 
 _i64, _int, _ptr, _float = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
 _SIGNATURES = {
     "mhc_read_forward": [_i64, _i64, _int, _int, _int, _ptr, _i64, _i64] + [_ptr] * 7,
-    "mhc_write_forward": [_i64, _i64, _int, _int, _ptr, _i64, _i64] + [_ptr] * 5 + [_float, _ptr],
-    "mhc_write_backward": [_i64, _i64, _int, _int, _ptr, _i64, _i64]
-    + [_ptr] * 4
-    + [_i64, _i64, _ptr, _float, _ptr, _ptr, _ptr, _ptr],
+    "mhc_write_forward": [_i64, _i64, _int, _int, _ptr, _i64, _i64] + [_ptr] * 5 + [_float, _ptr, _ptr],
+    "mhc_write_backward": [_i64, _i64, _int, _int, _ptr, _i64, _i64] + [_ptr] * 4 + [_i64, _i64] + [_ptr] * 6,
     "mhc_read_backward": [_i64, _i64, _int, _int, _int, _ptr, _i64, _i64, _ptr, _int]
     + [_ptr] * 7
     + [_i64, _i64, _ptr, _ptr, _ptr, _ptr],
@@ -147,8 +145,12 @@ def _run(kernel: str, N: int, *args, per_task=_NONE) -> None:
 
 
 def _reusable(grad: Tensor | None, X: Tensor) -> bool:
-    """Whether the read's backward may write dX over `grad`: a contiguous buffer of X's shape made by this module."""
-    return grad is not None and grad.shape == X.shape and grad.is_contiguous() and getattr(grad, "_mhc_owned", False)
+    """Whether a backward may write over `grad`: a contiguous buffer of X's shape made by this module, or a whole view
+    of one (autograd hands the next connection's dX to this one's write through the views between them)."""
+    if grad is None or grad.shape != X.shape or not grad.is_contiguous():
+        return False
+    whole = grad._base if grad._base is not None and grad._base.numel() == grad.numel() else grad
+    return whole.data_ptr() == grad.data_ptr() and getattr(whole, "_mhc_owned", False)
 
 
 def _unit_last_stride(t: Tensor) -> Tensor:
@@ -205,7 +207,7 @@ class _Read(torch.autograd.Function):
         # connection allocated and nothing else holds): its rows are in cache as they are read, and no new 10 MB
         grad_X = link_grad if _reusable(link_grad, X) else X.new_empty(X.shape)
         grad_logits = torch.empty_like(z)
-        weight_t = _padded(weight.t(), CHUNK)
+        weight_t = _padded(weight.t(), LANES)
         C = weight.shape[1]
         grad_weight = weight.new_zeros(_tasks(N), S * D, -(-C // LANES) * LANES)  # one accumulator per task
         _run(
@@ -221,24 +223,28 @@ class _Write(torch.autograd.Function):
     def forward(ctx, X, maps, out, keep, link, norm_weight, norm_bias, eps):
         N, S, D = X.shape
         X_new = X.new_empty(X.shape)  # contiguous, whatever X's strides
-        _run("mhc_write_forward", N, S, D, *_strided(X), maps, out, keep, norm_weight, norm_bias, eps, X_new)
-        ctx.save_for_backward(X, maps, out, keep, norm_weight)
-        ctx.link, ctx.eps = link, eps
+        # Post-LN: each stream's LayerNorm mean and 1/std (N, S, 2), so that the backward need not recompute them
+        post_ln_training = norm_weight is not None and any(ctx.needs_input_grad)
+        stats = X.new_empty(N, S, 2) if post_ln_training else None
+        _run("mhc_write_forward", N, S, D, *_strided(X), maps, out, keep, norm_weight, norm_bias, eps, X_new, stats)
+        ctx.save_for_backward(X, maps, out, keep, norm_weight, stats)
+        ctx.link = link
         return X_new
 
     @staticmethod
     def backward(ctx, grad):
-        X, maps, out, keep, norm_weight = ctx.saved_tensors
+        X, maps, out, keep, norm_weight, stats = ctx.saved_tensors
         N, S, D = X.shape
         grad = _unit_last_stride(grad)  # a stride-0 stream dim (from the sum readout) is read as it is
         grad_out, grad_maps = torch.empty_like(out), maps.new_empty(maps.shape)
         post_ln = norm_weight is not None
-        grad_pre_norm = X.new_empty(X.shape) if post_ln else None
-        if post_ln:
+        grad_pre_norm = None
+        if post_ln:  # the gradient before the LayerNorm goes over dX' where this module made that buffer
+            grad_pre_norm = grad if _reusable(grad, X) else X.new_empty(X.shape)
             grad_pre_norm._mhc_owned = True
         grad_norm = X.new_zeros(_tasks(N), 2, D) if post_ln else None  # d weight, d bias per task
         _run(
-            "mhc_write_backward", N, S, D, *_strided(X), maps, out, keep, *_strided(grad), norm_weight, ctx.eps,
+            "mhc_write_backward", N, S, D, *_strided(X), maps, out, keep, *_strided(grad), norm_weight, stats,
             grad_out, grad_maps, grad_pre_norm, per_task=grad_norm,
         )  # fmt: skip
         # the read's backward adds H_res^T (keep dX', or the gradient before the LayerNorm, keep included) to dX

@@ -45,8 +45,9 @@ def run_connection(connection, state, keep, sublayer, out_weight, mode="auto"):
 @pytest.mark.parametrize("streams", [1, 3, 4])
 @pytest.mark.parametrize("norm_first", [True, False])
 @pytest.mark.parametrize("with_keep", [True, False])
-def test_native_connection_is_the_reference_connection(streams, norm_first, with_keep):
-    B, L, D = 3, 37, 12  # 111 tokens: several 16-token blocks and a ragged last one
+@pytest.mark.parametrize("dim", [12, 50])  # 12: shorter than one 16-float vector; 50: three vectors and a tail of 2
+def test_native_connection_is_the_reference_connection(streams, norm_first, with_keep, dim):
+    B, L, D = 3, 37, dim  # 111 tokens: several 16-token blocks and a ragged last one
     g = torch.Generator().manual_seed(1)
     state = torch.randn(B, L, streams, D, generator=g)
     keep = torch.ones(B, L, dtype=torch.bool)
@@ -73,8 +74,10 @@ def test_native_connection_is_the_reference_connection(streams, norm_first, with
 
 
 @pytest.mark.parametrize("cls", [SASRec, TiSASRec])
-def test_native_model_matches_reference_model_in_training_and_evaluation(cls):
-    """Whole models (two blocks, dropout off): outputs and every parameter's gradient, then a no-grad pass."""
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_native_model_matches_reference_model_in_training_and_evaluation(cls, norm_first):
+    """Whole models (two blocks, dropout off): outputs and every parameter's gradient, then a no-grad pass. Between
+    connections the backward writes over the gradient buffers it made (Post-LN and Pre-LN alike)."""
     seq = torch.randint(1, 41, (4, 16))
     seq[1, :6] = 0
     seq[3, :15] = 0
@@ -86,7 +89,7 @@ def test_native_model_matches_reference_model_in_training_and_evaluation(cls):
         extra = {"time_span": 8} if cls is TiSASRec else {}
         models.append(
             cls(num_items=40, maxlen=16, hidden_units=16, num_blocks=2, num_heads=2, dropout_rate=0.0,
-                residual=MHC(init_gate=0.5), **extra)
+                norm_first=norm_first, residual=MHC(init_gate=0.5), **extra)
         )  # fmt: skip
     modes = ("reference", "auto")
     outs = []
