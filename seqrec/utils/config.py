@@ -29,7 +29,7 @@ from seqrec import kernels
 from seqrec.errors import ConfigError
 from seqrec.settings import SCHEMAS
 from seqrec.train.distributed import resolve_backend
-from seqrec.utils.rules import ADAM_RULES, POSITIVE, SEED, Rule, one_of, rules_of, violation
+from seqrec.utils.rules import ADAM_RULES, POSITIVE, SEED, Rule, is_number, one_of, rules_of, violation
 
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 # constructor arguments that run.py passes at runtime rather than YAML
@@ -66,10 +66,6 @@ PARTIAL_ARGS = {
     "schedule": {"optimizer", "steps_per_epoch", "num_epochs", "lr_scale"},
     "trainer": {"optimizer", "schedule"},
 }
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 # The rules of constructors we do not own, by module: every torch.optim optimizer names its arguments alike.
@@ -313,12 +309,12 @@ def _check_sparse_gradients(cfg: DictConfig, problems: list[str]) -> None:
     if not isinstance(trainer, DictConfig):
         return
     l2, clip, devices, device = (trainer.get(k) for k in ("l2_emb", "grad_clip", "devices", "device"))
-    if _is_number(l2) and l2 > 0:
+    if is_number(l2) and l2 > 0:
         problems.append(
             f"trainer.l2_emb={l2} {with_sparse}: a penalty over the whole item table would make its gradient dense; "
             "set trainer.l2_emb=0 (optimizer.weight_decay decays the rows each step touches)"
         )
-    if _is_number(clip) and clip > 0:
+    if is_number(clip) and clip > 0:
         problems.append(
             f"trainer.grad_clip={clip} {with_sparse}: torch's clip_grad_norm_ cannot take a sparse gradient's norm; "
             "set trainer.grad_clip=0"

@@ -54,14 +54,15 @@ def one_of(*choices: str) -> Rule:
     return Rule(lambda v: v in choices, "must be one of " + ", ".join(choices))
 
 
-def _is_number(v) -> bool:
+def is_number(v) -> bool:
+    """An int or float config value (a bool is not a number here)."""
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
 # torch.optim's Adam family (and seqrec's LazyAdam, which takes the same arguments)
 ADAM_RULES = {
     "lr": POSITIVE,
-    "betas": Rule(lambda v: len(v) == 2 and all(_is_number(b) and 0 <= b < 1 for b in v), "must be [b1, b2] in [0, 1)"),
+    "betas": Rule(lambda v: len(v) == 2 and all(is_number(b) and 0 <= b < 1 for b in v), "must be [b1, b2] in [0, 1)"),
     "eps": POSITIVE,
     "weight_decay": NON_NEGATIVE,
 }
