@@ -1,16 +1,20 @@
 """Every experiment of docs/RESULTS.md is a config (conf/experiment/<name>.yaml): each composes through the real
 Hydra composition into a config the pre-flight check accepts, names the command that runs it, and, where its
-figure came from committed run directories, composes into exactly the configuration those runs recorded."""
+figure came from committed run directories, composes into exactly the configuration those runs recorded and quotes
+the figures `python -m seqrec.results` computes from them."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 from omegaconf import OmegaConf
 
+from seqrec.results import mean_ci_cell, results_table
+from seqrec.run_dirs import IGNORED_OVERRIDES, read_overrides
 from seqrec.train import resume_policy
 from seqrec.train.resume_policy import upgrade_layout
 from seqrec.utils.config import check_config
@@ -43,6 +47,26 @@ RENAMED: dict = {}
 def header(name: str) -> str:
     lines = (CONF / "experiment" / f"{name}.yaml").read_text().splitlines()
     return "\n".join(line for line in lines if line.startswith("#"))
+
+
+def header_text(name: str) -> str:
+    """The header as one line of prose: the `#`s gone and the line wraps joined, so a figure split over two lines
+    ("0.1825 ±" / "# 0.0050") reads whole."""
+    return " ".join(" ".join(line.lstrip("#").split()) for line in header(name).splitlines())
+
+
+# A quoted figure: "[sampled ]NDCG@10 0.1948 ± 0.0015" (mean ± half-width of the 95 % CI) or "HR@10 0.2425" (a
+# mean); a test metric, full ranking unless "sampled" precedes it.
+FIGURE = re.compile(r"(?P<sampled>sampled )?(?P<metric>NDCG|HR|MRR)@(?P<k>\d+) (?P<quoted>\d\.\d{4}(?: ± \d\.\d{4})?)")
+FOUR_DECIMALS = re.compile(r"\d\.\d{4}")
+
+
+def quoted_figures(name: str) -> list[tuple[str, str]]:
+    """(results.json key, the figure as quoted) for each figure the header quotes."""
+    return [
+        (f"test{'_sampled' if m['sampled'] else ''}/{m['metric'].lower()}@{m['k']}", m["quoted"])
+        for m in FIGURE.finditer(header_text(name))
+    ]
 
 
 def run_directories(name: str) -> list[Path]:
@@ -100,6 +124,29 @@ def test_the_experiment_composes_and_passes_the_preflight_check(name, tmp_path):
     assert f"python train.py experiment={name} seed=1" in header(name)
     assert "docs/RESULTS.md" in header(name)
     assert (CONF / "experiment" / f"{name}.yaml").read_text().startswith("# @package _global_\n")
+
+
+@pytest.mark.parametrize("name", [n for n in EXPERIMENTS if FOUR_DECIMALS.search(header(n))])
+def test_the_header_quotes_what_the_results_tool_computes_from_its_runs(name):
+    """The header's figures are `python -m seqrec.results <its run directories>` as that prints them: mean ± the
+    half-width of the 95 % CI over the seeds, 4 decimals (a figure without ± is checked as the mean)."""
+    figures = quoted_figures(name)
+    text = header_text(name)
+    unread = len(FOUR_DECIMALS.findall(text)) - sum(len(FOUR_DECIMALS.findall(quoted)) for _, quoted in figures)
+    assert not unread, f"{name}: {unread} 4-decimal number(s) not quoted as 'METRIC@k mean [± half]': {text}"
+    assert "mean ± 95 % CI" in text, f"{name}: the header does not say what its ± is"
+    folders = sorted({str(seed.parent) for seed in run_directories(name)})
+    assert folders, f"{name}: quotes figures but cites no run directories"
+    _, summary, _ = results_table(folders, sorted({key for key, _ in figures}), fmt="csv")
+    assert len(summary) == 1, f"{name}: the cited run directories hold {len(summary)} rows, not one"
+    row = summary.iloc[0]
+    computed = {key: mean_ci_cell(row[key], row[f"{key} ci95"]) for key, _ in figures}
+    wrong = [
+        f"{key} quoted {quoted}, computed {computed[key]}"
+        for key, quoted in figures
+        if quoted != (computed[key] if " ± " in quoted else f"{row[key]:.4f}")
+    ]
+    assert not wrong, f"{name}: " + "; ".join(wrong)
 
 
 @pytest.mark.parametrize("name", [n for n in EXPERIMENTS if any(map(recorded_config, run_directories(n)))])
