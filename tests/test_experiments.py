@@ -149,25 +149,76 @@ def test_the_header_quotes_what_the_results_tool_computes_from_its_runs(name):
     assert not wrong, f"{name}: " + "; ".join(wrong)
 
 
+def command_line_keys(name: str) -> set[str]:
+    """The keys the header's `python train.py experiment=<name> seed=1 ...` line sets, its trailing comment
+    included (where ml1m_sasrec_ce_h128 gives the time limits its seeds 2 and 3 ran under)."""
+    line = next(line for line in header(name).splitlines() if f"python train.py experiment={name} " in line)
+    return {override_key(word) for word in line.split() if re.match(r"[+~]*[\w.]+=", word)}
+
+
+def override_key(override: str) -> str:
+    return override.partition("=")[0].lstrip("+~")
+
+
+def replayed_overrides(name: str, run: Path) -> list[str]:
+    """The run's recorded command-line overrides that composing it replays: those whose key the experiment's header
+    shows on its command line (the depth study's model.num_blocks), and those that do not change what is computed
+    (seqrec.run_dirs.IGNORED_OVERRIDES: the progress bar, the checkpoint cadence, where outputs go). Any other is
+    left out, so that what it changed shows up as drift; experiment and seed are composed from the record itself."""
+    shown = command_line_keys(name) - {"experiment", "seed"}
+    return [o for o in read_overrides(run) if override_key(o) in shown | IGNORED_OVERRIDES]
+
+
+def drift(name: str, run: Path, tmp_path: Path) -> list[str]:
+    """Each setting where `experiment=<name>` (with the run's seed, device and replayed overrides) composes into
+    something other than what the run recorded: "key: recorded X, composed Y"."""
+    record, resolved = recorded_config(run)
+    recorded = flat(in_todays_layout(record))
+    overrides = [f"experiment={name}", f"seed={recorded['seed']}", f"trainer.device={recorded['trainer.device']}"]
+    now = flat(
+        OmegaConf.to_container(compose_config(overrides + replayed_overrides(name, run), tmp_path), resolve=resolved)
+    )
+    if "${" in str(recorded.get("trainer.amp_dtype")) + str(now.get("trainer.amp_dtype")):
+        recorded.pop("trainer.amp_dtype", None)  # "the machine's best dtype": not a setting of the experiment
+        now.pop("trainer.amp_dtype", None)
+    for (old_key, old_value), (new_key, new_value) in RENAMED.items():
+        if recorded.get(old_key) == old_value:
+            recorded.pop(old_key)
+            recorded[new_key] = new_value
+    return [
+        f"{key}: recorded {recorded.get(key, ADDED_SINCE.get(key))!r}, composed {now.get(key)!r}"
+        for key in sorted(set(recorded) | set(now))
+        if is_setting(key) and recorded.get(key, ADDED_SINCE.get(key)) != now.get(key, ADDED_SINCE.get(key))
+    ]
+
+
 @pytest.mark.parametrize("name", [n for n in EXPERIMENTS if any(map(recorded_config, run_directories(n)))])
 def test_the_experiment_is_what_its_published_runs_recorded(name, tmp_path):
-    for seed_dir in filter(recorded_config, run_directories(name)):
-        record, resolved = recorded_config(seed_dir)
-        recorded = flat(in_todays_layout(record))
-        overrides = [f"experiment={name}", f"seed={recorded['seed']}", f"trainer.device={recorded['trainer.device']}"]
-        if name == "ml1m_sasrec_ce_h128":  # the three seeds had different shares of the machine's time
-            overrides.append(f"trainer.time_limit_min={recorded['trainer.time_limit_min']}")
-        now = flat(OmegaConf.to_container(compose_config(overrides, tmp_path), resolve=resolved))
-        if "${" in str(recorded.get("trainer.amp_dtype")) + str(now.get("trainer.amp_dtype")):
-            recorded.pop("trainer.amp_dtype", None)  # "the machine's best dtype": not a setting of the experiment
-            now.pop("trainer.amp_dtype", None)
-        for (old_key, old_value), (new_key, new_value) in RENAMED.items():
-            if recorded.get(old_key) == old_value:
-                recorded.pop(old_key)
-                recorded[new_key] = new_value
-        drift = [
-            f"{key}: recorded {recorded.get(key, ADDED_SINCE.get(key))!r}, composed {now.get(key)!r}"
-            for key in sorted(set(recorded) | set(now))
-            if is_setting(key) and recorded.get(key, ADDED_SINCE.get(key)) != now.get(key, ADDED_SINCE.get(key))
-        ]
-        assert not drift, f"{seed_dir.relative_to(REPO)}: " + "; ".join(drift)
+    for run in filter(recorded_config, run_directories(name)):
+        assert not (found := drift(name, run, tmp_path)), f"{run.relative_to(REPO)}: " + "; ".join(found)
+
+
+def fake_run(tmp_path: Path, name: str, overrides: list[str]) -> Path:
+    """A run directory as training `python train.py experiment=<name> <overrides>` records it (results.json's
+    config, .hydra/overrides.yaml), without training."""
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    config = OmegaConf.to_container(compose_config([f"experiment={name}", *overrides], tmp_path), resolve=True)
+    (run / "results.json").write_text(json.dumps({"config": config}))
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"experiment={name}", *overrides]))
+    return run
+
+
+def test_a_recorded_override_the_header_shows_or_that_computes_nothing_is_replayed(tmp_path):
+    name = "depth_ml1m_sasrec_plain"  # its header shows model.num_blocks=8
+    run = fake_run(tmp_path, name, ["seed=2", "model.num_blocks=4", "trainer.checkpoint_every_min=5"])
+    assert drift(name, run, tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "name, override",
+    [("depth_ml1m_sasrec_plain", "optimizer.lr=0.5"), ("ml1m_sasrec_ce_h256", "model.num_blocks=4")],
+)
+def test_any_other_recorded_override_is_drift(name, override, tmp_path):
+    run = fake_run(tmp_path, name, ["seed=1", override])
+    assert [line.partition(":")[0] for line in drift(name, run, tmp_path)] == [override_key(override)]
