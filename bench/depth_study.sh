@@ -2,8 +2,8 @@
 # The depth question for mHC: plain against mHC at 2, 4 and 8 blocks, 3 seeds each, on ML-1M (SASRec) and on the
 # timestamped half of ML-1M (TiSASRec); every run full-ranking, validation-selected, trained to the end of its
 # annealed schedule (conf/experiment/depth_*.yaml). Then the report: one table (mean ± 95 % CI over seeds), per
-# depth and data set the paired difference mHC - plain over seeds and over test users, and a plot of test
-# NDCG@10 against depth (<out>/compare/).
+# depth and data set the paired difference mHC - plain over seeds and over test users, the training-stability
+# table (loss rises, validation drops, mHC gains) and a plot of test NDCG@10 against depth (<out>/compare/).
 #
 #   bash bench/depth_study.sh [--device cuda|cpu] [--parallel N] [--seeds 1,2,3] [--depths "2 8 4"]
 #                             [--data ml1m,half] [--out DIR] [--report-only]
@@ -42,7 +42,7 @@ if [ "$report_only" = 0 ]; then
     done
   done
 fi
-python -m seqrec.results "$out" --metrics test/ndcg@10,test/hr@10,val/ndcg@10
+python -m seqrec.results "$out" --metrics test/ndcg@10,test/hr@10,val/ndcg@10 --stability
 for pair in "${pairs[@]}"; do
   read -r plain mhc <<< "$pair"
   for blocks in $depths; do

@@ -34,6 +34,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from seqrec.errors import SeqrecError
@@ -191,6 +192,48 @@ def render(table: pd.DataFrame, fmt: str) -> str:
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)]) + "\n"
 
 
+# --------------------------------------------------------------------------------------------- stability
+# What each run's metrics.jsonl says about how its training went, one column each (NaN where a run logs no such
+# number, e.g. the mHC gains of a plain residual).
+STABILITY = ("final loss", "loss rise", "val drop", "fwd gain", "bwd gain")
+STABILITY_HELP = (
+    "final loss: train/loss of the last epoch; loss rise: the largest rise of the epoch loss above its lowest value "
+    "so far (0 when it never went up); val drop: the best validation METRIC minus the last; fwd/bwd gain: the "
+    "largest mHC composite forward/backward gain logged (1 = the product of the H_res matrices neither amplifies "
+    "nor damps)"
+)
+
+
+def stability_columns(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """The STABILITY numbers of each run in `frame` (indexed like it), read from its history."""
+
+    def series(run: Run, key: str) -> list[float]:
+        return [float(h[key]) for h in run.history if number(h.get(key)) is not None]
+
+    def of(run: Run) -> dict[str, float]:
+        loss, val = series(run, "train/loss"), series(run, metric)
+        fwd, bwd = series(run, "mhc/composite_fwd_gain"), series(run, "mhc/composite_bwd_gain")
+        lowest = np.minimum.accumulate(loss) if loss else []
+        return {
+            "final loss": loss[-1] if loss else math.nan,
+            "loss rise": float(np.max(np.asarray(loss) - lowest)) if loss else math.nan,
+            "val drop": max(val) - val[-1] if val else math.nan,
+            "fwd gain": max(fwd, default=math.nan),
+            "bwd gain": max(bwd, default=math.nan),
+        }
+
+    return pd.DataFrame([of(r) for r in frame["run"]], index=frame.index, columns=list(STABILITY))
+
+
+def stability_table(frame: pd.DataFrame, metric: str, fmt: str) -> str:
+    """Per row, mean ± 95 % CI over its finished seeds of each STABILITY number."""
+    columns = list(STABILITY)
+    summary = summarise(frame.drop(columns=columns, errors="ignore").join(stability_columns(frame, metric)), columns)
+    table = summary_table(summary, columns, fmt)
+    keep = [c for c in table.columns if c in ("row", "protocol", "seeds") or c.split(" (")[0] in columns]
+    return render(table[keep], fmt)
+
+
 # --------------------------------------------------------------------------------------------- paired tests
 def paired_rows(frame: pd.DataFrame, first: str, second: str) -> pd.DataFrame:
     """The finished runs of rows `first` and `second`, refused unless both exist under one protocol."""
@@ -268,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=("md", "csv"), default="md")
     parser.add_argument("--paired", nargs=2, metavar=("A", "B"), help="a paired test of row B - row A")
     parser.add_argument("--over", choices=("seeds", "users"), default="seeds", help="what --paired pairs")
+    stability_help = STABILITY_HELP.replace("METRIC", "metric (the first val/ key of --metrics, else val/ndcg@10)")
+    parser.add_argument("--stability", action="store_true", help=f"also a training-stability table: {stability_help}")
     args = parser.parse_args(argv)
     metrics = [m for m in args.metrics.split(",") if m]
     try:
@@ -280,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     print(text, end="")
     for line in paired:
         print(line)
+    if args.stability:
+        validation = next((m for m in metrics if m.startswith("val")), "val/ndcg@10")
+        print("\ntraining stability (" + validation + "):\n" + stability_table(frame, validation, args.format), end="")
     if unfinished := int((frame["status"] != "done").sum()):
         print(f"left out {unfinished} unfinished run(s) (no results.json)", file=sys.stderr)
     return 0

@@ -18,7 +18,7 @@ import pytest
 
 from seqrec.errors import SeqrecError
 from seqrec.eval.user_ranks import read_test_ranks, write_test_ranks
-from seqrec.results import main, results_table
+from seqrec.results import main, results_table, stability_columns
 from seqrec.stats import paired_t_test, student_t_cdf, student_t_quantile, student_t_sf, wilcoxon_signed_rank
 from tests.test_compare import fake_run, recorded_run, write_hydra_folder
 
@@ -302,3 +302,39 @@ def test_the_tables_in_docs_results_md_are_the_tools_output(capsys):
         checked = [ln for ln in printed if ln and not ("--paired" in args and ln.startswith("|"))]
         missing = [ln for ln in checked if ln not in lines]
         assert not missing, f"docs/RESULTS.md lacks the output of `{command}`: {missing[:2]}"
+
+
+def test_the_stability_table_reads_loss_rises_validation_drops_and_mhc_gains(tmp_path, capsys):
+    """Per run: the last epoch's loss, the largest rise of the loss above its lowest value so far, the drop of
+    validation from its best to its last, the largest mHC gains (blank for a plain run); mean ± CI per row."""
+    histories = {
+        "mhc/seed1": ([3.0, 2.0, 2.5, 1.5], [0.1, 0.3, 0.2, 0.25], [1.0, 1.2, 1.1, 1.0]),  # rise 0.5, drop 0.05
+        "mhc/seed2": ([3.0, 2.0, 1.8, 1.7], [0.1, 0.2, 0.3, 0.3], [1.0, 1.0, 1.4, 1.3]),  # monotone: 0 and 0
+        "plain/seed1": ([2.0, 1.0, 4.0, 0.5], [0.1, 0.2, 0.1, 0.2], None),  # rise 3.0, drop 0
+    }
+    for name, (loss, val, gains) in histories.items():
+        path = tmp_path / name
+        fake_run(path, [f"residual={name.split('/')[0]}", f"seed={name[-1]}"], val, test_ndcg=0.2)
+        records = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+        for i, record in enumerate(records):
+            record["train/loss"] = loss[i]
+            if gains:
+                record |= {"mhc/composite_fwd_gain": gains[i], "mhc/composite_bwd_gain": 2 * gains[i]}
+        (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    _, _, frame = results_table([str(tmp_path)], ["test/ndcg@10"])
+    columns = stability_columns(frame, "val/ndcg@10").set_axis(frame["dir"].map(lambda p: f"{p.parent.name}/{p.name}"))
+    assert columns.loc["mhc/seed1"].tolist() == pytest.approx([1.5, 0.5, 0.05, 1.2, 2.4])
+    assert columns.loc["mhc/seed2"].tolist() == pytest.approx([1.7, 0.0, 0.0, 1.4, 2.8])
+    plain = columns.loc["plain/seed1"]
+    assert plain[["final loss", "loss rise", "val drop"]].tolist() == pytest.approx([0.5, 3.0, 0.0])
+    assert plain[["fwd gain", "bwd gain"]].isna().all()
+
+    assert main([str(tmp_path), "--metrics", "test/ndcg@10,val/ndcg@10", "--stability"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    stability = lines[lines.index("training stability (val/ndcg@10):") + 1 :]
+    mhc_row = next(line for line in stability if line.startswith("| mhc "))
+    half = math.tan(math.pi * 0.475) * statistics.stdev([0.5, 0.0]) / math.sqrt(2)  # 2 seeds: t(0.975, df=1)
+    assert f"| 0.2500 ± {half:.4f} " in mhc_row and "| 1.3000 ± " in mhc_row
+    plain_row = next(line for line in stability if line.startswith("| plain "))
+    assert "| 3.0000 " in plain_row and plain_row.rstrip(" |").endswith("0.0000")
