@@ -160,13 +160,21 @@ def override_key(override: str) -> str:
     return override.partition("=")[0].lstrip("+~")
 
 
-def replayed_overrides(name: str, run: Path) -> list[str]:
-    """The run's recorded command-line overrides that composing it replays: those whose key the experiment's header
-    shows on its command line (the depth study's model.num_blocks), and those that do not change what is computed
-    (seqrec.run_dirs.IGNORED_OVERRIDES: the progress bar, the checkpoint cadence, where outputs go). Any other is
-    left out, so that what it changed shows up as drift; experiment and seed are composed from the record itself."""
+def replayed_overrides(name: str, run: Path, recorded: dict) -> list[str]:
+    """The overrides composing a run replays. A key the experiment's header shows on its command line is one of the
+    experiment's free parameters (the depth study's model.num_blocks, its lr probe's optimizer.lr): its value comes
+    from the run's record, whether the run set it on its command line or inherited it from the experiment as it was
+    then. Of the run's other recorded overrides, only those that do not change what is computed are replayed
+    (seqrec.run_dirs.IGNORED_OVERRIDES: the progress bar, the checkpoint cadence, where outputs go), so that what
+    any other changed shows up as drift; experiment and seed are composed from the record itself."""
     shown = command_line_keys(name) - {"experiment", "seed"}
-    return [o for o in read_overrides(run) if override_key(o) in shown | IGNORED_OVERRIDES]
+    harmless = [o for o in read_overrides(run) if override_key(o) in IGNORED_OVERRIDES - shown]
+    free = [f"{key}={as_override(recorded[key])}" for key in sorted(shown) if key in recorded]
+    return harmless + free
+
+
+def as_override(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def drift(name: str, run: Path, tmp_path: Path) -> list[str]:
@@ -176,7 +184,9 @@ def drift(name: str, run: Path, tmp_path: Path) -> list[str]:
     recorded = flat(in_todays_layout(record))
     overrides = [f"experiment={name}", f"seed={recorded['seed']}", f"trainer.device={recorded['trainer.device']}"]
     now = flat(
-        OmegaConf.to_container(compose_config(overrides + replayed_overrides(name, run), tmp_path), resolve=resolved)
+        OmegaConf.to_container(
+            compose_config(overrides + replayed_overrides(name, run, recorded), tmp_path), resolve=resolved
+        )
     )
     if "${" in str(recorded.get("trainer.amp_dtype")) + str(now.get("trainer.amp_dtype")):
         recorded.pop("trainer.amp_dtype", None)  # "the machine's best dtype": not a setting of the experiment
@@ -215,9 +225,22 @@ def test_a_recorded_override_the_header_shows_or_that_computes_nothing_is_replay
     assert drift(name, run, tmp_path) == []
 
 
+def test_a_free_parameter_the_run_inherited_from_an_earlier_version_of_the_experiment_is_read_from_its_record(
+    tmp_path,
+):
+    """The lr probe's first runs were made while the experiment itself said lr 1e-3: their command line has no
+    optimizer.lr, their record has it, and the header shows optimizer.lr as a free parameter."""
+    name = "depth_ml1m_sasrec_plain"
+    run = fake_run(tmp_path, name, ["seed=1", "model.num_blocks=2", "optimizer.lr=0.001"])
+    (run / ".hydra" / "overrides.yaml").write_text(
+        yaml.safe_dump([f"experiment={name}", "seed=1", "model.num_blocks=2"])
+    )
+    assert drift(name, run, tmp_path) == []
+
+
 @pytest.mark.parametrize(
     "name, override",
-    [("depth_ml1m_sasrec_plain", "optimizer.lr=0.5"), ("ml1m_sasrec_ce_h256", "model.num_blocks=4")],
+    [("depth_ml1m_sasrec_plain", "model.dropout_rate=0.5"), ("ml1m_sasrec_ce_h256", "model.num_blocks=4")],
 )
 def test_any_other_recorded_override_is_drift(name, override, tmp_path):
     run = fake_run(tmp_path, name, ["seed=1", override])
