@@ -112,13 +112,15 @@ def compare(
         bundled = "seed" in keys and len(set(settings.values())) < len(runs) and all(settings.values())
         written.append(plot_learning_curves(list(frame["run"]), metric, labels, out_dir, settings if bundled else None))
         written.extend(plot_metric_vs_params(frame, metric, [k for k in keys if k not in NOT_A_SETTING], out_dir))
+    # a row picked by a test metric is a reading of the table, not a model selection: the line says so
+    caveat = "" if metric.startswith("val") else f" ({metric} is not a validation metric: select on validation)"
     if seeded:
         best = summary.iloc[0]
         cell = mean_ci_cell(best[metric], best[f"{metric} ci95"])
-        return text, f"best by {metric} (mean over {best['seeds']} seeds): {best['row']}  ({cell})", written
+        return text, f"best by {metric} (mean over {best['seeds']} seeds): {best['row']}  ({cell}){caveat}", written
     best = frame.iloc[0]
     chosen = " ".join(f"{k}={best['run'].setting(k)}" for k in keys) or "(no swept overrides)"
-    return text, f"best by {metric}: {chosen}  ({metric}={_four(best[metric])}, {best['dir']})", written
+    return text, f"best by {metric}: {chosen}  ({metric}={_four(best[metric])}, {best['dir']}){caveat}", written
 
 
 # --------------------------------------------------------------------------------------------- plots

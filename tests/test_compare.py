@@ -134,10 +134,11 @@ def test_table_has_swept_overrides_as_columns_and_is_sorted_by_the_metric(sweep,
 
 
 def test_other_metric_and_csv(sweep, tmp_path):
-    text, _, written = compare([str(sweep)], metric="test/ndcg@10", fmt="csv", out=str(tmp_path), plots=False)
+    text, best, written = compare([str(sweep)], metric="test/ndcg@10", fmt="csv", out=str(tmp_path), plots=False)
     rows = list(csv.DictReader(io.StringIO(text)))
     assert len(rows) == 4 and rows[0]["tuning"] == "stage2"  # CSV keeps every override
     assert [p.name for p in written] == ["runs.csv"]
+    assert best.endswith("(test/ndcg@10 is not a validation metric: select on validation)")  # a reading, not a pick
 
 
 def test_unfinished_run_shows_its_best_epoch_so_far(sweep, tmp_path):
