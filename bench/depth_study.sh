@@ -5,7 +5,7 @@
 # depth and data set the paired difference mHC - plain over seeds and over test users, the training-stability
 # table (loss rises, validation drops, mHC gains) and a plot of test NDCG@10 against depth (<out>/compare/).
 #
-#   bash bench/depth_study.sh [--device cuda|cpu] [--parallel N] [--seeds 1,2,3] [--depths "2 8 4"]
+#   bash bench/depth_study.sh [--device cuda|cpu] [--parallel N] [--seeds 1,2,3] [--depths "2 4 8"]
 #                             [--data ml1m,half] [--out DIR] [--report-only]
 #
 # 36 runs. On 2 CPU cores (--parallel 2, one thread each) a hidden-64 SASRec run takes 9-30 minutes (8 blocks with
@@ -13,7 +13,7 @@
 # from their last checkpoint (written every epoch and every 5 minutes): rerunning the command resumes the study.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-device=auto parallel=2 seeds=1,2,3 depths="2 8 4" data=ml1m,half out=outputs/depth_study report_only=0
+device=auto parallel=2 seeds=1,2,3 depths="2 4 8" data=ml1m,half out=outputs/depth_study report_only=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) device=$2; shift 2 ;;

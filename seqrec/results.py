@@ -198,9 +198,9 @@ def render(table: pd.DataFrame, fmt: str) -> str:
 STABILITY = ("final loss", "loss rise", "val drop", "fwd gain", "bwd gain")
 STABILITY_HELP = (
     "final loss: train/loss of the last epoch; loss rise: the largest rise of the epoch loss above its lowest value "
-    "so far (0 when it never went up); val drop: the best validation METRIC minus the last; fwd/bwd gain: the "
-    "largest mHC composite forward/backward gain logged (1 = the product of the H_res matrices neither amplifies "
-    "nor damps)"
+    "so far (0 when it never went up); val drop: the best validation metric (the first val/ key of --metrics, else "
+    "val/ndcg@10) minus the last; fwd/bwd gain: the largest mHC composite forward/backward gain logged (1 = the "
+    "product of the H_res matrices neither amplifies nor damps)"
 )
 
 
@@ -211,12 +211,11 @@ def stability_columns(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
         return [float(h[key]) for h in run.history if number(h.get(key)) is not None]
 
     def of(run: Run) -> dict[str, float]:
-        loss, val = series(run, "train/loss"), series(run, metric)
+        loss, val = np.asarray(series(run, "train/loss")), series(run, metric)
         fwd, bwd = series(run, "mhc/composite_fwd_gain"), series(run, "mhc/composite_bwd_gain")
-        lowest = np.minimum.accumulate(loss) if loss else []
         return {
-            "final loss": loss[-1] if loss else math.nan,
-            "loss rise": float(np.max(np.asarray(loss) - lowest)) if loss else math.nan,
+            "final loss": loss[-1] if len(loss) else math.nan,
+            "loss rise": float(np.max(loss - np.minimum.accumulate(loss))) if len(loss) else math.nan,
             "val drop": max(val) - val[-1] if val else math.nan,
             "fwd gain": max(fwd, default=math.nan),
             "bwd gain": max(bwd, default=math.nan),
@@ -311,8 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=("md", "csv"), default="md")
     parser.add_argument("--paired", nargs=2, metavar=("A", "B"), help="a paired test of row B - row A")
     parser.add_argument("--over", choices=("seeds", "users"), default="seeds", help="what --paired pairs")
-    stability_help = STABILITY_HELP.replace("METRIC", "metric (the first val/ key of --metrics, else val/ndcg@10)")
-    parser.add_argument("--stability", action="store_true", help=f"also a training-stability table: {stability_help}")
+    parser.add_argument("--stability", action="store_true", help=f"also a training-stability table: {STABILITY_HELP}")
     args = parser.parse_args(argv)
     metrics = [m for m in args.metrics.split(",") if m]
     try:
