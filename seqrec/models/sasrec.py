@@ -14,9 +14,9 @@ from torch import Tensor, nn
 
 from seqrec.models.head import ItemHead
 from seqrec.nn.attention import AttentionContext, CausalSelfAttention, causal_padding_mask
-from seqrec.nn.ffn import Dropout, PointwiseFFN
+from seqrec.nn.ffn import FFNS, Dropout, make_ffn
 from seqrec.nn.residual import LN_EPS, Plain
-from seqrec.utils.rules import POSITIVE, interval
+from seqrec.utils.rules import POSITIVE, interval, one_of
 
 
 class Block(nn.Module):
@@ -44,7 +44,9 @@ class SASRec(nn.Module):
         num_heads: attention heads.
         dropout_rate: dropout on embeddings, attention weights and inside the FFN.
         norm_first: Pre-LN (x + F(LN(x))) if True, Post-LN (LN(x + F(x)), SASRec.pytorch's default) if False.
-        residual: residual factory (seqrec.nn.residual.Plain or MHC); plain when None.
+        residual: residual factory (seqrec.nn.residual.Plain, Gated or MHC); plain when None.
+        ffn: the feed-forward sublayer, "relu" (SASRec's) or "swiglu" (seqrec.nn.ffn).
+        ffn_multiplier: the FFN's inner width in units of hidden_units (SASRec: 1; LLaMA, LiGR: 4).
         sparse_embedding: the item table's gradient is a sparse tensor of the rows a batch touches (its input
             items, targets and negatives) instead of a dense (I+1, D) one; for `optimizer=lazy_adam`, which then
             updates those rows only (seqrec/train/lazy_adam.py). Losses that score every item refuse it.
@@ -56,6 +58,8 @@ class SASRec(nn.Module):
         "num_blocks": POSITIVE,
         "num_heads": POSITIVE,
         "dropout_rate": interval(0, 1, "[)"),
+        "ffn": one_of(*FFNS),
+        "ffn_multiplier": POSITIVE,
     }
 
     def __init__(
@@ -70,6 +74,8 @@ class SASRec(nn.Module):
         norm_first: bool = False,
         residual=None,
         sparse_embedding: bool = False,
+        ffn: str = "relu",
+        ffn_multiplier: int = 1,
     ):
         super().__init__()
         self.num_items, self.maxlen, self.dim = num_items, maxlen, hidden_units
@@ -80,7 +86,11 @@ class SASRec(nn.Module):
         self.add_input_embeddings()
         self.blocks = nn.ModuleList(
             Block(
-                self.make_attention(), PointwiseFFN(hidden_units, dropout_rate), self.residual, hidden_units, norm_first
+                self.make_attention(),
+                make_ffn(ffn, hidden_units, dropout_rate, ffn_multiplier),
+                self.residual,
+                hidden_units,
+                norm_first,
             )
             for _ in range(num_blocks)
         )

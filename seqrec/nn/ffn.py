@@ -1,5 +1,6 @@
-"""Dropout and the point-wise feed-forward sublayer of SASRec: Dropout(W2 · Dropout(ReLU(W1 x))), inner width =
-model width. The dropout is the reference; a cheaper CPU mask is a plug-in in seqrec.kernels.attention."""
+"""Dropout and the position-wise feed-forward sublayers: SASRec's Dropout(W2 · Dropout(ReLU(W1 x))) (inner width =
+model width in the paper) and the SwiGLU variant of LLaMA and LiGR. The dropout is the reference; a cheaper CPU mask
+is a plug-in in seqrec.kernels.attention."""
 
 from __future__ import annotations
 
@@ -30,13 +31,38 @@ class Dropout(nn.Module):
 
 
 class PointwiseFFN(nn.Module):
-    """Two position-wise linear maps (the papers' kernel-size-1 Conv1d) with ReLU and two dropouts."""
+    """Two position-wise linear maps (the papers' kernel-size-1 Conv1d) with ReLU and two dropouts:
+    D -> inner -> D, inner = D in SASRec."""
 
-    def __init__(self, dim: int, dropout: float):
+    def __init__(self, dim: int, dropout: float, inner: int | None = None):
         super().__init__()
+        inner = inner or dim
         self.net = nn.Sequential(
-            nn.Linear(dim, dim), nn.ReLU(), Dropout(dropout), nn.Linear(dim, dim), Dropout(dropout)
+            nn.Linear(dim, inner), nn.ReLU(), Dropout(dropout), nn.Linear(inner, dim), Dropout(dropout)
         )
 
     def forward(self, x: Tensor, ctx=None) -> Tensor:
         return self.net(x)
+
+
+class SwiGLUFFN(nn.Module):
+    """Dropout(W_out · Dropout(SiLU(W_gate x) * W_up x)): a gated linear unit, D -> inner -> D, no biases (as LLaMA
+    and LiGR). With inner = 4D it has 6x the parameters and FLOPs of SASRec's D -> D -> D FFN."""
+
+    def __init__(self, dim: int, dropout: float, inner: int):
+        super().__init__()
+        self.gate, self.up = nn.Linear(dim, inner, bias=False), nn.Linear(dim, inner, bias=False)
+        self.out = nn.Linear(inner, dim, bias=False)
+        self.inner_dropout, self.out_dropout = Dropout(dropout), Dropout(dropout)
+
+    def forward(self, x: Tensor, ctx=None) -> Tensor:
+        hidden = F.silu(self.gate(x)) * self.up(x)  # (B, L, inner)
+        return self.out_dropout(self.out(self.inner_dropout(hidden)))
+
+
+FFNS = {"relu": PointwiseFFN, "swiglu": SwiGLUFFN}
+
+
+def make_ffn(kind: str, dim: int, dropout: float, multiplier: int) -> nn.Module:
+    """The FFN sublayer `kind` (FFNS) with inner width multiplier * dim."""
+    return FFNS[kind](dim, dropout, multiplier * dim)

@@ -59,6 +59,37 @@ class Plain:
         return "Plain()"
 
 
+class GatedConnection(nn.Module):
+    """x + g * F(LN(x)) (Pre-LN) or LN(x + g * F(x)) (Post-LN), with a per-token, per-channel gate g = sigmoid(W x + b).
+
+    The gate reads the residual stream itself (not its normalised copy), so each token decides how much of the
+    sublayer's update to take in: LiGR's gated residual (Gu et al. 2025, arXiv 2502.03417), the layer eSASRec puts
+    in SASRec (arXiv 2508.06450). With W = 0 and b large the gate is 1 and this is PlainConnection.
+    """
+
+    def __init__(self, dim: int, norm_first: bool):
+        super().__init__()
+        self.norm_first = norm_first
+        self.norm = nn.LayerNorm(dim, eps=LN_EPS)
+        self.gate = nn.Linear(dim, dim)  # torch's default init: g starts near 0.5 on average, not at 1
+
+    def forward(self, x: Tensor, sublayer: Callable[[Tensor], Tensor], keep: Tensor | None = None) -> Tensor:
+        """(B, L, D) -> (B, L, D); rows where the (B, L) `keep` is False/0 (padding) come out zero."""
+        g = torch.sigmoid(self.gate(x))  # (B, L, D)
+        y = x + g * sublayer(self.norm(x)) if self.norm_first else self.norm(x + g * sublayer(x))
+        return y if keep is None else y * keep[..., None]
+
+
+class Gated(Plain):
+    """The plain residual stream with a learned gate on each sublayer's update (GatedConnection)."""
+
+    def connection(self, dim: int, norm_first: bool) -> nn.Module:
+        return GatedConnection(dim, norm_first)
+
+    def __repr__(self) -> str:
+        return "Gated()"
+
+
 def sinkhorn(logits: Tensor, iters: int) -> Tensor:
     """(..., S, S) logits -> (..., S, S) doubly stochastic: exp, then `iters` rounds of column-then-row normalising.
 

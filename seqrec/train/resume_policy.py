@@ -156,6 +156,8 @@ ADDED_SINCE = {
     "trainer.compile": False,  # eager steps
     "sampler.length_buckets": 0,  # trimmed batches as wide as their longest window
     "trainer.checkpoint_every_min": 0,  # last.pt at epoch ends only
+    "model.ffn": "relu",  # SASRec's FFN
+    "model.ffn_multiplier": 1,  # D -> D -> D
 }
 
 

@@ -1,4 +1,4 @@
-"""Residual factories: Plain is x + F(LN x) / LN(x + F x); MHC (docs/MODELS.md, section 4.5) equals Plain at neutral
+"""Residual factories: Plain is x + F(LN x) / LN(x + F x); Gated puts a sigmoid gate on F; MHC (docs/MODELS.md, section 4.5) equals Plain at neutral
 init for Pre-LN and Post-LN, SASRec and TiSASRec; gradients, causality, padding, bf16, n = 1, diagnostics."""
 
 import pickle
@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from seqrec import kernels
 from seqrec.errors import ConfigError
 from seqrec.models.sasrec import SASRec
-from seqrec.nn.residual import MHC, MHCConnection, Plain
+from seqrec.nn.residual import MHC, Gated, GatedConnection, MHCConnection, Plain
 from tests.conftest import CONF
 
 NUM_ITEMS, MAXLEN = 40, 12
@@ -61,6 +61,49 @@ def test_plain_connection_is_pre_or_post_ln():
     torch.testing.assert_close(pre(x, f), x + f(pre.norm(x)))
     torch.testing.assert_close(post(x, f), post.norm(x + f(x)))
     assert torch.equal(Plain().expand(x), x) and torch.equal(Plain().reduce(x), x)
+
+
+def test_gated_connection_gates_the_update_with_the_stream():
+    x, f = torch.randn(2, 3, 8), torch.nn.Linear(8, 8)
+    pre, post = Gated().connection(8, True), Gated().connection(8, False)
+    gate = torch.sigmoid(pre.gate(x))
+    torch.testing.assert_close(pre(x, f), x + gate * f(pre.norm(x)))
+    gate = torch.sigmoid(post.gate(x))
+    torch.testing.assert_close(post(x, f), post.norm(x + gate * f(x)))
+    assert torch.equal(Gated().expand(x), x) and torch.equal(Gated().reduce(x), x)
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_an_open_gate_is_the_plain_residual(norm_first):
+    """W = 0, b = 40: sigmoid rounds to 1, and the gated model computes exactly what its plain twin computes."""
+    plain = make(Plain(), norm_first).eval()
+    gated = make(Gated(), norm_first).eval()
+    missing, unexpected = gated.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and all(".gate." in k for k in missing) and missing
+    with torch.no_grad():
+        for c in (m for m in gated.modules() if isinstance(m, GatedConnection)):
+            c.gate.weight.zero_()
+            c.gate.bias.fill_(40.0)
+    seq = batch()
+    torch.testing.assert_close(gated(seq), plain(seq), rtol=0, atol=0)
+
+
+def test_gated_model_is_causal_keeps_padding_zero_and_trains_its_gates():
+    model = make(Gated(), ffn="swiglu", ffn_multiplier=4).train()
+    states = []
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda mod, args: states.append(args[0]))
+    seq = batch()
+    model(seq).square().mean().backward()
+    for state in states[1:]:  # the state after the first block
+        assert torch.equal(state[seq == 0], torch.zeros_like(state[seq == 0]))
+    gates = [m.gate for m in model.modules() if isinstance(m, GatedConnection)]
+    assert len(gates) == 4 and all(g.weight.grad.abs().sum() > 0 for g in gates)
+    model.eval()
+    out = model(seq)
+    later = seq.clone()
+    later[:2, 6:] = torch.randint(1, NUM_ITEMS + 1, (2, MAXLEN - 6))
+    torch.testing.assert_close(model(later)[:2, :6], out[:2, :6])  # positions <= 5 ignore the future
 
 
 @pytest.mark.parametrize("norm_first", [True, False])
