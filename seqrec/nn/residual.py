@@ -1,8 +1,8 @@
 """Residual connections as pluggable factories (the hyper-connections API: expand, wrap each sublayer, reduce).
 
 A factory provides `expand(x)` once after the embedding, `connection(dim, norm_first)` for each sublayer and
-`reduce(state)` once before the final norm, so one code path in the blocks serves the plain residual and mHC
-(manifold-constrained hyper-connections, arXiv 2512.24880, Eq. 3 and 7-9).
+`reduce(state)` once before the final norm, so one code path in the blocks serves the plain residual, the gated one
+(LiGR's) and mHC (manifold-constrained hyper-connections, arXiv 2512.24880, Eq. 3 and 7-9).
 
 This file is the reference: plain PyTorch, autograd for every gradient. A faster implementation of the same
 connection (C++ kernels for the CPU) is a plug-in in seqrec.kernels, tested against this one.
