@@ -1,5 +1,6 @@
-"""Residual factories: Plain is x + F(LN x) / LN(x + F x); Gated puts a sigmoid gate on F; MHC (docs/MODELS.md, section 4.5) equals Plain at neutral
-init for Pre-LN and Post-LN, SASRec and TiSASRec; gradients, causality, padding, bf16, n = 1, diagnostics."""
+"""Residual factories: Plain is x + F(LN x) / LN(x + F x); Gated puts a sigmoid gate on F; MHC (docs/MODELS.md,
+section 4.5) equals Plain at neutral init for Pre-LN and Post-LN, SASRec and TiSASRec; gradients, causality, padding,
+bf16, n = 1, diagnostics."""
 
 import pickle
 
