@@ -99,8 +99,11 @@ def run_distributed(cfg: DictConfig, run_fn: RunFn) -> dict:
             env.world_size,
             env.world_size,
         )
+    finished = False
     try:
-        return run_fn(cfg, env.rank, env.world_size)
+        results = run_fn(cfg, env.rank, env.world_size)
+        finished = True
+        return results
     except RuntimeError as e:
         if env.world_size > 1 and _lost_a_peer(e):
             raise WorkerLost(
@@ -109,7 +112,7 @@ def run_distributed(cfg: DictConfig, run_fn: RunFn) -> dict:
             ) from None
         raise
     finally:
-        destroy_distributed()
+        destroy_distributed(all_ranks_finished=finished)
 
 
 # what gloo/NCCL say when the other side of a collective is gone or silent

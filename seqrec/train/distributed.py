@@ -128,9 +128,26 @@ def init_distributed(backend: str = "auto", device: str = "auto", timeout_s: int
     return env
 
 
-def destroy_distributed() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def destroy_distributed(all_ranks_finished: bool = False) -> None:
+    """Leave the process group. `all_ranks_finished`: every rank ended normally, so a last barrier is safe.
+
+    Why the barrier: gloo's worker threads drop their reference to a finished collective's tensors a moment after the
+    caller sees it finish, and that needs the GIL. DDP keeps the process group (and those threads) alive past
+    `destroy_process_group`, so a rank that returns right after its last all_reduce can reach interpreter shutdown
+    while a worker still waits for the GIL: Python then ends that thread inside C++ and the rank aborts ("terminate
+    called without an active exception"). The barrier holds no Python tensors and waits with the GIL released, so
+    the workers finish their releases while the interpreter is still alive. After an error it is skipped: a lost
+    peer would make it wait the whole collective timeout; and if a peer failed at the very end, the barrier's error
+    is dropped, since that peer reports its own.
+    """
+    if not dist.is_initialized():
+        return
+    if all_ranks_finished:
+        try:
+            dist.barrier()
+        except RuntimeError as e:
+            log.debug("last barrier failed (%s): a peer ended with an error", e)
+    dist.destroy_process_group()
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -221,6 +238,7 @@ def allreduce_smoke(backend: str = "gloo") -> float:
         expected = world * (world + 1) / 2
         if not torch.allclose(x.cpu(), torch.full((4,), expected)):
             raise RuntimeError(f"all_reduce gave {x.tolist()}, expected {expected}")
+        dist.barrier()  # see destroy_distributed
         return float(x[0])
     finally:
         dist.destroy_process_group()
