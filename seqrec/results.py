@@ -2,7 +2,7 @@
 its seeds; `--paired A B` tests whether two rows differ, over seeds or over test users.
 
     python -m seqrec.results DIR [DIR ...] [--metrics test/ndcg@10,test/hr@10] [--format md|csv]
-        [--paired A B [--over seeds|users]]
+        [--paired A B [--over seeds|users] [--assume-same-protocol]]
 
 Runs are read by `seqrec.run_dirs` (as data) into a DataFrame, one row per run (`runs_frame`). A setting is a run's
 values of the config keys that differ between the runs, except `seed` and `trainer.time_limit_min`. A table row is
@@ -17,6 +17,8 @@ a line below it saying nothing was checked. Unfinished runs are left out and cou
 `--paired A B` tests row B - row A and says which pairing it used:
 - `--over seeds` (default): a paired t-test over the seeds both rows finished (equal seeds: the same initial draws
   and sampled negatives). Whether the difference survives training randomness; 3 seeds see only large effects.
+  Rows under different protocols are refused; `--assume-same-protocol` lets runs made before results.json recorded
+  the protocol pair with runs under one recorded protocol, and the line counts the runs it did not check.
 - `--over users`: each test user's metric from the ranks the evaluator wrote (`test_ranks.npy`,
   `seqrec.eval.user_ranks`), averaged over each row's seeds, users matched by index under one recorded protocol; a
   paired t-test over users and the Wilcoxon signed-rank test. Whether these trained models differ on this test set,
@@ -234,28 +236,42 @@ def stability_table(frame: pd.DataFrame, metric: str, fmt: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------- paired tests
-def paired_rows(frame: pd.DataFrame, first: str, second: str) -> pd.DataFrame:
-    """The finished runs of rows `first` and `second`, refused unless both exist under one protocol."""
+def paired_rows(frame: pd.DataFrame, first: str, second: str, assume_same: bool = False) -> pd.DataFrame:
+    """The finished runs of rows `first` and `second`, refused unless both exist under one protocol.
+
+    `assume_same`: runs that predate the protocol record may pair with runs under one recorded protocol (the caller
+    says so in its output); two different recorded protocols are refused all the same.
+    """
     done = frame[frame["status"] == "done"]
     for name in (first, second):
         if name not in set(done["row"]):
             rows = ", ".join(done["row"].unique())
             raise CompareError(f"--paired {name}: no such row with finished runs; rows: {rows}")
     pair = done[done["row"].isin([first, second])]
-    if pair["protocol"].nunique() > 1:
-        raise CompareError(f"--paired {first} {second}: the rows were evaluated under different protocols")
+    recorded = pair.loc[pair["protocol"] != UNRECORDED, "protocol"]
+    mixed = recorded.nunique() == 1 and len(recorded) < len(pair)
+    if recorded.nunique() > 1 or (mixed and not assume_same):
+        hint = " (runs that predate the protocol record: --assume-same-protocol)" if mixed else ""
+        raise CompareError(f"--paired {first} {second}: the rows were evaluated under different protocols{hint}")
     return pair
 
 
-def paired_over_seeds(frame: pd.DataFrame, metric: str, first: str, second: str) -> str:
-    """One line: the paired t-test over seeds of `second` - `first` on `metric`."""
-    wide = paired_rows(frame, first, second).pivot_table(index="seed", columns="row", values=metric).dropna()
+def paired_over_seeds(frame: pd.DataFrame, metric: str, first: str, second: str, assume_same: bool = False) -> str:
+    """One line: the paired t-test over seeds of `second` - `first` on `metric`; with `assume_same`, it ends by
+    counting the runs whose protocol was assumed rather than checked."""
+    pair = paired_rows(frame, first, second, assume_same)
+    wide = pair.pivot_table(index="seed", columns="row", values=metric).dropna()
     if first not in wide or second not in wide or len(wide) < 2:
         raise CompareError(f"--paired {first} {second}: fewer than 2 seeds finished in both rows")
     test = paired_t_test(wide[first], wide[second])
+    used = pair[pair["seed"].isin(wide.index)]
+    unchecked = int((used["protocol"] == UNRECORDED).sum())
+    mixed = 0 < unchecked < len(used)  # rows all older than the record pair as before, under the table's own note
+    assumed = f"; protocol assumed equal for {unchecked} of {len(used)} runs (not recorded)" if mixed else ""
     return (
         f"{metric}: {second} - {first} = {test['mean_diff']:+.4f} ± {test['ci']:.4f} (95% CI), "
         f"paired over {test['n']} seeds ({', '.join(map(str, wide.index))}), t = {test['t']:.3f}, p = {test['p']:.4f}"
+        f"{assumed}"
     )
 
 
@@ -265,7 +281,7 @@ def paired_over_users(frame: pd.DataFrame, metric: str, first: str, second: str)
     if not re.fullmatch(r"test/(ndcg|hr|mrr)@\d+", metric):
         raise CompareError(f"--over users: {metric}: expected test/ndcg@k, test/hr@k or test/mrr@k (test ranks only)")
     pair = paired_rows(frame, first, second)
-    if pair["protocol"].iloc[0] == UNRECORDED:
+    if (pair["protocol"] == UNRECORDED).any():
         raise CompareError(f"--paired {first} {second} --over users: no recorded protocol, so users cannot be matched")
     per_row, seeds = {}, {}
     for name in (first, second):
@@ -310,13 +326,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=("md", "csv"), default="md")
     parser.add_argument("--paired", nargs=2, metavar=("A", "B"), help="a paired test of row B - row A")
     parser.add_argument("--over", choices=("seeds", "users"), default="seeds", help="what --paired pairs")
+    parser.add_argument(
+        "--assume-same-protocol",
+        action="store_true",
+        help="--over seeds: pair runs that predate the protocol record with recorded ones (the line says how many)",
+    )
     parser.add_argument("--stability", action="store_true", help=f"also a training-stability table: {STABILITY_HELP}")
     args = parser.parse_args(argv)
     metrics = [m for m in args.metrics.split(",") if m]
     try:
         text, _, frame = results_table(args.paths, metrics, args.format)
-        test = paired_over_users if args.over == "users" else paired_over_seeds
-        paired = [test(frame, m, *args.paired) for m in metrics] if args.paired else []
+        paired = []
+        for m in metrics if args.paired else []:
+            if args.over == "users":
+                paired.append(paired_over_users(frame, m, *args.paired))
+            else:
+                paired.append(paired_over_seeds(frame, m, *args.paired, args.assume_same_protocol))
     except SeqrecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

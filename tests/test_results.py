@@ -338,3 +338,29 @@ def test_the_stability_table_reads_loss_rises_validation_drops_and_mhc_gains(tmp
     assert f"| 0.2500 ± {half:.4f} " in mhc_row and "| 1.3000 ± " in mhc_row
     plain_row = next(line for line in stability if line.startswith("| plain "))
     assert "| 3.0000 " in plain_row and plain_row.rstrip(" |").endswith("0.0000")
+
+
+def test_runs_older_than_the_protocol_record_pair_only_when_asked_and_are_counted(tmp_path, capsys):
+    """A row whose runs predate the protocol record is refused beside a recorded one, unless
+    --assume-same-protocol, and then the line says how many runs were not checked; two recorded protocols stay
+    refused with the flag."""
+    write_pair(tmp_path, [0.30, 0.31, 0.35], [0.31, 0.34, 0.37])
+    for run in (tmp_path / "A").iterdir():  # A's runs as written before results.json recorded the protocol
+        results = json.loads((run / "results.json").read_text())
+        (run / "results.json").write_text(json.dumps({k: v for k, v in results.items() if k != "protocol"}))
+    args = [str(tmp_path), "--metrics", "test/ndcg@10", "--paired", "A", "B"]
+    assert main(args) == 1
+    assert "--assume-same-protocol" in capsys.readouterr().err
+    assert main([*args, "--assume-same-protocol"]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith("test/ndcg@10: B - A = +0.0200 ± ") and "paired over 3 seeds (1, 2, 3)" in line
+    assert line.endswith("; protocol assumed equal for 3 of 6 runs (not recorded)")
+    assert main([*args, "--assume-same-protocol", "--over", "users"]) == 1  # users are matched under one record
+    assert "different protocols" in capsys.readouterr().err
+
+
+def test_the_flag_does_not_pair_two_recorded_protocols(tmp_path, capsys):
+    write_pair(tmp_path, [0.30, 0.31], [0.31, 0.34], protocols=("p1", "p2"))
+    assert main([str(tmp_path), "--paired", "A", "B", "--assume-same-protocol"]) == 1
+    err = capsys.readouterr().err
+    assert "different protocols" in err and "--assume-same-protocol" not in err
