@@ -7,18 +7,22 @@ Every experiment is a config, `conf/experiment/<name>.yaml`, whose header names 
 directories under docs/results/. This script only runs `python train.py experiment=<name> seed=<k>` for every
 (experiment, seed), in `<out>/<name>/seed<k>`; up to --parallel of them run at once (on one GPU they share it;
 each process uses one CPU thread). A finished run (results.json present) is kept and not rerun; an unfinished one
-continues from its last checkpoint (trainer.resume=auto). --time-limit-min overrides each experiment's own limit on
-training minutes (trainer.time_limit_min); runs that hit it are marked in the table. --data is where the data
-files are (the experiments read it from $SEQREC_DATA). `--rows` is the older name of `--experiments`. Afterwards
-the tables are printed with the published numbers beside ours (`python -m seqrec.results <out>` prints them again).
+continues from its last checkpoint (trainer.resume=auto); so does, once, a run killed by SIGKILL (the kernel's
+out-of-memory killer, when the runs outgrow the memory), after another run has ended. --time-limit-min overrides
+each experiment's own limit on training minutes (trainer.time_limit_min); runs that hit it are marked in the
+table. --data is where the data files are (the experiments read it from $SEQREC_DATA). `--rows` is the older name
+of `--experiments`. Afterwards the tables are printed with the published numbers beside ours (`python -m
+seqrec.results <out>` prints them again).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -63,10 +67,39 @@ def command(name: str, seed: int, args) -> list[str]:
     ]
 
 
-def run_one(name: str, seed: int, args) -> tuple[str, int, int, float]:
+class Slots:
+    """How many runs are going and how many have ended, for a run that must wait for another to end."""
+
+    def __init__(self):
+        self.changed = threading.Condition()
+        self.running = self.ended = 0
+
+    def start(self) -> None:
+        with self.changed:
+            self.running += 1
+
+    def end(self) -> None:
+        with self.changed:
+            self.running, self.ended = self.running - 1, self.ended + 1
+            self.changed.notify_all()
+
+    def wait_for_room(self) -> None:
+        """Return once another run has ended, or at once when no other run is going (the caller has ended its own)."""
+        with self.changed:
+            ended = self.ended
+            self.changed.wait_for(lambda: self.ended > ended or self.running == 0)
+
+
+def run_one(name: str, seed: int, args, slots: Slots | None = None) -> tuple[str, int, int, float]:
+    """Run (or continue) one (experiment, seed); returns (name, seed, exit status, seconds).
+
+    A run killed by SIGKILL (most often the kernel's out-of-memory killer, when --parallel runs outgrow the memory)
+    waits until another run ends and then continues once from its last checkpoint (trainer.resume=auto).
+    """
     folder = run_dir(name, seed, args)
     if (folder / "results.json").is_file():
         return name, seed, 0, 0.0
+    slots = slots or Slots()
     folder.mkdir(parents=True, exist_ok=True)
     env = {
         **os.environ,
@@ -76,10 +109,21 @@ def run_one(name: str, seed: int, args) -> tuple[str, int, int, float]:
         "WANDB_MODE": "disabled",
     }
     start = time.perf_counter()
-    with open(folder / "stdout.log", "a") as log:
-        code = subprocess.run(
-            command(name, seed, args), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
-        ).returncode
+    slots.start()
+    try:
+        for attempt in (1, 2):
+            with open(folder / "stdout.log", "a") as log:
+                code = subprocess.run(
+                    command(name, seed, args), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+                ).returncode
+            if code != -signal.SIGKILL or attempt == 2:
+                break
+            print(f"{name} seed {seed}: killed (SIGKILL: out of memory?); continues when another run ends", flush=True)
+            slots.end()
+            slots.wait_for_room()
+            slots.start()
+    finally:
+        slots.end()
     return name, seed, code, time.perf_counter() - start
 
 
@@ -109,8 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(name, int(seed)) for name in args.experiments for seed in args.seeds.split(",")]
     print(f"{len(jobs)} runs, {args.parallel} at a time, into {args.out}", flush=True)
     failed = []
+    slots = Slots()
     with ThreadPoolExecutor(args.parallel) as pool:
-        for name, seed, code, seconds in pool.map(lambda j: run_one(*j, args), jobs):
+        for name, seed, code, seconds in pool.map(lambda j: run_one(*j, args, slots), jobs):
             print(f"{name} seed {seed}: exit {code} after {seconds:.0f} s", flush=True)
             if code:
                 failed.append(f"{args.out}/{name}/seed{seed}/stdout.log")

@@ -4,6 +4,9 @@ the run directory and the user's own overrides, and it accepts the older `--rows
 from __future__ import annotations
 
 import importlib.util
+import signal
+import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -43,3 +46,50 @@ def test_the_command_composes_into_the_experiment_with_only_the_run_settings_cha
     assert cfg.trainer.time_limit_min == (plain.trainer.time_limit_min if time_limit is None else time_limit)
     assert cfg.trainer.device == (plain.trainer.device if device is None else device)
     assert cfg.model.hidden_units == plain.model.hidden_units == 128  # everything else is the experiment's
+
+
+FAKE_RUN = """
+import json, os, signal, sys, time
+from pathlib import Path
+folder, name, kills = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+with open(folder.parent.parent / "events.log", "a") as log:
+    log.write(f"start {name}\\n")
+tries = folder / "tries"
+tries.write_text(str(int(tries.read_text()) + 1 if tries.exists() else 1))
+if int(tries.read_text()) <= kills:
+    time.sleep(0.3)  # the other run has started by now
+    os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer does
+time.sleep(0.5)
+with open(folder.parent.parent / "events.log", "a") as log:
+    log.write(f"end {name}\\n")
+(folder / "results.json").write_text(json.dumps({}))
+"""
+
+
+def test_a_run_killed_by_sigkill_continues_once_after_another_run_ends(tmp_path, monkeypatch):
+    """Two runs at once: the one the kernel kills waits for the other to end, then continues and finishes; a run
+    killed again is reported with its status, not retried forever."""
+    script = tmp_path / "fake_run.py"
+    script.write_text(FAKE_RUN)
+    kills = {"killed_once": 1, "healthy": 0, "killed_twice": 2}
+    args = reproduce.parse_args(["--out", str(tmp_path / "out"), "--experiments", "ml100k_sasrec_ce"])
+    monkeypatch.setattr(
+        reproduce,
+        "command",
+        lambda name, seed, args: [
+            sys.executable,
+            str(script),
+            str(reproduce.run_dir(name, seed, args)),
+            name,
+            str(kills[name]),
+        ],  # fmt: skip
+    )
+    slots = reproduce.Slots()
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda name: reproduce.run_one(name, 1, args, slots), ["killed_once", "healthy"]))
+    assert [(name, code) for name, _, code, _ in results] == [("killed_once", 0), ("healthy", 0)]
+    events = (tmp_path / "out" / "events.log").read_text().split("\n")
+    assert events.index("end healthy") < len(events) - 1 - events[::-1].index("start killed_once")  # retried after
+    assert (tmp_path / "out" / "killed_once" / "seed1" / "tries").read_text() == "2"
+    name, _, code, _ = reproduce.run_one("killed_twice", 1, args, reproduce.Slots())  # alone: retried at once
+    assert code == -signal.SIGKILL and (tmp_path / "out" / "killed_twice" / "seed1" / "tries").read_text() == "2"
