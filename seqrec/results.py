@@ -29,6 +29,7 @@ Both print the mean difference, its 95 % interval and two-sided p-values.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import re
@@ -336,12 +337,11 @@ def main(argv: list[str] | None = None) -> int:
     metrics = [m for m in args.metrics.split(",") if m]
     try:
         text, _, frame = results_table(args.paths, metrics, args.format)
-        paired = []
-        for m in metrics if args.paired else []:
-            if args.over == "users":
-                paired.append(paired_over_users(frame, m, *args.paired))
-            else:
-                paired.append(paired_over_seeds(frame, m, *args.paired, args.assume_same_protocol))
+        if args.over == "users":
+            test = paired_over_users
+        else:
+            test = functools.partial(paired_over_seeds, assume_same=args.assume_same_protocol)
+        paired = [test(frame, m, *args.paired) for m in metrics] if args.paired else []
     except SeqrecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
