@@ -62,6 +62,25 @@ def test_a_training_step_never_waits_for_the_gpu(tmp_path, model, loss):
     assert all(torch.isfinite(x) for x in losses)
 
 
+def test_pinned_batches_reach_the_gpu_without_a_host_sync(tmp_path):
+    """What the trainer does on CUDA: batches pinned in the prefetch thread copy asynchronously; the same batch
+    from pageable memory makes the copy wait (sync debug mode "error" raises on it), so the test can fail."""
+    cfg = compose_config(TINY + ["hardware=1gpu", "trainer.device=cuda"], tmp_path)
+    trainer = _trainer(cfg, tmp_path, amp_dtype="bfloat16")
+    batch = next(iter(trainer.sampler.epoch(0)))
+    pinned = batch.pin_memory()
+    assert pinned.seq.is_pinned() and pinned.loss_weight == batch.loss_weight
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        on_gpu = pinned.to(trainer.device)
+        with pytest.raises(RuntimeError):
+            batch.to(trainer.device)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(on_gpu.seq.cpu(), batch.seq) and torch.equal(on_gpu.pos.cpu(), batch.pos)
+
+
 def test_cuda_attention_runs_on_flash_attention_deterministically_and_matches_the_reference():
     """The CUDA attention plug-in passes no mask, so SDPA may take FlashAttention (forced here: "no available
     kernel" would raise otherwise); strict deterministic mode selects flash's deterministic backward."""

@@ -46,8 +46,17 @@ class Batch:
     sampler_state: dict | None = None
 
     def to(self, device: torch.device) -> Batch:
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        return Batch(**{k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in moved.items()})
+        """The batch on `device`; from pinned memory (`pin_memory`) the copies to a GPU run asynchronously."""
+        return self._map(lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self) -> Batch:
+        """The batch in page-locked host memory (needs an accelerator): its copy to the GPU then overlaps the
+        step before it instead of stalling the host. Done in the prefetch thread, off the training loop."""
+        return self._map(Tensor.pin_memory)
+
+    def _map(self, fn) -> Batch:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Batch(**{k: fn(v) if isinstance(v, Tensor) else v for k, v in values.items()})
 
 
 def _tensor(a: np.ndarray | None) -> Tensor | None:

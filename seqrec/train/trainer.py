@@ -156,6 +156,8 @@ class Trainer:
         p, started = self.progress, time.perf_counter()
         p.epoch_loss = torch.zeros((), device=self.device) if p.epoch_batches == 0 else p.epoch_loss.to(self.device)
         batches = self.sampler.epoch(p.epoch, p.epoch_batches, p.sampler_state)
+        if self.device.type == "cuda":  # pinned: `batch.to` below copies without waiting for the GPU
+            batches = (batch.pin_memory() for batch in batches)
         batches = prefetch(batches) if self.num_workers > 0 else batches
         hide = not self.show_bars or self.rank != 0
         bar = tqdm(batches, initial=p.epoch_batches, total=self.steps_per_epoch, desc=f"epoch {p.epoch + 1}",

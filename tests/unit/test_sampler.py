@@ -193,3 +193,12 @@ def test_a_prefetch_left_early_ends_its_thread():
     while threading.active_count() > before and time.monotonic() < deadline:
         time.sleep(0.01)
     assert threading.active_count() == before
+
+
+def test_a_moved_batch_keeps_its_values_and_its_plain_fields():
+    """Batch.to (and pin_memory, which shares its mapping) moves the tensors only: the loss weight and the
+    negatives generator's state, where a resumed epoch continues, travel unchanged."""
+    batch = next(iter(TrainSampler(data(), batch_size=16, maxlen=30, num_negatives=2, seed=0).epoch(0)))
+    moved = batch.to(torch.device("cpu"))
+    assert moved.loss_weight == batch.loss_weight and moved.sampler_state == batch.sampler_state
+    assert all(torch.equal(getattr(moved, k), getattr(batch, k)) for k in ("seq", "pos", "neg", "times"))
