@@ -52,6 +52,9 @@ def rotations(ctx) -> tuple[Tensor, Tensor]:
         L = valid.shape[1]
         padding = L - valid.sum(1, keepdim=True)  # (B, 1), on the device
         t = torch.arange(L, device=valid.device)  # (L,)
+        # the rotation is right only for left-padded rows (padding, then items): checked on the device, so a row
+        # with a gap or right padding stops the run instead of letting padding into attention, without a host sync
+        torch._assert_async((valid == (t >= padding)).all(), "causal attention needs left-padded rows")
         to_right = (t + padding) % L  # (B, L)
         back = (t - padding) % L
         ctx.cache["rotations"] = (to_right[:, None, :, None], back[:, None, :, None])

@@ -206,6 +206,16 @@ def test_cuda_causal_attention_never_lets_a_padded_key_reach_a_real_query():
     assert "rotations" in ctx.cache  # the per-row shifts: once per forward pass, shared by the layers
 
 
+def test_cuda_causal_attention_refuses_rows_that_are_not_left_padded():
+    """Its rotation assumes padding first, then items (as every window is built); a right-padded row or one with a
+    gap would let padding in, so the plug-in stops instead (a device-side check: on a GPU it costs no sync)."""
+    q, k, v, valid = causal_inputs()
+    for broken in (valid.flip(1), valid.clone().index_fill_(1, torch.tensor([6]), False)):  # right-padded; a gap
+        ctx = AttentionContext(valid=broken, attn_mask=causal_padding_mask(broken), extras={})
+        with pytest.raises(RuntimeError, match="left-padded"):
+            causal_attention.causal_attention(q, k, v, ctx, 0.0, False)
+
+
 def test_cpu_attention_with_dropout_is_unbiased_and_masked():
     valid = torch.ones(64, 8, dtype=torch.bool)
     ctx = AttentionContext(valid=valid, attn_mask=causal_padding_mask(valid), extras={})
