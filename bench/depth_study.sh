@@ -6,7 +6,10 @@
 # table (loss rises, validation drops, mHC gains) and a plot of test NDCG@10 against depth (<out>/compare/).
 #
 #   bash bench/depth_study.sh [--device cuda|cpu] [--parallel N] [--seeds 1,2,3] [--depths "2 4 8"]
-#                             [--data ml1m,half] [--out DIR] [--report-only]
+#                             [--data ml1m,half] [--out DIR] [--report-only] [-- OVERRIDE ...]
+#
+# Overrides after "--" go to every run, e.g. a follow-up with deeper stacks and a longer budget in its own folder:
+#   bash bench/depth_study.sh --device cuda --depths "8 16" --out outputs/depth_long -- trainer.num_epochs=60
 #
 # 36 runs. On 2 CPU cores (--parallel 2, one thread each) a hidden-64 SASRec run takes 9-30 minutes (8 blocks with
 # mHC: the longest); on one GPU, run several at once (--parallel 4). Finished runs are kept, unfinished ones continue
@@ -23,6 +26,7 @@ while [ $# -gt 0 ]; do
     --data) data=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     --report-only) report_only=1; shift ;;
+    --) shift; break ;;
     *) echo "error: unknown option $1 (see the header of $0)" >&2; exit 2 ;;
   esac
 done
@@ -38,7 +42,7 @@ if [ "$report_only" = 0 ]; then
   for pair in "${pairs[@]}"; do
     for blocks in $depths; do
       python bench/reproduce.py --experiments "${pair// /,}" --seeds "$seeds" --device "$device" \
-        --parallel "$parallel" --out "$out/blocks$blocks" "model.num_blocks=$blocks" "trainer.checkpoint_every_min=5"
+        --parallel "$parallel" --out "$out/blocks$blocks" "model.num_blocks=$blocks" "trainer.checkpoint_every_min=5" "$@"
     done
   done
 fi
