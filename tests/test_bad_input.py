@@ -131,6 +131,7 @@ CONFIG_CASES = {
 PAIRED_CONFIG_CASES = {
     "sampled_k_above_candidates": (["eval.protocol=sampled", "eval.ks=[10,200]"], r"eval.ks=\[10, 200\]: k=200"),
     "gbce_calibration_out_of_range": (["loss=gbce", "loss.t=2"], r"loss.t=2: must be in \[0, 1\]"),
+    "label_smoothing_of_one": (["loss=ce", "loss.label_smoothing=1.0"], r"loss.label_smoothing=1.0: must be in \[0, 1"),
     "synthetic_min_above_max_length": (
         ["+dataset.min_length=10", "+dataset.max_length=5"],
         r"dataset.min_length=10: must be <= dataset.max_length=5",

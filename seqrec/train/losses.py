@@ -21,7 +21,7 @@ from torch import Tensor
 
 from seqrec.errors import ConfigError
 from seqrec.models.head import ItemHead
-from seqrec.utils.rules import POSITIVE, UNIT_INTERVAL, one_of
+from seqrec.utils.rules import POSITIVE, UNIT_INTERVAL, interval, one_of
 
 
 class Loss:
@@ -107,9 +107,11 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
         row_weight: Tensor,
         block: int,
         dtype: torch.dtype,
+        smoothing: float,
     ) -> Tensor:
         # h: (M, D), weight: (I, D), bias: (I,) or None, target: (M,) in [0, I), row_weight: (M,) float32;
-        # dtype: the matmuls' dtype (autocast's, else float32); the bias is added to the float32 logits
+        # dtype: the matmuls' dtype (autocast's, else float32); the bias is added to the float32 logits;
+        # smoothing: eps of the label smoothing, the target distribution is (1 - eps) onehot + eps / I
         h_mm, w_mm = h.to(dtype), weight.to(dtype)
         b32 = bias.float() if bias is not None else None
         lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)  # (M,)
@@ -119,10 +121,15 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
             rows = slice(start, start + block)
             logits = _block_logits(buffer, h_mm[rows], w_mm, b32)  # (m, I)
             lse[rows] = torch.logsumexp(logits, dim=1)
-            total += ((lse[rows] - logits.gather(1, target[rows, None]).squeeze(1)) * row_weight[rows]).sum()
+            # -sum_j q_j log p_j = lse - (1 - eps) z_target - eps mean_j z_j
+            picked = logits.gather(1, target[rows, None]).squeeze(1)  # (m,)
+            if smoothing:
+                picked = (1 - smoothing) * picked + smoothing * logits.mean(1)
+            total += ((lse[rows] - picked) * row_weight[rows]).sum()
         count = row_weight.sum().clamp_min(1)  # a tensor: the host never waits for it
         ctx.save_for_backward(h_mm, w_mm, b32, target, row_weight, lse, count)
-        ctx.block, ctx.dtypes = block, (h.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        ctx.block, ctx.smoothing = block, smoothing
+        ctx.dtypes = (h.dtype, weight.dtype, bias.dtype if bias is not None else None)
         return total / count
 
     @staticmethod
@@ -139,7 +146,9 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
             rows = slice(start, start + ctx.block)
             g = _block_logits(buffer, h_mm[rows], w_mm, b32)  # recomputed logits (m, I)
             g.sub_(lse[rows, None]).exp_()  # softmax
-            g[torch.arange(g.shape[0], device=g.device), target[rows]] -= 1  # d loss_sum / d logits
+            if ctx.smoothing:  # d loss_sum / d logits = softmax - q, q = (1 - eps) onehot + eps / I
+                g.sub_(ctx.smoothing / g.shape[1])
+            g[torch.arange(g.shape[0], device=g.device), target[rows]] -= 1 - ctx.smoothing
             g.mul_(row_weight[rows, None])  # padding rows: no gradient
             if grad_b is not None:
                 grad_b += g.sum(0)  # float32, before the cast to the matmul dtype
@@ -147,7 +156,7 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
             grad_h[rows] = g @ w_mm
             grad_w += (g.T @ h_mm[rows]).float()
         grad_b = (grad_b * scale).to(b_dtype) if grad_b is not None else None
-        return (grad_h * scale).to(h_dtype), (grad_w * scale).to(w_dtype), grad_b, None, None, None, None
+        return (grad_h * scale).to(h_dtype), (grad_w * scale).to(w_dtype), grad_b, None, None, None, None, None
 
 
 def _logit_buffer(h: Tensor, weight: Tensor, block: int) -> Tensor:
@@ -174,32 +183,41 @@ def softmax_cross_entropy(
     block: int = 256,
     bias: Tensor | None = None,
     row_weight: Tensor | None = None,
+    label_smoothing: float = 0.0,
 ) -> Tensor:
     """Mean over rows of -log softmax(h @ weight.T + bias)[target], weighted by row_weight (default: all 1);
-    h (M, D), weight (I, D), bias (I,) or None, target (M,), row_weight (M,) -> scalar."""
+    h (M, D), weight (I, D), bias (I,) or None, target (M,), row_weight (M,) -> scalar. With label_smoothing eps
+    the target distribution is (1 - eps) onehot + eps / I, as in F.cross_entropy(..., label_smoothing=eps)."""
     dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else torch.float32
     if row_weight is None:
         row_weight = torch.ones(h.shape[0], device=h.device)
     with torch.autocast(h.device.type, enabled=False):
-        return _SoftmaxCrossEntropy.apply(h, weight, bias, target, row_weight.float(), block, dtype)
+        return _SoftmaxCrossEntropy.apply(
+            h, weight, bias, target, row_weight.float(), block, dtype, float(label_smoothing)
+        )
 
 
 class CrossEntropy(Loss):
     """Full softmax over items 1..I (the padding logit is excluded)."""
 
     scores_every_item = True
-    RULES = {"chunk_tokens": POSITIVE}
+    RULES = {"chunk_tokens": POSITIVE, "label_smoothing": interval(0, 1, "[)")}
 
-    def __init__(self, *, chunk_tokens: int | None = None):
+    def __init__(self, *, chunk_tokens: int | None = None, label_smoothing: float = 0.0):
         # positions per block; a CPU block's (positions, I) logits stay in cache while they are normalised, a GPU
         # wants few, large launches. None: 256 on a CPU, 8192 on a GPU.
         self.chunk_tokens = chunk_tokens
+        # eps moves that much of each target's probability mass onto all items evenly: the model is no longer
+        # pushed towards certainty on the (context, next item) pairs it has seen, which it otherwise memorises
+        self.label_smoothing = label_smoothing
 
     def __call__(self, h, head, pos, neg=None):
         block = self.chunk_tokens or (256 if h.device.type == "cpu" else 8192)
         weight, bias = head.linear()  # score_all(h) = h @ weight.T + bias, streamed block by block
         rows, target = h.flatten(0, -2), pos.flatten()  # (B·L, D), (B·L,): padding rows weigh 0
-        return softmax_cross_entropy(rows, weight, (target - 1).clamp_min(0), block, bias, row_weight=target != 0)
+        return softmax_cross_entropy(
+            rows, weight, (target - 1).clamp_min(0), block, bias, target != 0, self.label_smoothing
+        )
 
 
 class SampledSoftmax(Loss):

@@ -158,6 +158,7 @@ ADDED_SINCE = {
     "trainer.checkpoint_every_min": 0,  # last.pt at epoch ends only
     "model.ffn": "relu",  # SASRec's FFN
     "model.ffn_multiplier": 1,  # D -> D -> D
+    "loss.label_smoothing": 0.0,  # one-hot targets
 }
 
 
