@@ -27,36 +27,33 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from seqrec.data.windows import user_time_scale  # noqa: E402
+from seqrec.data.windows import Windows, eval_windows, train_windows, user_time_scale  # noqa: E402
 from seqrec.predict import load_run  # noqa: E402
 
 
-def train_windows(data, users: np.ndarray, width: int, back: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Right-aligned (B, width) windows of each user's training items up to `back` items before the last one,
-    left-padded with 0, and their timestamps (None without them): back=0 is validation's input, back=1 the input
-    whose target is the last training item."""
-    starts, ends = data.train_ptr[users], data.train_ptr[users + 1] - back
-    slot = np.arange(width)
-    idx = ends[:, None] - width + slot[None, :]  # (B, width)
-    valid = idx >= starts[:, None]
-    seq = np.where(valid, data.train_items[idx.clip(min=0)], 0)
-    times = np.where(valid, data.train_times[idx.clip(min=0)], 0) if data.train_times is not None else None
-    return torch.from_numpy(seq.astype(np.int64)), None if times is None else torch.from_numpy(times.astype(np.int64))
+def seen_and_unseen_inputs(data, users: np.ndarray, width: int) -> dict[str, Windows]:
+    """The model inputs of both rows, built as training and validation build them: "seen" is the training
+    sampler's last window of each user (its final target is the last training item), "unseen" validation's input."""
+    return {
+        "seen": train_windows(data, users, width, trim=False),
+        "unseen": eval_windows(data, users, "valid", width, trim=False),
+    }
 
 
 @torch.no_grad()
-def target_fit(model, data, users: np.ndarray, targets: np.ndarray, width: int, back: int, batch: int = 256) -> dict:
-    """Mean cross-entropy, NDCG@10 and HR@10 of `targets` (B,) given each user's training items up to `back` before
-    the last, full ranking, unfiltered."""
+def target_fit(model, data, users: np.ndarray, windows: Windows, targets: np.ndarray, batch: int = 256) -> dict:
+    """Mean cross-entropy, NDCG@10 and HR@10 of `targets` (B,) after the last slot of `windows` (B, W), full
+    ranking, unfiltered."""
     scale_all = user_time_scale(data)  # (U,) TiSASRec's per-user time unit, None without timestamps
     losses, ranks = [], []
     for start in range(0, len(users), batch):
-        u = users[start : start + batch]
-        seq, times = train_windows(data, u, width, back)
-        scale = torch.from_numpy(scale_all[u]) if scale_all is not None else None
+        rows = slice(start, start + batch)
+        seq = torch.from_numpy(windows.seq[rows])
+        times = torch.from_numpy(windows.times[rows]) if windows.times is not None else None
+        scale = torch.from_numpy(scale_all[users[rows]]) if scale_all is not None else None
         h = model(seq, times, scale)[:, -1].float()  # (b, D)
         scores = model.head.score_all(h)  # (b, I): column j is item j + 1
-        target = torch.from_numpy(targets[start : start + batch]) - 1  # (b,)
+        target = torch.from_numpy(targets[rows]) - 1  # (b,)
         losses.append(F.cross_entropy(scores, target, reduction="none"))
         ranks.append((scores >= scores.gather(1, target[:, None])).sum(1) - 1)  # pessimistic, 0-based
     loss, rank = torch.cat(losses), torch.cat(ranks).double()
@@ -75,9 +72,10 @@ def fit_gap(run_dir: str, users: int, seed: int) -> dict:
     candidates = np.flatnonzero((lengths >= 2) & (data.valid_item > 0))
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(candidates, min(users, len(candidates)), replace=False))
+    inputs = seen_and_unseen_inputs(data, chosen, width)
     last_train = data.train_items[data.train_ptr[chosen + 1] - 1].astype(np.int64)
-    seen = target_fit(model, data, chosen, last_train, width, back=1)
-    unseen = target_fit(model, data, chosen, data.valid_item[chosen].astype(np.int64), width, back=0)
+    seen = target_fit(model, data, chosen, inputs["seen"], last_train)
+    unseen = target_fit(model, data, chosen, inputs["unseen"], data.valid_item[chosen].astype(np.int64))
     return {"run": str(run_dir), "users": len(chosen), "seen": seen, "unseen": unseen}
 
 

@@ -19,7 +19,7 @@ from tests.test_predict import titled_run  # noqa: F401 - the module's fixture: 
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-from fit_gap import fit_gap, train_windows  # noqa: E402
+from fit_gap import fit_gap, seen_and_unseen_inputs  # noqa: E402
 
 
 def test_unseen_row_equals_the_evaluators_unfiltered_validation(titled_run):  # noqa: F811
@@ -35,9 +35,10 @@ def test_unseen_row_equals_the_evaluators_unfiltered_validation(titled_run):  # 
 def test_the_seen_input_is_validations_input_one_item_earlier(titled_run):  # noqa: F811
     data, _, _ = load_run(titled_run)
     users = np.arange(data.num_users)
+    inputs = seen_and_unseen_inputs(data, users, 12)
+    seq0, times0 = torch.from_numpy(inputs["unseen"].seq), torch.from_numpy(inputs["unseen"].times)
+    seq1, times1 = torch.from_numpy(inputs["seen"].seq), torch.from_numpy(inputs["seen"].times)
     reference = eval_windows(data, users, "valid", maxlen=12, trim=False)
-    seq0, times0 = train_windows(data, users, 12, back=0)
-    seq1, times1 = train_windows(data, users, 12, back=1)
     assert np.array_equal(seq0.numpy(), reference.seq) and np.array_equal(times0.numpy(), reference.times)
     assert torch.equal(seq1[:, 1:], seq0[:, :-1]) and torch.equal(times1[:, 1:], times0[:, :-1])
     last = data.train_items[data.train_ptr[1:] - 1]
