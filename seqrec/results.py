@@ -281,9 +281,12 @@ def paired_over_users(frame: pd.DataFrame, metric: str, first: str, second: str)
     over users and the Wilcoxon signed-rank p-value."""
     if not re.fullmatch(r"test/(ndcg|hr|mrr)@\d+", metric):
         raise CompareError(f"--over users: {metric}: expected test/ndcg@k, test/hr@k or test/mrr@k (test ranks only)")
-    pair = paired_rows(frame, first, second)
+    pair = paired_rows(frame, first, second, assume_same=True)  # unrecorded runs get the message below, not the flag
     if (pair["protocol"] == UNRECORDED).any():
-        raise CompareError(f"--paired {first} {second} --over users: no recorded protocol, so users cannot be matched")
+        raise CompareError(
+            f"--paired {first} {second} --over users: some runs predate the protocol record, so their test users "
+            "cannot be matched (--over seeds with --assume-same-protocol can pair them)"
+        )
     per_row, seeds = {}, {}
     for name in (first, second):
         runs = pair.loc[pair["row"] == name, "run"]

@@ -244,7 +244,7 @@ def test_paired_over_users_refuses_with_one_line(tmp_path, capsys, case):
         "protocols": "different protocols",
         "no_ranks": "test_ranks.npy: missing",
         "stale_ranks": "not the run's results.json value",
-        "unrecorded": "no recorded protocol",
+        "unrecorded": "predate the protocol record, so their test users cannot be matched",
         "val_metric": "expected test/ndcg@k",
     }[case]
     assert err.startswith("error: ") and expected in err and "\n" not in err
@@ -355,8 +355,9 @@ def test_runs_older_than_the_protocol_record_pair_only_when_asked_and_are_counte
     line = capsys.readouterr().out.splitlines()[-1]
     assert line.startswith("test/ndcg@10: B - A = +0.0200 ± ") and "paired over 3 seeds (1, 2, 3)" in line
     assert line.endswith("; protocol assumed equal for 3 of 6 runs (not recorded)")
-    assert main([*args, "--assume-same-protocol", "--over", "users"]) == 1  # users are matched under one record
-    assert "different protocols" in capsys.readouterr().err
+    for flag in ([], ["--assume-same-protocol"]):  # users are matched under one record only, flag or not
+        assert main([*args, *flag, "--over", "users"]) == 1
+        assert "predate the protocol record, so their test users cannot be matched" in capsys.readouterr().err
 
 
 def test_the_flag_does_not_pair_two_recorded_protocols(tmp_path, capsys):
