@@ -11,8 +11,9 @@ reported as damaged instead of failing somewhere inside torch, (2) `cd checkpoin
 verifies it without seqrec, and (3) the .pt stays an ordinary torch file, hashed while it is written (no second
 copy of the weights in memory). The two renames are not one atomic step: the new digest is fsynced to
 `<name>.sha256.tmp` before the checkpoint is renamed, so a process killed between the renames leaves a pending
-digest that matches the new file, and `load_checkpoint` completes the rename. Checkpoints from before digests were
-recorded load with a warning.
+digest that matches the new file, and `load_checkpoint` completes the rename; a Ctrl-C there finishes it at once
+(the clean-up of a stopped save deletes the pending digest only while the checkpoint is not yet renamed).
+Checkpoints from before digests were recorded load with a warning.
 
 Reading: `torch.load(weights_only=True)` rebuilds tensors and plain data only; a file whose pickle asks for any
 other object (the way a crafted .pt runs code on loading) is refused with one line, before that object is
@@ -152,15 +153,28 @@ def save_checkpoint(state: dict, path: Path) -> None:
         os.replace(tmp, path)
         os.replace(digest_tmp, digest)
     except OSError as e:
-        _remove_quietly(tmp, digest_tmp)
+        _abandon_save(tmp, digest_tmp, digest)
         raise CheckpointWriteError(
             f"{path}: cannot write the checkpoint ({(e.strerror or str(e)).lower()}); the previous one is kept; free "
             "space or fix the folder's permissions"
         ) from None
-    except BaseException:
-        _remove_quietly(tmp, digest_tmp)
+    except BaseException:  # Ctrl-C can land between the two renames
+        _abandon_save(tmp, digest_tmp, digest)
         raise
     _sync_directory(path.parent)
+
+
+def _abandon_save(tmp: Path, digest_tmp: Path, digest: Path) -> None:
+    """Clean up a save that stopped part-way. Before the checkpoint's rename (its .tmp still there) both .tmp files
+    go and the previous checkpoint stays with its digest; after it, the pending digest is the only record of the new
+    file's SHA-256, so it is moved into place rather than deleted (or left pending for `load_checkpoint`)."""
+    if tmp.exists():
+        _remove_quietly(tmp, digest_tmp)
+        return
+    try:
+        os.replace(digest_tmp, digest)
+    except OSError:
+        pass
 
 
 def write_json(obj: dict, path: Path) -> None:

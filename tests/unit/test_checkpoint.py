@@ -153,6 +153,30 @@ def test_a_full_disk_leaves_the_previous_checkpoint_and_no_tmp_file(tmp_path, mo
     assert load_checkpoint(path)["epoch"] == 3
 
 
+@pytest.mark.parametrize("interrupted_rename", [1, 2])
+def test_ctrl_c_during_a_save_leaves_a_checkpoint_that_loads(tmp_path, monkeypatch, interrupted_rename):
+    """KeyboardInterrupt right after the checkpoint's rename (1) or inside the digest's (2): the new file is in place,
+    so its digest must not be thrown away with the other .tmp files (it was, and the resume refused the file)."""
+    path = tmp_path / "last.pt"
+    save_checkpoint(trainer_like_state(), path)
+    real_replace, calls = checkpoint.os.replace, []
+
+    def replace_then_ctrl_c(src, dst):
+        calls.append(dst)
+        if len(calls) == interrupted_rename:
+            if interrupted_rename == 1:
+                real_replace(src, dst)  # the rename happened; the signal lands before the next bytecode
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", replace_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({**trainer_like_state(), "epoch": 4}, path)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "last.pt.sha256"]
+    assert load_checkpoint(path)["epoch"] == 4
+
+
 def test_a_failed_json_write_leaves_no_tmp_file(tmp_path):
     with pytest.raises(TypeError):
         checkpoint.write_json({"value": object()}, tmp_path / "results.json")
