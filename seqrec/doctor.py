@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from seqrec.kernels import mhc_cpu as mhc_native
+from seqrec.preflight import Machine
 from seqrec.train.distributed import (
     ENV_KEYS,
     SLURM_KEYS,
@@ -69,9 +70,14 @@ def main(argv: list[str] | None = None) -> int:
         line(f"  cuda:{i}", f"{p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}")
     line(
         "bf16",
-        ("yes" if torch.cuda.is_bf16_supported() else "no (use float16 + GradScaler)")
-        if cuda
-        else "n/a on GPU; CPU autocast supports bfloat16",
+        ("yes" if torch.cuda.is_bf16_supported() else "no (use float16 + GradScaler)") if cuda else "n/a on GPU",
+    )
+    cpu_bf16 = Machine.probe().cpu_bf16
+    line(
+        "cpu bf16 kernels",
+        {True: "yes (trainer.amp=true on the CPU is fast)", None: "unknown (torch without oneDNN)"}.get(
+            cpu_bf16, f"no ({torch.backends.cpu.get_cpu_capability()}: keep trainer.amp=false on the CPU)"
+        ),
     )
     line("amp_dtype auto ->", best_amp_dtype())
     kernels = mhc_native.library()  # builds them on first use (~20 s), as the first mHC training step would

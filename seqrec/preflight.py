@@ -3,7 +3,9 @@
 Each problem is one line with its fix, so that a 4-GPU job fails in a second instead of after every rank has loaded
 the data (fewer GPUs than `trainer.devices` used to put every rank on GPU 0 until NCCL aborted; a torch CUDA wheel
 without kernels for the GPU's architecture fails at the first kernel launch; `torch.cuda.is_bf16_supported()` says
-yes on V100/T4, where bfloat16 is emulated and slow).
+yes on V100/T4, where bfloat16 is emulated and slow). A CPU without bfloat16 kernels (x86 without AVX-512, e.g. many
+AMD EPYC and older Intel parts) is not an error but a warning: autocast there runs matmuls 10-25x slower than
+float32.
 
 The machine is described by a `Machine` record, read from torch by `Machine.probe()`; the checks are pure functions
 of it, so every case is testable on a CPU-only box.
@@ -11,8 +13,11 @@ of it, so every case is testable on a CPU-only box.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
 
 NATIVE_BF16_CAPABILITY = (8, 0)  # Ampere: bfloat16 tensor cores; older GPUs emulate it
 
@@ -33,6 +38,7 @@ class Machine:
     nccl: bool = False
     gloo: bool = True
     torch_version: str = ""
+    cpu_bf16: bool | None = None  # oneDNN has bfloat16 kernels for this CPU (AVX-512 or Arm bf16); None: unknown
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @staticmethod
@@ -55,7 +61,19 @@ class Machine:
             nccl=dist.is_available() and dist.is_nccl_available(),
             gloo=dist.is_available() and dist.is_gloo_available(),
             torch_version=torch.__version__,
+            cpu_bf16=_cpu_bf16(),
         )
+
+
+def _cpu_bf16() -> bool | None:
+    """Whether CPU autocast to bfloat16 runs on kernels made for it. Without them (an AVX2-only x86) every bf16
+    matmul is converted and computed the slow way: 25x slower than float32 measured on a 2-core AMD EPYC (AVX2)."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN, or the op renamed: do not guess
+        return None
 
 
 def native_bf16(capability: tuple[int, int]) -> bool:
@@ -158,6 +176,18 @@ def check(
     return problems
 
 
+def slow_settings(machine: Machine, *, device: str, amp: bool = False, amp_dtype: str = "bfloat16") -> list[str]:
+    """Settings that run, but far slower here than another choice would; one line each with the fix."""
+    on_cpu = device == "cpu" or (device == "auto" and not machine.gpus)
+    if on_cpu and amp and amp_dtype == "bfloat16" and machine.cpu_bf16 is False:
+        return [
+            "trainer.amp=true (bfloat16) on a CPU without bfloat16 kernels (no AVX-512): autocast makes every "
+            "matmul 10-25x slower than float32; add trainer.amp=false (float32: another run's numerics, not a "
+            "resume of this one)"
+        ]
+    return []
+
+
 LAUNCHER_EXTRAS = {"slurm": "slurm", "submitit_slurm": "slurm", "submitit_local": "slurm"}  # launcher -> extra
 
 
@@ -195,8 +225,9 @@ def check_run(cfg) -> None:
 
     trainer = cfg.trainer
     local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE")  # ranks on this node
+    machine = Machine.probe()
     problems = check(
-        Machine.probe(),
+        machine,
         device=str(trainer.device),
         devices=int(trainer.devices),
         backend=str(cfg.distributed.backend),
@@ -204,6 +235,10 @@ def check_run(cfg) -> None:
         amp_dtype=str(trainer.amp_dtype),
         ranks_here=int(local) if local and local.isdigit() else None,
     )
+    for slow in slow_settings(
+        machine, device=str(trainer.device), amp=bool(trainer.amp), amp_dtype=str(trainer.amp_dtype)
+    ):
+        log.warning(slow)
     if len(problems) == 1:
         raise ConfigError(problems[0])
     if problems:

@@ -168,7 +168,7 @@ def test_doctor_reports_and_runs_the_gloo_smoke_test():
     proc = subprocess.run([sys.executable, "-m", "seqrec.doctor"], capture_output=True, text=True, timeout=90, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
     out = proc.stdout
-    for field in ("cuda", "bf16", "nccl", "gloo", "rendezvous port", "slurm", "mHC C++ kernels"):
+    for field in ("cuda", "bf16", "cpu bf16 kernels", "nccl", "gloo", "rendezvous port", "slurm", "mHC C++ kernels"):
         assert f"\n{field} " in out or out.startswith(field), field
     assert "gloo smoke test        ok: 2-rank all_reduce -> [3.0, 3.0]" in out
     assert out.rstrip().endswith("doctor: all checks passed")

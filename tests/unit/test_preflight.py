@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from seqrec.preflight import Gpu, Machine, arch_supported, best_amp_dtype, check, native_bf16
+from seqrec.preflight import Gpu, Machine, arch_supported, best_amp_dtype, check, native_bf16, slow_settings
 
 V100, A100, H200 = Gpu("Tesla V100-SXM2-32GB", (7, 0)), Gpu("NVIDIA A100", (8, 0)), Gpu("NVIDIA H200", (9, 0))
 CU128_ARCHS = ("sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120")  # no Volta
@@ -19,6 +19,7 @@ def test_this_machine_is_probed_from_torch():
     machine = Machine.probe()
     assert len(machine.gpus) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
     assert machine.torch_version == torch.__version__
+    assert machine.cpu_bf16 in (True, False, None)
 
 
 def test_a_healthy_four_gpu_box_has_no_problems():
@@ -65,6 +66,40 @@ def test_bf16_is_native_from_ampere_on_and_auto_picks_float16_below():
     assert best_amp_dtype(Machine()) == "bfloat16"  # CPU autocast
     (problem,) = check(box(V100), device="cuda", devices=1, amp=True, amp_dtype="bfloat16")
     assert "emulated" in problem and "trainer.amp_dtype=float16" in problem
+
+
+def test_bf16_autocast_on_a_cpu_without_bf16_kernels_is_one_warning_line_with_its_fix():
+    avx2, avx512, unknown = Machine(cpu_bf16=False), Machine(cpu_bf16=True), Machine()
+    for device in ("cpu", "auto"):
+        (slow,) = slow_settings(avx2, device=device, amp=True, amp_dtype="bfloat16")
+        assert "trainer.amp=false" in slow and "\n" not in slow
+    assert slow_settings(avx2, device="cpu", amp=False) == []  # float32: nothing is emulated
+    assert slow_settings(avx2, device="cpu", amp=True, amp_dtype="float16") == []
+    assert slow_settings(avx512, device="cpu", amp=True, amp_dtype="bfloat16") == []
+    assert slow_settings(unknown, device="cpu", amp=True, amp_dtype="bfloat16") == []  # no guessing
+    gpu_box = Machine(gpus=(H200,), cpu_bf16=False)
+    assert slow_settings(gpu_box, device="auto", amp=True, amp_dtype="bfloat16") == []  # autocast runs on the GPU
+    assert check(avx2, device="cpu", devices=1, amp=True, amp_dtype="bfloat16") == []  # a warning, not a refusal
+
+
+def test_the_run_warns_before_training_when_cpu_autocast_would_be_emulated(monkeypatch, tmp_path, caplog):
+    import logging
+
+    from conftest import compose_config
+
+    import seqrec.preflight as preflight
+
+    monkeypatch.setattr(preflight, "_cpu_bf16", lambda: False)
+    cfg = compose_config(["hardware=cpu", "trainer.amp=true", "trainer.amp_dtype=bfloat16"], tmp_path)
+    with caplog.at_level(logging.WARNING, logger="seqrec.preflight"):
+        preflight.check_run(cfg)
+    assert [r.getMessage() for r in caplog.records] == slow_settings(
+        Machine(cpu_bf16=False), device="cpu", amp=True, amp_dtype="bfloat16"
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="seqrec.preflight"):
+        preflight.check_run(compose_config(["hardware=cpu"], tmp_path))  # float32 on the CPU: silent
+    assert caplog.records == []
 
 
 def test_cpu_ddp_with_nccl_asked_for_is_refused():
