@@ -4,8 +4,8 @@ Each problem is one line with its fix, so that a 4-GPU job fails in a second ins
 the data (fewer GPUs than `trainer.devices` used to put every rank on GPU 0 until NCCL aborted; a torch CUDA wheel
 without kernels for the GPU's architecture fails at the first kernel launch; `torch.cuda.is_bf16_supported()` says
 yes on V100/T4, where bfloat16 is emulated and slow). A CPU without bfloat16 kernels (x86 without AVX-512, e.g. many
-AMD EPYC and older Intel parts) is not an error but a warning: autocast there runs matmuls 10-25x slower than
-float32.
+AMD EPYC and older Intel parts) is not an error but a warning: autocast there makes a training step about 16x
+slower than float32 (bench/bench_cpu_amp.py).
 
 The machine is described by a `Machine` record, read from torch by `Machine.probe()`; the checks are pure functions
 of it, so every case is testable on a CPU-only box.
@@ -67,7 +67,7 @@ class Machine:
 
 def _cpu_bf16() -> bool | None:
     """Whether CPU autocast to bfloat16 runs on kernels made for it. Without them (an AVX2-only x86) every bf16
-    matmul is converted and computed the slow way: 25x slower than float32 measured on a 2-core AMD EPYC (AVX2)."""
+    matmul is converted and computed the slow way: 18-43x slower than float32 on a 2-core AMD EPYC with AVX2."""
     import torch
 
     try:
@@ -181,9 +181,9 @@ def slow_settings(machine: Machine, *, device: str, amp: bool = False, amp_dtype
     on_cpu = device == "cpu" or (device == "auto" and not machine.gpus)
     if on_cpu and amp and amp_dtype == "bfloat16" and machine.cpu_bf16 is False:
         return [
-            "trainer.amp=true (bfloat16) on a CPU without bfloat16 kernels (no AVX-512): autocast makes every "
-            "matmul 10-25x slower than float32; add trainer.amp=false (float32: another run's numerics, not a "
-            "resume of this one)"
+            "trainer.amp=true (bfloat16) on a CPU without bfloat16 kernels (no AVX-512): autocast makes a training "
+            "step about 16x slower than float32; add trainer.amp=false (float32: another run's numerics, not a resume "
+            "of this one)"
         ]
     return []
 

@@ -101,6 +101,27 @@ def test_stall_watcher_spares_a_busy_rank_and_kills_a_stopped_one(tmp_path):
             child.kill()
 
 
+def test_stall_watcher_kills_a_rank_stopped_in_the_middle_of_writing_its_beat(tmp_path):
+    """A rank stopped between a beat file's truncation and its write leaves it empty: no pid to read. The watcher
+    must still kill it (by the pid it read before), not drop it from the watch and wait forever."""
+    child = subprocess.Popen([sys.executable, "-c", BEATING_CHILD, str(tmp_path / "rank1")], cwd=REPO)
+    try:
+        with StallWatcher(tmp_path, stall_timeout_s=1.5) as watcher:
+            deadline = time.monotonic() + 60
+            while not (tmp_path / "rank1").exists() and time.monotonic() < deadline:  # torch imports first
+                time.sleep(0.1)
+            time.sleep(1)  # a few beats, read by the watcher
+            os.kill(child.pid, signal.SIGSTOP)
+            (tmp_path / "rank1").write_text("")  # what the stop mid-write leaves behind
+            child.wait(timeout=30)
+        assert child.returncode == -signal.SIGKILL
+        assert watcher.stalled is not None and watcher.stalled.rank == 1
+        assert not list(tmp_path.glob("rank*.tmp"))  # the beat's temporary file is never among the ranks
+    finally:
+        if child.poll() is None:
+            child.kill()
+
+
 STUCK_CHILD = """
 import sys, time
 from pathlib import Path

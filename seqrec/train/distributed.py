@@ -304,18 +304,27 @@ def beat_interval(stall_timeout_s: float) -> float:
 def start_heartbeat(path: Path, interval_s: float) -> None:
     """Write `<pid> <progress>` to `path` every `interval_s` seconds from a daemon thread (the rewrite is the beat)."""
     path = Path(path)
-    path.write_text(f"{os.getpid()} 0")
+    _write_beat(path, 0)
     torch.nn.modules.module.register_module_forward_pre_hook(_count_forward)
 
     def beat() -> None:
         while True:
             try:
-                path.write_text(f"{os.getpid()} {_forward_calls}")
+                _write_beat(path, _forward_calls)
             except OSError:  # the launcher removed the directory: the launch is over
                 return
             time.sleep(interval_s)
 
     threading.Thread(target=beat, name="seqrec-heartbeat", daemon=True).start()
+
+
+def _write_beat(path: Path, calls: int) -> None:
+    """Replace the file whole: written in place, a rank stopped between the truncation and the write (SIGSTOP, a
+    frozen node) would leave an empty file that names no pid to kill. The temporary name starts with a dot, so the
+    watcher's `rank*` never lists it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(f"{os.getpid()} {calls}")
+    os.replace(tmp, path)
 
 
 def stop_heartbeat(path: Path) -> None:
@@ -358,10 +367,11 @@ class StallWatcher:
     def _watch(self) -> None:
         last_change: dict[int, tuple[int, float]] = {}  # rank -> (mtime_ns, monotonic time it was first seen)
         progress: dict[int, int] = {}  # rank -> forward calls at its last beat
+        pids: dict[int, int] = {}  # rank -> its pid, for a file that can no longer be read whole
         progressed_at: float | None = None  # when any rank last made progress; None until training starts
         while not self._stop.wait(self.poll_s):
             now = time.monotonic()
-            beats = list(self._beats())
+            beats = list(self._beats(pids))
             for rank, mtime_ns, pid, calls in beats:
                 seen, since = last_change.get(rank, (None, now))
                 if mtime_ns != seen:
@@ -378,14 +388,23 @@ class StallWatcher:
                     _kill(pid)
                 return
 
-    def _beats(self):
-        """(rank, mtime_ns, pid, forward calls) of every rank that is beating now."""
+    def _beats(self, pids: dict[int, int]):
+        """(rank, mtime_ns, pid, forward calls) of every rank that is beating now. A file that cannot be read whole
+        (a writer older than `_write_beat`'s atomic replace, stopped mid-write) still counts, by its rank's last
+        known pid and no progress, so that a rank stopped while writing is not lost from the watch."""
         for path in self.directory.glob("rank*"):
             try:
-                pid, calls = path.read_text().split()
-                yield int(path.name[4:]), path.stat().st_mtime_ns, int(pid), int(calls)
-            except (OSError, ValueError):  # removed as its rank returned, or caught mid-write
+                rank, mtime_ns = int(path.name[4:]), path.stat().st_mtime_ns
+            except (OSError, ValueError):  # removed as its rank returned, or not a rank's file
                 continue
+            try:
+                pid, calls = (int(word) for word in path.read_text().split())
+            except (OSError, ValueError):
+                if rank not in pids:
+                    continue
+                pid, calls = pids[rank], 0
+            pids[rank] = pid
+            yield rank, mtime_ns, pid, calls
 
 
 def _kill(pid: int) -> None:
