@@ -79,13 +79,17 @@ while True:  # a long, busy phase with no progress to report (a big file, a long
 """
 
 
+def _wait_for_first_beat(path: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists() and time.monotonic() < deadline:  # the child imports torch first
+        time.sleep(0.1)
+
+
 def test_stall_watcher_spares_a_busy_rank_and_kills_a_stopped_one(tmp_path):
     child = subprocess.Popen([sys.executable, "-c", BEATING_CHILD, str(tmp_path / "rank1")], cwd=REPO)
     try:
         with StallWatcher(tmp_path, stall_timeout_s=1.5) as watcher:
-            deadline = time.monotonic() + 60
-            while not (tmp_path / "rank1").exists() and time.monotonic() < deadline:  # torch imports first
-                time.sleep(0.1)
+            _wait_for_first_beat(tmp_path / "rank1")
             time.sleep(4)  # busy for more than twice the threshold
             assert child.poll() is None and watcher.stalled is None
             os.kill(child.pid, signal.SIGSTOP)
@@ -107,9 +111,7 @@ def test_stall_watcher_kills_a_rank_stopped_in_the_middle_of_writing_its_beat(tm
     child = subprocess.Popen([sys.executable, "-c", BEATING_CHILD, str(tmp_path / "rank1")], cwd=REPO)
     try:
         with StallWatcher(tmp_path, stall_timeout_s=1.5) as watcher:
-            deadline = time.monotonic() + 60
-            while not (tmp_path / "rank1").exists() and time.monotonic() < deadline:  # torch imports first
-                time.sleep(0.1)
+            _wait_for_first_beat(tmp_path / "rank1")
             time.sleep(1)  # a few beats, read by the watcher
             os.kill(child.pid, signal.SIGSTOP)
             (tmp_path / "rank1").write_text("")  # what the stop mid-write leaves behind
