@@ -20,9 +20,11 @@ a line below it saying nothing was checked. Unfinished runs are left out and cou
   Rows under different protocols are refused; `--assume-same-protocol` lets runs made before results.json recorded
   the protocol pair with runs under one recorded protocol, and the line counts the runs it did not check.
 - `--over users`: each test user's metric from the ranks the evaluator wrote (`test_ranks.npy`,
-  `seqrec.eval.user_ranks`), averaged over each row's seeds, users matched by index under one recorded protocol; a
-  paired t-test over users and the Wilcoxon signed-rank test. Whether these trained models differ on this test set,
-  not whether another training draw would. Runs older than test_ranks.npy can only be paired over seeds.
+  `seqrec.eval.user_ranks`), averaged over the seeds both rows finished (as over seeds: a seed only one row has
+  would weigh that row's side with a training draw the other side lacks; the line names any it left out), users
+  matched by index under one recorded protocol; a paired t-test over users and the Wilcoxon signed-rank test.
+  Whether these trained models differ on this test set, not whether another training draw would. Runs older than
+  test_ranks.npy can only be paired over seeds.
 Both print the mean difference, its 95 % interval and two-sided p-values.
 """
 
@@ -277,8 +279,8 @@ def paired_over_seeds(frame: pd.DataFrame, metric: str, first: str, second: str,
 
 
 def paired_over_users(frame: pd.DataFrame, metric: str, first: str, second: str) -> str:
-    """One line: `second` - `first` on each test user's `metric` averaged over each row's seeds, the paired t-test
-    over users and the Wilcoxon signed-rank p-value."""
+    """One line: `second` - `first` on each test user's `metric` averaged over the seeds both rows finished, the
+    paired t-test over users and the Wilcoxon signed-rank p-value; it names the seeds it left out."""
     if not re.fullmatch(r"test/(ndcg|hr|mrr)@\d+", metric):
         raise CompareError(f"--over users: {metric}: expected test/ndcg@k, test/hr@k or test/mrr@k (test ranks only)")
     pair = paired_rows(frame, first, second, assume_same=True)  # unrecorded runs get the message below, not the flag
@@ -287,22 +289,35 @@ def paired_over_users(frame: pd.DataFrame, metric: str, first: str, second: str)
             f"--paired {first} {second} --over users: some runs predate the protocol record, so their test users "
             "cannot be matched (--over seeds with --assume-same-protocol can pair them)"
         )
-    per_row, seeds = {}, {}
+    seeds_of = {name: set(pair.loc[pair["row"] == name, "seed"]) for name in (first, second)}
+    shared = sorted(seeds_of[first] & seeds_of[second])
+    if not shared:
+        raise CompareError(f"--paired {first} {second} --over users: no seed finished in both rows")
+    per_row = {}
     for name in (first, second):
-        runs = pair.loc[pair["row"] == name, "run"]
+        runs = pair.loc[(pair["row"] == name) & pair["seed"].isin(shared), "run"]
         per_seed = pd.concat([user_metric(run, metric) for run in runs], axis=1)  # (users, seeds)
         if per_seed.isna().any().any():
             raise CompareError(f"--over users: the seeds of {name} ranked different test users")
-        per_row[name], seeds[name] = per_seed.mean(axis=1), len(runs)
+        per_row[name] = per_seed.mean(axis=1)
     a, b = per_row[first], per_row[second]
     if not a.index.equals(b.index):
         raise CompareError(f"--paired {first} {second} --over users: the rows ranked different test users")
     test = paired_t_test(a, b)
+    left_out = [
+        f"{name} {_seeds(extra)}" for name in (first, second) if (extra := sorted(seeds_of[name] - set(shared)))
+    ]
+    left = f"; left out, not finished in both rows: {'; '.join(left_out)}" if left_out else ""
     return (
         f"{metric}: {second} - {first} = {test['mean_diff']:+.4f} ± {test['ci']:.4f} (95% CI), paired over "
-        f"{test['n']} users (each user's value averaged over {seeds[first]} and {seeds[second]} seeds), "
+        f"{test['n']} users (each user's value averaged over {_seeds(shared)} of both rows{left}), "
         f"t = {test['t']:.3f}, p = {test['p']:.3g}; Wilcoxon signed-rank p = {wilcoxon_signed_rank(b - a):.3g}"
     )
+
+
+def _seeds(seeds: list) -> str:
+    """'seed 1' or 'seeds 1, 2, 3'."""
+    return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
 
 
 def user_metric(run: Run, metric: str) -> pd.Series:

@@ -203,9 +203,28 @@ def test_paired_over_users_finds_a_planted_difference(tmp_path, capsys):
     diff = (ndcg10(better[0]) + ndcg10(better[1]) - ndcg10(base[0]) - ndcg10(base[1])) / 2  # seeds averaged per user
     half = student_t_quantile(0.975, 399) * diff.std(ddof=1) / math.sqrt(400)
     assert line.startswith(f"test/ndcg@10: B - A = +{diff.mean():.4f} ± {half:.4f} (95% CI), paired over 400 users")
-    assert "averaged over 2 and 2 seeds" in line
+    assert "averaged over seeds 1, 2 of both rows)" in line
     p_t, p_w = (float(x) for x in re.findall(r"p = ([0-9.e-]+)", line))
     assert diff.mean() - half > 0 and p_t < 1e-6 and p_w < 1e-6
+
+
+def test_paired_over_users_pairs_only_the_seeds_both_rows_finished(tmp_path, capsys):
+    """A seed only one row has is left out of that row's per-user mean, as over seeds, and the line names it: B's
+    seed 1 equals A's seed 1, so the difference is 0 only if A's far better seed 2 is left out."""
+    ranks = np.random.default_rng(4).integers(5, 20, size=60)
+    ranked_run(tmp_path / "A" / "seed1", 1, ranks)
+    ranked_run(tmp_path / "A" / "seed2", 2, np.zeros(60, dtype=np.int64))  # every target ranked first
+    ranked_run(tmp_path / "B" / "seed1", 1, ranks)
+    ranked_run(tmp_path / "B" / "seed3", 3, ranks // 2)
+    line = paired_line(tmp_path, capsys, "--over", "users")
+    assert line.startswith("test/ndcg@10: B - A = +0.0000 ± 0.0000 (95% CI), paired over 60 users")
+    assert (
+        "(each user's value averaged over seed 1 of both rows; left out, not finished in both rows: A seed 2; B seed 3)"
+        in line
+    )
+    ranked_run(tmp_path / "C" / "seed4", 4, ranks)
+    assert main([str(tmp_path), "--metrics", "test/ndcg@10", "--paired", "A", "C", "--over", "users"]) == 1
+    assert "no seed finished in both rows" in capsys.readouterr().err
 
 
 def test_paired_over_users_of_identical_runs_gives_zero(tmp_path, capsys):
