@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import numbers
 import os
 import re
 import sys
@@ -290,7 +291,7 @@ def paired_over_users(frame: pd.DataFrame, metric: str, first: str, second: str)
             "cannot be matched (--over seeds with --assume-same-protocol can pair them)"
         )
     seeds_of = {name: set(pair.loc[pair["row"] == name, "seed"]) for name in (first, second)}
-    shared = sorted(seeds_of[first] & seeds_of[second])
+    shared = sorted(seeds_of[first] & seeds_of[second], key=_seed_order)
     if not shared:
         raise CompareError(f"--paired {first} {second} --over users: no seed finished in both rows")
     per_row = {}
@@ -304,15 +305,19 @@ def paired_over_users(frame: pd.DataFrame, metric: str, first: str, second: str)
     if not a.index.equals(b.index):
         raise CompareError(f"--paired {first} {second} --over users: the rows ranked different test users")
     test = paired_t_test(a, b)
-    left_out = [
-        f"{name} {_seeds(extra)}" for name in (first, second) if (extra := sorted(seeds_of[name] - set(shared)))
-    ]
+    only_one = {name: sorted(seeds_of[name] - set(shared), key=_seed_order) for name in (first, second)}
+    left_out = [f"{name} {_seeds(extra)}" for name, extra in only_one.items() if extra]
     left = f"; left out, not finished in both rows: {'; '.join(left_out)}" if left_out else ""
     return (
         f"{metric}: {second} - {first} = {test['mean_diff']:+.4f} ± {test['ci']:.4f} (95% CI), paired over "
         f"{test['n']} users (each user's value averaged over {_seeds(shared)} of both rows{left}), "
         f"t = {test['t']:.3f}, p = {test['p']:.3g}; Wilcoxon signed-rank p = {wilcoxon_signed_rank(b - a):.3g}"
     )
+
+
+def _seed_order(seed) -> tuple:
+    """Seeds are config ints, or a folder name where a run recorded none: numbers first, in order."""
+    return (0, int(seed), "") if isinstance(seed, numbers.Integral) else (1, 0, str(seed))
 
 
 def _seeds(seeds: list) -> str:
