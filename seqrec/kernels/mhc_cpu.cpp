@@ -33,8 +33,26 @@ namespace {
 constexpr int TB = 64;            // tokens per block, G vectors of VL lanes per entry: G independent Sinkhorn
                                   // chains interleaved, so that each hides the others' division latency
 constexpr int MAX_ITERS = 64;     // mhc_cpu.MAX_ITERS
-constexpr int VL = 16;            // floats per vector register (the compiler splits them where registers are shorter)
+// Floats per vector: the machine's register width. GCC lowers a vector type wider than the registers through
+// memory, element by element (on an AVX2 machine 16-float vectors made these kernels ~20x slower), so the width
+// follows the target; SEQREC_MHC_LANES overrides it (the tests build a 16-lane library on any machine and check
+// that it computes bit for bit what the native one does).
+#if defined(SEQREC_MHC_LANES)
+#define MHC_VL SEQREC_MHC_LANES
+#elif defined(__AVX512F__)
+#define MHC_VL 16
+#elif defined(__AVX__)
+#define MHC_VL 8
+#else
+#define MHC_VL 4
+#endif
+constexpr int VL = MHC_VL;
+constexpr int SUM_LANES = 16;     // sums over D run on 16 lanes whatever VL is (hsum), so their rounding is the same
+constexpr int P = SUM_LANES / VL;  // vectors per 16 lanes
+constexpr int PAD = 16;           // mhc_cpu.LANES: W, W^T and d W come with columns padded to a multiple of it
+constexpr int REGS = VL == 16 ? 32 : 16;  // vector registers (AVX-512 has 32, AVX and SSE 16)
 constexpr int G = TB / VL;
+static_assert(VL == 4 || VL == 8 || VL == 16, "SEQREC_MHC_LANES must be 4, 8 or 16");
 
 typedef float vf __attribute__((vector_size(VL * sizeof(float))));
 inline vf load(const float* p) {
@@ -78,16 +96,24 @@ inline vf exp_approx(vf x) {
 
 inline vf sigmoid(vf x) { return 1.0f / (1.0f + exp_approx(-x)); }
 
-// The lanes of v summed as a fixed tree (halves added pairwise), so that the rounding does not depend on the
-// machine's vector width. One tree per dot product replaces a loop's per-lane reduction (16 dependent scalar adds).
-inline float hsum(vf v) {
-  static_assert(VL == 16, "the tree below is written for 16 lanes");
-  typedef float vf8 __attribute__((vector_size(8 * sizeof(float))));
-  typedef float vf4 __attribute__((vector_size(4 * sizeof(float))));
-  const vf8 h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const vf4 q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
-  return (q[0] + q[2]) + (q[1] + q[3]);
+// 16 lanes (P vectors, lanes 0-15 in order) summed as a fixed tree: lane i + lane i + 8, then i + i + 4, then
+// (0 + 2) + (1 + 3), so that the rounding does not depend on the machine's vector width. One tree per dot product
+// replaces a loop's per-lane reduction (16 dependent scalar adds).
+typedef float vf8 __attribute__((vector_size(8 * sizeof(float))));
+typedef float vf4 __attribute__((vector_size(4 * sizeof(float))));
+inline float hsum4(vf4 q) { return (q[0] + q[2]) + (q[1] + q[3]); }
+inline float hsum(const vf (&v)[P]) {
+#if MHC_VL == 16
+  const vf8 h = __builtin_shufflevector(v[0], v[0], 0, 1, 2, 3, 4, 5, 6, 7) +
+                __builtin_shufflevector(v[0], v[0], 8, 9, 10, 11, 12, 13, 14, 15);
+#elif MHC_VL == 8
+  const vf8 h = v[0] + v[1];
+#else
+  return hsum4((v[0] + v[2]) + (v[1] + v[3]));
+#endif
+#if MHC_VL != 4
+  return hsum4(__builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7));
+#endif
 }
 
 // One T from p: a vector, or a float (for the loops below, written once for both).
@@ -100,21 +126,27 @@ inline float ld<float>(const float* p) { return *p; }
 inline void st(float* p, vf v) { store(p, v); }
 inline void st(float* p, float v) { *p = v; }
 
-// out[r] = sum_d f(d)_r over [0, D) for R sums at once: f(d, acc) adds its R terms at d into acc, R vectors for each
-// whole VL-chunk (their lanes summed once at the end, by hsum), then R floats (out itself) for each of the last D % VL
-// entries.
+// out[r] = sum_d f(d)_r over [0, D) for R sums at once: f(d, acc) adds its R terms at d into acc, R sets of P
+// vectors (16 lanes) for each whole 16-chunk (their lanes summed once at the end, by hsum), then R floats (out
+// itself) for each of the last D % 16 entries.
 template <int R, class F>
 inline void sums_over(int D, F&& f, float (&out)[R]) {
-  vf acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = splat(0.0f);
+  vf acc[P][R];  // acc[p][r]: lanes p * VL .. p * VL + VL - 1 of sum r
+  for (int p = 0; p < P; ++p)
+    for (int r = 0; r < R; ++r) acc[p][r] = splat(0.0f);
   int d = 0;
-  for (; d + VL <= D; d += VL) f(d, acc);
-  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
+  for (; d + SUM_LANES <= D; d += SUM_LANES)
+    for (int p = 0; p < P; ++p) f(d + p * VL, acc[p]);
+  for (int r = 0; r < R; ++r) {
+    vf lanes[P];
+    for (int p = 0; p < P; ++p) lanes[p] = acc[p][r];
+    out[r] = hsum(lanes);
+  }
   for (; d < D; ++d) f(d, out);
 }
 
-// sum_d f(d) over [0, D): f(d, vf{}) for each whole VL-chunk, f(d, 0.0f) for each of the last D % VL entries; f returns
-// the type of its second argument.
+// sum_d f(d) over [0, D): f(d, vf{}) for each whole vector of the 16-chunks, f(d, 0.0f) for each of the last D % 16
+// entries; f returns the type of its second argument.
 template <class F>
 inline float sum_over(int D, F&& f) {
   float sum[1];
@@ -122,17 +154,19 @@ inline float sum_over(int D, F&& f) {
   return sum[0];
 }
 
-// out[r] = g . rows[r] over D entries, for R rows at once: one vector accumulator per row over the whole VL-chunks
-// of D (g loaded once for all rows), each summed by hsum, then the last D % VL entries added one at a time.
+// out[r] = g . rows[r] over D entries, for R rows at once: 16 lanes (P vectors) per row over the whole 16-chunks
+// of D (g loaded once for all rows), each summed by hsum, then the last D % 16 entries added one at a time.
 template <int R>
 inline void dot_rows(const float* g, const float* const (&rows)[R], int D, float (&out)[R]) {
-  vf acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = splat(0.0f);
+  vf acc[R][P];
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < P; ++p) acc[r][p] = splat(0.0f);
   int d = 0;
-  for (; d + VL <= D; d += VL) {
-    const vf gv = load(g + d);
-    for (int r = 0; r < R; ++r) acc[r] += gv * load(rows[r] + d);
-  }
+  for (; d + SUM_LANES <= D; d += SUM_LANES)
+    for (int p = 0; p < P; ++p) {
+      const vf gv = load(g + d + p * VL);
+      for (int r = 0; r < R; ++r) acc[r][p] += gv * load(rows[r] + d + p * VL);
+    }
   for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
   for (; d < D; ++d)
     for (int r = 0; r < R; ++r) out[r] += g[d] * rows[r][d];
@@ -142,7 +176,7 @@ template <int S>
 struct Kernels {
   static constexpr int C = 2 * S + S * S;  // logits [pre | post | res]
   static constexpr int SS = S * S;
-  static constexpr int NV = (C + VL - 1) / VL, CP = NV * VL;  // W's columns, padded to whole vectors
+  static constexpr int CP = (C + PAD - 1) / PAD * PAD, NV = CP / VL;  // W's columns, padded to whole vectors
 
   // Per-block scratch: each entry is G vectors, lane t % VL of vector t / VL for the block's token t; lanes past
   // the block's token count hold zero logits.
@@ -263,6 +297,10 @@ struct Kernels {
     *sumsq = ss;
   }
 
+  // Tokens per pass over W in read_forward: TR x NV accumulators and a row of W (NV vectors) in registers. With 32
+  // registers 8 tokens (16 accumulators at S = 4) keep both FMA pipes busy; with 16, as many as fit.
+  static constexpr int ROWS = VL == 16 ? 8 : REGS / NV - 1 >= 4 ? 4 : REGS / NV - 1 >= 2 ? 2 : 1;
+
   // The same for TR consecutive token rows at once: each row of W is loaded once for all of them.
   template <int TR>
   NO_AUTOVEC static void mapping_matmul_rows(const float* x, const float* W, int SD, float (*z)[C], float* sumsq) {
@@ -320,7 +358,7 @@ struct Kernels {
 
   // The same over all S*D entries of TR tokens: tiles of BT vectors, then one of the (fewer) vectors left, through
   // zero-padded copies of x and gx when the last vector is partial. WT is (C, SDp), SDp = S*D rounded up to VL.
-  static constexpr int BT = 4;  // vectors per tile: TR x BT accumulators stay in registers for TR = 4
+  static constexpr int BT = REGS / 8;  // vectors per tile: TR x BT accumulators stay in registers for TR = 4
   template <int TR>
   static void mapping_matmul_backward(const float* x, int SD, const float* WT, int SDp, const float (*gz)[CP],
                                       const float* coef, float* gx) {
@@ -379,9 +417,12 @@ struct Kernels {
       const float* X = block_rows(X0, xt, xs, n, nb, D, xbuf.data()) - n * SD;  // token n + t at X + (n + t) * SD
       float z[TB][C], ss[TB];
       int t = 0;
-      // 8 tokens per pass over W: 16 independent accumulators keep both FMA pipes busy (8 only just did)
-      for (; t + 8 <= nb; t += 8) mapping_matmul_rows<8>(X + (n + t) * SD, W, SD, z + t, ss + t);
-      for (; t + 4 <= nb; t += 4) mapping_matmul_rows<4>(X + (n + t) * SD, W, SD, z + t, ss + t);
+      if constexpr (ROWS == 8)
+        for (; t + 8 <= nb; t += 8) mapping_matmul_rows<8>(X + (n + t) * SD, W, SD, z + t, ss + t);
+      for (; t + 4 <= nb; t += 4)
+        for (int r = 0; r < 4; r += std::min(ROWS, 4))
+          mapping_matmul_rows<std::min(ROWS, 4)>(X + (n + t + r) * SD, W, SD, z + t + r, ss + t + r);
+      // the last nb % 4 tokens, whatever ROWS is: each token's sums are the same on every machine
       for (; t < nb; ++t) mapping_matmul_one(X + (n + t) * SD, W, SD, z[t], ss + t);
       for (t = 0; t < TB; ++t) {
         if (t >= nb) {

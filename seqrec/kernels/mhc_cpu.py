@@ -40,7 +40,7 @@ SOURCE = Path(__file__).with_name("mhc_cpu.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC"]
 MAX_STREAMS, MAX_ITERS = 8, 64  # mhc_cpu.cpp instantiates S = 1..8; its MAX_ITERS
 TOKENS_PER_TASK = 512  # the least work worth a thread
-LANES = 16  # mhc_cpu.cpp's VL: W, W^T and d W are read zero-padded to a multiple of it
+LANES = 16  # mhc_cpu.cpp's PAD: W, W^T and d W are read zero-padded to a multiple of it
 
 _i64, _int, _ptr, _float = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
 _SIGNATURES = {
@@ -54,10 +54,11 @@ _SIGNATURES = {
 
 
 @cache
-def library() -> ctypes.CDLL | None:
-    """The compiled kernels, or None (with one warning) where they cannot be built or loaded."""
+def library(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """The compiled kernels, or None (with one warning) where they cannot be built or loaded; `extra_flags` go to
+    the compiler after FLAGS (the tests build other vector widths with -DSEQREC_MHC_LANES=4|8|16)."""
     try:
-        lib = load_library("mhc_cpu", SOURCE, FLAGS)
+        lib = load_library("mhc_cpu", SOURCE, [*FLAGS, *extra_flags])
         for name, argtypes in _SIGNATURES.items():
             getattr(lib, name).argtypes = argtypes
             getattr(lib, name).restype = None

@@ -109,6 +109,40 @@ def test_native_model_matches_reference_model_in_training_and_evaluation(cls, no
     torch.testing.assert_close(evals[1], evals[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # four builds of the library, 30-60 s each
+@pytest.mark.parametrize("lanes", [4, 8, 16])
+def test_vector_width_does_not_change_a_single_bit(monkeypatch, lanes):
+    """The kernels use the machine's vector width (16 floats with AVX-512, 8 with AVX, else 4) but sum over D on 16
+    lanes by one fixed tree and split token loops without changing any token's arithmetic, so every width computes
+    the same values and gradients bit for bit. Where the compiler fuses a multiply and an add (FMA) is the one thing
+    it decides per CPU and code shape (GCC's Zen tuning avoids FMA chains in some loops), so both builds here leave
+    products and sums separate (-ffp-contract=off); the product's build lets the compiler fuse."""
+    builds = [
+        mhc_cpu.library(("-ffp-contract=off",)),
+        mhc_cpu.library(("-ffp-contract=off", f"-DSEQREC_MHC_LANES={lanes}")),
+    ]
+    assert None not in builds  # the machine's own width, then `lanes`
+    B, L = 3, 37
+    for streams, norm_first, D in [(4, False, 50), (4, True, 50), (3, False, 12), (8, True, 20)]:
+        g = torch.Generator().manual_seed(streams * D)
+        state = torch.randn(B, L, streams, D, generator=g)
+        keep = torch.ones(B, L, dtype=torch.bool)
+        keep[1, :9] = False
+        state[~keep] = 0
+        linear = torch.nn.Linear(D, D)
+        out_weight = torch.randn(B, L, streams, D, generator=g)
+        results = []
+        for lib in builds:
+            monkeypatch.setattr(mhc_cpu, "library", lambda extra_flags=(), lib=lib: lib)
+            _, native = connection_pair(streams, norm_first, D)
+            results.append(run_connection(native, state, keep, lambda u, f=linear: torch.tanh(f(u)), out_weight))
+            monkeypatch.undo()
+        (out_a, grads_a), (out_b, grads_b) = results
+        assert torch.equal(out_a, out_b), (streams, norm_first, D)
+        for name in grads_a:
+            assert torch.equal(grads_a[name], grads_b[name]), (streams, norm_first, D, name)
+
+
 def test_threads_split_the_tokens_without_changing_the_result():
     reference, native = connection_pair(4, True)
     state = torch.randn(4, 400, 4, 12)  # 1,600 tokens: several TOKENS_PER_TASK chunks
