@@ -5,13 +5,14 @@
 // over the (N, S, D) state ~15-20 times per connection and step; at hidden 50 those passes, not the arithmetic, are what
 // mHC costs. Here each kernel visits a token's state once, and the per-token S x S work (sigmoids, Sinkhorn and its
 // reverse) runs on blocks of TB tokens laid out [entry][token], so that the compiler vectorises it across tokens.
-// Sums over D (dot products, LayerNorm statistics) keep one vector accumulator per sum and add its lanes once, by a
-// fixed tree (hsum): an `omp simd` reduction ends by adding the 16 lanes one after another, and that chain, once per
-// dot product (S^2 + S of them per token in the write's backward), was most of the write's backward.
+// Sums over D (dot products, LayerNorm statistics) keep 16 lanes of vector accumulators per sum and add them once,
+// by a fixed tree (hsum): an `omp simd` reduction ends by adding the lanes one after another, and that chain, once
+// per dot product (S^2 + S of them per token in the write's backward), was most of the write's backward. Vectors
+// are as wide as the machine's registers (VL below); the 16-lane sums make the results the same at every width.
 //
 // Layouts (float32): X (N, S, D) stream state, unit stride over D, any token and stream strides (xt, xs: the
 // first connection reads the embedding with xs = 0); W (S*D, CP) fused mapping weight (phi with the RMSNorm gain
-// and the gates folded in), columns zero-padded to whole vectors, WT its transpose (C, SDp), padded likewise;
+// and the gates folded in), columns zero-padded to a multiple of 16 (PAD), WT its transpose (C, SDp), padded likewise;
 // b (C) static logits; C = 2S + S*S with logit columns
 // [pre | post | res (row-major S x S)]. maps (N, C) per token in the order [post | pre | res] (post already 2 sigma),
 // so that maps[:, S:] is [H_pre; H_res] as one (1 + S, S) block. keep (N) is 1 for real tokens, 0 for padding.
@@ -34,7 +35,7 @@ constexpr int TB = 64;            // tokens per block, G vectors of VL lanes per
                                   // chains interleaved, so that each hides the others' division latency
 constexpr int MAX_ITERS = 64;     // mhc_cpu.MAX_ITERS
 // Floats per vector: the machine's register width. GCC lowers a vector type wider than the registers through
-// memory, element by element (on an AVX2 machine 16-float vectors made these kernels ~20x slower), so the width
+// memory, element by element (on an AVX2 machine 16-float vectors made the read forward ~9x slower), so the width
 // follows the target; SEQREC_MHC_LANES overrides it (the tests build a 16-lane library on any machine and check
 // that it computes bit for bit what the native one does).
 #if defined(SEQREC_MHC_LANES)
@@ -176,7 +177,7 @@ template <int S>
 struct Kernels {
   static constexpr int C = 2 * S + S * S;  // logits [pre | post | res]
   static constexpr int SS = S * S;
-  static constexpr int CP = (C + PAD - 1) / PAD * PAD, NV = CP / VL;  // W's columns, padded to whole vectors
+  static constexpr int CP = (C + PAD - 1) / PAD * PAD, NV = CP / VL;  // W's padded columns, in NV vectors
 
   // Per-block scratch: each entry is G vectors, lane t % VL of vector t / VL for the block's token t; lanes past
   // the block's token count hold zero logits.

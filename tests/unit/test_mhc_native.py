@@ -45,7 +45,7 @@ def run_connection(connection, state, keep, sublayer, out_weight, mode="auto"):
 @pytest.mark.parametrize("streams", [1, 3, 4])
 @pytest.mark.parametrize("norm_first", [True, False])
 @pytest.mark.parametrize("with_keep", [True, False])
-@pytest.mark.parametrize("dim", [12, 50])  # 12: shorter than one 16-float vector; 50: three vectors and a tail of 2
+@pytest.mark.parametrize("dim", [12, 50])  # 12: shorter than one 16-lane sum; 50: three 16-lane chunks and a tail of 2
 def test_native_connection_is_the_reference_connection(streams, norm_first, with_keep, dim):
     B, L, D = 3, 37, dim  # 111 tokens: several 16-token blocks and a ragged last one
     g = torch.Generator().manual_seed(1)
