@@ -36,8 +36,8 @@ constexpr int TB = 64;            // tokens per block, G vectors of VL lanes per
 constexpr int MAX_ITERS = 64;     // mhc_cpu.MAX_ITERS
 // Floats per vector: the machine's register width. GCC lowers a vector type wider than the registers through
 // memory, element by element (on an AVX2 machine 16-float vectors made the read forward ~9x slower), so the width
-// follows the target; SEQREC_MHC_LANES overrides it (the tests build a 16-lane library on any machine and check
-// that it computes bit for bit what the native one does).
+// follows the target; SEQREC_MHC_LANES overrides it (the tests build 4-, 8- and 16-lane libraries on one machine and
+// check, with FMA contraction off, that they compute bit for bit what the native one does).
 #if defined(SEQREC_MHC_LANES)
 #define MHC_VL SEQREC_MHC_LANES
 #elif defined(__AVX512F__)
@@ -102,19 +102,19 @@ inline vf sigmoid(vf x) { return 1.0f / (1.0f + exp_approx(-x)); }
 // replaces a loop's per-lane reduction (16 dependent scalar adds).
 typedef float vf8 __attribute__((vector_size(8 * sizeof(float))));
 typedef float vf4 __attribute__((vector_size(4 * sizeof(float))));
-inline float hsum4(vf4 q) { return (q[0] + q[2]) + (q[1] + q[3]); }
 inline float hsum(const vf (&v)[P]) {
+#if MHC_VL == 4
+  const vf4 q = (v[0] + v[2]) + (v[1] + v[3]);
+#else
 #if MHC_VL == 16
   const vf8 h = __builtin_shufflevector(v[0], v[0], 0, 1, 2, 3, 4, 5, 6, 7) +
                 __builtin_shufflevector(v[0], v[0], 8, 9, 10, 11, 12, 13, 14, 15);
-#elif MHC_VL == 8
-  const vf8 h = v[0] + v[1];
 #else
-  return hsum4((v[0] + v[2]) + (v[1] + v[3]));
+  const vf8 h = v[0] + v[1];
 #endif
-#if MHC_VL != 4
-  return hsum4(__builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7));
+  const vf4 q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
 #endif
+  return (q[0] + q[2]) + (q[1] + q[3]);
 }
 
 // One T from p: a vector, or a float (for the loops below, written once for both).
@@ -300,7 +300,8 @@ struct Kernels {
 
   // Tokens per pass over W in read_forward: TR x NV accumulators and a row of W (NV vectors) in registers. With 32
   // registers 8 tokens (16 accumulators at S = 4) keep both FMA pipes busy; with 16, as many as fit.
-  static constexpr int ROWS = VL == 16 ? 8 : REGS / NV - 1 >= 4 ? 4 : REGS / NV - 1 >= 2 ? 2 : 1;
+  static constexpr int FIT = REGS / NV - 1;  // tokens whose accumulators fit beside a row of W
+  static constexpr int ROWS = VL == 16 ? 8 : FIT >= 4 ? 4 : FIT >= 2 ? 2 : 1;
 
   // The same for TR consecutive token rows at once: each row of W is loaded once for all of them.
   template <int TR>
@@ -358,7 +359,7 @@ struct Kernels {
   }
 
   // The same over all S*D entries of TR tokens: tiles of BT vectors, then one of the (fewer) vectors left, through
-  // zero-padded copies of x and gx when the last vector is partial. WT is (C, SDp), SDp = S*D rounded up to VL.
+  // zero-padded copies of x and gx when the last vector is partial. WT is (C, SDp), SDp = S*D rounded up to PAD.
   static constexpr int BT = REGS / 8;  // vectors per tile: TR x BT accumulators stay in registers for TR = 4
   template <int TR>
   static void mapping_matmul_backward(const float* x, int SD, const float* WT, int SDp, const float (*gz)[CP],
@@ -611,7 +612,7 @@ struct Kernels {
     }
   }
 
-  // WT is (C, SDp), SDp = S*D rounded up to VL with zero columns. Per block of TB tokens: Sinkhorn and its reverse,
+  // WT is (C, SDp), SDp = S*D rounded up to PAD with zero columns. Per block of TB tokens: Sinkhorn and its reverse,
   // then per token the logits' gradients (d z into gzb), then d X = H_pre^T d u + H_res^T keep dX' for every token
   // (written over dX' when gX is its buffer), then d X += d z W^T - rstd^3 / (S D) (d rstd) x four tokens at a time,
   // then d W += x^T d z.
